@@ -1,0 +1,274 @@
+"""The model artifact: a directory of ``.npz`` arrays plus a ``manifest.json``.
+
+Artifacts are data, not code. Layout::
+
+    manifest.json     format version, algorithm, hyperparameters, library versions, shapes,
+                      dataset fingerprint, created-at, sha256 of every other file
+    model.npz         the algorithm's learned arrays (factors, weights, similarity)
+    vocab.npz         user_ids, item_ids (fixed-width unicode)
+    seen.npz          each user's seen items as CSR (indptr, indices, data)
+    items.npz         item_type, category, title, available (aligned with item_ids)
+    popularity.npz    popularity and trending scores per item
+
+Every ``.npz`` is read with ``allow_pickle=False``; loading checks the format version, every
+checksum and that the shapes agree, and raises :class:`~models.errors.ArtifactError` otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from models import FORMAT_VERSION
+from models.base import Recommender
+from models.errors import ArtifactError, UnsupportedFormatError
+from models.npz import read_npz, write_npz
+from models.registry import get_algorithm
+from models.vocabulary import Vocabulary
+
+MANIFEST = "manifest.json"
+FILES = ("model.npz", "vocab.npz", "seen.npz", "items.npz", "popularity.npz")
+ITEM_TYPES = ("content", "product")
+"""Item types a catalog may declare; an empty string means unknown."""
+
+
+@dataclass
+class ItemCatalog:
+    """Per-item metadata aligned with the item vocabulary."""
+
+    item_type: np.ndarray
+    category: np.ndarray
+    title: np.ndarray
+    available: np.ndarray
+
+    @classmethod
+    def empty(cls, n_items: int) -> ItemCatalog:
+        blank = np.full(n_items, "", dtype="<U1")
+        return cls(blank, blank.copy(), blank.copy(), np.ones(n_items, dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.available)
+
+
+@dataclass
+class ModelBundle:
+    """Everything the service needs to answer requests for one trained model."""
+
+    model: Recommender
+    users: Vocabulary
+    items: Vocabulary
+    seen: sp.csr_matrix
+    catalog: ItemCatalog
+    popularity: np.ndarray
+    trending: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+    """Free-form facts stored in the manifest (dataset fingerprint, metrics, ...)."""
+
+    def validate(self) -> None:
+        """Raise :class:`ArtifactError` unless all parts agree on the numbers of users/items."""
+        n_users, n_items = len(self.users), len(self.items)
+        problems = []
+        if (self.model.n_users, self.model.n_items) != (n_users, n_items) and not (
+            self.model.n_items == n_items and self.model.n_users == 0
+        ):
+            problems.append(
+                f"model shape {(self.model.n_users, self.model.n_items)} "
+                f"!= vocabularies {(n_users, n_items)}"
+            )
+        if self.seen.shape != (n_users, n_items):
+            problems.append(f"seen matrix shape {self.seen.shape} != {(n_users, n_items)}")
+        for name in ("item_type", "category", "title", "available"):
+            if len(getattr(self.catalog, name)) != n_items:
+                problems.append(
+                    f"items.{name} has {len(getattr(self.catalog, name))} rows, expected {n_items}"
+                )
+        for name in ("popularity", "trending"):
+            if len(getattr(self, name)) != n_items:
+                problems.append(
+                    f"{name} has {len(getattr(self, name))} entries, expected {n_items}"
+                )
+        if problems:
+            raise ArtifactError("inconsistent artifact: " + "; ".join(problems))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("numpy", "scipy", "implicit"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover - always installed
+            versions[dist] = "unknown"
+    return versions
+
+
+def save_artifact(bundle: ModelBundle, directory: str | Path) -> dict[str, Any]:
+    """Write ``bundle`` into ``directory`` (created if needed); returns the manifest."""
+    bundle.validate()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    seen = sp.csr_matrix(bundle.seen, dtype=np.float32)
+    write_npz(out / "model.npz", bundle.model.to_arrays())
+    write_npz(
+        out / "vocab.npz",
+        {"user_ids": bundle.users.to_array(), "item_ids": bundle.items.to_array()},
+    )
+    write_npz(
+        out / "seen.npz",
+        {
+            "indptr": seen.indptr.astype(np.int64),
+            "indices": seen.indices.astype(np.int32),
+            "data": seen.data,
+        },
+    )
+    cat = bundle.catalog
+    write_npz(
+        out / "items.npz",
+        {
+            "item_type": cat.item_type.astype(str),
+            "category": cat.category.astype(str),
+            "title": cat.title.astype(str),
+            "available": cat.available.astype(bool),
+        },
+    )
+    write_npz(
+        out / "popularity.npz",
+        {
+            "popularity": bundle.popularity.astype(np.float32),
+            "trending": bundle.trending.astype(np.float32),
+        },
+    )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "algorithm": bundle.model.algorithm,
+        "params": bundle.model.config.model_dump(mode="json"),
+        "library_versions": _library_versions(),
+        "shapes": {
+            "users": len(bundle.users),
+            "items": len(bundle.items),
+            "seen_nnz": int(seen.nnz),
+        },
+        "dataset_fingerprint": bundle.info.get("dataset_fingerprint", ""),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "info": bundle.info,
+        "files": {name: sha256_file(out / name) for name in FILES},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """Parse and check the manifest (format version, file list) without loading arrays."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: not an Affinity model artifact") from None
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"artifact format version {version!r} is not supported (this build reads "
+            f"{FORMAT_VERSION}); upgrade Affinity or retrain"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        raise ArtifactError(f"manifest must list checksums for exactly {', '.join(FILES)}")
+    return manifest
+
+
+def verify_artifact(directory: str | Path) -> dict[str, Any]:
+    """Check format version and every checksum; returns the manifest."""
+    root = Path(directory)
+    manifest = read_manifest(root)
+    for name, expected in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise ArtifactError(f"artifact file {name} is missing from {root}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"checksum mismatch for {name}: expected {expected[:12]}..., "
+                f"got {actual[:12]}... (corrupt or tampered artifact)"
+            )
+    return manifest
+
+
+def _need(arrays: dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
+    try:
+        return arrays[name]
+    except KeyError:
+        raise ArtifactError(f"{source} lacks array {name!r}") from None
+
+
+def load_artifact(directory: str | Path) -> ModelBundle:
+    """Verify and load an artifact written by :func:`save_artifact`."""
+    root = Path(directory)
+    manifest = verify_artifact(root)
+    try:
+        algo = get_algorithm(str(manifest.get("algorithm")))
+    except Exception as exc:
+        raise ArtifactError(f"artifact algorithm {manifest.get('algorithm')!r} is unknown") from exc
+    arrays = read_npz(root / "model.npz")
+    try:
+        model = algo.from_arrays(manifest.get("params") or {}, arrays)
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"model.npz does not fit algorithm {algo.algorithm}: {exc}") from exc
+    vocab = read_npz(root / "vocab.npz")
+    users = Vocabulary(_need(vocab, "user_ids", "vocab.npz"), kind="user")
+    items = Vocabulary(_need(vocab, "item_ids", "vocab.npz"), kind="item")
+    seen_arrays = read_npz(root / "seen.npz")
+    try:
+        seen = sp.csr_matrix(
+            (
+                _need(seen_arrays, "data", "seen.npz"),
+                _need(seen_arrays, "indices", "seen.npz"),
+                _need(seen_arrays, "indptr", "seen.npz"),
+            ),
+            shape=(len(users), len(items)),
+        )
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"seen.npz is not a valid CSR matrix: {exc}") from exc
+    item_arrays = read_npz(root / "items.npz")
+    catalog = ItemCatalog(
+        item_type=_need(item_arrays, "item_type", "items.npz"),
+        category=_need(item_arrays, "category", "items.npz"),
+        title=_need(item_arrays, "title", "items.npz"),
+        available=_need(item_arrays, "available", "items.npz").astype(bool),
+    )
+    pop = read_npz(root / "popularity.npz")
+    bundle = ModelBundle(
+        model=model,
+        users=users,
+        items=items,
+        seen=seen,
+        catalog=catalog,
+        popularity=_need(pop, "popularity", "popularity.npz").astype(np.float32),
+        trending=_need(pop, "trending", "popularity.npz").astype(np.float32),
+        info=dict(manifest.get("info") or {}),
+    )
+    bundle.validate()
+    return bundle

@@ -1,0 +1,1 @@
+"""Affinity's gRPC serving side: loads the champion model from the registry and answers requests."""

@@ -1,0 +1,1 @@
+"""Affinity's training side: interaction logs -> evaluated model -> MLflow run and registry."""
