@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from models import FORMAT_VERSION
 from models.base import Recommender
-from models.errors import ArtifactError, UnsupportedFormatError
+from models.errors import ArtifactError, InvalidInputError, UnsupportedFormatError
 from models.npz import read_npz, write_npz
 from models.registry import get_algorithm
 from models.vocabulary import Vocabulary
@@ -236,8 +236,11 @@ def load_artifact(directory: str | Path) -> ModelBundle:
     except Exception as exc:
         raise ArtifactError(f"model.npz does not fit algorithm {algo.algorithm}: {exc}") from exc
     vocab = read_npz(root / "vocab.npz")
-    users = Vocabulary(_need(vocab, "user_ids", "vocab.npz"), kind="user")
-    items = Vocabulary(_need(vocab, "item_ids", "vocab.npz"), kind="item")
+    try:
+        users = Vocabulary(_need(vocab, "user_ids", "vocab.npz"), kind="user")
+        items = Vocabulary(_need(vocab, "item_ids", "vocab.npz"), kind="item")
+    except InvalidInputError as exc:  # duplicate or non-1-d ids: the file is not trustworthy
+        raise ArtifactError(f"vocab.npz is invalid: {exc}") from exc
     seen_arrays = read_npz(root / "seen.npz")
     try:
         seen = sp.csr_matrix(
@@ -248,6 +251,8 @@ def load_artifact(directory: str | Path) -> ModelBundle:
             ),
             shape=(len(users), len(items)),
         )
+        # The cheap default check skips index bounds; a bad index would fail mid-request.
+        seen.check_format(full_check=True)
     except ArtifactError:
         raise
     except Exception as exc:

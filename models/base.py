@@ -76,7 +76,8 @@ class Recommender(ABC):
         if config is None:
             config = self.Config(**params)
         elif params:
-            config = config.model_copy(update=params)
+            # model_copy(update=...) would skip validation; re-validate the merged values.
+            config = self.Config.model_validate({**config.model_dump(), **params})
         self.config = config
         self.n_users = 0
         self.n_items = 0
@@ -255,6 +256,15 @@ class Recommender(ABC):
             )
         return history
 
+    def _item_indices(self, values: np.ndarray, name: str) -> np.ndarray:
+        # A negative index would silently wrap around to the end of the catalog.
+        indices = np.asarray(values, dtype=np.int64).ravel()
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n_items):
+            raise InvalidInputError(
+                f"{name} holds item indices outside [0, {self.n_items})", field=name
+            )
+        return indices
+
     def _rank(
         self,
         scores: np.ndarray,
@@ -271,9 +281,9 @@ class Recommender(ABC):
             coo = seen.tocoo()
             scores[coo.row, coo.col] = NEG_INF
         if filter_items is not None and len(filter_items):
-            scores[:, np.asarray(filter_items, dtype=np.int64)] = NEG_INF
+            scores[:, self._item_indices(filter_items, "filter_items")] = NEG_INF
         if items is not None:
             allowed = np.zeros(self.n_items, dtype=bool)
-            allowed[np.asarray(items, dtype=np.int64)] = True
+            allowed[self._item_indices(items, "items")] = True
             scores[:, ~allowed] = NEG_INF
         return topk(scores, n)

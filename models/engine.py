@@ -201,7 +201,8 @@ class Engine:
     def _rank(
         self, scores: np.ndarray, k: int, mask: np.ndarray, blocked: np.ndarray, source: Source
     ) -> Recommendations:
-        scores = np.where(mask, np.asarray(scores, dtype=np.float32), NEG_INF)
+        scores = np.asarray(scores, dtype=np.float32)
+        scores = np.where(mask & np.isfinite(scores), scores, NEG_INF)
         if len(blocked):
             scores[blocked] = NEG_INF
         ids, top = topk(scores[None, :], k)

@@ -1,0 +1,112 @@
+"""EASE (Steck 2019): a shallow linear item-item autoencoder with a closed-form solution.
+
+``B = I - P / diag(P)`` with ``P = (XᵀX + λI)⁻¹`` and a zero diagonal, so an item never explains
+itself. The dense ``n_items x n_items`` matrix is the learned state, which is why fitting checks
+the memory it will need first and refuses catalogs that do not fit the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+from pydantic import PositiveFloat
+
+from models.base import ModelConfig, ProgressCallback, Recommender
+from models.errors import ArtifactError, ModelTooLargeError
+
+logger = logging.getLogger(__name__)
+
+_WORKING_COPIES = 3
+"""Dense n_items² float64 matrices alive at the peak of a fit (Gram, inverse, LAPACK work)."""
+
+
+def estimate_memory_gb(n_items: int) -> float:
+    """Peak memory in GB (10⁹ bytes) that fitting EASE on ``n_items`` items needs."""
+    return n_items * n_items * 8 * _WORKING_COPIES / 1e9
+
+
+class EASEConfig(ModelConfig):
+    """Hyperparameters of EASE."""
+
+    l2: PositiveFloat = 500.0
+    """L2 penalty λ added to the diagonal of XᵀX; larger values favour popular items less."""
+    max_memory_gb: PositiveFloat = 8.0
+    """Refuse to fit when the estimated peak memory (n_items² x 8 bytes x 3) exceeds this."""
+    binary: bool = True
+    """Use 0/1 interactions instead of the confidence weights, both to fit and to score."""
+
+
+class EASE(Recommender):
+    """Embarrassingly shallow autoencoder; ``score_similar`` returns rows of ``B``.
+
+    Row ``i`` of ``B`` holds how much an interaction with item ``i`` raises every other item's
+    score, which is exactly "users who liked i will like j" and what fold-in sums up.
+    """
+
+    algorithm = "ease"
+    Config = EASEConfig
+
+    weights: np.ndarray
+    """The ``(n_items, n_items)`` float32 matrix B."""
+
+    def _input(self, rows: sp.csr_matrix) -> sp.csr_matrix:
+        cfg = self.config
+        assert isinstance(cfg, EASEConfig)
+        rows = sp.csr_matrix(rows, dtype=np.float32)
+        if cfg.binary:
+            rows = sp.csr_matrix(
+                ((rows.data != 0).astype(np.float32), rows.indices, rows.indptr), shape=rows.shape
+            )
+        return rows
+
+    def _fit(self, user_items: sp.csr_matrix, progress: ProgressCallback | None) -> None:
+        cfg = self.config
+        assert isinstance(cfg, EASEConfig)
+        needed = estimate_memory_gb(self.n_items)
+        if needed > cfg.max_memory_gb:
+            raise ModelTooLargeError(
+                f"EASE on {self.n_items} items needs about {needed:.2f} GB "
+                f"(n_items² x 8 bytes x {_WORKING_COPIES}), over max_memory_gb="
+                f"{cfg.max_memory_gb:g}; raise max_memory_gb or drop rare items"
+            )
+        x = self._input(user_items).astype(np.float64)
+        gram = np.asarray((x.T @ x).toarray(), dtype=np.float64)
+        gram[np.diag_indices_from(gram)] += cfg.l2
+        # XᵀX + λI is symmetric positive definite; invert in place to keep one fewer copy alive.
+        inverse = scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)
+        del gram
+        inverse /= -np.diag(inverse)[None, :]
+        np.fill_diagonal(inverse, 0.0)
+        self.weights = inverse.astype(np.float32)
+        logger.debug("EASE fitted on %d items with l2=%g", self.n_items, cfg.l2)
+        if progress is not None:
+            progress(1, None)
+
+    def score_users(self, userids: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
+        rows = sp.csr_matrix(user_items)
+        if rows.shape[0] != len(userids):
+            rows = rows[np.asarray(userids, dtype=np.int64)]
+        return self.score_history(rows)
+
+    def score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        return np.asarray(self._input(history) @ self.weights, dtype=np.float32)
+
+    def score_similar(self, itemids: np.ndarray) -> np.ndarray:
+        return self.weights[np.asarray(itemids, dtype=np.int64)]
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"weights": self.weights}
+
+    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        try:
+            weights = arrays["weights"]
+        except KeyError:
+            raise ArtifactError("ease model lacks array 'weights'") from None
+        if weights.shape != (self.n_items, self.n_items):
+            raise ArtifactError(
+                f"ease weights have shape {weights.shape}, expected {(self.n_items, self.n_items)}"
+            )
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)

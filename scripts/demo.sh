@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The `make demo` walk-through: sample logs -> train -> register -> serve -> query -> stop.
+# Everything stays in this folder: demo-data/ for logs, mlflow.db + mlruns/ for the embedded
+# MLflow store (unless MLFLOW_TRACKING_URI is set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+DATA=demo-data
+
+echo "== 1. Generate sample interaction logs"
+$BIN/affinity generate --out "$DATA" --users 3000 --items 800 --interactions 120000 --seed 7
+
+echo "== 2. Train ALS, evaluate against popularity, log to MLflow, register"
+$BIN/affinity train --interactions "$DATA/interactions.parquet" --items "$DATA/items.parquet" \
+    --algorithm als --json | tail -n 1 > "$DATA/train-summary.json"
+$BIN/python - "$DATA/train-summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"run {s['run_id']} registered {s['model_name']} v{s['model_version']} "
+      f"(promoted: {s['promoted']})")
+for name in ("ndcg_at_10", "recall_at_10", "precision_at_10", "map_at_10"):
+    print(f"  {name:<16} model {s['metrics'][name]:.4f}  popularity {s['baseline_metrics'][name]:.4f}")
+print(f"  rows {s['rows']}")
+PY
+
+PORT=$($BIN/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+echo "== 3. Serve models:/affinity@champion on 127.0.0.1:$PORT"
+$BIN/affinity serve --port "$PORT" --workers 1 --poll-seconds 5 > "$DATA/server.log" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+$BIN/affinity health --target "127.0.0.1:$PORT" --wait 60
+
+USERS=$($BIN/python - "$DATA/interactions.parquet" <<'PY'
+import sys, pandas as pd
+users = pd.read_parquet(sys.argv[1], columns=["user_id"])["user_id"].value_counts()
+print(" ".join(users.index[[0, len(users) // 2, len(users) - 1]]))
+PY
+)
+echo "== 4. Recommendations"
+for user in $USERS; do
+    echo "-- user $user"
+    $BIN/affinity recommend --target "127.0.0.1:$PORT" --user "$user" --k 5
+done
+echo "-- a brand-new user (cold start: popular items)"
+$BIN/affinity recommend --target "127.0.0.1:$PORT" --user "new-visitor" --k 5
+ITEM=$($BIN/python -c "import pandas as pd; print(pd.read_parquet('$DATA/items.parquet')['item_id'].iloc[0])")
+echo "-- a new user who just viewed $ITEM (fold-in)"
+$BIN/affinity recommend --target "127.0.0.1:$PORT" --user "new-visitor" --recent "$ITEM" --k 5
+echo "-- more like $ITEM"
+$BIN/affinity similar --target "127.0.0.1:$PORT" --item "$ITEM" --k 5
+echo "-- trending products"
+$BIN/affinity popular --target "127.0.0.1:$PORT" --item-type product --trending --k 5
+$BIN/affinity model-info --target "127.0.0.1:$PORT"
+
+echo "== 5. Stop the server (SIGTERM, graceful)"
+kill -TERM $SERVER
+wait $SERVER || true
+trap - EXIT
+echo "Done. Open the MLflow UI with: $BIN/mlflow ui --backend-store-uri sqlite:///$(pwd)/mlflow.db"

@@ -1,0 +1,291 @@
+"""Command-line front of the service: ``affinity serve`` and the client commands.
+
+:func:`register_cli` adds ``serve``, ``recommend``, ``similar``, ``popular``, ``model-info`` and
+``health`` to an argparse subparsers object; each sets ``func(args) -> int`` (the exit status).
+Errors print a one-line reason to stderr and return non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from models.errors import AffinityError
+from service.client import AffinityClient, Result
+from service.config import ServeSettings, load_settings
+
+DEFAULT_TARGET = "localhost:50051"
+
+# serve option -> settings field; help text and environment variable come from the schema.
+SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
+    "--model": ("model_uri", str, {"metavar": "URI"}),
+    "--tracking-uri": ("tracking_uri", str, {"metavar": "URI"}),
+    "--host": ("host", str, {}),
+    "--port": ("port", int, {"metavar": "N"}),
+    "--workers": ("workers", int, {"metavar": "N"}),
+    "--metrics-port": ("metrics_port", int, {"metavar": "N"}),
+    "--poll-seconds": ("poll_seconds", float, {"metavar": "S"}),
+    "--tls-cert": ("tls_cert", str, {"metavar": "PEM"}),
+    "--tls-key": ("tls_key", str, {"metavar": "PEM"}),
+    "--token": ("token", str, {}),
+    "--max-k": ("max_k", int, {"metavar": "N"}),
+    "--max-ids": ("max_ids", int, {"metavar": "N"}),
+    "--max-in-flight": ("max_in_flight", int, {"metavar": "N"}),
+    "--cache-dir": ("cache_dir", str, {"metavar": "DIR"}),
+    "--log-format": ("log_format", str, {"choices": ["json", "text"]}),
+    "--log-level": ("log_level", str, {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
+    "--grace-seconds": ("grace_seconds", float, {"metavar": "S"}),
+    "--registry-timeout": ("registry_timeout_seconds", int, {"metavar": "S"}),
+    "--registry-retries": ("registry_retries", int, {"metavar": "N"}),
+}
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+# ------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {field: getattr(args, field) for field, _, _ in SERVE_OPTIONS.values()}
+    try:
+        settings = load_settings(**overrides)
+    except AffinityError as exc:
+        return _fail(str(exc))
+    from service.server import run
+
+    try:
+        return run(settings)
+    except (AffinityError, OSError) as exc:
+        return _fail(str(exc))
+
+
+def _add_serve(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over gRPC",
+        description="Serve recommendations over gRPC. Every option can also be set with the "
+        "environment variable shown; options win over the environment.",
+    )
+    fields = ServeSettings.model_fields
+    for flag, (field, kind, extra) in SERVE_OPTIONS.items():
+        info = fields[field]
+        description = (info.description or "").replace("``", "'")
+        default = "" if info.default_factory is not None else f"; default {info.default!r}"
+        if field == "token":
+            default = ""
+        parser.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            default=None,
+            help=f"{description} [env {info.validation_alias}{default}]",
+            **extra,
+        )
+    parser.set_defaults(func=_serve)
+
+
+# ----------------------------------------------------------------- clients
+def _client(args: argparse.Namespace) -> AffinityClient:
+    roots: bytes | None = None
+    if args.ca_cert:
+        roots = Path(args.ca_cert).read_bytes()
+    elif args.tls:
+        roots = b""
+    return AffinityClient(
+        args.target, token=args.token, root_certificates=roots, timeout=args.timeout
+    )
+
+
+def _print_result(result: Result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    model = result.model
+    head = f"model {model.name} v{model.version or '-'} ({model.algorithm})"
+    if result.source:
+        head += f"  source {result.source}"
+    print(f"{head}  recommendation_id {result.recommendation_id}")
+    rows = [
+        (str(rank), item.item_id, f"{item.score:.4f}", item.item_type, item.category)
+        for rank, item in enumerate(result.items, start=1)
+    ]
+    header = ("#", "item_id", "score", "item_type", "category")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+
+
+def _run_client(action: Callable[[AffinityClient, argparse.Namespace], int]) -> Callable[..., int]:
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            with _client(args) as client:
+                return action(client, args)
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "ERROR"
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            return _fail(f"{code}: {details}")
+        except (OSError, AffinityError) as exc:
+            return _fail(str(exc))
+
+    return handler
+
+
+def _recommend(client: AffinityClient, args: argparse.Namespace) -> int:
+    result = client.recommend(
+        args.user,
+        args.k,
+        recent_item_ids=args.recent,
+        exclude_item_ids=args.exclude,
+        item_types=args.item_type,
+        categories=args.category,
+        include_seen=args.include_seen,
+    )
+    _print_result(result, args.json)
+    return 0
+
+
+def _similar(client: AffinityClient, args: argparse.Namespace) -> int:
+    result = client.similar_items(
+        args.items,
+        args.k,
+        exclude_item_ids=args.exclude,
+        item_types=args.item_type,
+        categories=args.category,
+    )
+    _print_result(result, args.json)
+    return 0
+
+
+def _popular(client: AffinityClient, args: argparse.Namespace) -> int:
+    result = client.popular(
+        args.k,
+        trending=args.trending,
+        exclude_item_ids=args.exclude,
+        item_types=args.item_type,
+        categories=args.category,
+    )
+    _print_result(result, args.json)
+    return 0
+
+
+def _model_info(client: AffinityClient, args: argparse.Namespace) -> int:
+    info = client.model_info()
+    data = info.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        model = data.pop("model")
+        for key, value in {**model, **data}.items():
+            print(f"{key:20} {value}")
+    return 0
+
+
+def _health(client: AffinityClient, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    print(json.dumps({"service": args.service, "status": status}) if args.json else status)
+    return 0 if status == "SERVING" else 1
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        default=os.environ.get("AFFINITY_TARGET", DEFAULT_TARGET),
+        help=f"server address host:port [env AFFINITY_TARGET; default {DEFAULT_TARGET}]",
+    )
+    group.add_argument(
+        "--token",
+        default=os.environ.get("AFFINITY_TOKEN"),
+        help="bearer token sent as 'authorization: Bearer <token>' [env AFFINITY_TOKEN]",
+    )
+    group.add_argument("--ca-cert", metavar="PEM", help="CA certificate to verify a TLS server")
+    group.add_argument("--tls", action="store_true", help="use TLS with the system CA roots")
+    group.add_argument(
+        "--timeout", type=float, default=5.0, help="deadline of the call in seconds (default 5)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _filter_options(parser: argparse.ArgumentParser, *, k_help: str) -> None:
+    parser.add_argument("-k", type=int, default=10, help=k_help)
+    parser.add_argument(
+        "--exclude", nargs="+", default=[], metavar="ITEM", help="item ids never to return"
+    )
+    parser.add_argument(
+        "--item-type",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="keep only this item type, 'content' or 'product' (repeatable)",
+    )
+    parser.add_argument(
+        "--category", action="append", default=[], help="keep only this category (repeatable)"
+    )
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the service's subcommands to an ``argparse`` subparsers object."""
+    _add_serve(subparsers)
+
+    rec = subparsers.add_parser("recommend", help="ask a server for a user's recommendations")
+    rec.add_argument("--user", required=True, help="user id as in the interaction logs")
+    _filter_options(rec, k_help="number of items (default 10)")
+    rec.add_argument(
+        "--recent",
+        nargs="+",
+        default=[],
+        metavar="ITEM",
+        help="fresh interactions the model has not seen, most recent first",
+    )
+    rec.add_argument(
+        "--include-seen", action="store_true", help="also return items the user already has"
+    )
+    _connection_options(rec)
+    rec.set_defaults(func=_run_client(_recommend))
+
+    sim = subparsers.add_parser("similar", help="ask a server for items similar to some items")
+    sim.add_argument("items", nargs="+", metavar="ITEM", help="query item ids")
+    _filter_options(sim, k_help="number of items (default 10)")
+    _connection_options(sim)
+    sim.set_defaults(func=_run_client(_similar))
+
+    pop = subparsers.add_parser("popular", help="ask a server for the most popular items")
+    _filter_options(pop, k_help="number of items (default 10)")
+    pop.add_argument("--trending", action="store_true", help="rank by recency-weighted popularity")
+    _connection_options(pop)
+    pop.set_defaults(func=_run_client(_popular))
+
+    info = subparsers.add_parser("model-info", help="show the model a server is answering with")
+    _connection_options(info)
+    info.set_defaults(func=_run_client(_model_info))
+
+    health = subparsers.add_parser(
+        "health", help="check a server's health (exit 0 only when SERVING)"
+    )
+    health.add_argument(
+        "--service", default="", help="service name to check (default '': the whole server)"
+    )
+    _connection_options(health)
+    health.set_defaults(func=_run_client(_health))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the service subcommands on their own (``python -m service.cli``)."""
+    parser = argparse.ArgumentParser(prog="affinity", description="Affinity serving commands")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register_cli(subparsers)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""A small Python client of the Affinity gRPC API, returning plain dataclasses.
+
+Example::
+
+    with AffinityClient("localhost:50051", token="s3cret") as client:
+        result = client.recommend("user-42", k=10, recent_item_ids=["item-7"])
+        for item in result.items:
+            print(item.item_id, item.score)
+
+Errors surface as :class:`grpc.RpcError` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.affinity.v1 import recommender_pb2 as pb
+from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
+
+_SOURCE_NAMES = {
+    pb.SOURCE_UNSPECIFIED: "",
+    pb.SOURCE_PERSONALIZED: "personalized",
+    pb.SOURCE_FOLD_IN: "fold_in",
+    pb.SOURCE_POPULAR: "popular",
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One recommended item."""
+
+    item_id: str
+    score: float
+    item_type: str = ""
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model that answered a request."""
+
+    name: str
+    version: str
+    run_id: str
+    algorithm: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """A ranked list (best first) and where it came from."""
+
+    items: list[Item]
+    model: ModelRef
+    recommendation_id: str
+    source: str = ""
+    """``personalized``, ``fold_in`` or ``popular`` (``Recommend`` only)."""
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [item.item_id for item in self.items]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``GetModelInfo`` reports about the model in service."""
+
+    model: ModelRef
+    loaded_at: datetime | None
+    num_users: int
+    num_items: int
+    source_uri: str
+    from_cache: bool
+    dataset_fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["loaded_at"] = self.loaded_at.isoformat() if self.loaded_at else None
+        return data
+
+
+def _model(ref: pb.ModelRef) -> ModelRef:
+    return ModelRef(ref.name, ref.version, ref.run_id, ref.algorithm)
+
+
+def _items(items: Sequence[pb.ScoredItem]) -> list[Item]:
+    return [Item(i.item_id, float(i.score), i.item_type, i.category) for i in items]
+
+
+class AffinityClient:
+    """Calls one Affinity server; safe to share between threads.
+
+    ``target`` is ``host:port``. Pass ``root_certificates`` (PEM bytes) to use TLS (an empty
+    ``b""`` uses the system roots), ``token`` for bearer-token auth, and ``timeout`` as the
+    deadline in seconds of every call.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float = 5.0,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates or None)
+            self._channel = grpc.secure_channel(target, creds, options=list(options))
+        else:
+            self._channel = grpc.insecure_channel(target, options=list(options))
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._stub = pb_grpc.RecommenderStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> AffinityClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        return method(
+            request,
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata,
+        )
+
+    @staticmethod
+    def _filter(item_types: Sequence[str], categories: Sequence[str]) -> pb.ItemFilter:
+        return pb.ItemFilter(item_types=list(item_types), categories=list(categories))
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        *,
+        recent_item_ids: Sequence[str] = (),
+        exclude_item_ids: Sequence[str] = (),
+        item_types: Sequence[str] = (),
+        categories: Sequence[str] = (),
+        include_seen: bool = False,
+        timeout: float | None = None,
+    ) -> Result:
+        """Personalized top ``k`` for ``user_id`` (popular items for an unknown user)."""
+        request = pb.RecommendRequest(
+            user_id=user_id,
+            k=k,
+            recent_item_ids=list(recent_item_ids),
+            exclude_item_ids=list(exclude_item_ids),
+            filter=self._filter(item_types, categories),
+            include_seen=include_seen,
+        )
+        response = self._call(self._stub.Recommend, request, timeout)
+        return Result(
+            _items(response.items),
+            _model(response.model),
+            response.recommendation_id,
+            _SOURCE_NAMES.get(response.source, ""),
+        )
+
+    def similar_items(
+        self,
+        item_ids: Sequence[str],
+        k: int = 10,
+        *,
+        exclude_item_ids: Sequence[str] = (),
+        item_types: Sequence[str] = (),
+        categories: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Result:
+        """Items most similar to all of ``item_ids`` (never the query items themselves)."""
+        request = pb.SimilarItemsRequest(
+            item_ids=list(item_ids),
+            k=k,
+            exclude_item_ids=list(exclude_item_ids),
+            filter=self._filter(item_types, categories),
+        )
+        response = self._call(self._stub.SimilarItems, request, timeout)
+        return Result(_items(response.items), _model(response.model), response.recommendation_id)
+
+    def popular(
+        self,
+        k: int = 10,
+        *,
+        trending: bool = False,
+        exclude_item_ids: Sequence[str] = (),
+        item_types: Sequence[str] = (),
+        categories: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Result:
+        """Most popular (or trending) items within the filter."""
+        request = pb.PopularRequest(
+            k=k,
+            trending=trending,
+            exclude_item_ids=list(exclude_item_ids),
+            filter=self._filter(item_types, categories),
+        )
+        response = self._call(self._stub.Popular, request, timeout)
+        return Result(_items(response.items), _model(response.model), response.recommendation_id)
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The model currently serving."""
+        info = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        loaded_at = info.loaded_at.ToDatetime(tzinfo=UTC) if info.HasField("loaded_at") else None
+        return ModelInfo(
+            model=_model(info.model),
+            loaded_at=loaded_at,
+            num_users=int(info.num_users),
+            num_items=int(info.num_items),
+            source_uri=info.source_uri,
+            from_cache=info.from_cache,
+            dataset_fingerprint=info.dataset_fingerprint,
+        )
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """``SERVING``, ``NOT_SERVING`` or ``SERVICE_UNKNOWN`` from the standard health service."""
+        response = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=self.timeout if timeout is None else timeout,
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

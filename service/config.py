@@ -1,0 +1,196 @@
+"""The one settings schema of the gRPC server: defaults, environment variables and validation.
+
+Every field reads the environment variable named in its ``validation_alias`` (``AFFINITY_PORT``,
+...); command-line options override the environment. Bad values fail at start-up, before the port
+opens, with a message naming the field and its variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.errors import InvalidInputError
+
+DEFAULT_MODEL_URI = "models:/affinity@champion"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "affinity"
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+class ServeSettings(BaseSettings):
+    """Configuration of ``affinity serve`` (one process or a supervisor with N workers)."""
+
+    model_config = SettingsConfigDict(
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+    model_uri: str = Field(DEFAULT_MODEL_URI, validation_alias="AFFINITY_MODEL_URI", min_length=1)
+    """Model: ``models:/NAME@ALIAS`` (followed), ``models:/NAME/VERSION`` or a local directory."""
+
+    tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
+    """MLflow tracking (and registry) server; unset uses MLflow's default (``./mlruns``)."""
+
+    host: str = Field("[::]", validation_alias="AFFINITY_HOST", min_length=1)
+    """Address to bind; ``[::]`` listens on every interface."""
+
+    port: int = Field(50051, validation_alias="AFFINITY_PORT", ge=0, le=65535)
+    """gRPC port; 0 picks a free port (single worker only)."""
+
+    workers: int = Field(
+        default_factory=_default_workers, validation_alias="AFFINITY_WORKERS", ge=1, le=256
+    )
+    """Server processes sharing the port with SO_REUSEPORT; 1 serves in-process."""
+
+    metrics_port: int = Field(0, validation_alias="AFFINITY_METRICS_PORT", ge=0, le=65535)
+    """Port of the Prometheus ``/metrics`` endpoint; 0 turns metrics off."""
+
+    poll_seconds: float = Field(30.0, validation_alias="AFFINITY_POLL_SECONDS", ge=0)
+    """How often to check the registry alias for a new version; 0 never checks."""
+
+    tls_cert: Path | None = Field(None, validation_alias="AFFINITY_TLS_CERT")
+    """PEM certificate chain for TLS; needs ``tls_key``. Without both the server is plaintext."""
+
+    tls_key: Path | None = Field(None, validation_alias="AFFINITY_TLS_KEY")
+    """PEM private key matching ``tls_cert``."""
+
+    token: SecretStr | None = Field(None, validation_alias="AFFINITY_TOKEN")
+    """Bearer token clients must send (``authorization: Bearer <token>``); unset: no auth."""
+
+    max_k: int = Field(1000, validation_alias="AFFINITY_MAX_K", ge=1)
+    """Largest ``k`` a request may ask for."""
+
+    max_ids: int = Field(1000, validation_alias="AFFINITY_MAX_IDS", ge=1)
+    """Most ids allowed in any repeated request field (recent, exclude, item_ids, filters)."""
+
+    max_in_flight: int = Field(64, validation_alias="AFFINITY_MAX_IN_FLIGHT", ge=1, le=100_000)
+    """Requests handled at once per process; more are refused with RESOURCE_EXHAUSTED."""
+
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir, validation_alias="AFFINITY_CACHE_DIR"
+    )
+    """Where the last good model is kept, to serve it when the registry is unreachable."""
+
+    log_format: Literal["json", "text"] = Field("text", validation_alias="AFFINITY_LOG_FORMAT")
+    """``json``: one JSON object per line; ``text``: human-readable lines."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias="AFFINITY_LOG_LEVEL"
+    )
+    """Lowest level of log records written."""
+
+    grace_seconds: float = Field(10.0, validation_alias="AFFINITY_GRACE_SECONDS", ge=0)
+    """On SIGTERM, how long in-flight requests may take to finish before the server stops."""
+
+    registry_timeout_seconds: int = Field(
+        10, validation_alias="AFFINITY_REGISTRY_TIMEOUT_SECONDS", ge=1
+    )
+    """HTTP timeout of each call to the MLflow tracking server."""
+
+    registry_retries: int = Field(1, validation_alias="AFFINITY_REGISTRY_RETRIES", ge=0, le=10)
+    """HTTP retries of each call to the MLflow tracking server (MLflow's default waits minutes)."""
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _nonblank_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("token must not be blank")
+        return value
+
+    @field_validator("model_uri")
+    @classmethod
+    def _known_uri(cls, value: str) -> str:
+        if value.startswith("models:/"):
+            parse_registry_uri(value)  # raises with a reason
+        elif "://" in value or value.startswith("runs:/"):
+            raise ValueError("use models:/NAME@ALIAS, models:/NAME/VERSION or a local directory")
+        elif not Path(value).expanduser().is_dir():
+            raise ValueError(f"directory {value!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 needs a fixed port (port 0 cannot be shared)")
+        return self
+
+    @property
+    def is_registry(self) -> bool:
+        return self.model_uri.startswith("models:/")
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``AFFINITY_*`` environment variables (for worker processes)."""
+        env: dict[str, str] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[str(info.validation_alias)] = str(value)
+        return env
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` into ``(name, alias, version)``."""
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in name:
+            return name, alias, None
+    else:
+        name, _, version = rest.partition("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise ValueError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def field_env_name(field: str) -> str:
+    """The environment variable of a settings field (for error messages)."""
+    info = ServeSettings.model_fields.get(field)
+    return str(info.validation_alias) if info is not None else field
+
+
+def load_settings(**overrides: Any) -> ServeSettings:
+    """Settings from the environment with ``overrides`` (``None`` values ignored) on top.
+
+    Raises :class:`InvalidInputError` naming the first bad field and its environment variable.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return ServeSettings(**given)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(part) for part in err.get("loc", ())]
+        field = loc[0] if loc else ""
+        # Aliased fields report the variable name; map it back to the field for the message.
+        for name, info in ServeSettings.model_fields.items():
+            if info.validation_alias == field:
+                field = name
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if field:
+            where = f"{field} ({field_env_name(field)})"
+            raise InvalidInputError(f"invalid setting {where}: {msg}", field=field) from None
+        raise InvalidInputError(f"invalid settings: {msg}") from None

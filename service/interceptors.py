@@ -1,0 +1,255 @@
+"""Server interceptors: metrics and access logs, bearer-token auth, the in-flight limit, and the
+one place where domain errors become gRPC status codes.
+
+Order (outermost first): :class:`MetricsInterceptor`, :class:`AuthInterceptor`,
+:class:`ConcurrencyLimitInterceptor`, :class:`ErrorInterceptor`. Only unary-unary methods of
+``affinity.v1.Recommender`` are wrapped by the last three; health and reflection pass through.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from models.errors import (
+    AffinityError,
+    InvalidInputError,
+    ModelTooLargeError,
+    NotFoundError,
+    NotReadyError,
+)
+from service import metrics
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "affinity.v1.Recommender"
+SERVICE_PREFIX = f"/{SERVICE}/"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+class DeadlineExceededError(AffinityError):
+    """The caller's deadline passed before the work could start."""
+
+
+# Checked in order, so subclasses must precede their bases.
+ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ModelTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code of a domain error, or ``None`` for an unexpected exception."""
+    for cls, code in ERROR_CODES:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+def method_name(full_method: str) -> str:
+    """``/affinity.v1.Recommender/Recommend`` -> ``Recommend``."""
+    return full_method.rsplit("/", 1)[-1] or full_method
+
+
+def _wrap_unary(
+    continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+    details: grpc.HandlerCallDetails,
+    wrapper: Callable[[Behavior, Any, grpc.ServicerContext], Any],
+) -> grpc.RpcMethodHandler | None:
+    handler = continuation(details)
+    if handler is None or handler.unary_unary is None:
+        return handler
+    behavior = handler.unary_unary
+
+    def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        return wrapper(behavior, request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _is_recommender(details: grpc.HandlerCallDetails) -> bool:
+    return details.method.startswith(SERVICE_PREFIX)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps domain errors to status codes; anything unexpected is INTERNAL, generic message."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if not _is_recommender(handler_call_details):
+            return continuation(handler_call_details)
+        method = handler_call_details.method
+
+        def guarded(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behavior(request, context)
+            except AffinityError as exc:
+                code = status_for(exc)
+                if code is not None:
+                    context.abort(code, str(exc))
+                logger.error("unexpected %s in %s", type(exc).__name__, method, exc_info=True)
+                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            except Exception:
+                if _aborted(context):
+                    raise  # the handler already chose a status with context.abort
+                logger.error("unhandled error in %s", method, exc_info=True)
+                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+        return _wrap_unary(continuation, handler_call_details, guarded)
+
+
+def _aborted(context: grpc.ServicerContext) -> bool:
+    code = getattr(context, "code", lambda: None)()
+    return code is not None and code != grpc.StatusCode.OK
+
+
+class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
+    """Refuses requests past ``limit`` in flight with RESOURCE_EXHAUSTED instead of queueing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if not _is_recommender(handler_call_details):
+            return continuation(handler_call_details)
+
+        def limited(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+            with self._lock:
+                admitted = self._in_flight < self.limit
+                if admitted:
+                    self._in_flight += 1
+            if not admitted:
+                metrics.REJECTED.inc()
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server busy: {self.limit} requests in flight; retry with backoff",
+                )
+            metrics.IN_FLIGHT.inc()
+            try:
+                return behavior(request, context)
+            finally:
+                metrics.IN_FLIGHT.dec()
+                with self._lock:
+                    self._in_flight -= 1
+
+        return _wrap_unary(continuation, handler_call_details, limited)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every method except health checks."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method.startswith(HEALTH_PREFIX) or self._authorized(
+            handler_call_details
+        ):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                deny,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                deny,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                deny,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            deny,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every Recommender request by method and final status code."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if not _is_recommender(handler_call_details):
+            return continuation(handler_call_details)
+        method = method_name(handler_call_details.method)
+
+        def measured(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = behavior(request, context)
+                code = grpc.StatusCode.OK
+                return response
+            except BaseException:
+                code = getattr(context, "code", lambda: None)() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                elapsed = time.perf_counter() - start
+                metrics.REQUESTS.labels(method=method, code=code.name).inc()
+                metrics.LATENCY.labels(method=method, code=code.name).observe(elapsed)
+                if code != grpc.StatusCode.OK:
+                    logger.info(
+                        "%s -> %s in %.1f ms",
+                        method,
+                        code.name,
+                        elapsed * 1000,
+                        extra={"method": method, "code": code.name, "latency_ms": elapsed * 1000},
+                    )
+
+        return _wrap_unary(continuation, handler_call_details, measured)

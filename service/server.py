@@ -1,0 +1,250 @@
+"""Build and run the gRPC server: one in-process server, or a supervisor of N worker processes.
+
+:func:`create_server` wires servicer, interceptors, health and reflection onto a bound port (tests
+use port 0); :func:`serve` adds the model loader, metrics, signals and graceful shutdown;
+:func:`supervise` runs ``workers`` copies of ``python -m service.server`` sharing the port with
+SO_REUSEPORT, restarts a worker that dies and forwards SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from models.artifact import verify_artifact
+from models.errors import AffinityError
+from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
+from service import metrics
+from service.config import ServeSettings, load_settings
+from service.interceptors import (
+    SERVICE,
+    AuthInterceptor,
+    ConcurrencyLimitInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+)
+from service.loader import ModelHolder, ModelLoader, configure_mlflow_http, find_artifact_dir
+from service.logs import configure_logging
+from service.servicer import RecommenderServicer
+
+logger = logging.getLogger(__name__)
+
+WORKER_ENV = "AFFINITY_WORKER_INDEX"
+"""Set by the supervisor in each worker's environment (the worker's slot number)."""
+
+HEALTH_SERVICES = ("", SERVICE)
+# Threads beyond the in-flight limit, so over-limit requests are refused at once instead of
+# waiting for a thread, and health checks always find one.
+SPARE_THREADS = 8
+
+
+def create_server(
+    settings: ServeSettings,
+    holder: ModelHolder,
+    *,
+    health_servicer: health.HealthServicer | None = None,
+    reuse_port: bool = False,
+) -> tuple[grpc.Server, int]:
+    """A bound, not yet started server for ``holder``'s model; returns it and its port.
+
+    Health reports NOT_SERVING for ``""`` and ``affinity.v1.Recommender`` until the holder
+    receives its first model. Raises :class:`OSError` if the port cannot be bound.
+    """
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
+    if settings.token is not None:
+        interceptors.append(AuthInterceptor(settings.token.get_secret_value()))
+    interceptors += [ConcurrencyLimitInterceptor(settings.max_in_flight), ErrorInterceptor()]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=settings.max_in_flight + SPARE_THREADS, thread_name_prefix="affinity-rpc"
+        ),
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+    )
+    pb_grpc.add_RecommenderServicer_to_server(
+        RecommenderServicer(holder, max_k=settings.max_k, max_ids=settings.max_ids), server
+    )
+    health_servicer = health_servicer or health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in HEALTH_SERVICES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def serving(_: object) -> None:
+        for name in HEALTH_SERVICES:
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    holder.add_listener(serving)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return server, port
+
+
+def _on_signals(handler: signal.Handlers | object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def serve(settings: ServeSettings, *, worker: bool = False) -> int:
+    """Run one server process until SIGTERM/SIGINT; returns the exit status."""
+    from threadpoolctl import threadpool_limits
+
+    # Per-request scoring is small; multi-threaded BLAS would only add contention.
+    threadpool_limits(1)
+    configure_mlflow_http(settings)
+    holder = ModelHolder()
+    loader = ModelLoader(settings, holder)
+    if not settings.is_registry:
+        loader.load_initial()  # a broken local directory fails before the port opens
+    health_servicer = health.HealthServicer()
+    server, port = create_server(
+        settings, holder, health_servicer=health_servicer, reuse_port=worker
+    )
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    _on_signals(request_stop)
+    server.start()
+    scheme = "tls" if settings.tls_cert else "plaintext"
+    logger.info("listening on %s:%d (%s)", settings.host, port, scheme, extra={"port": port})
+    if settings.metrics_port and not worker:
+        metrics.start_metrics_server(settings.metrics_port)
+    if settings.is_registry and not stop.is_set():
+        loader.load_initial()
+    loader.start_polling()
+    stop.wait()
+    # Probes see NOT_SERVING first so load balancers drain us while in-flight calls finish.
+    health_servicer.enter_graceful_shutdown()
+    loader.stop()
+    server.stop(settings.grace_seconds).wait()
+    logger.info("stopped")
+    return 0
+
+
+def supervise(settings: ServeSettings) -> int:
+    """Run ``settings.workers`` worker processes on one port; returns the exit status."""
+    if not settings.is_registry:
+        # Every worker would fail the same way: check the artifact once, before forking.
+        verify_artifact(find_artifact_dir(Path(settings.model_uri).expanduser()))
+    multiproc_dir = tempfile.mkdtemp(prefix="affinity-metrics-")
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "AFFINITY_WORKERS": "1",
+        "AFFINITY_METRICS_PORT": "0",
+        metrics.MULTIPROC_ENV: multiproc_dir,
+    }
+    # Not ``-m service.server``: that would name the worker's logger ``__main__``.
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from service.server import main; sys.exit(main())",
+    ]
+    stopping = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("supervisor received %s: stopping workers", signal.Signals(signum).name)
+        stopping.set()
+
+    _on_signals(request_stop)
+
+    def spawn(slot: int) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(command, env={**env, WORKER_ENV: str(slot)})
+        logger.info("started worker %d (pid %d)", slot, proc.pid)
+        return proc
+
+    workers = [spawn(slot) for slot in range(settings.workers)]
+    if settings.metrics_port:
+        os.environ[metrics.MULTIPROC_ENV] = multiproc_dir
+        metrics.start_metrics_server(settings.metrics_port)
+    restarts: list[list[float]] = [[] for _ in workers]
+    status = 0
+    try:
+        while not stopping.wait(0.5):
+            for slot, proc in enumerate(workers):
+                code = proc.poll()
+                if code is None:
+                    continue
+                metrics.mark_worker_dead(proc.pid)
+                now = time.monotonic()
+                restarts[slot] = [t for t in restarts[slot] if now - t < 60] + [now]
+                if len(restarts[slot]) > 5:
+                    logger.error("worker %d keeps dying (exit %s); giving up", slot, code)
+                    status = 1
+                    stopping.set()
+                    break
+                logger.warning(
+                    "worker %d (pid %d) exited with %s; restarting", slot, proc.pid, code
+                )
+                workers[slot] = spawn(slot)
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + settings.grace_seconds + 10
+        for proc in workers:
+            try:
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("worker pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                code = proc.wait()
+            if code not in (0, -signal.SIGTERM):
+                status = status or 1
+        shutil.rmtree(multiproc_dir, ignore_errors=True)
+    logger.info("supervisor stopped")
+    return status
+
+
+def run(settings: ServeSettings) -> int:
+    """``affinity serve``: one in-process server or a supervisor, per ``settings.workers``."""
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        return supervise(settings)
+    return serve(settings)
+
+
+def main() -> int:
+    """Entry point of a worker process started by :func:`supervise` (settings from the env)."""
+    try:
+        settings = load_settings()
+    except AffinityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return serve(settings, worker=os.environ.get(WORKER_ENV) is not None)
+    except (AffinityError, OSError) as exc:
+        logger.error("worker failed: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

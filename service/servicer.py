@@ -1,0 +1,194 @@
+"""The ``affinity.v1.Recommender`` servicer: validate, call the engine, convert to protobuf.
+
+It raises domain errors (:mod:`models.errors`) and leaves their mapping to status codes to
+:class:`service.interceptors.ErrorInterceptor`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+
+import grpc
+
+from models.artifact import ITEM_TYPES
+from models.engine import ItemFilter, Recommendations, Source
+from models.errors import InvalidInputError
+from protos.affinity.v1 import recommender_pb2 as pb
+from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
+from service import metrics
+from service.interceptors import DeadlineExceededError
+from service.loader import LoadedModel, ModelHolder
+
+logger = logging.getLogger(__name__)
+
+SOURCES = {
+    Source.PERSONALIZED: pb.SOURCE_PERSONALIZED,
+    Source.FOLD_IN: pb.SOURCE_FOLD_IN,
+    Source.POPULAR: pb.SOURCE_POPULAR,
+}
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """Answers the four RPCs from whatever model ``holder`` serves when each request starts."""
+
+    def __init__(self, holder: ModelHolder, *, max_k: int = 1000, max_ids: int = 1000) -> None:
+        self.holder = holder
+        self.max_k = max_k
+        self.max_ids = max_ids
+
+    # ------------------------------------------------------------ validation
+    def _check_k(self, k: int) -> None:
+        if k <= 0 or k > self.max_k:
+            raise InvalidInputError(f"k must be between 1 and {self.max_k}, got {k}", field="k")
+
+    def _check_ids(self, **fields: Sequence[str]) -> None:
+        for name, values in fields.items():
+            if len(values) > self.max_ids:
+                raise InvalidInputError(
+                    f"{name} holds {len(values)} ids; at most {self.max_ids} are allowed",
+                    field=name,
+                )
+
+    def _filter(self, flt: pb.ItemFilter, loaded: LoadedModel) -> ItemFilter:
+        self._check_ids(
+            **{"filter.item_types": flt.item_types, "filter.categories": flt.categories}
+        )
+        known = set(ITEM_TYPES) | set(loaded.engine.item_types)
+        for item_type in flt.item_types:
+            if item_type not in known:
+                raise InvalidInputError(
+                    f"filter.item_types holds unknown item type {item_type!r}; "
+                    f"expected one of {', '.join(sorted(known))}",
+                    field="filter.item_types",
+                )
+        return ItemFilter.of(list(flt.item_types), list(flt.categories))
+
+    @staticmethod
+    def _start(context: grpc.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError("deadline passed before the request could be handled")
+
+    # ------------------------------------------------------------ conversion
+    @staticmethod
+    def _model_ref(loaded: LoadedModel) -> pb.ModelRef:
+        meta = loaded.meta
+        return pb.ModelRef(
+            name=meta.name, version=meta.version, run_id=meta.run_id, algorithm=meta.algorithm
+        )
+
+    @staticmethod
+    def _items(loaded: LoadedModel, recs: Recommendations) -> list[pb.ScoredItem]:
+        catalog = loaded.engine.bundle.catalog
+        types = catalog.item_type[recs.indices].tolist()
+        categories = catalog.category[recs.indices].tolist()
+        return [
+            pb.ScoredItem(item_id=item, score=score, item_type=t, category=c)
+            for item, score, t, c in zip(recs.item_ids, recs.scores, types, categories, strict=True)
+        ]
+
+    @staticmethod
+    def _record(method: str, loaded: LoadedModel, recs: Recommendations, rec_id: str) -> None:
+        metrics.RESPONSES_BY_SOURCE.labels(method=method, source=str(recs.source)).inc()
+        logger.info(
+            "%s answered %d items (%s)",
+            method,
+            len(recs),
+            recs.source,
+            extra={
+                "method": method,
+                "recommendation_id": rec_id,
+                "source": str(recs.source),
+                "items": len(recs),
+                "model_version": loaded.meta.version,
+            },
+        )
+
+    # ----------------------------------------------------------------- RPCs
+    def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.ServicerContext
+    ) -> pb.RecommendResponse:
+        self._start(context)
+        self._check_k(request.k)
+        self._check_ids(
+            recent_item_ids=request.recent_item_ids, exclude_item_ids=request.exclude_item_ids
+        )
+        loaded = self.holder.get()
+        item_filter = self._filter(request.filter, loaded)
+        recs = loaded.engine.recommend(
+            request.user_id,
+            request.k,
+            recent_item_ids=list(request.recent_item_ids),
+            exclude_item_ids=list(request.exclude_item_ids),
+            item_filter=item_filter,
+            include_seen=request.include_seen,
+        )
+        rec_id = uuid.uuid4().hex
+        self._record("Recommend", loaded, recs, rec_id)
+        return pb.RecommendResponse(
+            items=self._items(loaded, recs),
+            source=SOURCES[recs.source],
+            model=self._model_ref(loaded),
+            recommendation_id=rec_id,
+        )
+
+    def SimilarItems(
+        self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
+    ) -> pb.SimilarItemsResponse:
+        self._start(context)
+        self._check_k(request.k)
+        if not request.item_ids:
+            raise InvalidInputError("item_ids must hold at least one item id", field="item_ids")
+        self._check_ids(item_ids=request.item_ids, exclude_item_ids=request.exclude_item_ids)
+        loaded = self.holder.get()
+        item_filter = self._filter(request.filter, loaded)
+        recs = loaded.engine.similar_items(
+            list(request.item_ids),
+            request.k,
+            exclude_item_ids=list(request.exclude_item_ids),
+            item_filter=item_filter,
+        )
+        rec_id = uuid.uuid4().hex
+        self._record("SimilarItems", loaded, recs, rec_id)
+        return pb.SimilarItemsResponse(
+            items=self._items(loaded, recs), model=self._model_ref(loaded), recommendation_id=rec_id
+        )
+
+    def Popular(
+        self, request: pb.PopularRequest, context: grpc.ServicerContext
+    ) -> pb.PopularResponse:
+        self._start(context)
+        self._check_k(request.k)
+        self._check_ids(exclude_item_ids=request.exclude_item_ids)
+        loaded = self.holder.get()
+        item_filter = self._filter(request.filter, loaded)
+        recs = loaded.engine.popular(
+            request.k,
+            item_filter=item_filter,
+            exclude_item_ids=list(request.exclude_item_ids),
+            trending=request.trending,
+        )
+        rec_id = uuid.uuid4().hex
+        self._record("Popular", loaded, recs, rec_id)
+        return pb.PopularResponse(
+            items=self._items(loaded, recs), model=self._model_ref(loaded), recommendation_id=rec_id
+        )
+
+    def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInfo:
+        self._start(context)
+        loaded = self.holder.get()
+        meta, bundle = loaded.meta, loaded.engine.bundle
+        info = pb.ModelInfo(
+            model=self._model_ref(loaded),
+            num_users=len(bundle.users),
+            num_items=len(bundle.items),
+            source_uri=meta.source_uri,
+            from_cache=meta.from_cache,
+            dataset_fingerprint=meta.dataset_fingerprint,
+        )
+        info.loaded_at.FromDatetime(meta.loaded_at)
+        return info

@@ -1,0 +1,250 @@
+"""Holdout evaluation: seen items excluded, hand-checked metrics, cohorts, baseline and reports."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from models.base import ModelConfig, ProgressCallback, Recommender
+from models.errors import InvalidInputError
+from models.popularity import Popularity
+from models.vocabulary import Vocabulary
+from training.evaluate import evaluate, evaluate_with_baseline
+from training.split import random_split, temporal_split
+
+L3 = 1.0 / math.log2(3)
+DATASETS = Path(__file__).resolve().parents[2] / "../shared/datasets"
+
+
+class _NoConfig(ModelConfig):
+    pass
+
+
+class FixedScores(Recommender):
+    """Test-only model whose scores are a given (users x items) table."""
+
+    algorithm = "fixed"
+    Config: ClassVar[type[ModelConfig]] = _NoConfig
+
+    def __init__(self, table: np.ndarray) -> None:
+        super().__init__()
+        self.table = np.asarray(table, dtype=np.float32)
+
+    def _fit(self, user_items: sp.csr_matrix, progress: ProgressCallback | None) -> None:
+        assert user_items.shape == self.table.shape
+
+    def score_users(self, userids: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
+        return self.table[userids]
+
+    def score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        raise NotImplementedError
+
+    def score_similar(self, itemids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"table": self.table}
+
+    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.table = arrays["table"]
+
+
+def _csr(rows: list[list[int]], n_items: int) -> sp.csr_matrix:
+    dense = np.zeros((len(rows), n_items), dtype=np.float32)
+    for u, items in enumerate(rows):
+        dense[u, items] = 1.0
+    return sp.csr_matrix(dense)
+
+
+# 4 users x 5 items.   train          test
+#   user 0             {0}            {1, 3}
+#   user 1             {0, 1}         {2}
+#   user 2             {}             {1}     (only in the test period: empty train row)
+#   user 3             {2}            {}      (nothing held out: not evaluated)
+TRAIN = _csr([[0], [0, 1], [], [2]], 5)
+TEST = _csr([[1, 3], [2], [1], []], 5)
+# Popularity on TRAIN scores items [2, 1, 1, 0, 0]; ties go to the lower index. At k=2, with
+# training items excluded: user 0 gets [1, 2] (hit at rank 1), user 1 [2, 3] (hit at rank 1),
+# user 2 [0, 1] (hit at rank 2).
+
+
+def test_evaluate_popularity_on_a_hand_computed_split() -> None:
+    result = evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=2)
+    m = result.metrics
+    assert result.users == 3
+    assert m["precision_at_2"] == pytest.approx(0.5)  # one hit in two slots for everyone
+    assert m["recall_at_2"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    # user 0: DCG 1, ideal over min(2, 2): 1 + 1/log2 3; user 1: 1/1; user 2: (1/log2 3) / 1
+    assert m["ndcg_at_2"] == pytest.approx((1 / (1 + L3) + 1 + L3) / 3)
+    # AP: user 0: 1 / min(2, 2); user 1: 1 / 1; user 2: (1/2) / 1
+    assert m["map_at_2"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert m["mrr_at_2"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["hit_rate_at_2"] == pytest.approx(1.0)
+    # items listed: {1, 2} | {2, 3} | {0, 1} = 4 of 5 items
+    assert m["coverage_at_2"] == pytest.approx(4 / 5)
+    # popularity shares over the 3 users with training items: [2/3, 1/3, 1/3, 0, 0]; item 3 is
+    # floored at 1/3. Self-information: item 0 log2(1.5), items 1, 2, 3 log2(3).
+    b3, b15 = math.log2(3), math.log2(1.5)
+    assert m["novelty_at_2"] == pytest.approx((b3 + b3 + (b15 + b3) / 2) / 3)
+
+
+def test_training_items_are_never_recommended() -> None:
+    result = evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=4)
+    assert result.per_user is not None
+    for row, user in zip(result.per_user.recommended, [0, 1, 2], strict=True):
+        assert not set(row.tolist()) & set(TRAIN[user].indices.tolist())
+
+
+def test_k_larger_than_the_catalog_pads_lists() -> None:
+    result = evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=8)
+    assert result.per_user is not None
+    assert result.per_user.recommended.shape == (3, 8)
+    # user 1 has 3 unseen items: one hit in 8 slots
+    assert result.per_user.precision[1] == pytest.approx(1 / 8)
+
+
+def test_batches_and_progress_do_not_change_results() -> None:
+    calls: list[tuple[int, int]] = []
+    whole = evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=2)
+    batched = evaluate(
+        Popularity().fit(TRAIN),
+        TRAIN,
+        TEST,
+        k=2,
+        batch_size=1,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert batched.metrics == whole.metrics
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def _cohort_case() -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    # training items per user: 3 (lt5), 7, 20, 5 (5to20), 25, 21 (gt20); each holds out item 39.
+    sizes = [3, 7, 25, 20, 5, 21]
+    train = _csr([list(range(n)) for n in sizes], 40)
+    test = _csr([[39]] * len(sizes), 40)
+    # the model ranks item 39 first for users 0, 2, 4 only
+    table = np.tile(np.linspace(1.0, 0.0, 40, dtype=np.float32), (len(sizes), 1))
+    table[[0, 2, 4], 39] = 2.0
+    return train, test, table
+
+
+def test_cohorts_split_users_by_training_interactions() -> None:
+    train, test, table = _cohort_case()
+    result = evaluate(FixedScores(table).fit(train), train, test, k=5)
+    cohorts = result.cohorts
+    assert {n: c.users for n, c in cohorts.items()} == {"lt5": 1, "5to20": 3, "gt20": 2}
+    # lt5 = {user 0: hit}; 5to20 = {1: miss, 3: miss, 4: hit}; gt20 = {2: hit, 5: miss}
+    assert cohorts["lt5"].metrics["hit_rate_at_5"] == pytest.approx(1.0)
+    assert cohorts["5to20"].metrics["hit_rate_at_5"] == pytest.approx(1 / 3)
+    assert cohorts["gt20"].metrics["hit_rate_at_5"] == pytest.approx(1 / 2)
+    assert result.metrics["hit_rate_at_5"] == pytest.approx(3 / 6)
+
+
+def test_flat_dict_names_and_empty_cohorts() -> None:
+    flat = evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=10).to_flat_dict()
+    assert flat["eval_users"] == 3
+    assert flat["cohort_lt5_users"] == 3
+    assert flat["cohort_lt5_ndcg_at_10"] == flat["ndcg_at_10"]
+    # every user has < 5 training items: the other cohorts report a count but no metric
+    assert flat["cohort_gt20_users"] == 0
+    assert "cohort_gt20_ndcg_at_10" not in flat
+    assert all(not math.isnan(v) for v in flat.values())
+
+
+def test_baseline_comparison_against_an_oracle() -> None:
+    # a model that scores exactly the held-out items highest must beat popularity
+    oracle = FixedScores(TEST.toarray()).fit(TRAIN)
+    calls: list[tuple[int, int]] = []
+    both = evaluate_with_baseline(
+        oracle, TRAIN, TEST, k=2, progress=lambda d, t: calls.append((d, t))
+    )
+    assert both.model.metrics["recall_at_2"] == pytest.approx(1.0)
+    assert both.baseline.metrics == evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=2).metrics
+    assert both.lift("ndcg_at_2") > 0
+    flat = both.to_flat_dict()
+    assert flat["recall_at_2"] == pytest.approx(1.0)
+    assert flat["baseline_recall_at_2"] == pytest.approx(both.baseline.metrics["recall_at_2"])
+    assert "baseline_cohort_lt5_users" in flat
+    assert calls == [(1, 2), (2, 2)]
+    model_eval, baseline_eval = both  # unpacks as (model, baseline)
+    assert model_eval is both.model and baseline_eval is both.baseline
+    report = both.report_markdown()
+    assert report == both.model.report_markdown(baseline=both.baseline)
+    assert "| ndcg_at_2 | 1.0000 |" in report
+    assert "popularity (baseline)" in report
+    assert "| gt20 | 0 | n/a" in report
+
+
+def test_mismatched_inputs_are_rejected() -> None:
+    model = Popularity().fit(TRAIN)
+    with pytest.raises(InvalidInputError, match="share users and items"):
+        evaluate(model, TRAIN, TEST[:, :4])
+    with pytest.raises(InvalidInputError, match="fitted on"):
+        evaluate(model, TRAIN[:3], TEST[:3])
+    with pytest.raises(InvalidInputError, match="k must be positive"):
+        evaluate(model, TRAIN, TEST, k=0)
+    with pytest.raises(InvalidInputError, match="item_popularity"):
+        evaluate(model, TRAIN, TEST, item_popularity=np.ones(3))
+
+
+def _matrices(train: pd.DataFrame, test: pd.DataFrame) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Binary matrices indexed by the train part's users and items (test is cold-filtered)."""
+    users = Vocabulary(sorted(train["user_id"].unique()), kind="user")
+    items = Vocabulary(sorted(train["item_id"].unique()))
+
+    def build(frame: pd.DataFrame) -> sp.csr_matrix:
+        pairs = frame.drop_duplicates(["user_id", "item_id"])
+        rows = users.lookup(pairs["user_id"].tolist())
+        cols = items.lookup(pairs["item_id"].tolist())
+        data = np.ones(len(rows), dtype=np.float32)
+        return sp.csr_matrix((data, (rows, cols)), shape=(len(users), len(items)))
+
+    return build(train), build(test)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_movielens_als_beats_popularity_on_both_protocols() -> None:
+    ratings = DATASETS / "ml-latest-small" / "ratings.csv"
+    if not ratings.exists():
+        pytest.skip("../shared/datasets not present")
+    try:
+        from models.registry import get_algorithm
+
+        als_class = get_algorithm("als")
+    except ImportError:
+        pytest.skip("ALS is not available in this build")
+    frame = pd.read_csv(ratings).rename(columns={"userId": "user_id", "movieId": "item_id"})
+    frame["user_id"] = frame["user_id"].astype(str)
+    frame["item_id"] = frame["item_id"].astype(str)
+    for part in (random_split(frame, seed=1), temporal_split(frame, fraction=0.2)):
+        train, test = _matrices(part.train, part.test)
+        with threadpool_limits(1, "blas"):
+            model = als_class(factors=32, iterations=10, random_state=0).fit(train)
+            both = evaluate_with_baseline(model, train, test, k=10)
+        assert both.model.users == part.stats.test_users
+        # MovieLens users all rated >= 20 movies, so nobody lands in the smallest cohort
+        assert both.model.cohorts["lt5"].users == 0
+        assert both.lift("ndcg_at_10") > 0, part.stats.method
+        assert both.model.metrics["coverage_at_10"] > both.baseline.metrics["coverage_at_10"]
+
+
+def test_an_empty_holdout_gives_no_metric_but_does_not_fail() -> None:
+    empty = sp.csr_matrix(TRAIN.shape, dtype=np.float32)
+    result = evaluate(Popularity().fit(TRAIN), TRAIN, empty, k=3)
+    assert result.users == 0
+    assert result.to_flat_dict() == {
+        "eval_users": 0.0,
+        "cohort_lt5_users": 0.0,
+        "cohort_5to20_users": 0.0,
+        "cohort_gt20_users": 0.0,
+    }
+    assert "| ndcg_at_3 | n/a |" in result.report_markdown()

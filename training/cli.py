@@ -1,0 +1,331 @@
+"""The ``affinity`` command line: generate sample logs, train, batch-recommend, serve and query.
+
+Every subcommand explains its options in ``--help``. Exit code 0 on success; on a user mistake a
+one-line reason on stderr and exit code 2 (1 for other failures), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from models.errors import AffinityError, InvalidInputError
+
+logger = logging.getLogger("affinity")
+
+
+def _progress_printer(quiet: bool = False):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+
+    def emit(message: str) -> None:
+        if not quiet:
+            print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return emit
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InvalidInputError(f"--param expects KEY=VALUE, got {text!r}", field="param")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _parse_weights(items: Sequence[str]) -> dict[str, float] | None:
+    if not items:
+        return None
+    weights = {}
+    for text in items:
+        key, value = _parse_param(text)
+        try:
+            weights[key] = float(value)
+        except (TypeError, ValueError):
+            raise InvalidInputError(
+                f"--event-weight {key} must be a number, got {value!r}", field="event-weight"
+            ) from None
+    return weights
+
+
+# ------------------------------------------------------------------ commands
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.generate import generate
+
+    progress = _progress_printer(args.quiet)
+    progress(
+        f"generating {args.interactions:,} interactions for {args.users:,} users "
+        f"and {args.items:,} items"
+    )
+    result = generate(
+        args.out,
+        users=args.users,
+        items=args.items,
+        interactions=args.interactions,
+        seed=args.seed,
+    )
+    progress(f"wrote {result}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.confidence import ConfidenceConfig
+    from training.pipeline import TrainOptions, run_training
+
+    progress = _progress_printer(args.quiet)
+    params = dict(_parse_param(p) for p in args.param)
+    opts = TrainOptions(
+        interactions=args.interactions,
+        items=args.items,
+        test=args.test,
+        algorithm=args.algorithm,
+        params=params,
+        split=args.split,
+        test_fraction=args.test_fraction,
+        k=args.k,
+        tune=args.tune,
+        model_name=args.model_name,
+        force_promote=args.force_promote,
+        event_weights=_parse_weights(args.event_weight),
+        confidence=ConfidenceConfig(
+            half_life_days=args.half_life_days,
+            min_user_interactions=args.min_user_interactions,
+            min_item_interactions=args.min_item_interactions,
+        ),
+        seed=args.seed,
+        primary_metric=args.primary_metric,
+        experiment=args.experiment,
+        quarantine_path=args.quarantine,
+    )
+    result = run_training(opts, progress)
+    summary = result.to_json()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        m, b = result.metrics, result.baseline_metrics
+        print(
+            f"run {result.run_id}: {result.model_name} v{result.model_version} "
+            f"({'promoted to champion' if result.promoted else 'challenger'})"
+        )
+        for name in sorted(m):
+            if not name.startswith("cohort_"):
+                print(f"  {name:<22} {m[name]:8.4f}   baseline {b.get(name, float('nan')):8.4f}")
+        print(f"  rows: {result.rows}")
+        print(f"  {result.decision}")
+    return 0
+
+
+def cmd_batch_recommend(args: argparse.Namespace) -> int:
+    from training.batch import batch_recommend
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    progress = _progress_printer(args.quiet)
+    n = batch_recommend(args.model, args.users, args.k, args.out, progress)
+    progress(f"wrote {n:,} rows to {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from models.registry import algorithm_names
+
+    parser = argparse.ArgumentParser(
+        prog="affinity",
+        description="Affinity recommendation service: train models into the MLflow registry "
+        "and serve them over gRPC.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="write realistic synthetic interaction logs",
+        description="Write DIR/interactions.parquet and DIR/items.parquet: "
+        "seeded synthetic logs with a view-to-purchase funnel.",
+    )
+    gen.add_argument("--out", type=Path, required=True, help="output directory")
+    gen.add_argument("--users", type=int, default=2000, help="number of users (default 2000)")
+    gen.add_argument("--items", type=int, default=500, help="number of items (default 500)")
+    gen.add_argument(
+        "--interactions",
+        type=int,
+        default=50_000,
+        help="number of interaction events (default 50000)",
+    )
+    gen.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    gen.add_argument("--quiet", action="store_true", help="no progress output")
+    gen.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser(
+        "train",
+        help="train, evaluate, log to MLflow and register a model",
+        description="Train a model on an interaction log, evaluate it against the "
+        "popularity baseline on a holdout, log the run to MLflow, register a new "
+        "version and promote it to 'champion' if it beats the current one.",
+    )
+    tr.add_argument(
+        "--interactions",
+        type=Path,
+        required=True,
+        help="interaction log (.csv or .parquet): user_id, item_id, event, timestamp [, value]",
+    )
+    tr.add_argument(
+        "--items",
+        type=Path,
+        help="item catalog (.csv or .parquet): item_id, item_type, category, available [, title]",
+    )
+    tr.add_argument(
+        "--test",
+        type=Path,
+        help="evaluate on this holdout file instead of "
+        "splitting; training then uses all of --interactions",
+    )
+    tr.add_argument(
+        "--algorithm", default="als", choices=algorithm_names(), help="algorithm (default als)"
+    )
+    tr.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyperparameter, repeatable (e.g. --param factors=128)",
+    )
+    tr.add_argument(
+        "--split",
+        choices=["temporal", "random"],
+        default="temporal",
+        help="holdout protocol: each user's last fraction by time, or a random "
+        "stratified per-user split (default temporal)",
+    )
+    tr.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of each user's interactions held out (default 0.2)",
+    )
+    tr.add_argument("--k", type=int, default=10, help="list length for metrics (default 10)")
+    tr.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N hyperparameter-search trials on a validation split first",
+    )
+    tr.add_argument(
+        "--model-name", default="affinity", help="registered model name (default affinity)"
+    )
+    tr.add_argument(
+        "--force-promote",
+        action="store_true",
+        help="make the new version champion even if it is not better",
+    )
+    tr.add_argument(
+        "--event-weight",
+        action="append",
+        default=[],
+        metavar="EVENT=WEIGHT",
+        help="override or add an event weight, repeatable (e.g. --event-weight purchase=20)",
+    )
+    tr.add_argument(
+        "--half-life-days",
+        type=float,
+        default=None,
+        help="recency half-life for confidence weights (default: no decay)",
+    )
+    tr.add_argument(
+        "--min-user-interactions",
+        type=int,
+        default=1,
+        help="drop users with fewer distinct items (default 1)",
+    )
+    tr.add_argument(
+        "--min-item-interactions",
+        type=int,
+        default=1,
+        help="drop items with fewer distinct users (default 1)",
+    )
+    tr.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    tr.add_argument(
+        "--primary-metric",
+        default="ndcg_at_10",
+        help="metric of the promotion gate and tuning (default ndcg_at_10)",
+    )
+    tr.add_argument(
+        "--experiment", default="affinity", help="MLflow experiment name (default affinity)"
+    )
+    tr.add_argument(
+        "--quarantine",
+        type=Path,
+        help="where to write malformed rows (default: a temporary file, also logged "
+        "to the MLflow run)",
+    )
+    tr.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON summary object as the last line of stdout",
+    )
+    tr.add_argument("--quiet", action="store_true", help="no progress output")
+    tr.set_defaults(func=cmd_train)
+
+    br = sub.add_parser(
+        "batch-recommend",
+        help="offline recommendations for a list of users",
+        description="Write user_id, rank, item_id, score for each user id in "
+        "--users (one per line) to --out (.csv or .parquet).",
+    )
+    br.add_argument(
+        "--model",
+        default="models:/affinity@champion",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a local artifact "
+        "directory (default models:/affinity@champion)",
+    )
+    br.add_argument("--users", type=Path, required=True, help="file with one user id per line")
+    br.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    br.add_argument("--out", type=Path, required=True, help="output file (.csv or .parquet)")
+    br.add_argument("--quiet", action="store_true", help="no progress output")
+    br.set_defaults(func=cmd_batch_recommend)
+
+    try:
+        from service.cli import register_cli
+    except ImportError:  # the service extras are part of the package; this guards partial installs
+        pass
+    else:
+        register_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return int(args.func(args) or 0)
+    except AffinityError as exc:
+        print(f"affinity {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"affinity {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a one-line reason, the traceback only with --verbose
+        if args.verbose:
+            logger.exception("unexpected failure")
+        print(f"affinity {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,718 @@
+"""Read interaction logs and item catalogs into validated frames, quarantining unusable rows.
+
+A log is Parquet or CSV with ``user_id``, ``item_id``, ``event``, ``timestamp`` and an optional
+``value``. Every row that cannot be used is written to a quarantine CSV with its line number and
+reason, so ``rows_read == rows_accepted + rows_quarantined`` always holds and nothing is lost
+silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import logging
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.artifact import ITEM_TYPES, ItemCatalog
+from models.errors import DataError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("user_id", "item_id", "event", "timestamp")
+"""Columns every interaction log must have."""
+LOG_COLUMNS = (*REQUIRED_COLUMNS, "value")
+"""Columns read from a log; any other column is ignored."""
+FRAME_COLUMNS = ("user_id", "item_id", "event", "timestamp", "value", "weight")
+"""Columns of :attr:`LoadResult.frame`, in order."""
+QUARANTINE_COLUMNS = ("line", "reason", *LOG_COLUMNS, "raw")
+"""Columns of the quarantine CSV; ``raw`` holds the row's text when it had the wrong field count."""
+
+MAX_TIMESTAMP = 10_000_000_000
+"""Unix seconds beyond this (year 2286) are rejected: almost always milliseconds, not seconds."""
+
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_CSV_SUFFIXES = {".csv": ",", ".csv.gz": ",", ".tsv": "\t", ".tsv.gz": "\t"}
+
+# Reasons in precedence order: a row with several problems is quarantined under the first one.
+REASONS = (
+    "wrong_field_count",
+    "missing_user_id",
+    "missing_item_id",
+    "unknown_event",
+    "bad_timestamp",
+    "timestamp_out_of_range",
+    "bad_value",
+    "negative_value",
+    "non_finite_value",
+)
+_CODE = {name: code for code, name in enumerate(REASONS, start=1)}
+
+
+class EventWeights(BaseModel):
+    """How much one event of each kind counts; ``weight = event weight * value``.
+
+    Extra keyword arguments declare new event names, e.g. ``EventWeights(bookmark=3)``. Names are
+    matched case-insensitively after stripping whitespace. A weight of 0 accepts the event but
+    lets it contribute nothing.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    view: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    """A user saw the item."""
+    click: float = Field(default=2.0, ge=0, allow_inf_nan=False)
+    """A user opened the item."""
+    like: float = Field(default=4.0, ge=0, allow_inf_nan=False)
+    """A user liked the item (mostly content)."""
+    share: float = Field(default=4.0, ge=0, allow_inf_nan=False)
+    """A user shared the item (mostly content)."""
+    add_to_cart: float = Field(default=6.0, ge=0, allow_inf_nan=False)
+    """A user put the product in the cart."""
+    purchase: float = Field(default=10.0, ge=0, allow_inf_nan=False)
+    """A user bought the product."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        out: dict[str, float] = {}
+        for key, raw in data.items():
+            name = str(key).strip().lower()
+            if not name:
+                raise ValueError("event names must not be empty")
+            try:
+                weight = float(raw)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"weight of event {name!r} must be a number, got {raw!r}"
+                ) from None
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"weight of event {name!r} must be finite and >= 0, got {raw!r}")
+            out[name] = weight
+        return out
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, float] | EventWeights | None) -> EventWeights:
+        """Defaults overridden (or extended) by ``mapping``; raises ``InvalidInputError``."""
+        if isinstance(mapping, EventWeights):
+            return mapping
+        try:
+            return cls(**{str(k): v for k, v in (mapping or {}).items()})
+        except ValidationError as exc:
+            msg = "; ".join(str(e["msg"]) for e in exc.errors())
+            raise InvalidInputError(
+                f"invalid event weights: {msg}", field="event_weights"
+            ) from None
+
+    def as_dict(self) -> dict[str, float]:
+        """Every event name and its weight, defaults first."""
+        return {name: float(weight) for name, weight in self.model_dump().items()}
+
+
+@dataclass
+class LoadResult:
+    """The accepted interactions plus an account of what was rejected.
+
+    ``frame`` has columns ``user_id`` (str), ``item_id`` (str), ``event`` (str, lower case),
+    ``timestamp`` (int64 unix seconds, UTC), ``value`` (float64, 1.0 where absent) and ``weight``
+    (float64, event weight * value), in source order with a fresh ``RangeIndex``.
+    """
+
+    frame: pd.DataFrame
+    rows_read: int
+    rows_accepted: int
+    rows_quarantined: int
+    reasons: Counter[str] = field(default_factory=Counter)
+    quarantine_path: Path | None = None
+    source: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _csv_delimiter(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix, delimiter in _CSV_SUFFIXES.items():
+        if name.endswith(suffix):
+            return delimiter
+    return None
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith(_PARQUET_SUFFIXES)
+
+
+def _check_format(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file")
+    if not _is_parquet(path) and _csv_delimiter(path) is None:
+        raise DataError(
+            f"{path}: unsupported file type; use .parquet/.pq or .csv/.csv.gz/.tsv/.tsv.gz"
+        )
+
+
+def _read_csv_header(path: Path, delimiter: str) -> list[str]:
+    opener: Any = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh, delimiter=delimiter), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    if not header:
+        raise DataError(f"{path} is empty: expected a header line with column names")
+    names = [name.strip() for name in header]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column names {', '.join(duplicates)}")
+    return names
+
+
+def _read_csv_table(
+    path: Path, names: list[str], delimiter: str, *, threads: bool
+) -> tuple[pa.Table, list[tuple[int | None, str]]]:
+    """All columns as text; rows with the wrong number of fields are collected, not dropped."""
+    bad: list[tuple[int | None, str]] = []
+
+    def on_invalid(row: Any) -> str:
+        bad.append((row.number, row.text))
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=threads, column_names=names, skip_rows=1),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter,
+                invalid_row_handler=on_invalid,
+                # Keep blank lines as rows so record numbers match the file; they are skipped
+                # later without being counted.
+                ignore_empty_lines=False,
+                newlines_in_values=True,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()),
+                include_columns=[n for n in names if n in LOG_COLUMNS],
+                null_values=[],
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    return table, bad
+
+
+def _text(column: pa.ChunkedArray | pa.Array) -> pd.Series:
+    """A column as stripped text with nulls as ''; integral floats print without '.0'."""
+    typ = column.type
+    if pa.types.is_dictionary(typ):
+        column = column.cast(typ.value_type)
+        typ = column.type
+    if pa.types.is_floating(typ):
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        out = np.full(len(values), "", dtype=object)
+        finite = np.isfinite(values)
+        integral = finite & (np.floor(values) == values) & (np.abs(values) < 2**53)
+        out[integral] = values[integral].astype(np.int64).astype(str)
+        other = finite & ~integral | np.isinf(values)
+        out[other] = values[other].astype(str)
+        return pd.Series(out, dtype="str")
+    try:
+        as_str = column.cast(pa.string())
+    except (pa.ArrowException, NotImplementedError) as exc:
+        raise DataError(f"a column of type {typ} cannot be read as text: {exc}") from exc
+    return pd.Series(as_str.to_pandas(), dtype="str").fillna("").str.strip()
+
+
+def _read_parquet(path: Path) -> tuple[dict[str, Any], pa.Table]:
+    try:
+        schema = pq.read_schema(path)
+        _require_columns(path, list(schema.names))
+        present = [n for n in LOG_COLUMNS if n in schema.names]
+        table = pq.read_table(path, columns=present)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    cols: dict[str, Any] = {}
+    for name in present:
+        column = table.column(name)
+        typ = column.type
+        if name == "timestamp" and (
+            pa.types.is_timestamp(typ) or pa.types.is_date(typ) or _numeric(typ)
+        ):
+            cols[name] = _typed_seconds(column)
+        elif name == "value" and _numeric(typ):
+            cols[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            try:
+                cols[name] = _text(column)
+            except DataError as exc:
+                raise DataError(f"{path}: column {name!r}: {exc}") from None
+    return cols, table
+
+
+def _numeric(typ: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(typ) or pa.types.is_floating(typ))
+
+
+def _typed_seconds(column: pa.ChunkedArray) -> np.ndarray:
+    """Unix seconds as float64 (NaN for nulls) from a timestamp, date or numeric column."""
+    typ = column.type
+    if pa.types.is_date(typ):
+        column = column.cast(pa.timestamp("s"))
+        typ = column.type
+    if pa.types.is_timestamp(typ):
+        per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[typ.unit]
+        nulls = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        ticks = column.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+        seconds = np.floor_divide(ticks, per_second).astype(np.float64)
+        seconds[nulls] = np.nan
+        return seconds
+    return column.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _require_columns(path: Path, names: list[str]) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise DataError(
+            f"{path} lacks required column(s) {', '.join(missing)}; "
+            f"found {', '.join(names) or 'none'} (expected {', '.join(REQUIRED_COLUMNS)}"
+            f" and optionally value)",
+            field=missing[0],
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation (vectorized)
+
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_NON_FINITE = r"[+-]?(?:inf|infinity|nan)"
+_UNIX_SECONDS = r"[+-]?\d+(?:\.\d*)?"
+_ZONE_SUFFIX = r"(?:[zZ]|[+-]\d\d:?\d\d)$"
+_CHUNK = 200_000
+
+
+def _mask(result: pd.Series) -> np.ndarray:
+    return result.to_numpy(dtype=bool, na_value=False)
+
+
+def _cast_float(text: pd.Series) -> np.ndarray:
+    """Text that already matched a number pattern as float64 (arrow's parser: fast)."""
+    return pa.array(text).cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _iso_seconds(text: pd.Series) -> np.ndarray:
+    """ISO-8601 text to unix seconds (NaN if unparsable); naive times are taken as UTC.
+
+    Arrow parses clean chunks quickly; a chunk it rejects falls back to pandas, which also
+    accepts rarer ISO forms and marks only the bad strings.
+    """
+    out = np.full(len(text), np.nan, dtype=np.float64)
+    zoned = _mask(text.str.contains(_ZONE_SUFFIX, regex=True))
+    for lo in range(0, len(text), _CHUNK):
+        hi = min(lo + _CHUNK, len(text))
+        chunk = text.iloc[lo:hi]
+        part = out[lo:hi]
+        try:
+            for sel, typ in (
+                (zoned[lo:hi], pa.timestamp("us", tz="UTC")),
+                (~zoned[lo:hi], pa.timestamp("us")),
+            ):
+                if sel.any():
+                    micros = pa.array(chunk[sel]).cast(typ).cast(pa.int64())
+                    part[sel] = np.floor_divide(micros.to_numpy(zero_copy_only=False), 1_000_000)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            parsed = pd.to_datetime(chunk, format="ISO8601", utc=True, errors="coerce")
+            delta = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "s")
+            part[:] = delta.to_numpy(dtype=np.float64, na_value=np.nan)
+    return out
+
+
+def _parse_timestamp(column: pd.Series | np.ndarray) -> np.ndarray:
+    """Unix seconds as float64 (NaN where unparsable) from text or already-typed seconds."""
+    if isinstance(column, np.ndarray):
+        return column
+    text = column.str.strip()
+    seconds = np.full(len(text), np.nan, dtype=np.float64)
+    numeric = _mask(text.str.fullmatch(_UNIX_SECONDS))
+    if numeric.any():
+        seconds[numeric] = _cast_float(text[numeric])
+    other = ~numeric & _mask(text != "")
+    if other.any():
+        seconds[other] = _iso_seconds(text[other])
+    return seconds
+
+
+def _parse_value(column: pd.Series | np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, reason codes): absent or empty values count as 1.0."""
+    codes = np.zeros(n, dtype=np.int8)
+    if column is None:
+        return np.ones(n), codes
+    if isinstance(column, np.ndarray):
+        values = column.astype(np.float64, copy=True)
+        values[np.isnan(values)] = 1.0
+    else:
+        text = column.str.strip().str.lower()
+        values = np.ones(n, dtype=np.float64)
+        number = _mask(text.str.fullmatch(_NUMBER)) | _mask(text.str.fullmatch(_NON_FINITE))
+        if number.any():
+            values[number] = _cast_float(text[number])
+        codes[~number & _mask(text != "")] = _CODE["bad_value"]
+    with np.errstate(invalid="ignore"):
+        codes[~np.isfinite(values) & (codes == 0)] = _CODE["non_finite_value"]
+        codes[(values < 0) & (codes == 0)] = _CODE["negative_value"]
+    return values, codes
+
+
+def _validate(cols: dict[str, Any], weights: EventWeights) -> tuple[pd.DataFrame, np.ndarray]:
+    """Parse the columns; returns the parsed frame and a reason code per row (0 = accepted)."""
+    n = len(cols["user_id"])
+    user = cols["user_id"].str.strip()
+    item = cols["item_id"].str.strip()
+    event = cols["event"].str.strip().str.lower()
+    table = weights.as_dict()
+    # Factorize first: mapping the few distinct names is much cheaper than a per-row lookup.
+    codes_seen, names_seen = pd.factorize(event)
+    known = {name: k for k, name in enumerate(table)}
+    lookup = np.array([known.get(str(name), -1) for name in names_seen] + [-1], dtype=np.int64)
+    event_codes = lookup[codes_seen]
+    seconds = _parse_timestamp(cols["timestamp"])
+    values, value_codes = _parse_value(cols.get("value"), n)
+
+    with np.errstate(invalid="ignore"):
+        checks = [
+            ("missing_user_id", (user == "").to_numpy(dtype=bool, na_value=True)),
+            ("missing_item_id", (item == "").to_numpy(dtype=bool, na_value=True)),
+            ("unknown_event", event_codes < 0),
+            ("bad_timestamp", np.isnan(seconds)),
+            ("timestamp_out_of_range", (seconds < 0) | (seconds >= MAX_TIMESTAMP)),
+        ]
+    codes = value_codes.copy()
+    # Apply in reverse precedence so the first failing check is the one that sticks.
+    for name, mask in reversed(checks):
+        codes[mask] = _CODE[name]
+
+    event_weight = np.asarray(list(table.values()), dtype=np.float64)
+    frame = pd.DataFrame(
+        {
+            "user_id": user,
+            "item_id": item,
+            "event": event,
+            "timestamp": np.floor(np.nan_to_num(seconds)).astype(np.int64),
+            "value": values,
+            "weight": event_weight[np.maximum(event_codes, 0)] * values,
+        }
+    )
+    return frame, codes
+
+
+def _source_text(cols: dict[str, Any], table: pa.Table | None, rows: np.ndarray) -> pd.DataFrame:
+    """The original fields of ``rows`` as text, for the quarantine file."""
+    out: dict[str, Any] = {}
+    for name in LOG_COLUMNS:
+        if name not in cols:
+            out[name] = [""] * len(rows)
+        elif table is not None:
+            out[name] = _text(table.column(name).take(pa.array(rows, pa.int64()))).tolist()
+        else:
+            out[name] = cols[name].iloc[rows].tolist()
+    return pd.DataFrame(out)
+
+
+def _default_quarantine_path(source: Path) -> Path:
+    return source.with_name(source.name + ".quarantine.csv")
+
+
+def _write_quarantine(path: Path, rejected: pd.DataFrame) -> Path:
+    rejected = rejected.sort_values("line", kind="stable")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rejected.to_csv(path, index=False, columns=list(QUARANTINE_COLUMNS))
+    except OSError as exc:
+        raise DataError(f"cannot write the quarantine file {path}: {exc}") from exc
+    return path
+
+
+def load_interactions(
+    path: str | Path,
+    *,
+    event_weights: EventWeights | Mapping[str, float] | None = None,
+    quarantine_path: str | Path | None = None,
+) -> LoadResult:
+    """Read, validate and weight an interaction log.
+
+    ``timestamp`` may be ISO-8601 (naive means UTC) or unix seconds; the result holds int64 unix
+    seconds. Malformed rows go to ``quarantine_path`` (a CSV with ``line``, ``reason``, the
+    original fields as text, and ``raw`` for rows with the wrong number of fields); ``line`` is
+    the 1-based record number in a CSV file (the header is line 1, blank lines count but are not
+    rows) or the 1-based row index in a Parquet file. When ``quarantine_path`` is given the file
+    is always written (header only if nothing was rejected); when it is None a file named
+    ``<log>.quarantine.csv`` is written beside the log (or in the temp directory if that is
+    read-only) only if some row was rejected. A row with several problems is quarantined under
+    the first reason in :data:`REASONS`. Ids and event names are stripped of surrounding
+    whitespace and event names lower-cased; an empty ``value`` means 1.0.
+
+    Raises :class:`DataError` for a missing, unreadable or unsupported file, a missing required
+    column, or a log without a single valid row.
+    """
+    source = Path(path)
+    _check_format(source)
+    weights = EventWeights.from_mapping(event_weights)
+    table: pa.Table | None
+    ragged: list[tuple[int | None, str]] = []
+    if _is_parquet(source):
+        cols, table = _read_parquet(source)
+        lines = np.arange(1, table.num_rows + 1, dtype=np.int64)
+        blank = np.zeros(table.num_rows, dtype=bool)
+    else:
+        delimiter = _csv_delimiter(source)
+        assert delimiter is not None
+        names = _read_csv_header(source, delimiter)
+        _require_columns(source, names)
+        csv_table, ragged = _read_csv_table(source, names, delimiter, threads=True)
+        if ragged:
+            # Record numbers are only known single-threaded; pay for that only when needed.
+            csv_table, ragged = _read_csv_table(source, names, delimiter, threads=False)
+        table = None
+        cols = {name: csv_table.column(name).to_pandas() for name in csv_table.column_names}
+        cols = {name: pd.Series(col, dtype="str") for name, col in cols.items()}
+        n_records = csv_table.num_rows + len(ragged)
+        bad_numbers = np.array([num for num, _ in ragged if num is not None], dtype=np.int64)
+        lines = np.arange(2, n_records + 2, dtype=np.int64)
+        if len(bad_numbers):
+            parsed_row = np.ones(n_records, dtype=bool)
+            parsed_row[bad_numbers - 2] = False
+            lines = lines[parsed_row]
+        blank = np.ones(csv_table.num_rows, dtype=bool)
+        for col in cols.values():
+            blank &= (col == "").to_numpy(dtype=bool)
+        if blank.any():
+            keep = ~blank
+            cols = {name: col[keep].reset_index(drop=True) for name, col in cols.items()}
+            lines = lines[keep]
+            logger.info("%s: skipped %d blank line(s)", source, int(blank.sum()))
+
+    frame, codes = _validate(cols, weights)
+    bad_rows = np.flatnonzero(codes)
+    rejected = _source_text(cols, table, bad_rows)
+    rejected.insert(0, "line", lines[bad_rows])
+    rejected.insert(1, "reason", np.asarray(REASONS, dtype=object)[codes[bad_rows] - 1])
+    rejected["raw"] = ""
+    if ragged:
+        extra = pd.DataFrame(
+            {
+                "line": [num if num is not None else 0 for num, _ in ragged],
+                "reason": "wrong_field_count",
+                "raw": [text for _, text in ragged],
+            }
+        )
+        rejected = pd.concat([rejected, extra], ignore_index=True).fillna("")
+
+    accepted = frame[codes == 0].reset_index(drop=True)
+    reasons: Counter[str] = Counter(
+        {str(reason): int(count) for reason, count in rejected["reason"].value_counts().items()}
+    )
+    rows_read = len(frame) + len(ragged)
+    written: Path | None = None
+    if quarantine_path is not None:
+        written = _write_quarantine(Path(quarantine_path), rejected)
+    elif len(rejected):
+        try:
+            written = _write_quarantine(_default_quarantine_path(source), rejected)
+        except DataError:
+            # Logs often sit in read-only places; losing the rejected rows would be worse.
+            fallback = Path(tempfile.gettempdir()) / _default_quarantine_path(source).name
+            logger.warning("%s is not writable; quarantine goes to %s", source.parent, fallback)
+            written = _write_quarantine(fallback, rejected)
+
+    result = LoadResult(
+        frame=accepted,
+        rows_read=rows_read,
+        rows_accepted=len(accepted),
+        rows_quarantined=len(rejected),
+        reasons=reasons,
+        quarantine_path=written,
+        source=source,
+    )
+    assert result.rows_read == result.rows_accepted + result.rows_quarantined
+    logger.log(
+        logging.WARNING if result.rows_quarantined else logging.INFO,
+        "%s: read %d rows, accepted %d, quarantined %d%s",
+        source,
+        result.rows_read,
+        result.rows_accepted,
+        result.rows_quarantined,
+        f" ({dict(reasons)}; see {written})" if result.rows_quarantined else "",
+    )
+    if rows_read == 0:
+        raise DataError(f"{source} has a header but no data rows")
+    if result.rows_accepted == 0:
+        top = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(3))
+        raise DataError(
+            f"{source} has no valid rows: all {result.rows_quarantined} rows were quarantined "
+            f"({top}); see {written}"
+        )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Item catalog
+
+_TRUE = frozenset({"true", "1", "yes", "y", "t"})
+_FALSE = frozenset({"false", "0", "no", "n", "f"})
+
+
+def load_catalog(path: str | Path) -> pd.DataFrame:
+    """Read an item catalog (Parquet or CSV): item_id, item_type, category, title, available.
+
+    ``item_id`` is required and must be unique and non-empty. ``item_type`` must be ``content``,
+    ``product`` or empty (unknown), case-insensitive; ``available`` accepts true/false, 1/0,
+    yes/no (empty means available). Missing optional columns get empty text / ``True``. A catalog
+    is small and usually broken systematically, so any bad row raises :class:`DataError` naming
+    the first offending lines instead of being quarantined.
+    """
+    source = Path(path)
+    _check_format(source)
+    if _is_parquet(source):
+        try:
+            table = pq.read_table(source)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"cannot read {source}: {exc}") from exc
+        raw = {name: _text(table.column(name)) for name in table.column_names}
+        first_line = 1
+    else:
+        delimiter = _csv_delimiter(source)
+        try:
+            df = pd.read_csv(
+                source,
+                sep=delimiter,
+                dtype=str,
+                keep_default_na=False,
+                skipinitialspace=True,
+            )
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:
+            raise DataError(f"cannot read catalog {source}: {exc}") from exc
+        raw = {str(name).strip(): df[name].astype("str").str.strip() for name in df.columns}
+        first_line = 2
+    if "item_id" not in raw:
+        raise DataError(
+            f"catalog {source} lacks required column item_id; found {', '.join(raw) or 'none'}",
+            field="item_id",
+        )
+    n = len(raw["item_id"])
+    blank = pd.Series([""] * n, dtype="str")
+    item_id = raw["item_id"]
+    item_type = raw.get("item_type", blank).str.lower()
+    available_text = raw.get("available", blank).str.lower()
+
+    def fail(what: str, mask: np.ndarray, values: pd.Series) -> None:
+        rows = np.flatnonzero(mask)
+        if len(rows):
+            sample = ", ".join(f"line {r + first_line} ({values.iloc[r]!r})" for r in rows[:5])
+            raise DataError(f"catalog {source}: {len(rows)} row(s) with {what}: {sample}")
+
+    fail("an empty item_id", (item_id == "").to_numpy(dtype=bool), item_id)
+    fail("a duplicate item_id", item_id.duplicated().to_numpy(dtype=bool), item_id)
+    allowed = [*ITEM_TYPES, ""]
+    fail(
+        f"an item_type other than {' / '.join(ITEM_TYPES)}",
+        ~item_type.isin(allowed).to_numpy(dtype=bool),
+        item_type,
+    )
+    fail(
+        "an available flag that is not true/false/1/0/yes/no",
+        ~available_text.isin([*_TRUE, *_FALSE, ""]).to_numpy(dtype=bool),
+        available_text,
+    )
+    catalog = pd.DataFrame(
+        {
+            "item_id": item_id,
+            "item_type": item_type,
+            "category": raw.get("category", blank),
+            "title": raw.get("title", blank),
+            "available": ~available_text.isin(_FALSE).to_numpy(dtype=bool),
+        }
+    )
+    logger.info(
+        "%s: %d catalog items, %d unavailable", source, n, int((~catalog["available"]).sum())
+    )
+    return catalog
+
+
+def catalog_arrays(item_ids: np.ndarray, catalog_df: pd.DataFrame | None) -> ItemCatalog:
+    """Catalog metadata aligned with ``item_ids``; unknown items are available, type/category ''."""
+    ids = np.asarray(item_ids).astype(str)
+    n = len(ids)
+    if catalog_df is None:
+        return ItemCatalog.empty(n)
+    index = pd.Index(catalog_df["item_id"].astype(str))
+    pos = index.get_indexer(pd.Index(ids))
+    found = pos >= 0
+    missing = int(n - found.sum())
+    if missing:
+        logger.info("%d of %d items are not in the catalog; treated as available", missing, n)
+
+    def aligned(column: str) -> np.ndarray:
+        out = np.full(n, "", dtype=object)
+        if column in catalog_df:
+            out[found] = catalog_df[column].astype(str).to_numpy(dtype=object)[pos[found]]
+        return out.astype(str)
+
+    available = np.ones(n, dtype=bool)
+    if "available" in catalog_df:
+        available[found] = catalog_df["available"].to_numpy(dtype=bool)[pos[found]]
+    return ItemCatalog(
+        item_type=aligned("item_type"),
+        category=aligned("category"),
+        title=aligned("title"),
+        available=available,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def dataset_fingerprint(frame: pd.DataFrame) -> str:
+    """A sha256 hex digest of the accepted interactions, independent of row order.
+
+    Each row of ``user_id, item_id, event, timestamp, value`` is hashed to 64 bits with pandas'
+    stable row hash; the sorted hashes and the row count are fed to sha256. ``weight`` is left
+    out on purpose: the same log weighted differently is the same dataset (event weights are
+    logged as parameters). Digests are stable across runs and machines for one pandas version.
+    """
+    columns = ["user_id", "item_id", "event", "timestamp", "value"]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"cannot fingerprint a frame without column(s) {', '.join(missing)}")
+    canonical = pd.DataFrame(
+        {
+            "user_id": frame["user_id"].astype("str"),
+            "item_id": frame["item_id"].astype("str"),
+            "event": frame["event"].astype("str"),
+            "timestamp": frame["timestamp"].to_numpy(dtype=np.int64),
+            "value": frame["value"].to_numpy(dtype=np.float64),
+        }
+    )
+    hashes = np.sort(pd.util.hash_pandas_object(canonical, index=False).to_numpy(dtype=np.uint64))
+    digest = hashlib.sha256(b"affinity-interactions-v1\n")
+    digest.update(f"{len(hashes)}\n".encode())
+    digest.update(hashes.astype("<u8").tobytes())
+    return digest.hexdigest()

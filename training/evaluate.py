@@ -1,0 +1,319 @@
+"""Evaluate a fitted recommender on a holdout: top-k metrics overall and per user cohort.
+
+Recommends for every user with held-out items, in batches, with their training items excluded,
+and compares against a popularity baseline fitted on the same training matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.base import Recommender
+from models.errors import InvalidInputError
+from models.metrics import (
+    METRIC_NAMES,
+    UserMetrics,
+    active_users,
+    mean_metrics,
+    per_user_metrics,
+    relevance_matrix,
+)
+from models.metrics import item_popularity as user_counts
+from models.popularity import Popularity
+
+logger = logging.getLogger(__name__)
+
+EvaluationProgress = Callable[[int, int], None]
+"""Called after each batch with ``(batches done, total batches)``."""
+
+COHORTS: tuple[tuple[str, int, float], ...] = (
+    ("lt5", 0, 5),
+    ("5to20", 5, 21),
+    ("gt20", 21, math.inf),
+)
+"""(name, lowest, highest + 1) training-interaction counts of each user cohort."""
+
+
+@dataclass(frozen=True)
+class CohortMetrics:
+    """Averaged metrics of the evaluated users in one cohort."""
+
+    name: str
+    users: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metrics of one model on one holdout."""
+
+    algorithm: str
+    k: int
+    users: int
+    """Users with at least one held-out item: every average is over them."""
+    metrics: dict[str, float]
+    cohorts: dict[str, CohortMetrics]
+    seconds: float = 0.0
+    per_user: UserMetrics | None = field(default=None, repr=False, compare=False)
+
+    def to_flat_dict(self, prefix: str = "") -> dict[str, float]:
+        """Metric name -> value for MLflow: ``ndcg_at_10``, ``cohort_lt5_ndcg_at_10``, ...
+
+        NaN values (an empty cohort, novelty without lists) are left out rather than logged.
+        """
+        flat: dict[str, float] = {f"{prefix}eval_users": float(self.users)}
+        flat.update({prefix + name: value for name, value in self.metrics.items()})
+        for cohort in self.cohorts.values():
+            flat[f"{prefix}cohort_{cohort.name}_users"] = float(cohort.users)
+            for name, value in cohort.metrics.items():
+                flat[f"{prefix}cohort_{cohort.name}_{name}"] = value
+        return {name: value for name, value in flat.items() if not math.isnan(value)}
+
+    def report_markdown(self, baseline: Evaluation | None = None) -> str:
+        """A Markdown report of the overall and per-cohort metrics, next to ``baseline``'s."""
+        columns = [(self.algorithm, self)]
+        if baseline is not None:
+            if baseline.k != self.k:
+                raise InvalidInputError("the baseline was evaluated at another k")
+            columns.append((f"{baseline.algorithm} (baseline)", baseline))
+        return _report(columns, self.k)
+
+
+@dataclass(frozen=True)
+class BaselineComparison:
+    """A model's evaluation next to a popularity baseline's on the same split."""
+
+    model: Evaluation
+    baseline: Evaluation
+
+    def lift(self, metric: str) -> float:
+        """Model value minus baseline value of one averaged metric (e.g. ``ndcg_at_10``)."""
+        return self.model.metrics[metric] - self.baseline.metrics[metric]
+
+    def to_flat_dict(self) -> dict[str, float]:
+        """The model's metrics unprefixed, the baseline's under ``baseline_``."""
+        flat = self.model.to_flat_dict()
+        flat.update(self.baseline.to_flat_dict(prefix="baseline_"))
+        return flat
+
+    def report_markdown(self) -> str:
+        """The model's report with the baseline's numbers in a second column."""
+        return self.model.report_markdown(baseline=self.baseline)
+
+    def __iter__(self) -> Iterator[Evaluation]:
+        """Unpacks as ``model_evaluation, baseline_evaluation``."""
+        return iter((self.model, self.baseline))
+
+
+# --------------------------------------------------------------- evaluation
+def _aligned(
+    model: Recommender,
+    train_matrix: sp.spmatrix | sp.sparray,
+    test_matrix: sp.spmatrix | sp.sparray,
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    train = sp.csr_matrix(train_matrix)
+    test = relevance_matrix(test_matrix)
+    if train.shape != test.shape:
+        raise InvalidInputError(
+            f"train matrix {train.shape} and test matrix {test.shape} must share users and items"
+        )
+    if (model.n_users, model.n_items) != train.shape:
+        raise InvalidInputError(
+            f"model was fitted on {model.n_users} users x {model.n_items} items, "
+            f"the evaluation matrices have {train.shape[0]} x {train.shape[1]}"
+        )
+    return train, test
+
+
+def evaluate(
+    model: Recommender,
+    train_matrix: sp.spmatrix | sp.sparray,
+    test_matrix: sp.spmatrix | sp.sparray,
+    *,
+    k: int = 10,
+    batch_size: int = 1000,
+    item_popularity: np.ndarray | None = None,
+    progress: EvaluationProgress | None = None,
+) -> Evaluation:
+    """Top-``k`` metrics of ``model`` for every user with held-out items in ``test_matrix``.
+
+    Both matrices are users x items on the same indices (the model's); a test user absent from
+    training has an empty train row. Training items are excluded from the recommendations, and
+    positive test entries are the relevant items. ``item_popularity`` (distinct training users per
+    item, out of the users with a training interaction) feeds novelty; by default it is counted
+    from ``train_matrix``. Users are cohorted by their number
+    of distinct training items: ``lt5`` (<5), ``5to20`` (5..20) and ``gt20`` (>20).
+    """
+    if k <= 0:
+        raise InvalidInputError("k must be positive", field="k")
+    if batch_size <= 0:
+        raise InvalidInputError("batch_size must be positive", field="batch_size")
+    train, test = _aligned(model, train_matrix, test_matrix)
+    train_positive = relevance_matrix(train)
+    n_active = active_users(train_positive)
+    if item_popularity is None:
+        popularity = user_counts(train_positive)
+    else:
+        popularity = np.asarray(item_popularity)
+        if popularity.shape != (train.shape[1],):
+            raise InvalidInputError(
+                f"item_popularity needs one user count per item ({train.shape[1]})",
+                field="item_popularity",
+            )
+    overlap = train_positive.multiply(test).nnz
+    if overlap:
+        logger.warning(
+            "%d held-out (user, item) pairs are also in the train matrix; they are filtered "
+            "from the recommendations and can never be hits",
+            overlap,
+        )
+
+    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    started = time.perf_counter()
+    n_batches = math.ceil(len(users) / batch_size)
+    parts: list[UserMetrics] = []
+    for batch, start in enumerate(range(0, len(users), batch_size), start=1):
+        batch_users = users[start : start + batch_size]
+        ids, _ = model.recommend(batch_users, train, N=k, filter_already_liked_items=True)
+        ids = np.atleast_2d(ids)
+        if ids.shape[1] < k:  # fewer items than k in the catalog: pad like a short list
+            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+        parts.append(
+            per_user_metrics(
+                ids, test[batch_users], item_popularity=popularity, n_users=n_active or None
+            )
+        )
+        if progress is not None:
+            progress(batch, n_batches)
+    seconds = time.perf_counter() - started
+
+    if parts:
+        per_user = UserMetrics.concat(parts)
+    else:
+        logger.warning("the test matrix holds no relevant item; every metric is NaN")
+        per_user = per_user_metrics(np.empty((0, k), np.int64), test[:0])
+    train_counts = np.diff(train_positive.indptr)[users]
+    cohorts = {}
+    for name, low, high in COHORTS:
+        mask = (train_counts >= low) & (train_counts < high)
+        cohorts[name] = CohortMetrics(
+            name=name, users=int(mask.sum()), metrics=mean_metrics(per_user.select(mask))
+        )
+    result = Evaluation(
+        algorithm=model.algorithm,
+        k=k,
+        users=len(users),
+        metrics=mean_metrics(per_user),
+        cohorts=cohorts,
+        seconds=seconds,
+        per_user=per_user,
+    )
+    logger.info(
+        "evaluated %s on %d users in %.1fs: ndcg@%d=%.4f",
+        model.algorithm,
+        len(users),
+        seconds,
+        k,
+        result.metrics[f"ndcg_at_{k}"],
+    )
+    return result
+
+
+def evaluate_with_baseline(
+    model: Recommender,
+    train_matrix: sp.spmatrix | sp.sparray,
+    test_matrix: sp.spmatrix | sp.sparray,
+    *,
+    k: int = 10,
+    batch_size: int = 1000,
+    item_popularity: np.ndarray | None = None,
+    progress: EvaluationProgress | None = None,
+) -> BaselineComparison:
+    """:func:`evaluate` ``model`` and a :class:`Popularity` fitted on ``train_matrix``.
+
+    ``progress`` counts the batches of both evaluations together.
+    """
+    train = sp.csr_matrix(train_matrix)
+    baseline = Popularity().fit(train)
+    model_progress = baseline_progress = None
+    if progress is not None:
+        report = progress
+
+        def model_progress(done: int, total: int) -> None:
+            report(done, 2 * total)
+
+        def baseline_progress(done: int, total: int) -> None:
+            report(total + done, 2 * total)
+
+    return BaselineComparison(
+        model=evaluate(
+            model,
+            train,
+            test_matrix,
+            k=k,
+            batch_size=batch_size,
+            item_popularity=item_popularity,
+            progress=model_progress,
+        ),
+        baseline=evaluate(
+            baseline,
+            train,
+            test_matrix,
+            k=k,
+            batch_size=batch_size,
+            item_popularity=item_popularity,
+            progress=baseline_progress,
+        ),
+    )
+
+
+# ----------------------------------------------------------------- report
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def _report(columns: list[tuple[str, Evaluation]], k: int) -> str:
+    first = columns[0][1]
+    header = "| metric | " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    lines = [
+        f"# Offline evaluation at k={k}",
+        "",
+        f"{first.users} users with held-out items; their training items are never recommended. "
+        "Averages skip users without held-out items; see docs/metrics.md for the formulas.",
+        "",
+        "## Overall",
+        "",
+        header,
+        rule,
+    ]
+    for name in METRIC_NAMES:
+        key = f"{name}_at_{k}"
+        lines.append(f"| {key} | " + " | ".join(_fmt(e.metrics[key]) for _, e in columns) + " |")
+    lines += [
+        "",
+        "## By number of training interactions",
+        "",
+        "Cohorts: `lt5` fewer than 5 training items, `5to20` 5 to 20, `gt20` more than 20.",
+        "",
+        "| cohort | users | "
+        + " | ".join(f"ndcg@{k} {n}" for n, _ in columns)
+        + " | "
+        + " | ".join(f"recall@{k} {n}" for n, _ in columns)
+        + " |",
+        "|---|---:|" + "---:|" * (2 * len(columns)),
+    ]
+    for cohort in first.cohorts:
+        cells = [cohort, str(first.cohorts[cohort].users)]
+        cells += [_fmt(e.cohorts[cohort].metrics[f"ndcg_at_{k}"]) for _, e in columns]
+        cells += [_fmt(e.cohorts[cohort].metrics[f"recall_at_{k}"]) for _, e in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Evaluation time: " + ", ".join(f"{n} {e.seconds:.1f}s" for n, e in columns)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,362 @@
+"""One training run, end to end: logs -> split -> fit -> evaluate -> MLflow run -> registry.
+
+:func:`run_training` is what ``affinity train`` calls. It records everything an experimenter
+compares in the MLflow UI (parameters, dataset statistics and fingerprint, metrics of the model,
+the popularity baseline and each user cohort, the training-loss curve, timings, the evaluation
+report and the quarantine summary), registers the model as a new version and applies the
+promotion gate (see :mod:`training.promotion`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+from models.artifact import ModelBundle, save_artifact
+from models.base import Recommender
+from models.registry import get_algorithm
+from training import promotion, registry
+from training.confidence import ConfidenceConfig, build_matrix, recency_weights
+from training.data import (
+    EventWeights,
+    LoadResult,
+    catalog_arrays,
+    dataset_fingerprint,
+    load_catalog,
+    load_interactions,
+)
+from training.evaluate import evaluate_with_baseline
+from training.split import split, train_validation_test
+from training.tracking import configure_tracking
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``affinity train`` can set; defaults are the documented ones."""
+
+    interactions: Path
+    items: Path | None = None
+    test: Path | None = None
+    algorithm: str = "als"
+    params: dict[str, Any] = field(default_factory=dict)
+    split: Literal["temporal", "random"] = "temporal"
+    test_fraction: float = 0.2
+    validation_fraction: float = 0.2
+    k: int = 10
+    tune: int = 0
+    model_name: str = "affinity"
+    force_promote: bool = False
+    event_weights: dict[str, float] | None = None
+    confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
+    trending_half_life_days: float = 7.0
+    seed: int = 42
+    primary_metric: str = "ndcg_at_10"
+    experiment: str = "affinity"
+    quarantine_path: Path | None = None
+    register: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced; ``to_json`` is the ``--json`` contract of the CLI."""
+
+    run_id: str
+    model_name: str
+    model_version: str | None
+    promoted: bool
+    metrics: dict[str, float]
+    baseline_metrics: dict[str, float]
+    rows: dict[str, int]
+    decision: str = ""
+    artifact_dir: Path | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "promoted": self.promoted,
+            "metrics": self.metrics,
+            "baseline_metrics": self.baseline_metrics,
+            "rows": self.rows,
+            "decision": self.decision,
+            "params": self.best_params,
+        }
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def fit_model(
+    algorithm: str,
+    params: dict[str, Any],
+    matrix: Any,
+    on_iteration: Callable[[int, float | None], None] | None = None,
+) -> Recommender:
+    """Instantiate and fit ``algorithm``; BLAS pinned to one thread as implicit recommends."""
+    model = get_algorithm(algorithm)(**params)
+    with threadpool_limits(1, "blas"):
+        model.fit(matrix, progress=on_iteration)
+    return model
+
+
+def _load(opts: TrainOptions, weights: EventWeights, qpath: Path) -> LoadResult:
+    return load_interactions(opts.interactions, event_weights=weights, quarantine_path=qpath)
+
+
+def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
+    """Run one training end to end and return its summary (see module docstring)."""
+    configure_tracking()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="affinity-train-"))
+    weights = EventWeights.from_mapping(opts.event_weights)
+    qpath = opts.quarantine_path or workdir / "quarantine.csv"
+
+    progress(f"loading interactions from {opts.interactions}")
+    loaded = _load(opts, weights, qpath)
+    rows = {
+        "read": loaded.rows_read,
+        "accepted": loaded.rows_accepted,
+        "quarantined": loaded.rows_quarantined,
+    }
+    progress(
+        f"rows read {rows['read']:,} = accepted {rows['accepted']:,} + "
+        f"quarantined {rows['quarantined']:,}"
+    )
+    frame = loaded.frame
+    catalog_df = load_catalog(opts.items) if opts.items is not None else None
+    test_rows = None
+    tune_fit: pd.DataFrame | None = None  # fit part of the tuning split
+    validation_frame: pd.DataFrame | None = None
+    if opts.test is not None:
+        progress(f"loading holdout from {opts.test}")
+        test_loaded = load_interactions(
+            opts.test, event_weights=weights, quarantine_path=workdir / "test-quarantine.csv"
+        )
+        train_frame, test_frame = frame, test_loaded.frame
+        test_rows = {
+            "read": test_loaded.rows_read,
+            "accepted": test_loaded.rows_accepted,
+            "quarantined": test_loaded.rows_quarantined,
+        }
+        if opts.tune:
+            tuning = split(frame, opts.split, fraction=opts.validation_fraction, seed=opts.seed + 1)
+            tune_fit, validation_frame = tuning.train, tuning.test
+    else:
+        progress(f"splitting ({opts.split}, test fraction {opts.test_fraction})")
+        parts = train_validation_test(
+            frame,
+            method=opts.split,
+            test_fraction=opts.test_fraction,
+            validation_fraction=opts.validation_fraction,
+            seed=opts.seed,
+        )
+        train_frame, test_frame = parts.train_full, parts.test
+        tune_fit, validation_frame = parts.train, parts.validation
+    timings["load_seconds"] = time.perf_counter() - t0
+
+    train = build_matrix(train_frame, opts.confidence)
+    test = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=train.items)
+    params = dict(opts.params)
+    tuning_summary: dict[str, Any] = {}
+    fingerprint = dataset_fingerprint(frame)
+
+    mlflow.set_experiment(opts.experiment)
+    with mlflow.start_run() as run:
+        mlflow.set_tags(
+            {
+                "algorithm": opts.algorithm,
+                "dataset_fingerprint": fingerprint,
+                "split": "given" if opts.test else opts.split,
+                "interactions_path": str(opts.interactions),
+            }
+        )
+        if opts.tune and tune_fit is not None and validation_frame is not None:
+            from training.tune import tune
+
+            progress(f"tuning {opts.algorithm}: {opts.tune} trials on the validation split")
+            t = time.perf_counter()
+            tuning_summary = tune(
+                opts.algorithm,
+                tune_fit,
+                validation_frame,
+                confidence=opts.confidence,
+                n_trials=opts.tune,
+                k=opts.k,
+                base_params=params,
+                seed=opts.seed,
+                metric=opts.primary_metric,
+                progress=progress,
+            )
+            params = {**params, **tuning_summary["best_params"]}
+            timings["tune_seconds"] = time.perf_counter() - t
+
+        model_cls = get_algorithm(opts.algorithm)
+        full_params = model_cls.Config(**params).model_dump(mode="json")
+        mlflow.log_params(
+            {
+                "algorithm": opts.algorithm,
+                **{f"model.{k}": v for k, v in full_params.items()},
+                "k": opts.k,
+                "split": "given" if opts.test else opts.split,
+                "test_fraction": opts.test_fraction,
+                "seed": opts.seed,
+                "tune_trials": opts.tune,
+                "primary_metric": opts.primary_metric,
+                **{f"confidence.{k}": v for k, v in opts.confidence.model_dump().items()},
+                **{f"event_weight.{k}": v for k, v in weights.as_dict().items()},
+            }
+        )
+        stats = {
+            "rows_read": rows["read"],
+            "rows_accepted": rows["accepted"],
+            "rows_quarantined": rows["quarantined"],
+            "n_users": len(train.users),
+            "n_items": len(train.items),
+            "n_train_pairs": int(train.matrix.nnz),
+            "n_test_pairs": int(test.matrix.nnz),
+            "n_test_users": int(np.count_nonzero(np.diff(test.matrix.indptr))),
+            "density": float(train.matrix.nnz) / max(1, len(train.users) * len(train.items)),
+        }
+        mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items()})
+
+        progress(f"fitting {opts.algorithm} on {train.matrix.nnz:,} user-item pairs")
+        t = time.perf_counter()
+
+        def on_iteration(iteration: int, loss: float | None) -> None:
+            if loss is not None:
+                mlflow.log_metric("training_loss", float(loss), step=iteration)
+
+        model = fit_model(opts.algorithm, params, train.matrix, on_iteration)
+        timings["fit_seconds"] = time.perf_counter() - t
+
+        progress(f"evaluating on {stats['n_test_users']:,} held-out users (k={opts.k})")
+        t = time.perf_counter()
+        evaluation, baseline = evaluate_with_baseline(model, train.matrix, test.matrix, k=opts.k)
+        timings["evaluate_seconds"] = time.perf_counter() - t
+        metrics = evaluation.metrics
+        baseline_metrics = baseline.metrics
+        mlflow.log_metrics({k: float(v) for k, v in evaluation.to_flat_dict().items()})
+        mlflow.log_metrics({f"baseline_{k}": float(v) for k, v in baseline.to_flat_dict().items()})
+
+        # The artifact: model + id maps + seen items + item metadata + popularity lists.
+        trending_weights = recency_weights(train_frame, opts.trending_half_life_days)
+        trending = _item_sums(train_frame, trending_weights, train.items)
+        popularity = np.bincount(train.matrix.indices, minlength=len(train.items)).astype(
+            np.float32
+        )
+        bundle = ModelBundle(
+            model=model,
+            users=train.users,
+            items=train.items,
+            seen=train.matrix,
+            catalog=catalog_arrays(train.items.ids, catalog_df),
+            popularity=popularity,
+            trending=trending,
+            info={
+                "dataset_fingerprint": fingerprint,
+                "run_id": run.info.run_id,
+                "primary_metric": opts.primary_metric,
+                "metrics": {k: float(v) for k, v in metrics.items()},
+            },
+        )
+        artifact_dir = workdir / "artifact"
+        save_artifact(bundle, artifact_dir)
+        mlflow.log_artifacts(str(artifact_dir), "affinity_model")
+
+        report = {
+            "metrics": metrics,
+            "baseline_metrics": baseline_metrics,
+            "cohorts": evaluation.to_flat_dict(),
+            "dataset": stats,
+            "timings": timings,
+            "tuning": tuning_summary,
+        }
+        mlflow.log_dict(report, "evaluation/report.json")
+        mlflow.log_text(evaluation.report_markdown(baseline=baseline), "evaluation/report.md")
+        quarantine_summary = {
+            **rows,
+            "reasons": dict(loaded.reasons),
+            "quarantine_file": str(loaded.quarantine_path or ""),
+            "test_rows": test_rows,
+        }
+        mlflow.log_dict(quarantine_summary, "quarantine/summary.json")
+        if loaded.rows_quarantined and loaded.quarantine_path is not None:
+            path = Path(loaded.quarantine_path)
+            if path.is_file() and path.stat().st_size < 50 * 1024 * 1024:
+                mlflow.log_artifact(str(path), "quarantine")
+
+        version = None
+        promoted = False
+        decision = "not registered"
+        if opts.register:
+            progress(f"registering a new version of {opts.model_name}")
+            mv = registry.log_and_register(
+                artifact_dir,
+                model_name=opts.model_name,
+                tags={
+                    "algorithm": opts.algorithm,
+                    "dataset_fingerprint": fingerprint,
+                    opts.primary_metric: f"{metrics.get(opts.primary_metric, float('nan')):.6f}",
+                },
+            )
+            version = str(mv.version)
+            t = time.perf_counter()
+            gate = promotion.decide(
+                model_name=opts.model_name,
+                new_version=version,
+                new_metric=float(metrics.get(opts.primary_metric, float("nan"))),
+                metric_name=opts.primary_metric,
+                train=train,
+                test=test,
+                k=opts.k,
+                force=opts.force_promote,
+            )
+            timings["gate_seconds"] = time.perf_counter() - t
+            promoted = gate.promoted
+            decision = gate.message
+            mlflow.set_tags({"promotion_decision": decision, "promoted": str(promoted).lower()})
+            if gate.champion_metric is not None:
+                mlflow.log_metric(f"champion_{opts.primary_metric}", gate.champion_metric)
+            progress(decision)
+        timings["total_seconds"] = time.perf_counter() - t0
+        mlflow.log_metrics({f"time_{k}": v for k, v in timings.items()})
+        (workdir / "timings.json").write_text(json.dumps(timings))
+    return TrainResult(
+        run_id=run.info.run_id,
+        model_name=opts.model_name,
+        model_version=version,
+        promoted=promoted,
+        metrics={k: float(v) for k, v in metrics.items()},
+        baseline_metrics={k: float(v) for k, v in baseline_metrics.items()},
+        rows=rows,
+        decision=decision,
+        artifact_dir=artifact_dir,
+        best_params=full_params,
+    )
+
+
+def _item_sums(frame: pd.DataFrame, weights: np.ndarray, items: Any) -> np.ndarray:
+    idx = items.lookup(frame["item_id"].astype(str).tolist())
+    keep = idx >= 0
+    return np.bincount(idx[keep], weights=np.asarray(weights)[keep], minlength=len(items)).astype(
+        np.float32
+    )

@@ -1,0 +1,130 @@
+"""The promotion gate: ``champion`` moves only to a version that is better on the same holdout.
+
+The current champion is downloaded and evaluated on this run's test split (its own id maps are
+translated to this run's, users it does not know are scored by fold-in from their training
+items), so both numbers come from the same users and the same held-out items. A better new
+version gets alias ``champion``; otherwise it gets ``challenger``. ``--force-promote`` overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.artifact import ModelBundle
+from models.base import NEG_INF, topk
+from models.metrics import active_users, summarize
+from models.vocabulary import MISSING
+from training import registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GateDecision:
+    promoted: bool
+    champion_version: str | None
+    champion_metric: float | None
+    new_metric: float
+    message: str
+
+
+def evaluate_bundle_on_split(
+    bundle: ModelBundle, train: Any, test: Any, *, k: int, batch_size: int = 512
+) -> dict[str, float]:
+    """Metrics of a previously trained bundle on a split built with other id maps."""
+    users = np.flatnonzero(np.diff(test.matrix.indptr))
+    # Column map: this run's item index -> the bundle's item index (or MISSING).
+    to_bundle = bundle.items.lookup(train.items.ids.tolist())
+    # Reverse: the bundle's item index -> this run's item index (or -1).
+    from_bundle = np.full(len(bundle.items), -1, dtype=np.int64)
+    known = to_bundle != MISSING
+    from_bundle[to_bundle[known]] = np.flatnonzero(known)
+    bundle_users = bundle.users.lookup(train.users.ids[users].tolist())
+    recs = np.full((len(users), k), -1, dtype=np.int64)
+    n_bundle_items = len(bundle.items)
+    for start in range(0, len(users), batch_size):
+        sl = slice(start, start + batch_size)
+        rows = train.matrix[users[sl]].tocoo()
+        keep = known[rows.col]
+        history = sp.csr_matrix(
+            (rows.data[keep], (rows.row[keep], to_bundle[rows.col[keep]])),
+            shape=(rows.shape[0], n_bundle_items),
+            dtype=np.float32,
+        )
+        bu = bundle_users[sl]
+        scores = np.asarray(bundle.model.score_history(history), dtype=np.float32).copy()
+        known_rows = np.flatnonzero(bu != MISSING)
+        if len(known_rows):
+            scores[known_rows] = bundle.model.score_users(
+                bu[known_rows], bundle.seen[bu[known_rows]]
+            )
+        scores[:, from_bundle < 0] = NEG_INF  # items this run cannot judge
+        hc = history.tocoo()
+        scores[hc.row, hc.col] = NEG_INF  # seen items excluded, as for the new model
+        ids, _ = topk(scores, k)
+        mapped = np.where(ids >= 0, from_bundle[np.maximum(ids, 0)], -1)
+        recs[sl] = mapped
+    item_users = np.bincount(train.matrix.indices, minlength=len(train.items))
+    return summarize(
+        recs,
+        test.matrix[users],
+        k=k,
+        n_items=len(train.items),
+        item_popularity=item_users,
+        n_users=active_users(train.matrix),
+    )
+
+
+def decide(
+    *,
+    model_name: str,
+    new_version: str,
+    new_metric: float,
+    metric_name: str,
+    train: Any,
+    test: Any,
+    k: int,
+    force: bool = False,
+) -> GateDecision:
+    """Compare with the current champion and move the aliases; returns the decision."""
+    current = registry.get_alias_version(model_name, registry.CHAMPION)
+    champion_metric: float | None = None
+    if current is not None and str(current.version) != str(new_version):
+        try:
+            bundle = registry.load_model_uri(f"models:/{model_name}/{current.version}")
+            champion_metric = float(
+                evaluate_bundle_on_split(bundle, train, test, k=k).get(metric_name, math.nan)
+            )
+        except Exception as exc:  # a broken champion must not block a good new model
+            logger.warning("could not evaluate champion v%s: %s", current.version, exc)
+            champion_metric = math.nan
+    if current is None:
+        promoted, why = True, "no champion yet"
+    elif force:
+        promoted, why = True, "--force-promote"
+    elif champion_metric is None or math.isnan(champion_metric):
+        promoted, why = True, "champion could not be evaluated"
+    else:
+        promoted = new_metric > champion_metric
+        why = "better" if promoted else "not better"
+    alias = registry.CHAMPION if promoted else registry.CHALLENGER
+    registry.set_alias(model_name, alias, new_version)
+    champ = "n/a" if champion_metric is None else f"{champion_metric:.4f}"
+    message = (
+        f"version {new_version} -> {alias} ({why}: {metric_name} new {new_metric:.4f} vs "
+        f"champion{'' if current is None else ' v' + str(current.version)} {champ})"
+    )
+    logger.info("promotion gate: %s", message)
+    return GateDecision(
+        promoted=promoted,
+        champion_version=None if current is None else str(current.version),
+        champion_metric=champion_metric,
+        new_metric=new_metric,
+        message=message,
+    )
