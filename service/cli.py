@@ -11,13 +11,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from models.errors import AffinityError
+from models.errors import AffinityError, InvalidInputError
 from service.client import AffinityClient, Result
 from service.config import ServeSettings, load_settings
 
@@ -154,8 +155,11 @@ def _recommend(client: AffinityClient, args: argparse.Namespace) -> int:
 
 
 def _similar(client: AffinityClient, args: argparse.Namespace) -> int:
+    items = [*args.items, *args.item_flags]
+    if not items:
+        raise InvalidInputError("give at least one query item (ITEM or --item)", field="item_ids")
     result = client.similar_items(
-        args.items,
+        items,
         args.k,
         exclude_item_ids=args.exclude,
         item_types=args.item_type,
@@ -190,7 +194,17 @@ def _model_info(client: AffinityClient, args: argparse.Namespace) -> int:
 
 
 def _health(client: AffinityClient, args: argparse.Namespace) -> int:
-    status = client.health(args.service)
+    deadline = time.monotonic() + max(0.0, args.wait)
+    while True:
+        try:
+            status = client.health(args.service)
+        except grpc.RpcError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            status = f"unreachable ({exc.code().name})"
+        if status == "SERVING" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     print(json.dumps({"service": args.service, "status": status}) if args.json else status)
     return 0 if status == "SERVING" else 1
 
@@ -216,7 +230,7 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _filter_options(parser: argparse.ArgumentParser, *, k_help: str) -> None:
-    parser.add_argument("-k", type=int, default=10, help=k_help)
+    parser.add_argument("-k", "--k", dest="k", type=int, default=10, help=k_help)
     parser.add_argument(
         "--exclude", nargs="+", default=[], metavar="ITEM", help="item ids never to return"
     )
@@ -253,7 +267,15 @@ def register_cli(subparsers: Any) -> None:
     rec.set_defaults(func=_run_client(_recommend))
 
     sim = subparsers.add_parser("similar", help="ask a server for items similar to some items")
-    sim.add_argument("items", nargs="+", metavar="ITEM", help="query item ids")
+    sim.add_argument("items", nargs="*", metavar="ITEM", help="query item ids")
+    sim.add_argument(
+        "--item",
+        dest="item_flags",
+        action="append",
+        default=[],
+        metavar="ITEM",
+        help="a query item id (repeatable; same as the positional ITEM)",
+    )
     _filter_options(sim, k_help="number of items (default 10)")
     _connection_options(sim)
     sim.set_defaults(func=_run_client(_similar))
@@ -273,6 +295,13 @@ def register_cli(subparsers: Any) -> None:
     )
     health.add_argument(
         "--service", default="", help="service name to check (default '': the whole server)"
+    )
+    health.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep asking until SERVING or this many seconds have passed (default 0)",
     )
     _connection_options(health)
     health.set_defaults(func=_run_client(_health))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -61,14 +62,19 @@ def log_and_register(
     """Log ``artifact_dir`` as a pyfunc model in the active run and register a new version."""
     if mlflow.active_run() is None:
         raise RuntimeError("log_and_register must be called inside an active MLflow run")
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(PYFUNC_CODE),
-        artifacts={ARTIFACT_KEY: str(artifact_dir)},
-        code_paths=[str(Path(models.__file__).parent)],
-        signature=_signature(),
-        pip_requirements=_requirements(),
-    )
+    with warnings.catch_warnings():
+        # The signature is given explicitly, so MLflow's hints about type hints and input
+        # examples (which would make it run the model while logging) do not apply.
+        warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={ARTIFACT_KEY: str(artifact_dir)},
+            code_paths=[str(Path(models.__file__).parent)],
+            signature=_signature(),
+            pip_requirements=_requirements(),
+        )
     version = mlflow.register_model(info.model_uri, model_name, tags=tags or {})
     logger.info("registered %s version %s from %s", model_name, version.version, info.model_uri)
     return version
