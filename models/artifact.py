@@ -12,13 +12,19 @@ Artifacts are data, not code. Layout::
 
 Every ``.npz`` is read with ``allow_pickle=False``; loading checks the format version, every
 checksum and that the shapes agree, and raises :class:`~models.errors.ArtifactError` otherwise.
+The big arrays (``model.npz``, ``seen.npz``) are stored uncompressed, so loading memory-maps them
+read-only where they lie in the file instead of copying them: server worker processes that load
+the same artifact share one copy in the page cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import platform
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -213,6 +219,51 @@ def verify_artifact(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+"""A zip local file header (30 bytes), ending with the name and extra-field lengths."""
+
+
+def map_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read-only arrays of an uncompressed ``.npz`` that view the file's pages (no copy).
+
+    Each member is an ``.npy`` stored as is; its header is parsed (never with pickle: object
+    dtypes are refused) and the array is a view into one shared read-only ``mmap``. A member
+    that is compressed or empty falls back to :func:`read_npz`.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+        if any(m.compress_type != zipfile.ZIP_STORED for m in members):
+            return read_npz(path)
+        arrays: dict[str, np.ndarray] = {}
+        with open(path, "rb") as fh:
+            if fh.seek(0, 2) == 0:
+                return read_npz(path)
+            buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            for member in members:
+                fh.seek(member.header_offset)
+                header = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
+                fh.seek(header[-2] + header[-1], 1)
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                if dtype.hasobject:
+                    raise ArtifactError(f"{path.name} holds data that would need pickle: refused")
+                count = int(np.prod(shape, dtype=np.int64))
+                flat = np.frombuffer(buffer, dtype=dtype, count=count, offset=fh.tell())
+                arrays[member.filename.removesuffix(".npy")] = flat.reshape(
+                    shape, order="F" if fortran else "C"
+                )
+        return arrays
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"cannot read {path.name}: {exc}") from exc
+
+
 def _need(arrays: dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
     try:
         return arrays[name]
@@ -220,15 +271,21 @@ def _need(arrays: dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
         raise ArtifactError(f"{source} lacks array {name!r}") from None
 
 
-def load_artifact(directory: str | Path) -> ModelBundle:
-    """Verify and load an artifact written by :func:`save_artifact`."""
+def load_artifact(directory: str | Path, *, mapped: bool = True) -> ModelBundle:
+    """Verify and load an artifact written by :func:`save_artifact`.
+
+    With ``mapped`` (the default) the factor/weight arrays and the seen matrix are read-only
+    memory maps of the files (see :func:`map_npz`); the files must then stay unmodified while
+    the bundle is in use (deleting them is fine: the mapping keeps the data).
+    """
     root = Path(directory)
     manifest = verify_artifact(root)
+    read_big = map_npz if mapped else read_npz
     try:
         algo = get_algorithm(str(manifest.get("algorithm")))
     except Exception as exc:
         raise ArtifactError(f"artifact algorithm {manifest.get('algorithm')!r} is unknown") from exc
-    arrays = read_npz(root / "model.npz")
+    arrays = read_big(root / "model.npz")
     try:
         model = algo.from_arrays(manifest.get("params") or {}, arrays)
     except ArtifactError:
@@ -241,7 +298,7 @@ def load_artifact(directory: str | Path) -> ModelBundle:
         items = Vocabulary(_need(vocab, "item_ids", "vocab.npz"), kind="item")
     except InvalidInputError as exc:  # duplicate or non-1-d ids: the file is not trustworthy
         raise ArtifactError(f"vocab.npz is invalid: {exc}") from exc
-    seen_arrays = read_npz(root / "seen.npz")
+    seen_arrays = read_big(root / "seen.npz")
     try:
         seen = sp.csr_matrix(
             (

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from models.errors import ArtifactError, InvalidInputError, NotReadyError
 from models.npz import read_npz, write_npz
@@ -29,6 +29,17 @@ ProgressCallback = Callable[[int, float | None], None]
 """Called after each training iteration with ``(iteration, loss or None)``."""
 
 NEG_INF = np.float32(-np.inf)
+
+
+def _describe(algorithm: str, exc: ValidationError) -> str:
+    """One line naming each bad hyperparameter, e.g. ``als: factors: must be > 0 (got -1)``."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "params"
+        got = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else ""
+        msg = "unknown hyperparameter" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{name}: {msg}{got}")
+    return f"invalid {algorithm} hyperparameters: " + "; ".join(parts)
 
 
 class ModelConfig(BaseModel):
@@ -73,11 +84,14 @@ class Recommender(ABC):
     Config: ClassVar[type[ModelConfig]]
 
     def __init__(self, config: ModelConfig | None = None, **params: Any) -> None:
-        if config is None:
-            config = self.Config(**params)
-        elif params:
-            # model_copy(update=...) would skip validation; re-validate the merged values.
-            config = self.Config.model_validate({**config.model_dump(), **params})
+        try:
+            if config is None:
+                config = self.Config(**params)
+            elif params:
+                # model_copy(update=...) would skip validation; re-validate the merged values.
+                config = self.Config.model_validate({**config.model_dump(), **params})
+        except ValidationError as exc:
+            raise InvalidInputError(_describe(self.algorithm, exc), field="params") from None
         self.config = config
         self.n_users = 0
         self.n_items = 0

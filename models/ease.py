@@ -28,6 +28,24 @@ def estimate_memory_gb(n_items: int) -> float:
     return n_items * n_items * 8 * _WORKING_COPIES / 1e9
 
 
+def _spd_inverse(gram: np.ndarray) -> np.ndarray:
+    """Inverse of the symmetric positive definite ``gram``, overwriting it.
+
+    A Cholesky factorization and its inverse (LAPACK potrf + potri) take about half the time of
+    a general LU inverse; potri fills one triangle, so the other is mirrored afterwards.
+    """
+    # The transpose of a C-ordered symmetric matrix is the same matrix in Fortran order, which
+    # lets LAPACK work in place.
+    factor, info = scipy.linalg.lapack.dpotrf(gram.T, lower=False, overwrite_a=True, clean=True)
+    if info == 0:
+        factor, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE Gram matrix is not positive definite (info={info})")
+    inverse = np.triu(factor)
+    inverse += np.triu(inverse, 1).T
+    return inverse
+
+
 class EASEConfig(ModelConfig):
     """Hyperparameters of EASE."""
 
@@ -75,8 +93,7 @@ class EASE(Recommender):
         x = self._input(user_items).astype(np.float64)
         gram = np.asarray((x.T @ x).toarray(), dtype=np.float64)
         gram[np.diag_indices_from(gram)] += cfg.l2
-        # XᵀX + λI is symmetric positive definite; invert in place to keep one fewer copy alive.
-        inverse = scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)
+        inverse = _spd_inverse(gram)
         del gram
         inverse /= -np.diag(inverse)[None, :]
         np.fill_diagonal(inverse, 0.0)

@@ -5,14 +5,23 @@ ids, builds the candidate set (availability, item-type and category filters, exc
 items), picks personalized, fold-in or popular scoring, and backfills from popular items when the
 filters starve the personalized list. Filter masks are computed once per model and cached, never
 per request.
+
+For factor models the scoring of concurrent requests is batched: a request that finds another one
+computing scores waits and is scored in the next GEMM together with every request that queued
+meanwhile (:class:`ScoreBatcher`), so a lone request pays no delay and a busy server reads the item
+factors once per batch instead of once per request. Top-k over large catalogs scans block maxima
+first (:func:`top_k_row`), which returns exactly what a full partition would.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
+from weakref import WeakMethod
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,6 +65,135 @@ class Recommendations:
         return len(self.item_ids)
 
 
+BLOCK = 128
+"""Width of the blocks whose maxima :func:`top_k_row` scans before looking at single scores."""
+MIN_BLOCKED_TOPK = 8 * BLOCK
+MAX_BATCH = 64
+"""Most requests scored in one GEMM (bounds the dense score matrix a batch allocates)."""
+
+
+def top_k_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` entries of the 1-d ``scores`` (finite or ``-inf``), like :func:`topk` on a row.
+
+    The row is viewed as ``BLOCK`` strided slices of length ``m``; the element-wise maximum over
+    them is each column's block maximum. If ``t`` is the k-th largest block maximum, ``k`` distinct
+    items score at least ``t``, so every item of the true top k lies in a column whose maximum
+    is ``>= t``: only those columns (about ``k x BLOCK`` items) are ranked exactly.
+    """
+    n = len(scores)
+    m = n // BLOCK
+    if n < MIN_BLOCKED_TOPK or k * 4 > m:
+        ids, top = topk(scores[None, :], k)
+        return ids[0], top[0]
+    maxima = scores[: m * BLOCK].reshape(BLOCK, m).max(axis=0)
+    threshold = np.partition(maxima, m - k)[m - k]
+    columns = np.flatnonzero(maxima >= threshold)
+    # Row-major over (slice, column) with columns ascending: the candidate ids come out sorted,
+    # which keeps topk's tie-break (lowest id first) identical.
+    candidates = (columns[None, :] + m * np.arange(BLOCK)[:, None]).ravel()
+    candidates = np.concatenate([candidates, np.arange(m * BLOCK, n)])
+    ids, top = topk(scores[candidates][None, :], k)
+    ids, top = ids[0], top[0]
+    found = ids >= 0
+    ids[found] = candidates[ids[found]]
+    return ids, top
+
+
+class _Slot:
+    __slots__ = ("done", "error", "lead", "result", "vector")
+
+    def __init__(self, vector: np.ndarray) -> None:
+        self.vector = vector
+        self.done = threading.Event()
+        self.lead = False
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+
+
+class ScoreBatcher:
+    """Scores concurrent single-user requests together, with no added delay for a lone one.
+
+    The first request to arrive computes at once; requests arriving while a batch is computing
+    queue up, and when it finishes the oldest waiting request is woken to compute everything
+    queued so far in one call of ``score`` (leader/follower hand-off: results are never computed
+    by a thread whose own answer is already done).
+    """
+
+    def __init__(self, score: Callable[[np.ndarray], np.ndarray], max_batch: int = MAX_BATCH):
+        self._score = score
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Slot] = []
+        self._busy = False
+        self.batches = 0
+        self.scored = 0
+
+    def __call__(self, vector: np.ndarray) -> np.ndarray:
+        """Scores of one user ``vector`` against every item (a private, writable array)."""
+        slot = _Slot(vector)
+        with self._lock:
+            self._queue.append(slot)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            slot.done.wait()
+            if not slot.lead:
+                return self._result(slot)
+        self._run_batch()
+        return self._result(slot)
+
+    @staticmethod
+    def _result(slot: _Slot) -> np.ndarray:
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    def _run_batch(self) -> None:
+        with self._lock:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+        try:
+            scores = self._score(np.stack([s.vector for s in batch]))
+            for row, s in zip(scores, batch, strict=True):
+                s.result = row
+        except BaseException as exc:
+            for s in batch:
+                s.error = exc
+        self.batches += 1
+        self.scored += len(batch)
+        with self._lock:
+            if self._queue:
+                nxt = self._queue[0]
+                nxt.lead = True  # it takes over the queue (itself included) when woken
+                nxt.done.set()
+            else:
+                self._busy = False
+        for s in batch:
+            s.done.set()
+
+
+_NO_ITEMS = np.empty(0, dtype=np.int64)
+
+
+
+def _cached(method: Callable[..., Any], maxsize: int = 256) -> Callable[..., Any]:
+    """``lru_cache`` of a bound method that holds its instance weakly.
+
+    ``lru_cache(self.method)`` stored on ``self`` is a reference cycle, so a swapped-out engine
+    (hundreds of MB) would wait for a full garbage collection instead of being freed at once.
+    """
+    ref = WeakMethod(method)
+
+    @lru_cache(maxsize=maxsize)
+    def call(*args: Any) -> Any:
+        bound = ref()
+        if bound is None:  # pragma: no cover - the engine is gone, nobody can call us
+            raise ReferenceError("engine was garbage collected")
+        return bound(*args)
+
+    return call
+
 class Engine:
     """Immutable, thread-safe query interface over one model bundle."""
 
@@ -63,6 +201,15 @@ class Engine:
         self.bundle = bundle
         self.model = bundle.model
         self.n_items = len(bundle.items)
+        # Factor models expose user vectors and a batched scorer; others score one request alone.
+        score_vectors = getattr(self.model, "score_vectors", None)
+        self._user_vectors: Callable[[np.ndarray], np.ndarray] = getattr(
+            self.model, "user_vectors", None
+        )
+        self._history_vectors: Callable[[sp.csr_matrix], np.ndarray] = getattr(
+            self.model, "history_vectors", None
+        )
+        self._batcher = ScoreBatcher(score_vectors) if score_vectors is not None else None
         cat = bundle.catalog
         self._available = np.asarray(cat.available, dtype=bool)
         self._type_masks = {t: np.asarray(cat.item_type == t) for t in np.unique(cat.item_type)}
@@ -71,10 +218,11 @@ class Engine:
         self._popular_order = self._order(bundle.popularity)
         self._trending_order = self._order(bundle.trending)
         seen = bundle.seen
-        self._seen = sp.csr_matrix(seen, dtype=np.float32)
+        self._seen = seen if seen.dtype == np.float32 else sp.csr_matrix(seen, dtype=np.float32)
         # Weight given to a fresh interaction in fold-in: a typical confidence of the training data.
         self._recent_weight = float(np.median(seen.data)) if seen.nnz else 1.0
-        self.candidate_mask = lru_cache(maxsize=256)(self._candidate_mask)
+        self.candidate_mask = _cached(self._candidate_mask)
+        self._masked_out = _cached(self._masked_out_items)
 
     @property
     def item_types(self) -> list[str]:
@@ -108,6 +256,12 @@ class Engine:
         mask.setflags(write=False)
         return mask
 
+    def _masked_out_items(self, flt: ItemFilter) -> np.ndarray:
+        """Indices the filter removes: usually few, so setting them beats a full ``where``."""
+        out = np.flatnonzero(~self.candidate_mask(flt))
+        out.setflags(write=False)
+        return out
+
     def _known_items(self, item_ids: Sequence[str]) -> np.ndarray:
         idx = self.bundle.items.lookup(item_ids)
         return idx[idx != MISSING]
@@ -127,27 +281,38 @@ class Engine:
         self._check_k(k)
         mask = self.candidate_mask(item_filter)
         uidx = self.bundle.users.lookup([user_id])[0]
-        recent = self._known_items(recent_item_ids)
-        excluded = self._known_items(exclude_item_ids)
+        recent = self._known_items(recent_item_ids) if recent_item_ids else _NO_ITEMS
+        excluded = self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS
         blocked = [excluded]
         if uidx != MISSING:
-            seen_row = self._seen[uidx]
             if not include_seen:
-                blocked.append(seen_row.indices)
+                start, end = self._seen.indptr[uidx], self._seen.indptr[uidx + 1]
+                blocked.append(self._seen.indices[start:end])
             if len(recent):
-                history = seen_row + self._history_row(recent)
-                scores = self.model.score_history(history)[0]
+                history = self._seen[uidx] + self._history_row(recent)
+                scores = self._score_history(history)
             else:
-                scores = self.model.score_users(np.array([uidx]), seen_row)[0]
+                scores = self._score_user(int(uidx))
             source = Source.PERSONALIZED
         elif len(recent):
-            scores = self.model.score_history(self._history_row(recent))[0]
+            scores = self._score_history(self._history_row(recent))
             source = Source.FOLD_IN
         else:
             return self._popular(k, mask, np.concatenate(blocked), trending=False)
         if len(recent) and not include_seen:
             blocked.append(recent)
-        return self._rank(scores, k, mask, np.concatenate(blocked), source)
+        return self._rank(scores, k, item_filter, np.concatenate(blocked), source)
+
+    def _score_user(self, uidx: int) -> np.ndarray:
+        if self._batcher is not None:
+            return self._batcher(self._user_vectors(np.array([uidx]))[0])
+        row = self._seen[uidx]
+        return np.array(self.model.score_users(np.array([uidx]), row)[0], dtype=np.float32)
+
+    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
+        if self._batcher is not None:
+            return self._batcher(self._history_vectors(history)[0])
+        return np.array(self.model.score_history(history)[0], dtype=np.float32)
 
     def similar_items(
         self,
@@ -165,11 +330,11 @@ class Engine:
         unknown = [i for i, q in zip(item_ids, query, strict=True) if q == MISSING]
         if unknown:
             raise NotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
-        mask = self.candidate_mask(item_filter)
-        sims = self.model.score_similar(query)
-        scores = np.asarray(sims, dtype=np.float32).sum(axis=0) / len(query)
+        self.candidate_mask(item_filter)  # validates the filter before any scoring
+        sims = np.asarray(self.model.score_similar(query), dtype=np.float32)
+        scores = sims[0].copy() if len(query) == 1 else sims.sum(axis=0) / len(query)
         blocked = np.concatenate([query, self._known_items(exclude_item_ids)])
-        return self._rank(scores, k, mask, blocked, Source.PERSONALIZED)
+        return self._rank(scores, k, item_filter, blocked, Source.PERSONALIZED)
 
     def popular(
         self,
@@ -199,15 +364,25 @@ class Engine:
         return row
 
     def _rank(
-        self, scores: np.ndarray, k: int, mask: np.ndarray, blocked: np.ndarray, source: Source
+        self,
+        scores: np.ndarray,
+        k: int,
+        item_filter: ItemFilter,
+        blocked: np.ndarray,
+        source: Source,
     ) -> Recommendations:
-        scores = np.asarray(scores, dtype=np.float32)
-        scores = np.where(mask & np.isfinite(scores), scores, NEG_INF)
+        """Top ``k`` of ``scores`` (a private float32 row, overwritten) within the filter."""
+        mask = self.candidate_mask(item_filter)
+        # One cheap reduction instead of a full isfinite/where pass: a sum is finite only if
+        # every score is (an overflowing sum of finite scores just takes the slow path).
+        if not np.isfinite(scores.sum(dtype=np.float64)):
+            scores[~np.isfinite(scores)] = NEG_INF
+        scores[self._masked_out(item_filter)] = NEG_INF
         if len(blocked):
             scores[blocked] = NEG_INF
-        ids, top = topk(scores[None, :], k)
-        keep = ids[0] >= 0
-        ids, top = ids[0][keep], top[0][keep]
+        ids, top = top_k_row(scores, k)
+        keep = ids >= 0
+        ids, top = ids[keep], top[keep]
         if len(ids) < k:  # filters starved the list: backfill from popular items
             extra = self._popular(
                 k - len(ids), mask, np.concatenate([blocked, ids]), trending=False

@@ -76,6 +76,16 @@ class ServeSettings(BaseSettings):
     max_ids: int = Field(1000, validation_alias="AFFINITY_MAX_IDS", ge=1)
     """Most ids allowed in any repeated request field (recent, exclude, item_ids, filters)."""
 
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, validation_alias="AFFINITY_MAX_MESSAGE_BYTES", ge=1024, le=1 << 30
+    )
+    """Largest request or response message in bytes; bigger requests get RESOURCE_EXHAUSTED."""
+
+    max_concurrent_streams: int = Field(
+        100, validation_alias="AFFINITY_MAX_CONCURRENT_STREAMS", ge=1, le=100_000
+    )
+    """Requests one client connection may have open at once; more wait on the client side."""
+
     max_in_flight: int = Field(64, validation_alias="AFFINITY_MAX_IN_FLIGHT", ge=1, le=100_000)
     """Requests handled at once per process; more are refused with RESOURCE_EXHAUSTED."""
 

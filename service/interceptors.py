@@ -62,10 +62,34 @@ def method_name(full_method: str) -> str:
     return full_method.rsplit("/", 1)[-1] or full_method
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so it can be refused as
+    INVALID_ARGUMENT (gRPC itself would answer INTERNAL for a deserializer exception)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return MalformedRequest(type(exc).__name__)
+
+    return deserialize
+
+
 def _wrap_unary(
     continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
     details: grpc.HandlerCallDetails,
     wrapper: Callable[[Behavior, Any, grpc.ServicerContext], Any],
+    *,
+    tolerant: bool = False,
 ) -> grpc.RpcMethodHandler | None:
     handler = continuation(details)
     if handler is None or handler.unary_unary is None:
@@ -75,9 +99,10 @@ def _wrap_unary(
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         return wrapper(behavior, request, context)
 
+    deserializer = handler.request_deserializer
     return grpc.unary_unary_rpc_method_handler(
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(deserializer) if tolerant else deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -87,7 +112,11 @@ def _is_recommender(details: grpc.HandlerCallDetails) -> bool:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps domain errors to status codes; anything unexpected is INTERNAL, generic message."""
+    """Maps domain errors to status codes; anything unexpected is INTERNAL, generic message.
+
+    Request bytes that do not parse (malformed protobuf, invalid UTF-8 in a string field) are
+    INVALID_ARGUMENT, not the INTERNAL gRPC would report for a failing deserializer.
+    """
 
     def intercept_service(
         self,
@@ -99,6 +128,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
 
         def guarded(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, MalformedRequest):
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request is not a valid {method_name(method)} message ({request.reason})",
+                )
             try:
                 return behavior(request, context)
             except AffinityError as exc:
@@ -113,7 +147,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 logger.error("unhandled error in %s", method, exc_info=True)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
-        return _wrap_unary(continuation, handler_call_details, guarded)
+        return _wrap_unary(continuation, handler_call_details, guarded, tolerant=True)
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:

@@ -73,7 +73,12 @@ def create_server(
             max_workers=settings.max_in_flight + SPARE_THREADS, thread_name_prefix="affinity-rpc"
         ),
         interceptors=interceptors,
-        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ],
     )
     pb_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(holder, max_k=settings.max_k, max_ids=settings.max_ids), server

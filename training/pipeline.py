@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from models.artifact import ModelBundle, save_artifact
 from models.base import Recommender
+from models.errors import InvalidInputError
 from models.registry import get_algorithm
 from training import promotion, registry
 from training.confidence import ConfidenceConfig, build_matrix, recency_weights
@@ -123,6 +124,9 @@ def _load(opts: TrainOptions, weights: EventWeights, qpath: Path) -> LoadResult:
 
 def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
     """Run one training end to end and return its summary (see module docstring)."""
+    get_algorithm(opts.algorithm)(**opts.params)  # bad hyperparameters fail before any work
+    if opts.k <= 0:
+        raise InvalidInputError(f"--k must be positive, got {opts.k}", field="k")
     configure_tracking()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -209,8 +213,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             params = {**params, **tuning_summary["best_params"]}
             timings["tune_seconds"] = time.perf_counter() - t
 
-        model_cls = get_algorithm(opts.algorithm)
-        full_params = model_cls.Config(**params).model_dump(mode="json")
+        full_params = get_algorithm(opts.algorithm)(**params).config.model_dump(mode="json")
         mlflow.log_params(
             {
                 "algorithm": opts.algorithm,
@@ -263,11 +266,16 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         popularity = np.bincount(train.matrix.indices, minlength=len(train.items)).astype(
             np.float32
         )
+        # Serving must never re-recommend what a user already has, so the seen lists cover the
+        # whole log (training part and holdout), not only the pairs the model was fitted on.
+        seen = train.matrix
+        if opts.test is None:
+            seen = build_matrix(frame, opts.confidence, users=train.users, items=train.items).matrix
         bundle = ModelBundle(
             model=model,
             users=train.users,
             items=train.items,
-            seen=train.matrix,
+            seen=seen,
             catalog=catalog_arrays(train.items.ids, catalog_df),
             popularity=popularity,
             trending=trending,

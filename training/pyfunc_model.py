@@ -7,7 +7,6 @@ ids per row). Output: one row per recommendation with ``user_id``, ``rank``, ``i
 and ``source``. Parameter ``k`` (default 10) sets the list length.
 """
 
-from __future__ import annotations
 
 from typing import Any
 
@@ -25,8 +24,8 @@ class AffinityPyfuncModel(PythonModel):
 
         self.engine = Engine(load_artifact(context.artifacts["affinity"]))
 
-    # No type hints here: MLflow would try to derive a schema from them.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    # A DataFrame hint tells MLflow not to derive a schema: the logged signature is explicit.
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # type: ignore[no-untyped-def]
         k = int((params or {}).get("k", 10))
         frame = pd.DataFrame(model_input)
         if "user_id" not in frame.columns:

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of Affinity: model quality on public data, serving and reliability."""

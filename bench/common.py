@@ -1,0 +1,241 @@
+"""Shared plumbing of the benchmarks: catalogs and registered models, servers, memory, timing.
+
+Everything here runs on loopback and in processes the benchmark starts and stops itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL_NAME = "affinity"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A generated data set and the ALS model registered on it."""
+
+    name: str
+    users: int
+    items: int
+    interactions: int
+
+
+SIZES = {
+    "small": Catalog("small", users=200_000, items=20_000, interactions=2_000_000),
+    "large": Catalog("large", users=1_000_000, items=200_000, interactions=20_000_000),
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tracking_env(workdir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+
+
+def generate(catalog: Catalog, workdir: Path) -> Path:
+    """``affinity generate`` into ``workdir/data`` unless it is already there."""
+    data = workdir / "data"
+    if not (data / "interactions.parquet").is_file():
+        log(f"generating {catalog.interactions:,} interactions for {catalog.name}")
+        subprocess.run(
+            [
+                str(BIN / "affinity"),
+                "generate",
+                "--out",
+                str(data),
+                "--users",
+                str(catalog.users),
+                "--items",
+                str(catalog.items),
+                "--interactions",
+                str(catalog.interactions),
+                "--quiet",
+            ],
+            check=True,
+        )
+    return data
+
+
+def register_quick(data: Path, workdir: Path, factors: int = 64) -> float:
+    """Fit ALS on all of ``data`` and register it as champion, skipping the evaluation.
+
+    The serving benchmark needs a registered model of realistic size, not its metrics; the
+    full ``affinity train`` (split, evaluation, gate) is what :mod:`bench.training_bench` times.
+    Returns the fit seconds.
+    """
+    os.environ.update(tracking_env(workdir))
+    import mlflow
+
+    from models.artifact import ModelBundle, save_artifact
+    from training import registry
+    from training.confidence import build_matrix
+    from training.data import catalog_arrays, load_catalog, load_interactions
+    from training.pipeline import fit_model
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    loaded = load_interactions(data / "interactions.parquet")
+    matrix = build_matrix(loaded.frame)
+    started = time.perf_counter()
+    model = fit_model("als", {"factors": factors}, matrix.matrix, None)
+    fit_seconds = time.perf_counter() - started
+    bundle = ModelBundle(
+        model=model,
+        users=matrix.users,
+        items=matrix.items,
+        seen=matrix.matrix,
+        catalog=catalog_arrays(matrix.items.ids, load_catalog(data / "items.parquet")),
+        popularity=np.bincount(matrix.matrix.indices, minlength=len(matrix.items)).astype(
+            np.float32
+        ),
+        trending=np.zeros(len(matrix.items), np.float32),
+    )
+    artifact = workdir / "artifact"
+    save_artifact(bundle, artifact)
+    mlflow.set_experiment("affinity-bench")
+    with mlflow.start_run(run_name="bench"):
+        version = registry.log_and_register(artifact, model_name=MODEL_NAME)
+    registry.set_alias(MODEL_NAME, registry.CHAMPION, version.version)
+    return fit_seconds
+
+
+def champion_artifact(workdir: Path) -> Path:
+    """The registered champion's Affinity artifact directory (downloaded once)."""
+    target = workdir / "champion"
+    if not (target / "done").is_file():
+        os.environ.update(tracking_env(workdir))
+        from training import registry
+        from training.tracking import configure_tracking
+
+        configure_tracking()
+        target.mkdir(parents=True, exist_ok=True)
+        path = registry.download_model(f"models:/{MODEL_NAME}@{registry.CHAMPION}", target)
+        (target / "done").write_text(str(path))
+    return Path((target / "done").read_text())
+
+
+# ------------------------------------------------------------------ servers
+@contextmanager
+def running(
+    command: list[str], ready: Callable[[], bool], *, env: dict[str, str] | None, log_path: Path
+) -> Any:
+    """Start ``command`` in its own process group, wait for ``ready()``, stop it afterwards."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while not ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[:3]} exited with {proc.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[:3]} did not become ready; see {log_path}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def grpc_ready(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1
+                )
+            except grpc.RpcError as exc:
+                # The floor server has no health service: any answer means it is up.
+                return exc.code() == grpc.StatusCode.UNIMPLEMENTED
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    return check
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    return check
+
+
+# ------------------------------------------------------------------ memory
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from ``/proc``)."""
+    found = [pid]
+    for child_file in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children = child_file.read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += process_tree(int(child))
+    return found
+
+
+def memory_of(pid: int) -> dict[str, float]:
+    """Resident memory of one process in MiB: RSS, its anonymous and file-backed parts, PSS."""
+    values: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Anonymous", "Pss_File", "Pss_Anon"):
+                values[key] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return values
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))

@@ -1,0 +1,388 @@
+"""Quality benchmark: every algorithm on a public protocol, with default and tuned parameters.
+
+``python -m bench.quality --protocol random-75-25 --dataset ml-latest-small`` splits the data set
+by the named protocol, fits each algorithm with its default configuration and again after
+``--trials`` Optuna trials on a validation split carved from the training part (the test part is
+never seen by the search), evaluates both on the test part, logs every run to MLflow (experiment
+``quality-<protocol>``) and writes the table into ``docs/quality.md`` with the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from bench.datasets import LOADERS, load_dataset
+from models.registry import get_algorithm
+from training.confidence import ConfidenceConfig, build_matrix
+from training.evaluate import evaluate
+from training.pipeline import fit_model
+from training.split import Method, train_validation_test
+from training.tracking import configure_tracking
+from training.tune import SEARCHES, tune
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("als", "ease", "bpr", "lmf", "itemknn", "bm25", "popularity")
+"""Algorithms a quality run covers by default, in table order."""
+
+DEFAULT_TRIALS = 30
+"""Optuna trials per algorithm when ``--trials`` is not given."""
+
+DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "quality.md"
+
+TABLE_METRICS = ("map", "ndcg", "precision", "recall", "coverage", "novelty")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named evaluation protocol: how the test part is held out."""
+
+    name: str
+    method: Method
+    test_fraction: float
+    description: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "random-75-25": Protocol(
+        "random-75-25",
+        "random",
+        0.25,
+        "each user's interactions split at random 75/25 (stratified per user, seed 42); every "
+        "rating is a positive interaction; top 10 with the user's training items removed "
+        "(the Microsoft Recommenders MovieLens protocol)",
+    ),
+    "temporal-last-20": Protocol(
+        "temporal-last-20",
+        "temporal",
+        0.2,
+        "each user's last 20% of interactions by time held out; top 10 with the user's "
+        "training items removed",
+    ),
+}
+
+
+@dataclass
+class Result:
+    """One fitted and evaluated configuration of one algorithm."""
+
+    algorithm: str
+    variant: str
+    """``default`` or ``tuned``."""
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    fit_seconds: float
+    tune_seconds: float | None = None
+    validation_value: float | None = None
+    run_id: str = ""
+    trials: int = 0
+    fits: int = 0
+
+
+@dataclass
+class ProtocolReport:
+    """Every result of one protocol on one data set, with the data it ran on."""
+
+    protocol: Protocol
+    dataset: str
+    k: int
+    trials: int
+    stats: dict[str, int]
+    results: list[Result] = field(default_factory=list)
+    command: str = ""
+
+    def best(self, variant: str = "tuned") -> Result | None:
+        """The result with the highest NDCG among ``variant`` runs."""
+        candidates = [r for r in self.results if r.variant == variant]
+        key = f"ndcg_at_{self.k}"
+        return max(candidates, key=lambda r: r.metrics[key], default=None)
+
+    def get(self, algorithm: str, variant: str) -> Result | None:
+        return next(
+            (r for r in self.results if r.algorithm == algorithm and r.variant == variant), None
+        )
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def _fit_and_evaluate(
+    algorithm: str,
+    params: dict[str, Any],
+    train: Any,
+    test: Any,
+    k: int,
+) -> tuple[dict[str, float], float]:
+    """Fit on ``train``, log the loss curve to the active run, evaluate on ``test``."""
+
+    def on_iteration(iteration: int, loss: float | None) -> None:
+        if loss is not None and math.isfinite(loss):
+            mlflow.log_metric("training_loss", float(loss), step=iteration)
+
+    start = time.perf_counter()
+    model = fit_model(algorithm, params, train, on_iteration)
+    seconds = time.perf_counter() - start
+    evaluation = evaluate(model, train, test, k=k)
+    return evaluation.metrics, seconds
+
+
+def _log_result(result: Result, full_params: dict[str, Any]) -> None:
+    mlflow.log_params({f"model.{name}": value for name, value in full_params.items()})
+    metrics = {name: value for name, value in result.metrics.items() if math.isfinite(value)}
+    metrics["time_fit_seconds"] = result.fit_seconds
+    if result.tune_seconds is not None:
+        metrics["time_tune_seconds"] = result.tune_seconds
+    mlflow.log_metrics(metrics)
+
+
+def run_protocol(
+    dataset: str,
+    protocol: str,
+    *,
+    algorithms: Sequence[str] = ALGORITHMS,
+    trials: int = DEFAULT_TRIALS,
+    k: int = 10,
+    seed: int = 42,
+    data_root: Path | None = None,
+    tune_timeout: float | None = None,
+    progress: Callable[[str], None] = _noop,
+) -> ProtocolReport:
+    """Run ``protocol`` on ``dataset`` for each of ``algorithms``; MLflow must be configured.
+
+    Each algorithm gets a ``default`` run and, when it has a search space and ``trials`` > 0, a
+    ``tuned`` run whose Optuna trials are nested runs. Tuning fits on the training part minus a
+    validation part carved from it by the same protocol; the final model is refitted on the
+    whole training part and evaluated once on the test part.
+    """
+    spec = PROTOCOLS[protocol]
+    frame = load_dataset(dataset, data_root)
+    parts = train_validation_test(
+        frame,
+        method=spec.method,
+        test_fraction=spec.test_fraction,
+        validation_fraction=spec.test_fraction,
+        seed=seed,
+    )
+    confidence = ConfidenceConfig()
+    train = build_matrix(parts.train_full, confidence)
+    test = build_matrix(parts.test, ConfidenceConfig(), users=train.users, items=train.items)
+    stats = {
+        "users": len(train.users),
+        "items": len(train.items),
+        "train_pairs": int(train.matrix.nnz),
+        "test_pairs": int(test.matrix.nnz),
+        "test_users": int(np.count_nonzero(np.diff(test.matrix.indptr))),
+        "validation_pairs": parts.validation_split.stats.test_pairs,
+    }
+    progress(f"{dataset} / {protocol}: {stats}")
+    report = ProtocolReport(spec, dataset, k, trials, stats)
+    mlflow.set_experiment(f"quality-{protocol}")
+    tags = {"dataset": dataset, "protocol": protocol, "seed": str(seed)}
+    for algorithm in algorithms:
+        cls = get_algorithm(algorithm)
+        with mlflow.start_run(run_name=f"{dataset}/{algorithm}/default") as run:
+            mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "default"})
+            metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test.matrix, k)
+            result = Result(algorithm, "default", metrics, {}, seconds, run_id=run.info.run_id)
+            _log_result(result, cls.Config().model_dump(mode="json"))
+        report.results.append(result)
+        progress(_summary(result, k))
+        if trials <= 0 or algorithm not in SEARCHES:
+            continue
+        with mlflow.start_run(run_name=f"{dataset}/{algorithm}/tuned") as run:
+            mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "tuned"})
+            start = time.perf_counter()
+            summary = tune(
+                algorithm,
+                parts.train,
+                parts.validation,
+                confidence=confidence,
+                n_trials=trials,
+                k=k,
+                seed=seed,
+                progress=progress,
+                timeout=tune_timeout,
+            )
+            tune_seconds = time.perf_counter() - start
+            params = summary["best_params"]
+            metrics, seconds = _fit_and_evaluate(algorithm, params, train.matrix, test.matrix, k)
+            result = Result(
+                algorithm,
+                "tuned",
+                metrics,
+                params,
+                seconds,
+                tune_seconds=tune_seconds,
+                validation_value=summary["best_value"],
+                run_id=run.info.run_id,
+                trials=len(summary["trials"]),
+                fits=sum(1 for t in summary["trials"] if not t["reused"]),
+            )
+            _log_result(result, cls.Config(**params).model_dump(mode="json"))
+        report.results.append(result)
+        progress(_summary(result, k))
+    return report
+
+
+def _summary(result: Result, k: int) -> str:
+    text = (
+        f"{result.algorithm} {result.variant}: ndcg@{k}={result.metrics[f'ndcg_at_{k}']:.4f} "
+        f"fit {result.fit_seconds:.1f}s"
+    )
+    if result.tune_seconds is not None:
+        text += f", tuning {result.tune_seconds:.0f}s, params {result.params}"
+    return text
+
+
+# ------------------------------------------------------------------ report
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    parts = []
+    for name, value in params.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{name}={value}")
+    return ", ".join(parts) or "(defaults)"
+
+
+def render_section(report: ProtocolReport) -> str:
+    """The markdown section of one protocol run on one data set."""
+    k = report.k
+    s = report.stats
+    lines = [
+        f"### {report.dataset}, {report.protocol.name}",
+        "",
+        f"Protocol: {report.protocol.description}. Data after the split: {s['users']:,} users, "
+        f"{s['items']:,} items, {s['train_pairs']:,} training pairs, {s['test_pairs']:,} test "
+        f"pairs over {s['test_users']:,} users; tuning held out {s['validation_pairs']:,} "
+        "validation pairs from the training part.",
+        "",
+        f"| algorithm | params | MAP@{k} | NDCG@{k} | precision@{k} | recall@{k} | coverage | "
+        "novelty | fit (s) | tuning (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in report.results:
+        cells = [
+            f"{result.algorithm} ({result.variant})",
+            "" if result.variant == "default" else _params_text(result.params),
+        ]
+        cells += [_fmt(result.metrics.get(f"{name}_at_{k}")) for name in TABLE_METRICS[:5]]
+        cells.append(_fmt(result.metrics.get(f"novelty_at_{k}"), 2))
+        cells.append(_fmt(result.fit_seconds, 1))
+        cells.append(
+            "" if result.tune_seconds is None else f"{result.tune_seconds:.0f} ({result.fits} fits)"
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    best = report.best()
+    popularity = report.get("popularity", "default")
+    als, ease = report.get("als", "tuned"), report.get("ease", "tuned")
+    key = f"ndcg_at_{k}"
+    notes = []
+    if best is not None:
+        notes.append(f"best tuned model: **{best.algorithm}**, NDCG@{k} {best.metrics[key]:.4f}")
+    if best is not None and popularity is not None and popularity.metrics[key] > 0:
+        notes.append(f"{best.metrics[key] / popularity.metrics[key]:.2f}x popularity")
+    if als is not None and ease is not None and ease.metrics[key] > 0:
+        notes.append(
+            f"tuned ALS reaches {100 * als.metrics[key] / ease.metrics[key]:.1f}% of tuned EASE"
+        )
+    if notes:
+        lines += ["", "; ".join(notes) + "."]
+    lines += ["", f"Command: `{report.command}`" if report.command else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_MARK = "<!-- quality:{key}:{edge} -->"
+
+
+def update_document(path: Path, report: ProtocolReport) -> None:
+    """Insert or replace the report's section in ``path`` between its marker comments."""
+    key = f"{report.dataset}:{report.protocol.name}"
+    begin, end = _MARK.format(key=key, edge="begin"), _MARK.format(key=key, edge="end")
+    block = f"{begin}\n{render_section(report)}{end}\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Model quality\n\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text, encoding="utf-8")
+
+
+# -------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
+    parser.add_argument("--protocol", choices=[*PROTOCOLS, "all"], default="random-75-25")
+    parser.add_argument(
+        "--dataset", action="append", choices=list(LOADERS), help="repeatable; default all"
+    )
+    parser.add_argument(
+        "--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithm names"
+    )
+    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="0: defaults only")
+    parser.add_argument(
+        "--tune-timeout", type=float, default=None, help="seconds of tuning per algorithm"
+    )
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--data-root", type=Path, default=None, help="the shared datasets folder")
+    parser.add_argument("--output", type=Path, default=DOC_PATH, help="markdown file to update")
+    parser.add_argument("--no-write", action="store_true", help="do not touch the markdown file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench.quality``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_tracking()
+    command = "python -m bench.quality " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    datasets = args.dataset or ["ml-latest-small", "uci-online-retail"]
+    algorithms = [name.strip() for name in args.algorithms.split(",") if name.strip()]
+
+    def say(message: str) -> None:
+        print(message, flush=True)
+
+    for dataset in datasets:
+        for protocol in protocols:
+            report = run_protocol(
+                dataset,
+                protocol,
+                algorithms=algorithms,
+                trials=args.trials,
+                k=args.k,
+                seed=args.seed,
+                data_root=args.data_root,
+                tune_timeout=args.tune_timeout,
+                progress=say,
+            )
+            report.command = command
+            section = render_section(report)
+            print(section, flush=True)
+            if not args.no_write:
+                update_document(args.output, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

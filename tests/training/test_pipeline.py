@@ -1,0 +1,263 @@
+"""End to end: generated logs -> `affinity train` -> MLflow run -> registry version and alias.
+
+These tests drive the real CLI entry point against a real MLflow SQLite store in a temporary
+folder, the way an ML engineer would, and then check what they would look at: the JSON summary,
+the run in the tracking store, the registered version, its aliases and the reloaded artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.artifact import load_artifact
+from models.engine import Engine
+from training.cli import main
+from training.generate import generate
+from training.registry import load_model_uri
+
+MODEL = "affinity"
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("logs")
+    generate(out, users=800, items=200, interactions=30_000, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def _template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store with its schema created once (migrations take seconds)."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _template_db: Path) -> Iterator[str]:
+    """A fresh tracking store; the working directory is tmp_path, so ./mlruns lands there."""
+    shutil.copyfile(_template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    previous = mlflow.get_tracking_uri()
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def train(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    capsys.readouterr()
+    assert main(["train", *args, "--json", "--quiet"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_train_logs_registers_and_promotes(
+    logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary = train(
+        capsys,
+        "--interactions",
+        str(logs / "interactions.parquet"),
+        "--items",
+        str(logs / "items.parquet"),
+        "--param",
+        "factors=16",
+        "--param",
+        "iterations=6",
+    )
+    # The --json contract scripts rely on.
+    assert set(summary) >= {
+        "run_id",
+        "model_name",
+        "model_version",
+        "promoted",
+        "metrics",
+        "baseline_metrics",
+        "rows",
+    }
+    assert summary["model_name"] == MODEL and summary["model_version"] == "1"
+    assert summary["promoted"] is True
+    assert summary["rows"] == {"read": 30_000, "accepted": 30_000, "quarantined": 0}
+    for name in ("ndcg_at_10", "recall_at_10", "precision_at_10", "map_at_10", "mrr_at_10"):
+        assert 0.0 <= summary["metrics"][name] <= 1.0
+        assert name in summary["baseline_metrics"]
+    # The generated users have real tastes: the model must beat popularity.
+    assert summary["metrics"]["ndcg_at_10"] > 1.2 * summary["baseline_metrics"]["ndcg_at_10"]
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["algorithm"] == "als"
+    assert run.data.params["model.factors"] == "16"
+    assert len(run.data.tags["dataset_fingerprint"]) == 64
+    for metric in ("ndcg_at_10", "baseline_ndcg_at_10", "data_rows_read", "time_fit_seconds"):
+        assert metric in run.data.metrics
+    assert any(m.startswith("cohort_") for m in run.data.metrics)
+    loss = client.get_metric_history(summary["run_id"], "training_loss")
+    assert [m.step for m in loss] == list(range(1, 7))
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"affinity_model", "evaluation", "quarantine"} <= artifacts
+
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(version.version) == "1"
+    assert version.tags["algorithm"] == "als"
+    assert version.tags["dataset_fingerprint"] == run.data.tags["dataset_fingerprint"]
+
+    # The registered artifact reloads to identical recommendations.
+    local = load_artifact(
+        mlflow.artifacts.download_artifacts(f"runs:/{summary['run_id']}/affinity_model")
+    )
+    registered = load_model_uri(f"models:/{MODEL}@champion")
+    a, b = Engine(local), Engine(registered)
+    for user in local.users.ids[:25]:
+        ra, rb = a.recommend(str(user), 10), b.recommend(str(user), 10)
+        assert ra.item_ids == rb.item_ids
+        assert np.allclose(ra.scores, rb.scores)
+
+
+def test_gate_keeps_better_champion_and_force_promote_overrides(
+    logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--interactions", str(logs / "interactions.parquet")]
+    first = train(capsys, *common, "--param", "factors=16", "--param", "iterations=6")
+    assert first["promoted"] is True
+    worse = train(capsys, *common, "--algorithm", "popularity")
+    assert worse["promoted"] is False
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
+    run = client.get_run(worse["run_id"])
+    assert "not better" in run.data.tags["promotion_decision"]
+    # Both numbers of the decision are recorded, and the champion's was measured on this holdout.
+    assert run.data.metrics["champion_ndcg_at_10"] == pytest.approx(
+        first["metrics"]["ndcg_at_10"], rel=0.05
+    )
+    forced = train(capsys, *common, "--algorithm", "popularity", "--force-promote")
+    assert forced["promoted"] is True
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "3"
+
+
+def test_quarantined_rows_are_counted_and_logged(
+    tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame = pd.read_parquet(logs / "interactions.parquet")
+    csv = tmp_path / "log.csv"
+    frame.to_csv(csv, index=False)
+    with open(csv, "a") as fh:
+        fh.write(",i1,view,2024-01-01T00:00:00Z,\n")  # missing user
+        fh.write("u1,i1,teleport,2024-01-01T00:00:00Z,\n")  # unknown event
+        fh.write("u1,i1,view,yesterday,\n")  # bad timestamp
+        fh.write("u1,i1,view,1700000000,-3\n")  # negative value
+    summary = train(capsys, "--interactions", str(csv), "--algorithm", "popularity")
+    assert summary["rows"] == {"read": len(frame) + 4, "accepted": len(frame), "quarantined": 4}
+    client = mlflow.MlflowClient()
+    path = mlflow.artifacts.download_artifacts(f"runs:/{summary['run_id']}/quarantine/summary.json")
+    logged = json.loads(Path(path).read_text())
+    assert logged["quarantined"] == 4 and sum(logged["reasons"].values()) == 4
+    names = {a.path for a in client.list_artifacts(summary["run_id"], "quarantine")}
+    assert any(n.endswith(".csv") for n in names)
+
+
+def test_tune_runs_nested_trials_on_validation(
+    logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary = train(
+        capsys,
+        "--interactions",
+        str(logs / "interactions.parquet"),
+        "--algorithm",
+        "itemknn",
+        "--tune",
+        "3",
+    )
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'",
+    )
+    assert len(children) == 3
+    assert all("validation_ndcg_at_10" in c.data.metrics for c in children)
+    best = max(children, key=lambda c: c.data.metrics["validation_ndcg_at_10"])
+    assert parent.data.params["model.K"] == best.data.params["K"]
+
+
+def test_given_holdout_file_is_used_instead_of_a_split(
+    tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame = pd.read_parquet(logs / "interactions.parquet").sort_values("timestamp")
+    cut = int(len(frame) * 0.85)
+    frame.iloc[:cut].to_parquet(tmp_path / "train.parquet")
+    frame.iloc[cut:].to_parquet(tmp_path / "test.parquet")
+    summary = train(
+        capsys,
+        "--interactions",
+        str(tmp_path / "train.parquet"),
+        "--test",
+        str(tmp_path / "test.parquet"),
+        "--algorithm",
+        "popularity",
+    )
+    assert summary["rows"]["accepted"] == cut
+    run = mlflow.MlflowClient().get_run(summary["run_id"])
+    assert run.data.tags["split"] == "given"
+    assert run.data.metrics["data_n_test_pairs"] > 0
+
+
+def test_batch_recommend_and_pyfunc_read_the_registered_model(
+    tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(capsys, "--interactions", str(logs / "interactions.parquet"), "--param", "factors=8")
+    users = tmp_path / "users.txt"
+    frame = pd.read_parquet(logs / "interactions.parquet")
+    known = sorted(frame["user_id"].unique())[:5]
+    users.write_text("\n".join([*known, "someone-new"]) + "\n")
+    out = tmp_path / "recs.csv"
+    code = main(
+        ["batch-recommend", "--model", f"models:/{MODEL}@champion", "--users", str(users),
+         "--k", "7", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    recs = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
+    assert list(recs.columns[:4]) == ["user_id", "rank", "item_id", "score"]
+    assert recs.groupby("user_id").size().to_dict() == {u: 7 for u in [*known, "someone-new"]}
+    assert (recs[recs.user_id == "someone-new"]["source"] == "popular").all()
+    seen = frame.groupby("user_id")["item_id"].apply(set)
+    for user in known:
+        assert not set(recs[recs.user_id == user]["item_id"]) & seen[user]
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    result = pyfunc.predict(pd.DataFrame({"user_id": known}), params={"k": 7})
+    for user in known:
+        assert (
+            result[result.user_id == user]["item_id"].tolist()
+            == recs[recs.user_id == user]["item_id"].tolist()
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--interactions", "nowhere.parquet"], "does not exist"),
+        (["--interactions", "{logs}/interactions.parquet", "--param", "factors=-2"], "factors"),
+        (["--interactions", "{logs}/interactions.parquet", "--param", "nope"], "KEY=VALUE"),
+        (["--interactions", "{logs}/interactions.parquet", "--k", "0"], "--k"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_2(
+    args: list[str], message: str, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", *[a.replace("{logs}", str(logs)) for a in args]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    reason = err.splitlines()[-1]
+    assert reason.startswith("affinity train: error:") and message in reason
