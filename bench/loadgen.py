@@ -1,4 +1,4 @@
-"""A load generator that runs in its own processes: closed loop at a concurrency, or open loop at a rate.
+"""A load generator in its own processes: closed loop at a concurrency, or open loop at a rate.
 
 Each process runs an asyncio loop over pre-serialized payloads (gRPC messages sent as raw bytes so
 the client does not pay for protobuf parsing, or JSON bodies for an HTTP endpoint) and returns its
@@ -23,9 +23,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 WARMUP_SECONDS = 1.0
-"""Requests finishing in the first second of a measurement are not counted (connections warm up)."""
+"""Requests in the first second of a measurement are not counted (connections warm up)."""
 MAX_OUTSTANDING = 20_000
-"""Open loop: requests still in flight beyond this are dropped and counted as ``client_overload``."""
+"""Open loop: requests beyond this many in flight are dropped, counted as ``client_overload``."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def run_load(spec: LoadSpec, label: str = "") -> LoadResult:
         child.close()
         workers.append((proc, parent))
     try:
-        for proc, conn in workers:
+        for _, conn in workers:
             if not conn.poll(60):
                 raise RuntimeError("load generator process did not start")
             ready = conn.recv()

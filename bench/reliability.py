@@ -96,9 +96,7 @@ def synthetic_bundle(n_users: int, n_items: int, factors: int, seed: int) -> Any
     per_user = 5
     rows = np.repeat(np.arange(n_users), per_user)
     cols = rng.integers(0, n_items, size=n_users * per_user)
-    seen = sp.csr_matrix(
-        (np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items)
-    )
+    seen = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
     seen.sum_duplicates()
     seen.data[:] = 1.0
     popularity = np.bincount(seen.indices, minlength=n_items).astype(np.float32)
@@ -215,7 +213,9 @@ class ServerProcess:
         streak = 0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: see {self.log_path}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}: see {self.log_path}"
+                )
             options = [("grpc.use_local_subchannel_pool", 1)]
             with grpc.insecure_channel(self.target, options=options) as channel:
                 try:
@@ -328,9 +328,7 @@ def request_loop(
     procs = []
     for index in range(processes):
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=_loop, args=(target, duration, users, index, child), daemon=True
-        )
+        proc = ctx.Process(target=_loop, args=(target, duration, users, index, child), daemon=True)
         proc.start()
         child.close()
         procs.append((proc, parent))

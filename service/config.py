@@ -19,6 +19,11 @@ from models.errors import InvalidInputError
 DEFAULT_MODEL_URI = "models:/affinity@champion"
 
 
+def _embedded_tracking_uri() -> str:
+    # The same embedded default as `affinity train` (training/tracking.py): ./mlflow.db.
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "affinity"
 
@@ -41,8 +46,10 @@ class ServeSettings(BaseSettings):
     model_uri: str = Field(DEFAULT_MODEL_URI, validation_alias="AFFINITY_MODEL_URI", min_length=1)
     """Model: ``models:/NAME@ALIAS`` (followed), ``models:/NAME/VERSION`` or a local directory."""
 
-    tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
-    """MLflow tracking (and registry) server; unset uses MLflow's default (``./mlruns``)."""
+    tracking_uri: str | None = Field(
+        default_factory=_embedded_tracking_uri, validation_alias="MLFLOW_TRACKING_URI"
+    )
+    """MLflow tracking and registry URI; unset, the embedded store ``./mlflow.db``."""
 
     host: str = Field("[::]", validation_alias="AFFINITY_HOST", min_length=1)
     """Address to bind; ``[::]`` listens on every interface."""

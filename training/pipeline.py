@@ -244,16 +244,25 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         progress(f"fitting {opts.algorithm} on {train.matrix.nnz:,} user-item pairs")
         t = time.perf_counter()
 
+        ticker = _Throttle(progress)
+
         def on_iteration(iteration: int, loss: float | None) -> None:
             if loss is not None:
                 mlflow.log_metric("training_loss", float(loss), step=iteration)
+            ticker(f"  iteration {iteration}" + ("" if loss is None else f", loss {loss:.6g}"))
 
         model = fit_model(opts.algorithm, params, train.matrix, on_iteration)
         timings["fit_seconds"] = time.perf_counter() - t
 
         progress(f"evaluating on {stats['n_test_users']:,} held-out users (k={opts.k})")
         t = time.perf_counter()
-        evaluation, baseline = evaluate_with_baseline(model, train.matrix, test.matrix, k=opts.k)
+        evaluation, baseline = evaluate_with_baseline(
+            model,
+            train.matrix,
+            test.matrix,
+            k=opts.k,
+            progress=lambda done, total: ticker(f"  evaluated batch {done}/{total}"),
+        )
         timings["evaluate_seconds"] = time.perf_counter() - t
         metrics = evaluation.metrics
         baseline_metrics = baseline.metrics
@@ -360,6 +369,19 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         artifact_dir=artifact_dir,
         best_params=full_params,
     )
+
+
+class _Throttle:
+    """Forward progress messages at most every ``seconds`` (long fits would flood the terminal)."""
+
+    def __init__(self, progress: Progress, seconds: float = 2.0) -> None:
+        self.progress, self.seconds, self.last = progress, seconds, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.seconds:
+            self.last = now
+            self.progress(message)
 
 
 def _item_sums(frame: pd.DataFrame, weights: np.ndarray, items: Any) -> np.ndarray:

@@ -7,7 +7,6 @@ ids per row). Output: one row per recommendation with ``user_id``, ``rank``, ``i
 and ``source``. Parameter ``k`` (default 10) sets the list length.
 """
 
-
 from typing import Any
 
 import mlflow

@@ -261,3 +261,42 @@ def test_user_mistakes_give_one_line_and_exit_2(
     assert "Traceback" not in err
     reason = err.splitlines()[-1]
     assert reason.startswith("affinity train: error:") and message in reason
+
+
+DATASETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["als", "ease"])
+def test_movielens_models_beat_popularity_by_a_wide_margin(
+    algorithm: str, tmp_path: Path, store: str
+) -> None:
+    ratings = DATASETS / "ml-latest-small" / "ratings.csv"
+    if not ratings.exists():
+        pytest.skip("../shared/datasets not present")
+    frame = pd.read_csv(ratings)
+    log = pd.DataFrame(
+        {
+            "user_id": frame["userId"].astype(str),
+            "item_id": frame["movieId"].astype(str),
+            "event": "view",
+            "timestamp": frame["timestamp"],
+        }
+    )
+    log.to_parquet(tmp_path / "ratings.parquet")
+    from training.pipeline import TrainOptions, run_training
+
+    result = run_training(
+        TrainOptions(
+            interactions=tmp_path / "ratings.parquet",
+            algorithm=algorithm,
+            split="random",
+            test_fraction=0.25,
+            register=False,
+        )
+    )
+    assert result.rows["quarantined"] == 0
+    model, baseline = result.metrics["ndcg_at_10"], result.baseline_metrics["ndcg_at_10"]
+    assert model > 1.4 * baseline, (algorithm, model, baseline)
+    assert result.metrics["recall_at_10"] > 1.4 * result.baseline_metrics["recall_at_10"]

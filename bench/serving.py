@@ -1,0 +1,397 @@
+"""Serving benchmark: Affinity ``Recommend`` vs the transport floor vs ``mlflow models serve``.
+
+For one generated catalog (``--size small``: 20k items / 200k users, ``large``: 200k items / 1M
+users; ALS, 64 factors, registered as ``affinity@champion`` in ``<workdir>/mlflow.db``) it runs,
+in one go and with the same load generator (:mod:`bench.loadgen`, separate processes):
+
+1. the floor (:mod:`bench.floor`): same gRPC stack and worker count, a fixed response;
+2. ``affinity serve`` of the champion: known users (seen excluded, k=10), unknown users folded in
+   from 50 recent items, ``SimilarItems``; resident memory per worker; an open-loop run;
+3. ``mlflow models serve`` of the same registered model (pyfunc) over REST ``/invocations``;
+
+plus, in-process: agreement of the served lists with a plain float32 ``item_factors @ user``
+ranking (recall@10 and exact-list rate), and model load time / peak memory during a swap. Prints
+Markdown tables and writes everything to ``<workdir>/serving.json``. Run ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import common
+from bench.common import SIZES, log
+from bench.loadgen import LoadResult, LoadSpec, format_table, run_load
+
+RECOMMEND = "affinity.v1.Recommender/Recommend"
+SIMILAR = "affinity.v1.Recommender/SimilarItems"
+
+
+# ------------------------------------------------------------------ payloads
+def payloads(artifact: Path, n: int = 4000, seed: int = 0) -> dict[str, list[bytes]]:
+    """Serialized requests: known users, fold-in users with 50 recent items, similar items, REST."""
+    from protos.affinity.v1 import recommender_pb2 as pb
+
+    with np.load(artifact / "vocab.npz", allow_pickle=False) as vocab:
+        users, items = vocab["user_ids"], vocab["item_ids"]
+    rng = np.random.default_rng(seed)
+    known = rng.choice(users, size=n).tolist()
+    recent = [rng.choice(items, size=50, replace=False).tolist() for _ in range(n // 4)]
+    similar = rng.choice(items, size=n).tolist()
+    return {
+        "known": [pb.RecommendRequest(user_id=u, k=10).SerializeToString() for u in known],
+        "fold_in": [
+            pb.RecommendRequest(user_id=f"new-{i}", k=10, recent_item_ids=r).SerializeToString()
+            for i, r in enumerate(recent)
+        ],
+        "similar": [
+            pb.SimilarItemsRequest(item_ids=[i], k=10).SerializeToString() for i in similar
+        ],
+        "rest": [
+            json.dumps(
+                {"dataframe_split": {"columns": ["user_id"], "data": [[u]]}, "params": {"k": 10}}
+            ).encode()
+            for u in known
+        ],
+    }
+
+
+# ------------------------------------------------------------------ in-process checks
+def agreement(artifact: Path, n_users: int = 2000, k: int = 10) -> dict[str, float]:
+    """Served lists (engine, batched under 8 threads) vs a naive per-user float32 ranking."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    from models.artifact import load_artifact
+    from models.engine import Engine
+
+    with threadpool_limits(1):
+        bundle = load_artifact(artifact)
+        engine = Engine(bundle)
+        model: Any = bundle.model
+        rng = np.random.default_rng(1)
+        users = rng.choice(len(bundle.users), size=min(n_users, len(bundle.users)), replace=False)
+        ids = bundle.users.decode(users)
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(lambda u: engine.recommend(u, k).indices, ids))
+        recall, exact = [], []
+        seen = bundle.seen
+        for u, got in zip(users, served, strict=True):
+            scores = model.item_factors @ model.user_factors[u]
+            scores[seen.indices[seen.indptr[u] : seen.indptr[u + 1]]] = -np.inf
+            scores[~engine.candidate_mask(engine_filter())] = -np.inf
+            want = np.lexsort((np.arange(len(scores)), -scores))[:k]
+            recall.append(len(set(got.tolist()) & set(want.tolist())) / k)
+            exact.append(bool(np.array_equal(got, want)))
+    return {
+        "users": len(users),
+        "recall_at_10": float(np.mean(recall)),
+        "exact_list_rate": float(np.mean(exact)),
+        "batches": engine._batcher.batches if engine._batcher else 0,
+        "scored": engine._batcher.scored if engine._batcher else 0,
+    }
+
+
+def engine_filter() -> Any:
+    from models.engine import ItemFilter
+
+    return ItemFilter()
+
+
+LOAD_PROBE = """
+import json, resource, sys, time
+from threadpoolctl import threadpool_limits
+threadpool_limits(1)
+from pathlib import Path
+from service.loader import ModelMeta, load_directory
+
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) / 1024
+
+path = Path(sys.argv[1])
+meta = ModelMeta(name='affinity', version='1', run_id='', algorithm='', source_uri=str(path))
+base = rss()
+t = time.perf_counter(); first = load_directory(path, meta); t1 = time.perf_counter() - t
+after_one = rss()
+# A swap: the new model is loaded while the old one still serves.
+t = time.perf_counter(); second = load_directory(path, meta); t2 = time.perf_counter() - t
+after_two = rss()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({'load_seconds': t1, 'swap_load_seconds': t2, 'rss_before_mib': base,
+                  'rss_one_model_mib': after_one, 'rss_during_swap_mib': after_two,
+                  'peak_rss_mib': peak}))
+"""
+
+
+def load_probe(artifact: Path) -> dict[str, float]:
+    """Load time (verify, load, warm-up) and memory of one load and of a swap, in a new process."""
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_PROBE, str(artifact)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=common.ROOT,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# ------------------------------------------------------------------ load runs
+def measure(
+    label: str,
+    target: str,
+    bodies: list[bytes],
+    args: argparse.Namespace,
+    *,
+    concurrency: int = 1,
+    rate: float | None = None,
+    duration: float | None = None,
+) -> LoadResult:
+    spec = LoadSpec(
+        target=target,
+        payloads=bodies,
+        duration=duration or args.duration,
+        concurrency=concurrency,
+        rate=rate,
+        processes=args.client_processes,
+    )
+    result = run_load(spec, label)
+    log(
+        f"{label} {'c=' + str(concurrency) if rate is None else f'{rate:g}/s'}: "
+        f"{result.rps:,.0f} req/s p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} "
+        f"errors {result.errors or 0}"
+    )
+    return result
+
+
+def worker_memory(proc: subprocess.Popen[bytes]) -> list[dict[str, float]]:
+    """Memory of the processes that serve: the workers under a supervisor, or the one server."""
+    tree = common.process_tree(proc.pid)
+    # The supervisor (and the `affinity` launcher) hold no model; workers are the leaves.
+    leaves = [pid for pid in tree if common.process_tree(pid) == [pid]]
+    return [{"pid": pid, **common.memory_of(pid)} for pid in leaves]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    catalog = SIZES[args.size]
+    workdir = Path(args.workdir) / catalog.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = common.generate(catalog, workdir)
+    if not (workdir / "artifact" / "manifest.json").is_file():
+        log(f"fitting and registering ALS (64 factors) on {catalog.name}")
+        common.register_quick(data, workdir)
+    artifact = common.champion_artifact(workdir)
+    bodies = payloads(artifact)
+    env = common.tracking_env(workdir)
+    results: list[LoadResult] = []
+    report: dict[str, Any] = {
+        "catalog": catalog.__dict__,
+        "workers": args.workers,
+        "duration_s": args.duration,
+        "machine": {"cpus": os.cpu_count()},
+    }
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+
+    # 1. the floor
+    port = common.free_port()
+    floor_cmd = [sys.executable, "-m", "bench.floor", "--port", str(port)]
+    floor_cmd += ["--workers", str(args.workers)]
+    with common.running(floor_cmd, common.grpc_ready(port), env=None, log_path=logs / "floor.log"):
+        for c in args.concurrency:
+            results.append(
+                measure(
+                    "floor",
+                    f"grpc://127.0.0.1:{port}/{RECOMMEND}",
+                    bodies["known"],
+                    args,
+                    concurrency=c,
+                )
+            )
+
+    # 2. affinity serve
+    port = common.free_port()
+    serve_cmd = [
+        str(common.BIN / "affinity"),
+        "serve",
+        "--model",
+        str(artifact),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--poll-seconds",
+        "0",
+        "--log-level",
+        args.log_level,
+    ]
+    target = f"grpc://127.0.0.1:{port}/{RECOMMEND}"
+    with common.running(
+        serve_cmd, common.grpc_ready(port), env=env, log_path=logs / "serve.log"
+    ) as proc:
+        report["memory_idle"] = worker_memory(proc)
+        for c in args.concurrency:
+            results.append(measure("affinity", target, bodies["known"], args, concurrency=c))
+        report["memory_loaded"] = worker_memory(proc)
+        for c in (1, max(args.concurrency)):
+            results.append(
+                measure("affinity fold-in 50", target, bodies["fold_in"], args, concurrency=c)
+            )
+        similar = f"grpc://127.0.0.1:{port}/{SIMILAR}"
+        for c in (1, max(args.concurrency)):
+            results.append(
+                measure("affinity similar", similar, bodies["similar"], args, concurrency=c)
+            )
+        best = max(r.rps for r in results if r.label == "affinity")
+        results.append(
+            measure("affinity", target, bodies["known"], args, rate=round(best * 0.7, -1))
+        )
+
+    # 3. mlflow models serve, same registered model
+    if not args.skip_mlflow:
+        port = common.free_port()
+        mlflow_cmd = [
+            str(common.BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{common.MODEL_NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            str(args.workers),
+        ]
+        with common.running(
+            mlflow_cmd,
+            common.http_ready(f"http://127.0.0.1:{port}/ping"),
+            env=env,
+            log_path=logs / "mlflow.log",
+        ):
+            for c in args.concurrency:
+                results.append(
+                    measure(
+                        "mlflow serve",
+                        f"http://127.0.0.1:{port}/invocations",
+                        bodies["rest"],
+                        args,
+                        concurrency=c,
+                    )
+                )
+
+    log("checking served lists against the plain float32 ranking")
+    report["agreement"] = agreement(artifact)
+    log("measuring load and swap")
+    report["load"] = load_probe(artifact)
+    report["results"] = [r.to_json() for r in results]
+    report["ratios"] = ratios(results)
+    return report
+
+
+def ratios(results: list[LoadResult]) -> dict[str, float]:
+    """The issue's targets as numbers (``nan`` where a run is missing)."""
+
+    def pick(label: str, c: int) -> LoadResult | None:
+        for r in results:
+            if r.label == label and r.mode == "closed" and r.concurrency == c:
+                return r
+        return None
+
+    def best(label: str) -> float:
+        return max(
+            (r.rps for r in results if r.label == label and r.mode == "closed"),
+            default=float("nan"),
+        )
+
+    nan = float("nan")
+    out: dict[str, float] = {}
+    floor1, aff1 = pick("floor", 1), pick("affinity", 1)
+    out["throughput_vs_floor"] = best("affinity") / best("floor")
+    if floor1 and aff1:
+        out["p50_c1_minus_floor_ms"] = aff1.p50_ms - floor1.p50_ms
+    aff8 = pick("affinity", 8)
+    out["p99_c8_ms"] = aff8.p99_ms if aff8 else nan
+    out["throughput_vs_mlflow"] = best("affinity") / best("mlflow serve")
+    ml8 = pick("mlflow serve", 8)
+    out["p99_c8_mlflow_ms"] = ml8.p99_ms if ml8 else nan
+    fold1 = pick("affinity fold-in 50", 1)
+    if fold1 and aff1:
+        out["fold_in_p50_vs_known"] = fold1.p50_ms / aff1.p50_ms
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    results = [LoadResult(**r) for r in report["results"]]
+    cat = report["catalog"]
+    lines = [
+        f"### {cat['items']:,} items / {cat['users']:,} users "
+        f"({report['workers']} worker(s), {report['duration_s']:g} s per row)",
+        "",
+        format_table(results),
+        "| ratio | value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
+    agree = report["agreement"]
+    load = report["load"]
+    lines += [
+        "",
+        f"Agreement with plain float32 ranking over {agree['users']} users: recall@10 "
+        f"{agree['recall_at_10']:.4f}, identical lists {agree['exact_list_rate']:.4f}.",
+        f"Load (verify + load + warm-up): {load['load_seconds']:.2f} s; RSS one model "
+        f"{load['rss_one_model_mib']:.0f} MiB, during a swap {load['rss_during_swap_mib']:.0f} MiB "
+        f"(peak {load['peak_rss_mib']:.0f} MiB).",
+        "",
+        "| worker pid | RSS MiB | PSS MiB | anonymous MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for m in report.get("memory_loaded", []):
+        lines.append(
+            f"| {m['pid']} | {m.get('Rss', 0):.0f} | {m.get('Pss', 0):.0f} "
+            f"| {m.get('Anonymous', 0):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--workdir", default="/tmp/affinity-bench")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8]
+    )
+    parser.add_argument("--client-processes", type=int, default=1)
+    parser.add_argument("--log-level", default="WARNING", help="affinity serve --log-level")
+    parser.add_argument("--skip-mlflow", action="store_true")
+    args = parser.parse_args(argv)
+    started = time.time()
+    report = run(args)
+    report["wall_seconds"] = time.time() - started
+    out = Path(args.workdir) / args.size / f"serving-w{args.workers}.json"
+    common.write_json(out, report)
+    text = render(report)
+    (out.with_suffix(".md")).write_text(text)
+    print(text)
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
