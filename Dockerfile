@@ -6,14 +6,14 @@
 FROM python:3.11-slim AS builder
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY models ./models
 COPY training ./training
 COPY service ./service
 COPY protos ./protos
 RUN python -m venv /opt/affinity \
     && /opt/affinity/bin/pip install --upgrade pip \
-    && /opt/affinity/bin/pip install .
+    && /opt/affinity/bin/pip install --constraint requirements.lock .
 
 FROM python:3.11-slim
 ENV PATH=/opt/affinity/bin:$PATH \

@@ -4,17 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint proto proto-check bench clean
+.PHONY: install lock demo test lint proto proto-check bench quality reliability soak audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c requirements.lock
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Re-pin requirements.lock to what is installed now (after editing pyproject.toml).
+lock: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	{ sed -n '1,2p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^affinity'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 ## Generate the gRPC code from protos/ (the one command; CI checks it is up to date).
 proto: $(STAMP)
@@ -37,8 +43,25 @@ test: lint
 demo: $(STAMP)
 	bash scripts/demo.sh
 
+## Serving benchmark (20k items; see docs/benchmarks.md for the large catalog and training runs).
 bench: $(STAMP)
 	$(BIN)/python -m bench.serving
+
+## Accuracy on the public protocols (needs ../shared/datasets; writes docs/quality.md).
+quality: $(STAMP)
+	$(BIN)/python -m bench.quality --protocol all --dataset ml-latest-small --trials 20
+
+## Fault campaigns: swaps under load, worker kill, overload, 10,000-case gRPC fuzzing (~5 min).
+reliability: $(STAMP)
+	$(BIN)/python -m bench.reliability all
+
+## The bounded soak (at least 10 minutes) at 70% of capacity with periodic swaps.
+soak: $(STAMP)
+	$(BIN)/python -m bench.reliability soak
+
+## Known-vulnerability audit of the installed dependencies (skips when no advisory data).
+audit: $(STAMP)
+	bash scripts/audit.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

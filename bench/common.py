@@ -59,6 +59,8 @@ def free_port() -> int:
 def tracking_env(workdir: Path) -> dict[str, str]:
     return {
         **os.environ,
+        # mlflow models serve starts `uvicorn` by name: it must find the venv's.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
@@ -239,3 +241,29 @@ def peak_rss_mib() -> float:
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def reregister(workdir: Path) -> None:
+    """Rewrite ``workdir/artifact`` in the current artifact layout and register it as champion.
+
+    For models fitted by an older build: serving then benchmarks today's layout (aligned,
+    memory-mappable arrays) without refitting.
+    """
+    import shutil
+
+    os.environ.update(tracking_env(workdir))
+    import mlflow
+
+    from models.artifact import load_artifact, save_artifact
+    from training import registry
+    from training.tracking import configure_tracking
+
+    configure_tracking()
+    bundle = load_artifact(workdir / "artifact", mapped=False)
+    shutil.rmtree(workdir / "artifact")
+    save_artifact(bundle, workdir / "artifact")
+    mlflow.set_experiment("affinity-bench")
+    with mlflow.start_run(run_name="bench"):
+        version = registry.log_and_register(workdir / "artifact", model_name=MODEL_NAME)
+    registry.set_alias(MODEL_NAME, registry.CHAMPION, version.version)
+    shutil.rmtree(workdir / "champion", ignore_errors=True)

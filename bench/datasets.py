@@ -70,6 +70,21 @@ def load_movielens_dense(
     return frame[keep].reset_index(drop=True)
 
 
+def load_movielens_100k(root: Path | None = None) -> pd.DataFrame:
+    """MovieLens-100k ``u.data`` (user, item, rating, timestamp; tab-separated), if present.
+
+    Not among the shared data sets; put GroupLens' ``ml-100k`` folder next to them to run the
+    published Microsoft Recommenders comparison directly. Every rating is one positive event.
+    """
+    path = (root or DATASETS_DIR) / "ml-100k" / "u.data"
+    if not path.is_file():
+        raise DataError(f"{path} not found: download ml-100k from GroupLens to compare on it")
+    ratings = pd.read_csv(
+        path, sep="\t", names=["user", "item", "rating", "timestamp"], dtype=np.int64
+    )
+    return _frame(ratings["user"], ratings["item"], "rating", ratings["timestamp"].to_numpy())
+
+
 def load_online_retail(root: Path | None = None) -> pd.DataFrame:
     """UCI Online Retail purchases: rows with a CustomerID and Quantity > 0, item = Description.
 
@@ -96,6 +111,7 @@ LOADERS: dict[str, Callable[[Path | None], pd.DataFrame]] = {
     "ml-latest-small": load_movielens,
     "ml-latest-small-dense": load_movielens_dense,
     "uci-online-retail": load_online_retail,
+    "ml-100k": load_movielens_100k,
 }
 """Data set name -> loader taking the datasets folder (None: :data:`DATASETS_DIR`)."""
 

@@ -61,9 +61,63 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     errors: dict[str, int] = field(default_factory=dict)
+    latencies_ms: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False, compare=False)
+    """The successful requests' latencies (not written to JSON)."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("latencies_ms")
+        return out
+
+
+def summarize(
+    label: str,
+    mode: str,
+    concurrency: int,
+    rate: float | None,
+    latencies_ms: np.ndarray,
+    codes: Counter[str] | dict[str, int],
+    seconds: float,
+) -> LoadResult:
+    """A :class:`LoadResult` from raw latencies and status counts over ``seconds`` of load."""
+    codes = Counter(codes)
+    ok = int(codes.pop("OK", 0))
+    lat = np.asarray(latencies_ms, dtype=np.float64)
+    pct = np.percentile(lat, [50, 95, 99]) if len(lat) else [np.nan] * 3
+    return LoadResult(
+        label=label,
+        mode=mode,
+        concurrency=concurrency,
+        rate=rate,
+        duration=round(seconds, 3),
+        requests=ok + sum(codes.values()),
+        ok=ok,
+        rps=ok / seconds if seconds > 0 else 0.0,
+        p50_ms=float(pct[0]),
+        p95_ms=float(pct[1]),
+        p99_ms=float(pct[2]),
+        max_ms=float(lat.max()) if len(lat) else float("nan"),
+        errors=dict(codes),
+        latencies_ms=lat,
+    )
+
+
+def merge(results: list[LoadResult]) -> LoadResult:
+    """Pool several runs of the same load (e.g. interleaved slices) into one result."""
+    first = results[0]
+    codes: Counter[str] = Counter()
+    for r in results:
+        codes.update(r.errors)
+        codes["OK"] += r.ok
+    return summarize(
+        first.label,
+        first.mode,
+        first.concurrency,
+        first.rate,
+        np.concatenate([r.latencies_ms for r in results]),
+        codes,
+        sum(r.duration for r in results),
+    )
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -257,23 +311,14 @@ def run_load(spec: LoadSpec, label: str = "") -> LoadResult:
     codes: Counter[str] = Counter()
     for p in parts:
         codes.update(p[1])
-    counted = max(p[2] for p in parts)
-    ok = int(codes.pop("OK", 0))
-    pct = np.percentile(latencies, [50, 95, 99]) if len(latencies) else [np.nan] * 3
-    return LoadResult(
-        label=label,
-        mode="open" if spec.rate is not None else "closed",
-        concurrency=spec.concurrency if spec.rate is None else 0,
-        rate=spec.rate,
-        duration=round(counted, 3),
-        requests=ok + sum(codes.values()),
-        ok=ok,
-        rps=ok / counted if counted > 0 else 0.0,
-        p50_ms=float(pct[0]),
-        p95_ms=float(pct[1]),
-        p99_ms=float(pct[2]),
-        max_ms=float(latencies.max()) if len(latencies) else float("nan"),
-        errors=dict(codes),
+    return summarize(
+        label,
+        "open" if spec.rate is not None else "closed",
+        spec.concurrency if spec.rate is None else 0,
+        spec.rate,
+        latencies,
+        codes,
+        max(p[2] for p in parts),
     )
 
 

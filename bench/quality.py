@@ -62,8 +62,8 @@ PROTOCOLS: dict[str, Protocol] = {
         "random",
         0.25,
         "each user's interactions split at random 75/25 (stratified per user, seed 42); every "
-        "rating is a positive interaction; top 10 with the user's training items removed "
-        "(the Microsoft Recommenders MovieLens protocol)",
+        "interaction (a rating of any value, a purchase) is positive; top 10 with the user's "
+        "training items removed (the Microsoft Recommenders MovieLens protocol)",
     ),
     "temporal-last-20": Protocol(
         "temporal-last-20",
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_tracking()
     command = "python -m bench.quality " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
-    datasets = args.dataset or ["ml-latest-small", "uci-online-retail"]
+    datasets = args.dataset or ["ml-latest-small", "uci-online-retail"]  # always present
     algorithms = [name.strip() for name in args.algorithms.split(",") if name.strip()]
 
     def say(message: str) -> None:

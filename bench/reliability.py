@@ -372,9 +372,15 @@ def stale_responses(
 
 
 # --------------------------------------------------------------------------- campaigns
-def _report(name: str, ok: bool, record: dict[str, Any], out: Path) -> bool:
+def _report(name: str, ok: bool, record: dict[str, Any], out: Path, log: str | None = None) -> bool:
     record = {"campaign": name, "passed": ok, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ"), **record}
     out.mkdir(parents=True, exist_ok=True)
+    if log is not None:
+        record["worker_restarts"] = log.count("restarting")
+        record["error_lines_logged"] = sum('"level": "ERROR"' in line for line in log.splitlines())
+        # Without the per-request access lines (a soak writes ~100 MB of them).
+        kept = [line for line in log.splitlines() if " answered " not in line]
+        (out / f"{name}-server.log").write_text("\n".join(kept) + "\n")
     (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
     print(json.dumps(record, indent=2, default=str))
     print(f"{'PASS' if ok else 'FAIL'} {name}")
@@ -425,20 +431,20 @@ def campaign_swaps(
         workers=2,
         poll_seconds=poll,
     ) as server:
-        time.sleep(1.0)
-        baseline = server.rss()
         timeline: list[tuple[float, str]] = [(0.0, registry.versions[0])]
         after_swap: list[dict[int, int]] = []
-        duration = promotions * interval + 3
+        duration = promotions * interval + 4
         with request_loop(server.target, duration, users, processes) as results:
-            time.sleep(1.0)
+            time.sleep(2.0)
+            baseline = server.rss()  # one model loaded, request threads and buffers warm
             for i in range(promotions):
                 version = registry.versions[(i + 1) % len(registry.versions)]
                 registry.promote(version)
                 timeline.append((time.time(), version))
                 time.sleep(interval)
                 after_swap.append(server.rss())
-        swaps_logged = server.log_text().count("serving model")
+        log = server.log_text()
+        swaps_logged = log.count("serving model")
     calls = [c for r in results for c in r.calls]
     codes: Counter[str] = Counter()
     for r in results:
@@ -484,14 +490,14 @@ def campaign_swaps(
             "swaps_logged_by_workers": swaps_logged,
         },
         out,
+        log=log,
     )
 
 
 def campaign_kill(workdir: Path, out: Path, *, duration: float = 12.0, workers: int = 3) -> bool:
     """SIGKILL one worker while clients send requests; the rest answer, the supervisor restarts."""
-    from tests.service.conftest import build_bundle  # the small synthetic world of the tests
-
     from models.artifact import save_artifact
+    from tests.service.conftest import build_bundle  # the small synthetic world of the tests
 
     artifact = workdir / "artifact"
     save_artifact(build_bundle(0), artifact)
@@ -542,6 +548,7 @@ def campaign_kill(workdir: Path, out: Path, *, duration: float = 12.0, workers: 
             "supervisor_logged_restart": "restarting" in log,
         },
         out,
+        log=log,
     )
 
 
@@ -568,6 +575,41 @@ def _summary(result: Any) -> dict[str, Any]:
     return {k: getattr(result, k) for k in keys}
 
 
+def _ok_latency_buckets(metrics_port: int) -> dict[float, float]:
+    """Cumulative server-side latency histogram of successful Recommend calls (all workers)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("affinity_request_latency_seconds_bucket{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        if 'code="OK"' in labels and 'method="Recommend"' in labels:
+            le = labels.split('le="')[1].split('"')[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    return buckets
+
+
+def _server_quantiles(
+    before: dict[float, float], after: dict[float, float]
+) -> dict[str, float | None]:
+    """p50 and p99 upper bounds (ms) of the server-side latency between two scrapes."""
+    delta = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    out: dict[str, float | None] = {"server_ok_requests": total}
+    for name, q in (("server_p50_ms_at_most", 0.5), ("server_p99_ms_at_most", 0.99)):
+        bound = next((b for b, n in delta.items() if total and n >= q * total), None)
+        out[name] = None if bound is None or bound == float("inf") else bound * 1000
+    return out
+
+
+def _error_rate(result: Any) -> float:
+    return float(sum(result.errors.values())) / max(int(result.requests), 1)
+
+
 def _world(workdir: Path, size: tuple[int, int, int]) -> tuple[Path, list[str]]:
     from models.artifact import save_artifact
 
@@ -585,23 +627,35 @@ def campaign_overload(
     """Capacity, then 3x capacity for 20 s, then half capacity again."""
     artifact, users = _world(workdir, size)
     payloads = _payloads(users)
-    with serving(str(artifact), workdir, workers=2, max_in_flight=8) as server:
+    metrics_port = free_port()
+    with serving(
+        str(artifact), workdir, workers=2, max_in_flight=16, metrics_port=metrics_port
+    ) as server:
         capacity = _measure(server.target, payloads, 8, concurrency=16, processes=2)
         cap = max(capacity.rps, 50.0)
         rss_before = sum(server.rss().values())
+        scrapes = [_ok_latency_buckets(metrics_port)]
         normal = _measure(server.target, payloads, 8, rate=0.5 * cap, processes=2, timeout=2)
-        over = _measure(server.target, payloads, 20, rate=3 * cap, processes=2, timeout=1)
+        scrapes.append(_ok_latency_buckets(metrics_port))
+        over = _measure(server.target, payloads, 20, rate=3 * cap, processes=4, timeout=1)
+        scrapes.append(_ok_latency_buckets(metrics_port))
         rss_peak = sum(server.rss().values())
         recovered = _measure(server.target, payloads, 8, rate=0.5 * cap, processes=2, timeout=2)
+        scrapes.append(_ok_latency_buckets(metrics_port))
         rss_after = sum(server.rss().values())
         alive = server.proc.poll() is None
-    excess_codes = set(over.errors) - {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+        log = server.log_text()
+    # CANCELLED is a deadline too: the server cancels a call whose deadline passed, and a busy
+    # client may read that RST_STREAM before its own timer reports DEADLINE_EXCEEDED.
+    excess_codes = set(over.errors) - {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED"}
     ok = (
         alive
         and not excess_codes
         and over.ok > 0
-        and sum(recovered.errors.values()) == 0
-        and recovered.p99_ms < max(4 * normal.p99_ms, 50.0)
+        # Back to how the same load fared before the overload (this box is shared and small,
+        # so "before" is the yardstick, not zero).
+        and _error_rate(recovered) <= _error_rate(normal) + 0.01
+        and recovered.p99_ms < max(2 * normal.p99_ms, 50.0)
         and rss_after < 1.25 * rss_before + 50 * 2**20
     )
     return _report(
@@ -609,9 +663,12 @@ def campaign_overload(
         ok,
         {
             "capacity_rps": round(cap, 1),
-            "normal_half_capacity": _summary(normal),
-            "overload_3x": _summary(over),
-            "recovered_half_capacity": _summary(recovered),
+            "normal_half_capacity": {**_summary(normal), **_server_quantiles(*scrapes[0:2])},
+            "overload_3x": {**_summary(over), **_server_quantiles(*scrapes[1:3])},
+            "recovered_half_capacity": {
+                **_summary(recovered),
+                **_server_quantiles(*scrapes[2:4]),
+            },
             "unexpected_codes": sorted(excess_codes),
             "server_rss_mb": {
                 "before": round(rss_before / 2**20, 1),
@@ -620,6 +677,7 @@ def campaign_overload(
             },
         },
         out,
+        log=log,
     )
 
 
@@ -697,6 +755,7 @@ def campaign_soak(
             "rss_samples_mb": [(round(t), round(r / 2**20, 1)) for t, r in samples[::6]],
         },
         out,
+        log=log,
     )
 
 
@@ -744,6 +803,7 @@ def campaign_fuzz(workdir: Path, out: Path, *, per_test: int = 2_600) -> bool:
             "unhandled_errors_logged": log.count("unhandled error"),
         },
         out,
+        log=log,
     )
 
 
@@ -751,12 +811,10 @@ def _count_cases(stdout: str) -> int:
     """Passing examples from ``--hypothesis-show-statistics`` output."""
     total = 0
     for line in stdout.splitlines():
-        text = line.strip()  # e.g. "- 2600 passing examples, 0 failing examples, ..."
-        if "passing examples" in text:
-            for word in text.replace(",", " ").split():
-                if word.isdigit():
-                    total += int(word)
-                    break
+        words = line.replace(",", " ").split()  # "- 2600 passing, 0 failing, and 9 invalid ..."
+        if "passing" in words:
+            count = words[words.index("passing") - 1]
+            total += int(count) if count.isdigit() else 0
     return total
 
 

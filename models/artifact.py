@@ -130,12 +130,12 @@ def save_artifact(bundle: ModelBundle, directory: str | Path) -> dict[str, Any]:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     seen = sp.csr_matrix(bundle.seen, dtype=np.float32)
-    write_npz(out / "model.npz", bundle.model.to_arrays())
+    write_aligned_npz(out / "model.npz", bundle.model.to_arrays())
     write_npz(
         out / "vocab.npz",
         {"user_ids": bundle.users.to_array(), "item_ids": bundle.items.to_array()},
     )
-    write_npz(
+    write_aligned_npz(
         out / "seen.npz",
         {
             "indptr": seen.indptr.astype(np.int64),
@@ -223,6 +223,35 @@ _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 """A zip local file header (30 bytes), ending with the name and extra-field lengths."""
 
 
+_PAD_FIELD = 0xA1F1
+"""Header id of the zip "extra" field that pads members to :data:`ALIGN` (readers skip it)."""
+ALIGN = 64
+
+
+def write_aligned_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like :func:`~models.npz.write_npz`, with every member's data starting at a 64-byte offset.
+
+    The result is an ordinary uncompressed ``.npz`` (``np.load`` reads it); the alignment lets
+    :func:`map_npz` hand out memory-mapped arrays that BLAS and scipy use without copying.
+    """
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            arr = np.asanyarray(value)
+            if arr.dtype.hasobject:
+                raise ArtifactError(f"array {name!r} has object dtype and cannot be stored safely")
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            zip64 = arr.nbytes > (1 << 30)  # zipfile then adds a 20-byte zip64 extra field
+            assert zf.fp is not None
+            start = zf.fp.tell() + _LOCAL_HEADER.size + len(info.filename.encode())
+            pad = -(start + (20 if zip64 else 0)) % ALIGN
+            if pad:
+                pad += ALIGN if pad < 4 else 0  # an extra field needs 4 bytes of header
+                info.extra = struct.pack("<HH", _PAD_FIELD, pad - 4) + bytes(pad - 4)
+            with zf.open(info, "w", force_zip64=zip64) as fh:
+                np.lib.format.write_array(fh, arr, allow_pickle=False)
+
+
 def map_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Read-only arrays of an uncompressed ``.npz`` that view the file's pages (no copy).
 
@@ -253,7 +282,10 @@ def map_npz(path: str | Path) -> dict[str, np.ndarray]:
                 if dtype.hasobject:
                     raise ArtifactError(f"{path.name} holds data that would need pickle: refused")
                 count = int(np.prod(shape, dtype=np.int64))
-                flat = np.frombuffer(buffer, dtype=dtype, count=count, offset=fh.tell())
+                offset = fh.tell()
+                flat = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
+                if offset % max(1, dtype.alignment):
+                    flat = flat.copy()  # written unaligned (np.savez): BLAS would copy anyway
                 arrays[member.filename.removesuffix(".npy")] = flat.reshape(
                     shape, order="F" if fortran else "C"
                 )

@@ -8,11 +8,13 @@ the memory it will need first and refuses catalogs that do not fit the budget.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 from pydantic import PositiveFloat
+from threadpoolctl import threadpool_limits
 
 from models.base import ModelConfig, ProgressCallback, Recommender
 from models.errors import ArtifactError, ModelTooLargeError
@@ -49,7 +51,7 @@ def _spd_inverse(gram: np.ndarray) -> np.ndarray:
 class EASEConfig(ModelConfig):
     """Hyperparameters of EASE."""
 
-    l2: PositiveFloat = 500.0
+    l2: PositiveFloat = 200.0
     """L2 penalty λ added to the diagonal of XᵀX; larger values favour popular items less."""
     max_memory_gb: PositiveFloat = 8.0
     """Refuse to fit when the estimated peak memory (n_items² x 8 bytes x 3) exceeds this."""
@@ -93,7 +95,10 @@ class EASE(Recommender):
         x = self._input(user_items).astype(np.float64)
         gram = np.asarray((x.T @ x).toarray(), dtype=np.float64)
         gram[np.diag_indices_from(gram)] += cfg.l2
-        inverse = _spd_inverse(gram)
+        # Callers pin BLAS to one thread for implicit's sake; a dense inverse is pure LAPACK
+        # and scales with cores, so it gets them all back.
+        with threadpool_limits(os.cpu_count() or 1, "blas"):
+            inverse = _spd_inverse(gram)
         del gram
         inverse /= -np.diag(inverse)[None, :]
         np.fill_diagonal(inverse, 0.0)

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.artifact import ITEM_TYPES, ModelBundle
-from models.base import NEG_INF, topk
+from models.base import NEG_INF
 from models.errors import InvalidInputError, NotFoundError
 from models.vocabulary import MISSING
 
@@ -83,8 +83,7 @@ def top_k_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(scores)
     m = n // BLOCK
     if n < MIN_BLOCKED_TOPK or k * 4 > m:
-        ids, top = topk(scores[None, :], k)
-        return ids[0], top[0]
+        return _top_k_exact(scores, k)
     maxima = scores[: m * BLOCK].reshape(BLOCK, m).max(axis=0)
     threshold = np.partition(maxima, m - k)[m - k]
     columns = np.flatnonzero(maxima >= threshold)
@@ -92,10 +91,21 @@ def top_k_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     # which keeps topk's tie-break (lowest id first) identical.
     candidates = (columns[None, :] + m * np.arange(BLOCK)[:, None]).ravel()
     candidates = np.concatenate([candidates, np.arange(m * BLOCK, n)])
-    ids, top = topk(scores[candidates][None, :], k)
-    ids, top = ids[0], top[0]
+    ids, top = _top_k_exact(scores[candidates], k)
     found = ids >= 0
     ids[found] = candidates[ids[found]]
+    return ids, top
+
+
+def _top_k_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`topk` of one row, without the 2-d bookkeeping (this runs once per request)."""
+    n = len(scores)
+    k = min(k, n)
+    part = np.argpartition(scores, n - k)[n - k :] if k < n else np.arange(n)
+    top = scores[part]
+    order = np.lexsort((part, -top))
+    ids, top = part[order].astype(np.int64), top[order].astype(np.float32)
+    ids[np.isneginf(top)] = -1
     return ids, top
 
 
@@ -154,7 +164,10 @@ class ScoreBatcher:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
         try:
-            scores = self._score(np.stack([s.vector for s in batch]))
+            vectors = (
+                batch[0].vector[None, :] if len(batch) == 1 else np.stack([s.vector for s in batch])
+            )
+            scores = self._score(vectors)
             for row, s in zip(scores, batch, strict=True):
                 s.result = row
         except BaseException as exc:
@@ -176,7 +189,6 @@ class ScoreBatcher:
 _NO_ITEMS = np.empty(0, dtype=np.int64)
 
 
-
 def _cached(method: Callable[..., Any], maxsize: int = 256) -> Callable[..., Any]:
     """``lru_cache`` of a bound method that holds its instance weakly.
 
@@ -194,6 +206,7 @@ def _cached(method: Callable[..., Any], maxsize: int = 256) -> Callable[..., Any
 
     return call
 
+
 class Engine:
     """Immutable, thread-safe query interface over one model bundle."""
 
@@ -203,11 +216,14 @@ class Engine:
         self.n_items = len(bundle.items)
         # Factor models expose user vectors and a batched scorer; others score one request alone.
         score_vectors = getattr(self.model, "score_vectors", None)
-        self._user_vectors: Callable[[np.ndarray], np.ndarray] = getattr(
+        self._user_vectors: Callable[[np.ndarray], np.ndarray] | None = getattr(
             self.model, "user_vectors", None
         )
-        self._history_vectors: Callable[[sp.csr_matrix], np.ndarray] = getattr(
+        self._history_vectors: Callable[[sp.csr_matrix], np.ndarray] | None = getattr(
             self.model, "history_vectors", None
+        )
+        self._fold_in_items: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = getattr(
+            self.model, "fold_in_items", None
         )
         self._batcher = ScoreBatcher(score_vectors) if score_vectors is not None else None
         cat = bundle.catalog
@@ -295,7 +311,7 @@ class Engine:
                 scores = self._score_user(int(uidx))
             source = Source.PERSONALIZED
         elif len(recent):
-            scores = self._score_history(self._history_row(recent))
+            scores = self._score_recent(recent)
             source = Source.FOLD_IN
         else:
             return self._popular(k, mask, np.concatenate(blocked), trending=False)
@@ -304,13 +320,21 @@ class Engine:
         return self._rank(scores, k, item_filter, np.concatenate(blocked), source)
 
     def _score_user(self, uidx: int) -> np.ndarray:
-        if self._batcher is not None:
+        if self._batcher is not None and self._user_vectors is not None:
             return self._batcher(self._user_vectors(np.array([uidx]))[0])
         row = self._seen[uidx]
         return np.array(self.model.score_users(np.array([uidx]), row)[0], dtype=np.float32)
 
+    def _score_recent(self, recent: np.ndarray) -> np.ndarray:
+        """Scores for a user known only by ``recent`` items (duplicates add up, as in a CSR row)."""
+        if self._batcher is not None and self._fold_in_items is not None:
+            items, counts = np.unique(recent, return_counts=True)
+            vector = self._fold_in_items(items, counts * np.float32(self._recent_weight))
+            return self._batcher(vector)
+        return self._score_history(self._history_row(recent))
+
     def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
-        if self._batcher is not None:
+        if self._batcher is not None and self._history_vectors is not None:
             return self._batcher(self._history_vectors(history)[0])
         return np.array(self.model.score_history(history)[0], dtype=np.float32)
 
@@ -373,9 +397,9 @@ class Engine:
     ) -> Recommendations:
         """Top ``k`` of ``scores`` (a private float32 row, overwritten) within the filter."""
         mask = self.candidate_mask(item_filter)
-        # One cheap reduction instead of a full isfinite/where pass: a sum is finite only if
-        # every score is (an overflowing sum of finite scores just takes the slow path).
-        if not np.isfinite(scores.sum(dtype=np.float64)):
+        # One cheap reduction instead of a full isfinite/where pass: the maximum is finite
+        # unless a score is NaN (which max propagates) or +inf.
+        if not np.isfinite(scores.max()):
             scores[~np.isfinite(scores)] = NEG_INF
         scores[self._masked_out(item_filter)] = NEG_INF
         if len(blocked):

@@ -28,11 +28,11 @@ logger = logging.getLogger(__name__)
 class ALSConfig(ModelConfig):
     """Hyperparameters of implicit-feedback alternating least squares (Hu, Koren & Volinsky)."""
 
-    factors: PositiveInt = 64
+    factors: PositiveInt = 256
     """The number of latent factors."""
-    regularization: PositiveFloat = 0.01
-    """L2 penalty on user and item factors."""
-    alpha: PositiveFloat = 1.0
+    regularization: PositiveFloat = 20.0
+    """L2 penalty on user and item factors (strong: see ``docs/quality.md``)."""
+    alpha: PositiveFloat = 2.0
     """Confidence scaling: implicit multiplies every matrix value by alpha (C_ui = alpha * r_ui)."""
     iterations: PositiveInt = 15
     """The number of ALS sweeps (users then items)."""
@@ -251,6 +251,20 @@ class ALS(_FactorModel):
             lhs[row] += (factors.T * weight[start:end]) @ factors
             rhs[row] = positive[start:end] @ factors
         return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0].astype(np.float32)
+
+    def fold_in_items(self, items: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """:meth:`fold_in` of one user whose history is distinct ``items`` with ``values``.
+
+        The same solve without building a sparse matrix: a request's fold-in is then a gather
+        of ``len(items)`` factor rows and one 64x64 solve.
+        """
+        cfg = self.config
+        assert isinstance(cfg, ALSConfig)
+        confidence = np.asarray(values, dtype=np.float64) * cfg.alpha
+        factors = self.item_factors[np.asarray(items, dtype=np.int64)].astype(np.float64)
+        lhs = self._regularized_gram() + (factors.T * (np.abs(confidence) - 1.0)) @ factors
+        rhs = np.maximum(confidence, 0.0) @ factors
+        return np.linalg.solve(lhs, rhs).astype(np.float32)
 
     def history_vectors(self, history: sp.csr_matrix) -> np.ndarray:
         return self.fold_in(history)

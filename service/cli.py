@@ -39,6 +39,8 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--max-k": ("max_k", int, {"metavar": "N"}),
     "--max-ids": ("max_ids", int, {"metavar": "N"}),
     "--max-in-flight": ("max_in_flight", int, {"metavar": "N"}),
+    "--max-message-bytes": ("max_message_bytes", int, {"metavar": "N"}),
+    "--max-concurrent-streams": ("max_concurrent_streams", int, {"metavar": "N"}),
     "--cache-dir": ("cache_dir", str, {"metavar": "DIR"}),
     "--log-format": ("log_format", str, {"choices": ["json", "text"]}),
     "--log-level": ("log_level", str, {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),

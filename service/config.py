@@ -89,9 +89,10 @@ class ServeSettings(BaseSettings):
     """Largest request or response message in bytes; bigger requests get RESOURCE_EXHAUSTED."""
 
     max_concurrent_streams: int = Field(
-        100, validation_alias="AFFINITY_MAX_CONCURRENT_STREAMS", ge=1, le=100_000
+        1000, validation_alias="AFFINITY_MAX_CONCURRENT_STREAMS", ge=1, le=100_000
     )
-    """Requests one client connection may have open at once; more wait on the client side."""
+    """Requests one client connection may have open at once (HTTP/2 streams). Clients wait for a
+    free stream; a burst sent before the connection's settings arrive gets UNAVAILABLE."""
 
     max_in_flight: int = Field(64, validation_alias="AFFINITY_MAX_IN_FLIGHT", ge=1, le=100_000)
     """Requests handled at once per process; more are refused with RESOURCE_EXHAUSTED."""

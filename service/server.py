@@ -73,6 +73,10 @@ def create_server(
             max_workers=settings.max_in_flight + SPARE_THREADS, thread_name_prefix="affinity-rpc"
         ),
         interceptors=interceptors,
+        # Past this many RPCs gRPC answers RESOURCE_EXHAUSTED itself, without queueing them for a
+        # thread: under overload the executor's queue would otherwise grow without bound and
+        # requests would wait there until their deadline.
+        maximum_concurrent_rpcs=settings.max_in_flight + SPARE_THREADS,
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -23,6 +23,8 @@ from service.loader import LoadedModel, ModelHolder
 
 logger = logging.getLogger(__name__)
 
+NO_FILTER = ItemFilter()
+
 SOURCES = {
     Source.PERSONALIZED: pb.SOURCE_PERSONALIZED,
     Source.FOLD_IN: pb.SOURCE_FOLD_IN,
@@ -52,6 +54,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 )
 
     def _filter(self, flt: pb.ItemFilter, loaded: LoadedModel) -> ItemFilter:
+        if not flt.item_types and not flt.categories:
+            return NO_FILTER  # the common case, checked without building sets per request
         self._check_ids(
             **{"filter.item_types": flt.item_types, "filter.categories": flt.categories}
         )

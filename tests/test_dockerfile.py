@@ -65,15 +65,31 @@ def test_image_install_and_entrypoint_steps_in_a_fresh_venv(tmp_path: Path) -> N
     # The builder stage: `pip install .` from a copy of the sources the Dockerfile COPYs.
     src = tmp_path / "src"
     src.mkdir()
-    copied = [arg.split()[0] for op, arg in _instructions() if op == "COPY" and "--from" not in arg]
+    copied = [
+        source
+        for op, arg in _instructions()
+        if op == "COPY" and "--from" not in arg
+        for source in arg.split()[:-1]  # every source; the last word is the destination
+    ]
     for name in copied:
         path = ROOT / name
         if path.is_dir():
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(path, src / name)
+    run_steps = " ".join(arg for op, arg in _instructions() if op == "RUN")
+    assert "pip install --constraint requirements.lock ." in run_steps
     install = subprocess.run(
-        [str(py), "-m", "pip", "install", "--quiet", str(src)],
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--constraint",
+            str(src / "requirements.lock"),
+            str(src),
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -340,8 +340,12 @@ def _iso_seconds(text: pd.Series) -> np.ndarray:
                     part[sel] = np.floor_divide(micros.to_numpy(zero_copy_only=False), 1_000_000)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             parsed = pd.to_datetime(chunk, format="ISO8601", utc=True, errors="coerce")
-            delta = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "s")
-            part[:] = delta.to_numpy(dtype=np.float64, na_value=np.nan)
+            # Not ``parsed - Timestamp(0)``: that converts to nanoseconds and raises for years
+            # past 2262 instead of letting the range check quarantine the row.
+            micros = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+            valid = ~np.isnat(micros)
+            part[:] = np.nan
+            part[valid] = np.floor_divide(micros[valid].astype(np.int64), 1_000_000)
     return out
 
 
@@ -415,7 +419,10 @@ def _validate(cols: dict[str, Any], weights: EventWeights) -> tuple[pd.DataFrame
             "user_id": user,
             "item_id": item,
             "event": event,
-            "timestamp": np.floor(np.nan_to_num(seconds)).astype(np.int64),
+            # Rows outside int64 (inf, 1e20) are quarantined anyway; 0 keeps the cast defined.
+            "timestamp": np.floor(
+                np.where(np.abs(seconds) < 2.0**62, seconds, 0.0)  # NaN fails the test too
+            ).astype(np.int64),
             "value": values,
             "weight": event_weight[np.maximum(event_codes, 0)] * values,
         }

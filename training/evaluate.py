@@ -132,6 +132,9 @@ def _aligned(
     return train, test
 
 
+_SCORE_CELLS = 16_000_000
+
+
 def evaluate(
     model: Recommender,
     train_matrix: sp.spmatrix | sp.sparray,
@@ -176,6 +179,9 @@ def evaluate(
         )
 
     users = np.flatnonzero(np.diff(test.indptr) > 0)
+    # Each batch holds a dense (batch x items) score matrix: keep it near 64 MB so large
+    # catalogs stay in cache-friendly, memory-safe chunks.
+    batch_size = min(batch_size, max(16, _SCORE_CELLS // max(1, train.shape[1])))
     started = time.perf_counter()
     n_batches = math.ceil(len(users) / batch_size)
     parts: list[UserMetrics] = []

@@ -8,6 +8,7 @@ with the same list as a naive per-user ``item_factors @ user`` ranking, also und
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -71,8 +72,9 @@ def test_batcher_answers_each_caller_with_its_own_row_under_concurrency() -> Non
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(users))]
     for t in threads:
         t.start()
-    while batcher.scored == 0 and len(batcher._queue) < len(users) - 1:
-        threading.Event().wait(0.01)
+    deadline = time.monotonic() + 5
+    while len(batcher._queue) < len(users) - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     gate.set()
     for t in threads:
         t.join(10)
@@ -155,3 +157,32 @@ def test_engine_matches_naive_float32_ranking(
     assert np.mean(recalls) >= 0.99
     exact = np.mean([got[u] == naive(model, seen, u, 10) for u in range(model.n_users)])
     assert exact >= 0.95
+
+
+def test_single_user_fold_in_equals_the_sparse_fold_in(
+    big_engine: tuple[Engine, ALS, sp.csr_matrix],
+) -> None:
+    _, model, _ = big_engine
+    rng = np.random.default_rng(3)
+    items = np.sort(rng.choice(model.n_items, size=50, replace=False))
+    values = rng.uniform(0.5, 3.0, size=50).astype(np.float32)
+    values[:3] = -1.0  # dislikes take the same path too
+    row = sp.csr_matrix(
+        (values, (np.zeros(50, np.int64), items)), shape=(1, model.n_items), dtype=np.float32
+    )
+    np.testing.assert_allclose(
+        model.fold_in_items(items, values), model.fold_in(row)[0], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_engine_fold_in_ranks_like_the_sparse_path(
+    big_engine: tuple[Engine, ALS, sp.csr_matrix],
+) -> None:
+    engine, model, _ = big_engine
+    recent = [f"i{i}" for i in (5, 17, 17, 400, 4000, 5999)]  # a repeat counts twice
+    got = engine.recommend("new-user", 10, recent_item_ids=recent)
+    history = engine._history_row(engine._known_items(recent))
+    scores = model.score_history(history)[0]
+    scores[[5, 17, 400, 4000, 5999]] = -np.inf
+    want = np.lexsort((np.arange(len(scores)), -scores))[:10]
+    assert got.indices.tolist() == want.tolist()

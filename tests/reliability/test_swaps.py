@@ -40,9 +40,7 @@ def test_a_swapped_out_model_is_freed_without_waiting_for_the_garbage_collector(
                 holder.swap(loaded)
                 del loaded
                 # Exercise the engine's caches (filters) before the next swap.
-                assert c.recommend("u01", k=3, item_types=["content"]).model.version == str(
-                    version
-                )
+                assert c.recommend("u01", k=3, item_types=["content"]).model.version == str(version)
                 assert c.popular(k=2, categories=["a"]).items
                 assert sum(ref() is not None for ref in old) == 1
     finally:

@@ -103,6 +103,8 @@ def test_tracking_server_down_and_back(
     try:
         with mlflow_server(tmp_path / "mlflow", port) as url:
             mlflow.set_tracking_uri(url)
+            # Earlier tests leave another store's experiment active in MLflow's global state.
+            mlflow.set_experiment("tracking-down")
             register(artifact_dir)  # version 1, champion
             settings = settings_for(uri, tmp_path, tracking_uri=url, poll_seconds=0.2)
             holder = ModelHolder()
@@ -141,6 +143,8 @@ def test_tracking_server_down_and_back(
             # The wrong host never comes back: that server stays on its cached version.
             assert restarted[1].get().meta.version == "1"
             assert restarted[1].get().meta.from_cache
+            for each in loaders:  # before the server goes: no poll left waiting on it
+                each.stop()
     finally:
         for each in loaders:
             each.stop()

@@ -49,8 +49,15 @@ def build_bundle(seed: int = 0) -> ModelBundle:
             cols.append(base + int(i))
     matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(N_USERS, N_ITEMS))
     with threadpool_limits(1, "blas"):
+        # A 200-user toy matrix: the library's regularization default is sized for real data.
         model = get_algorithm("als")(
-            factors=8, iterations=8, random_state=seed, num_threads=1, calculate_training_loss=False
+            factors=8,
+            regularization=0.01,
+            alpha=1.0,
+            iterations=8,
+            random_state=seed,
+            num_threads=1,
+            calculate_training_loss=False,
         ).fit(matrix)
     item_ids = [f"i{i:02d}" for i in range(N_ITEMS)]
     available = np.ones(N_ITEMS, dtype=bool)

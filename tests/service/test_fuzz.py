@@ -181,7 +181,12 @@ def test_recommend_fuzz(
         include_seen=include_seen,
     )
     code = _code_of(lambda: stub.Recommend(request, timeout=30))
-    if 1 <= k <= 50 and len(recent) <= 1000 and len(exclude) <= 1000 and not item_filter.ListFields():
+    if (
+        1 <= k <= 50
+        and len(recent) <= 1000
+        and len(exclude) <= 1000
+        and not item_filter.ListFields()
+    ):
         # A valid request for any user (known, unknown, odd) gets an answer: fold-in or popular.
         assert code in {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -212,7 +217,9 @@ def test_popular_fuzz(
     item_filter: pb.ItemFilter,
     trending: bool,
 ) -> None:
-    request = pb.PopularRequest(k=k, exclude_item_ids=exclude, filter=item_filter, trending=trending)
+    request = pb.PopularRequest(
+        k=k, exclude_item_ids=exclude, filter=item_filter, trending=trending
+    )
     code = _code_of(lambda: stub.Popular(request, timeout=30))
     if not 1 <= k <= 1000:
         assert code == grpc.StatusCode.INVALID_ARGUMENT

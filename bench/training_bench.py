@@ -1,0 +1,173 @@
+"""Training benchmark: ``affinity train`` end to end vs a bare implicit ALS fit of the same data.
+
+For each size (interaction events; users = events / 20, items = events / 100, so 20M events is
+the issue's 1M users x 200k items) it generates a log with ``affinity generate``, then times, each
+in a fresh process whose peak resident memory is read from ``wait4``:
+
+* ``affinity train`` (load, split, fit, evaluate, MLflow run, registry) with its stage timings;
+* a bare ``implicit`` ALS fit (the pipeline's ALS defaults) of the user x item matrix the
+  pipeline fits, i.e. the temporal training split, built outside the timed region.
+
+The ratio e2e / bare fit is the pipeline's overhead. Run
+``python -m bench.training_bench --sizes 1000000,10000000,20000000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common
+from bench.common import log
+
+BARE_FIT = """
+import json, sys, time
+import numpy as np
+from threadpoolctl import threadpool_limits
+from training.confidence import build_matrix
+from training.data import load_interactions
+from training.split import split
+from models.factorization import ALSConfig
+
+loaded = load_interactions(sys.argv[1])
+parts = split(loaded.frame, sys.argv[2], fraction=0.2, seed=42)
+matrix = build_matrix(parts.train).matrix
+cfg = ALSConfig()
+from implicit.cpu.als import AlternatingLeastSquares
+with threadpool_limits(1, "blas"):
+    model = AlternatingLeastSquares(factors=cfg.factors, regularization=cfg.regularization,
+        alpha=cfg.alpha, dtype=np.float32, use_cg=cfg.use_cg, iterations=cfg.iterations,
+        calculate_training_loss=cfg.calculate_training_loss, random_state=cfg.random_state)
+    t = time.perf_counter()
+    model.fit(matrix, show_progress=False)
+    fit = time.perf_counter() - t
+print(json.dumps({"fit_seconds": fit, "nnz": int(matrix.nnz), "shape": list(matrix.shape)}))
+"""
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``command``; wall seconds, peak RSS (MiB) of the process and its last stdout line."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=common.ROOT
+    )
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed with {proc.returncode}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return {
+        "wall_seconds": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "output": json.loads(lines[-1]) if lines else {},
+    }
+
+
+def stage_timings(workdir: Path, run_id: str) -> dict[str, float]:
+    """The pipeline's own stage timings from the run's ``evaluation/report.json``."""
+    os.environ.update(common.tracking_env(workdir))
+    import mlflow
+
+    mlflow.set_tracking_uri(common.tracking_env(workdir)["MLFLOW_TRACKING_URI"])
+    try:
+        report = mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/report.json")
+    except Exception as exc:  # the timings are a bonus; the wall clock is the measurement
+        log(f"no stage timings for run {run_id}: {exc}")
+        return {}
+    return {k: float(v) for k, v in (report.get("timings") or {}).items()}
+
+
+def bench_size(events: int, root: Path) -> dict[str, Any]:
+    catalog = common.Catalog(
+        f"train-{events}", users=events // 20, items=max(100, events // 100), interactions=events
+    )
+    workdir = root / catalog.name
+    data = common.generate(catalog, workdir)
+    env = common.tracking_env(workdir)
+    log(f"{events:,} events: bare implicit fit")
+    bare = timed(
+        [sys.executable, "-c", BARE_FIT, str(data / "interactions.parquet"), "temporal"], env
+    )
+    log(f"{events:,} events: affinity train end to end")
+    e2e = timed(
+        [
+            str(common.BIN / "affinity"),
+            "train",
+            "--interactions",
+            str(data / "interactions.parquet"),
+            "--items",
+            str(data / "items.parquet"),
+            "--force-promote",
+            "--quiet",
+            "--json",
+        ],
+        env,
+    )
+    run_id = str(e2e["output"].get("run_id", ""))
+    result = {
+        "events": events,
+        "users": catalog.users,
+        "items": catalog.items,
+        "train_pairs": bare["output"].get("nnz"),
+        "bare_fit_seconds": bare["output"].get("fit_seconds"),
+        "bare_process_seconds": bare["wall_seconds"],
+        "bare_peak_rss_mib": bare["peak_rss_mib"],
+        "e2e_seconds": e2e["wall_seconds"],
+        "e2e_peak_rss_mib": e2e["peak_rss_mib"],
+        "stages": stage_timings(workdir, run_id) if run_id else {},
+    }
+    result["overhead_ratio"] = result["e2e_seconds"] / result["bare_fit_seconds"]
+    log(
+        f"{events:,} events: e2e {result['e2e_seconds']:.1f}s vs bare fit "
+        f"{result['bare_fit_seconds']:.1f}s (x{result['overhead_ratio']:.2f})"
+    )
+    return result
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| events | users x items | train pairs | bare fit s | e2e s | overhead | "
+        "peak MiB bare / e2e | stages (s) |",
+        "|---:|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        stages = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in r["stages"].items())
+        lines.append(
+            f"| {r['events']:,} | {r['users']:,} x {r['items']:,} | {r['train_pairs']:,} "
+            f"| {r['bare_fit_seconds']:.1f} | {r['e2e_seconds']:.1f} | x{r['overhead_ratio']:.2f} "
+            f"| {r['bare_peak_rss_mib']:.0f} / {r['e2e_peak_rss_mib']:.0f} | {stages} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.training_bench", description=__doc__)
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1_000_000, 10_000_000, 20_000_000],
+        help="interaction events per run, comma separated",
+    )
+    parser.add_argument("--workdir", default="/tmp/affinity-bench")
+    args = parser.parse_args(argv)
+    root = Path(args.workdir)
+    results = [bench_size(n, root) for n in args.sizes]
+    out = root / "training.json"
+    common.write_json(out, results)
+    text = render(results)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
