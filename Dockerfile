@@ -19,6 +19,7 @@ FROM python:3.11-slim
 ENV PATH=/opt/affinity/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     OPENBLAS_NUM_THREADS=1 \
+    MALLOC_ARENA_MAX=2 \
     AFFINITY_PORT=50051 \
     AFFINITY_CACHE_DIR=/var/cache/affinity
 RUN groupadd --system --gid 10001 affinity \

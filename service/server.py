@@ -170,6 +170,9 @@ def supervise(settings: ServeSettings) -> int:
         "AFFINITY_METRICS_PORT": "0",
         metrics.MULTIPROC_ENV: multiproc_dir,
     }
+    # glibc gives each thread that allocates its own malloc arena; with a thread pool and
+    # repeated model swaps those arenas keep freed memory. Two arenas bound the growth.
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     # Not ``-m service.server``: that would name the worker's logger ``__main__``.
     command = [
         sys.executable,

@@ -105,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         primary_metric=args.primary_metric,
         experiment=args.experiment,
         quarantine_path=args.quarantine,
+        eval_users=args.eval_users,
     )
     result = run_training(opts, progress)
     summary = result.to_json()
@@ -253,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="drop items with fewer distinct users (default 1)",
+    )
+    tr.add_argument(
+        "--eval-users",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="evaluate on a seeded sample of at most N held-out users (default 10000; 0: all)",
     )
     tr.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     tr.add_argument(

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import mlflow
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from models.artifact import ModelBundle, save_artifact
@@ -70,6 +71,8 @@ class TrainOptions:
     experiment: str = "affinity"
     quarantine_path: Path | None = None
     register: bool = True
+    eval_users: int = 10_000
+    """Evaluate on at most this many held-out users, sampled with ``seed`` (0: all of them)."""
 
 
 @dataclass
@@ -179,6 +182,8 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
 
     train = build_matrix(train_frame, opts.confidence)
     test = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=train.items)
+    n_holdout_users = int(np.count_nonzero(np.diff(test.matrix.indptr)))
+    test.matrix = _sample_users(test.matrix, opts.eval_users, opts.seed)
     params = dict(opts.params)
     tuning_summary: dict[str, Any] = {}
     fingerprint = dataset_fingerprint(frame)
@@ -223,6 +228,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
                 "test_fraction": opts.test_fraction,
                 "seed": opts.seed,
                 "tune_trials": opts.tune,
+                "eval_users": opts.eval_users,
                 "primary_metric": opts.primary_metric,
                 **{f"confidence.{k}": v for k, v in opts.confidence.model_dump().items()},
                 **{f"event_weight.{k}": v for k, v in weights.as_dict().items()},
@@ -236,7 +242,8 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             "n_items": len(train.items),
             "n_train_pairs": int(train.matrix.nnz),
             "n_test_pairs": int(test.matrix.nnz),
-            "n_test_users": int(np.count_nonzero(np.diff(test.matrix.indptr))),
+            "n_test_users": n_holdout_users,
+            "n_eval_users": int(np.count_nonzero(np.diff(test.matrix.indptr))),
             "density": float(train.matrix.nnz) / max(1, len(train.users) * len(train.items)),
         }
         mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items()})
@@ -254,7 +261,10 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         model = fit_model(opts.algorithm, params, train.matrix, on_iteration)
         timings["fit_seconds"] = time.perf_counter() - t
 
-        progress(f"evaluating on {stats['n_test_users']:,} held-out users (k={opts.k})")
+        progress(
+            f"evaluating on {stats['n_eval_users']:,} of {n_holdout_users:,} held-out users "
+            f"(k={opts.k})"
+        )
         t = time.perf_counter()
         evaluation, baseline = evaluate_with_baseline(
             model,
@@ -369,6 +379,23 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         artifact_dir=artifact_dir,
         best_params=full_params,
     )
+
+
+def _sample_users(matrix: sp.csr_matrix, limit: int, seed: int) -> sp.csr_matrix:
+    """Keep the held-out rows of at most ``limit`` users (seeded sample); others become empty.
+
+    Scoring every user of a million-user log costs more than the fit itself; a 10,000-user
+    sample measures NDCG@10 with a standard error of about 0.003, enough to compare models
+    evaluated on the same sample.
+    """
+    users = np.flatnonzero(np.diff(matrix.indptr))
+    if limit <= 0 or len(users) <= limit:
+        return matrix
+    keep = np.zeros(matrix.shape[0], dtype=np.float32)
+    keep[np.random.default_rng(seed).choice(users, size=limit, replace=False)] = 1.0
+    sampled = sp.csr_matrix(sp.diags(keep) @ matrix, dtype=np.float32)
+    sampled.eliminate_zeros()
+    return sampled
 
 
 class _Throttle:

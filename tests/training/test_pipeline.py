@@ -190,6 +190,20 @@ def test_tune_runs_nested_trials_on_validation(
     assert parent.data.params["model.K"] == best.data.params["K"]
 
 
+def test_evaluation_can_be_limited_to_a_seeded_user_sample(
+    logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--interactions", str(logs / "interactions.parquet"), "--algorithm", "popularity"]
+    first = train(capsys, *common, "--eval-users", "100")
+    again = train(capsys, *common, "--eval-users", "100")
+    client = mlflow.MlflowClient()
+    metrics = client.get_run(first["run_id"]).data.metrics
+    assert metrics["data_n_eval_users"] == 100
+    assert metrics["data_n_test_users"] > 100
+    # Same seed, same sample: the two runs are comparable number for number.
+    assert first["metrics"] == again["metrics"]
+
+
 def test_given_holdout_file_is_used_instead_of_a_split(
     tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
