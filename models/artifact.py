@@ -106,6 +106,20 @@ class ModelBundle:
             raise ArtifactError("inconsistent artifact: " + "; ".join(problems))
 
 
+def find_artifact_dir(root: str | Path) -> Path:
+    """The Affinity artifact (the folder holding ``manifest.json``) at or below ``root``.
+
+    A model downloaded from the MLflow registry nests the artifact inside the pyfunc model
+    (``artifacts/affinity/``); a local path may point at it directly.
+    """
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return root
+    for manifest in sorted(root.rglob(MANIFEST)):
+        return manifest.parent
+    raise ArtifactError(f"no Affinity artifact ({MANIFEST}) under {root}")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

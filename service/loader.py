@@ -24,15 +24,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.artifact import load_artifact, verify_artifact
+from models.artifact import find_artifact_dir, load_artifact, verify_artifact
 from models.engine import Engine
-from models.errors import ArtifactError, NotReadyError
+from models.errors import NotReadyError
 from service import metrics
 from service.config import ServeSettings, parse_registry_uri
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 LAST_GOOD = "last_good.json"
 STALE_DOWNLOAD_SECONDS = 24 * 3600
 """Age after which a leftover download directory (from a crashed process) is deleted."""
@@ -121,15 +120,6 @@ def warm_up(engine: Engine) -> None:
         engine.similar_items([first_item], k)
     engine.popular(k)
     engine.popular(k, trending=True)
-
-
-def find_artifact_dir(root: Path) -> Path:
-    """The Affinity artifact (the folder holding ``manifest.json``) at or below ``root``."""
-    if (root / MANIFEST).is_file():
-        return root
-    for manifest in sorted(root.rglob(MANIFEST)):
-        return manifest.parent
-    raise ArtifactError(f"no Affinity artifact ({MANIFEST}) under {root}")
 
 
 def _fail(stage: str) -> None:

@@ -20,7 +20,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import models
-from models.artifact import load_artifact
+from models.artifact import find_artifact_dir, load_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +91,6 @@ def get_alias_version(model_name: str, alias: str) -> ModelVersion | None:
         return mlflow.MlflowClient().get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
-
-
-def find_artifact_dir(root: Path) -> Path:
-    """The Affinity artifact (the folder with ``manifest.json``) inside a downloaded model."""
-    if (root / "manifest.json").is_file():
-        return root
-    for manifest in sorted(root.rglob("manifest.json")):
-        return manifest.parent
-    raise FileNotFoundError(f"no Affinity artifact (manifest.json) under {root}")
 
 
 def download_model(model_uri: str, dst: Path | None = None) -> Path:
