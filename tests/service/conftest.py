@@ -165,14 +165,6 @@ class GatedEngine(Engine):
         return super().recommend(*args, **kwargs)
 
 
-@pytest.fixture(scope="session")
-def _empty_tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow sqlite database with its schema created once (migrations take seconds)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def tracking(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path

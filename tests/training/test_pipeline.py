@@ -33,18 +33,12 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def _template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store with its schema created once (migrations take seconds)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _template_db: Path) -> Iterator[str]:
+def store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
+) -> Iterator[str]:
     """A fresh tracking store; the working directory is tmp_path, so ./mlruns lands there."""
-    shutil.copyfile(_template_db, tmp_path / "mlflow.db")
+    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
