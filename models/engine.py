@@ -6,11 +6,14 @@ items), picks personalized, fold-in or popular scoring, and backfills from popul
 filters starve the personalized list. Filter masks are computed once per model and cached, never
 per request.
 
-For factor models the scoring of concurrent requests is batched: a request that finds another one
-computing scores waits and is scored in the next GEMM together with every request that queued
-meanwhile (:class:`ScoreBatcher`), so a lone request pays no delay and a busy server reads the item
-factors once per batch instead of once per request. Top-k over large catalogs scans block maxima
-first (:func:`top_k_row`), which returns exactly what a full partition would.
+For factor models a request never scores the whole catalog: :class:`models.search.NormOrderedIndex`
+finds the exact top k by scanning items in decreasing-norm order until no unscored item can beat
+the k-th best score. Concurrent requests are batched: a request that finds another one searching
+waits and is searched in the next batch together with every request that queued meanwhile
+(:class:`ScoreBatcher`), so a lone request pays no delay and a busy server reads each block of
+item factors once per batch instead of once per request. Models without factors score every item;
+their top-k scans block maxima first (:func:`top_k_row`), which returns exactly what a full
+partition would.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import scipy.sparse as sp
 from models.artifact import ITEM_TYPES, ModelBundle
 from models.base import NEG_INF
 from models.errors import InvalidInputError, NotFoundError
+from models.search import Hits, NormOrderedIndex, Query, top_k_row
 from models.vocabulary import MISSING
 
 
@@ -65,72 +69,35 @@ class Recommendations:
         return len(self.item_ids)
 
 
-BLOCK = 128
-"""Width of the blocks whose maxima :func:`top_k_row` scans before looking at single scores."""
-MIN_BLOCKED_TOPK = 8 * BLOCK
 MAX_BATCH = 64
-"""Most requests scored in one GEMM (bounds the dense score matrix a batch allocates)."""
-
-
-def top_k_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` entries of the 1-d ``scores`` (finite or ``-inf``), like :func:`topk` on a row.
-
-    The row is viewed as ``BLOCK`` strided slices of length ``m``; the element-wise maximum over
-    them is each column's block maximum. If ``t`` is the k-th largest block maximum, ``k`` distinct
-    items score at least ``t``, so every item of the true top k lies in a column whose maximum
-    is ``>= t``: only those columns (about ``k x BLOCK`` items) are ranked exactly.
-    """
-    n = len(scores)
-    m = n // BLOCK
-    if n < MIN_BLOCKED_TOPK or k * 4 > m:
-        return _top_k_exact(scores, k)
-    maxima = scores[: m * BLOCK].reshape(BLOCK, m).max(axis=0)
-    threshold = np.partition(maxima, m - k)[m - k]
-    columns = np.flatnonzero(maxima >= threshold)
-    # Row-major over (slice, column) with columns ascending: the candidate ids come out sorted,
-    # which keeps topk's tie-break (lowest id first) identical.
-    candidates = (columns[None, :] + m * np.arange(BLOCK)[:, None]).ravel()
-    candidates = np.concatenate([candidates, np.arange(m * BLOCK, n)])
-    ids, top = _top_k_exact(scores[candidates], k)
-    found = ids >= 0
-    ids[found] = candidates[ids[found]]
-    return ids, top
-
-
-def _top_k_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`topk` of one row, without the 2-d bookkeeping (this runs once per request)."""
-    n = len(scores)
-    k = min(k, n)
-    part = np.argpartition(scores, n - k)[n - k :] if k < n else np.arange(n)
-    top = scores[part]
-    order = np.lexsort((part, -top))
-    ids, top = part[order].astype(np.int64), top[order].astype(np.float32)
-    ids[np.isneginf(top)] = -1
-    return ids, top
+"""Most requests searched together (bounds the score block a batch allocates)."""
 
 
 class _Slot:
-    __slots__ = ("done", "error", "lead", "result", "vector")
+    __slots__ = ("done", "error", "lead", "request", "result")
 
-    def __init__(self, vector: np.ndarray) -> None:
-        self.vector = vector
+    def __init__(self, request: Any) -> None:
+        self.request = request
         self.done = threading.Event()
         self.lead = False
-        self.result: np.ndarray | None = None
+        self.result: Any = None
         self.error: BaseException | None = None
 
 
 class ScoreBatcher:
-    """Scores concurrent single-user requests together, with no added delay for a lone one.
+    """Serves concurrent single requests together, with no added delay for a lone one.
 
     The first request to arrive computes at once; requests arriving while a batch is computing
     queue up, and when it finishes the oldest waiting request is woken to compute everything
-    queued so far in one call of ``score`` (leader/follower hand-off: results are never computed
-    by a thread whose own answer is already done).
+    queued so far in one call of ``run`` (leader/follower hand-off: results are never computed
+    by a thread whose own answer is already done). ``run`` takes a list of requests and returns
+    one result per request, in order.
     """
 
-    def __init__(self, score: Callable[[np.ndarray], np.ndarray], max_batch: int = MAX_BATCH):
-        self._score = score
+    def __init__(
+        self, run: Callable[[list[Any]], Sequence[Any]], max_batch: int = MAX_BATCH
+    ) -> None:
+        self._run = run
         self._max_batch = max_batch
         self._lock = threading.Lock()
         self._queue: list[_Slot] = []
@@ -138,9 +105,9 @@ class ScoreBatcher:
         self.batches = 0
         self.scored = 0
 
-    def __call__(self, vector: np.ndarray) -> np.ndarray:
-        """Scores of one user ``vector`` against every item (a private, writable array)."""
-        slot = _Slot(vector)
+    def __call__(self, request: Any) -> Any:
+        """The result of ``run`` for this one ``request``."""
+        slot = _Slot(request)
         with self._lock:
             self._queue.append(slot)
             lead = not self._busy
@@ -153,10 +120,9 @@ class ScoreBatcher:
         return self._result(slot)
 
     @staticmethod
-    def _result(slot: _Slot) -> np.ndarray:
+    def _result(slot: _Slot) -> Any:
         if slot.error is not None:
             raise slot.error
-        assert slot.result is not None
         return slot.result
 
     def _run_batch(self) -> None:
@@ -164,12 +130,9 @@ class ScoreBatcher:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
         try:
-            vectors = (
-                batch[0].vector[None, :] if len(batch) == 1 else np.stack([s.vector for s in batch])
-            )
-            scores = self._score(vectors)
-            for row, s in zip(scores, batch, strict=True):
-                s.result = row
+            results = self._run([s.request for s in batch])
+            for result, s in zip(results, batch, strict=True):
+                s.result = result
         except BaseException as exc:
             for s in batch:
                 s.error = exc
@@ -214,18 +177,25 @@ class Engine:
         self.bundle = bundle
         self.model = bundle.model
         self.n_items = len(bundle.items)
-        # Factor models expose user vectors and a batched scorer; others score one request alone.
-        score_vectors = getattr(self.model, "score_vectors", None)
-        self._user_vectors: Callable[[np.ndarray], np.ndarray] | None = getattr(
-            self.model, "user_vectors", None
-        )
-        self._history_vectors: Callable[[sp.csr_matrix], np.ndarray] | None = getattr(
-            self.model, "history_vectors", None
-        )
-        self._fold_in_items: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = getattr(
-            self.model, "fold_in_items", None
-        )
-        self._batcher = ScoreBatcher(score_vectors) if score_vectors is not None else None
+        # Factor models expose user vectors: requests are searched in a norm-ordered index of the
+        # item factors, batched across threads. Other models score every item for one request.
+        model = self.model
+        self._user_vectors: Callable[[np.ndarray], np.ndarray] | None = None
+        self._history_vectors: Callable[[sp.csr_matrix], np.ndarray] | None = None
+        self._fold_in_items: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        self._index: NormOrderedIndex | None = None
+        self._batcher: ScoreBatcher | None = None
+        item_factors = getattr(model, "item_factors", None)
+        if (
+            item_factors is not None
+            and hasattr(model, "user_vectors")
+            and hasattr(model, "history_vectors")
+        ):
+            self._user_vectors = model.user_vectors
+            self._history_vectors = model.history_vectors
+            self._fold_in_items = getattr(model, "fold_in_items", None)
+            self._index = NormOrderedIndex(item_factors)
+            self._batcher = ScoreBatcher(self._index.search)
         cat = bundle.catalog
         self._available = np.asarray(cat.available, dtype=bool)
         self._type_masks = {t: np.asarray(cat.item_type == t) for t in np.unique(cat.item_type)}
@@ -239,6 +209,7 @@ class Engine:
         self._recent_weight = float(np.median(seen.data)) if seen.nnz else 1.0
         self.candidate_mask = _cached(self._candidate_mask)
         self._masked_out = _cached(self._masked_out_items)
+        self._disallowed = _cached(self._disallowed_positions)
 
     @property
     def item_types(self) -> list[str]:
@@ -278,6 +249,16 @@ class Engine:
         out.setflags(write=False)
         return out
 
+    def _disallowed_positions(self, flt: ItemFilter) -> np.ndarray | None:
+        """The filter's excluded items as a mask over index positions (None: nothing excluded)."""
+        assert self._index is not None
+        out = ~self.candidate_mask(flt)
+        if not out.any():
+            return None
+        disallowed = out[self._index.order]
+        disallowed.setflags(write=False)
+        return disallowed
+
     def _known_items(self, item_ids: Sequence[str]) -> np.ndarray:
         idx = self.bundle.items.lookup(item_ids)
         return idx[idx != MISSING]
@@ -299,43 +280,51 @@ class Engine:
         uidx = self.bundle.users.lookup([user_id])[0]
         recent = self._known_items(recent_item_ids) if recent_item_ids else _NO_ITEMS
         excluded = self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS
-        blocked = [excluded]
+        parts = [excluded]
         if uidx != MISSING:
             if not include_seen:
                 start, end = self._seen.indptr[uidx], self._seen.indptr[uidx + 1]
-                blocked.append(self._seen.indices[start:end])
-            if len(recent):
-                history = self._seen[uidx] + self._history_row(recent)
-                scores = self._score_history(history)
-            else:
-                scores = self._score_user(int(uidx))
+                parts.append(self._seen.indices[start:end])
             source = Source.PERSONALIZED
         elif len(recent):
-            scores = self._score_recent(recent)
             source = Source.FOLD_IN
         else:
-            return self._popular(k, mask, np.concatenate(blocked), trending=False)
+            return self._popular(k, mask, excluded, trending=False)
         if len(recent) and not include_seen:
-            blocked.append(recent)
-        return self._rank(scores, k, item_filter, np.concatenate(blocked), source)
+            parts.append(recent)
+        blocked = np.concatenate(parts)
+        if self._index is not None and self._batcher is not None:
+            query = Query(
+                self._vector(int(uidx), recent),
+                k,
+                self._index.positions(blocked),
+                self._disallowed(item_filter),
+            )
+            hits: Hits = self._batcher(query)
+            return self._finish(hits.ids, hits.scores, k, mask, blocked, source)
+        return self._rank(self._scores(int(uidx), recent), k, item_filter, blocked, source)
 
-    def _score_user(self, uidx: int) -> np.ndarray:
-        if self._batcher is not None and self._user_vectors is not None:
-            return self._batcher(self._user_vectors(np.array([uidx]))[0])
-        row = self._seen[uidx]
-        return np.array(self.model.score_users(np.array([uidx]), row)[0], dtype=np.float32)
-
-    def _score_recent(self, recent: np.ndarray) -> np.ndarray:
-        """Scores for a user known only by ``recent`` items (duplicates add up, as in a CSR row)."""
-        if self._batcher is not None and self._fold_in_items is not None:
+    def _vector(self, uidx: int, recent: np.ndarray) -> np.ndarray:
+        """A factor model's vector for the user (``uidx`` MISSING: known only by ``recent``)."""
+        assert self._user_vectors is not None and self._history_vectors is not None
+        if uidx != MISSING:
+            if not len(recent):
+                return self._user_vectors(np.array([uidx]))[0]
+            return self._history_vectors(self._seen[uidx] + self._history_row(recent))[0]
+        if self._fold_in_items is not None:
+            # Duplicates add up, as in a CSR row; no sparse matrix is built for one request.
             items, counts = np.unique(recent, return_counts=True)
-            vector = self._fold_in_items(items, counts * np.float32(self._recent_weight))
-            return self._batcher(vector)
-        return self._score_history(self._history_row(recent))
+            return self._fold_in_items(items, counts * np.float32(self._recent_weight))
+        return self._history_vectors(self._history_row(recent))[0]
 
-    def _score_history(self, history: sp.csr_matrix) -> np.ndarray:
-        if self._batcher is not None and self._history_vectors is not None:
-            return self._batcher(self._history_vectors(history)[0])
+    def _scores(self, uidx: int, recent: np.ndarray) -> np.ndarray:
+        """Every item's score for a model without factors (a private float32 row)."""
+        if uidx != MISSING and not len(recent):
+            row = self._seen[uidx]
+            return np.array(self.model.score_users(np.array([uidx]), row)[0], dtype=np.float32)
+        history = self._history_row(recent)
+        if uidx != MISSING:
+            history = self._seen[uidx] + history
         return np.array(self.model.score_history(history)[0], dtype=np.float32)
 
     def similar_items(
@@ -406,7 +395,18 @@ class Engine:
             scores[blocked] = NEG_INF
         ids, top = top_k_row(scores, k)
         keep = ids >= 0
-        ids, top = ids[keep], top[keep]
+        return self._finish(ids[keep], top[keep], k, mask, blocked, source)
+
+    def _finish(
+        self,
+        ids: np.ndarray,
+        top: np.ndarray,
+        k: int,
+        mask: np.ndarray,
+        blocked: np.ndarray,
+        source: Source,
+    ) -> Recommendations:
+        """The ranked ``ids``, backfilled from popular items when filters left fewer than k."""
         if len(ids) < k:  # filters starved the list: backfill from popular items
             extra = self._popular(
                 k - len(ids), mask, np.concatenate([blocked, ids]), trending=False

@@ -17,6 +17,7 @@ from implicit.cpu.als import AlternatingLeastSquares
 from implicit.cpu.bpr import BayesianPersonalizedRanking
 from implicit.cpu.lmf import LogisticMatrixFactorization
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
 from models.base import ModelConfig, ProgressCallback, Recommender
@@ -264,7 +265,12 @@ class ALS(_FactorModel):
         factors = self.item_factors[np.asarray(items, dtype=np.int64)].astype(np.float64)
         lhs = self._regularized_gram() + (factors.T * (np.abs(confidence) - 1.0)) @ factors
         rhs = np.maximum(confidence, 0.0) @ factors
-        return np.linalg.solve(lhs, rhs).astype(np.float32)
+        # lhs = Σ_other y yᵀ + Σ_history |c| y yᵀ + λI is symmetric positive definite: a Cholesky
+        # solve (LAPACK posv, called directly) costs half of numpy's general solve per request.
+        _, solution, info = lapack.dposv(lhs, rhs)
+        if info != 0:  # pragma: no cover - only for a numerically broken model
+            solution = np.linalg.solve(lhs, rhs)
+        return np.asarray(solution, dtype=np.float32)
 
     def history_vectors(self, history: sp.csr_matrix) -> np.ndarray:
         return self.fold_in(history)

@@ -7,6 +7,7 @@ turns unknown ids into a typed error or a "missing" marker instead of an ``Index
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -51,10 +52,9 @@ class Vocabulary:
 
     def lookup(self, external_ids: Sequence[str]) -> np.ndarray:
         """Indices of many ids, with :data:`MISSING` for the unknown ones."""
-        get = self._index.get
-        return np.fromiter(
-            (get(s, MISSING) for s in external_ids), dtype=np.int64, count=len(external_ids)
-        )
+        # map() with a repeated default runs the dict lookups in C, not in a generator frame.
+        found = map(self._index.get, external_ids, repeat(MISSING))
+        return np.fromiter(found, dtype=np.int64, count=len(external_ids))
 
     def id(self, index: int) -> str:
         """External id at ``index``."""

@@ -17,8 +17,9 @@ import scipy.sparse as sp
 
 from models.artifact import ItemCatalog, ModelBundle
 from models.base import NEG_INF, topk
-from models.engine import Engine, ScoreBatcher, top_k_row
+from models.engine import Engine, ScoreBatcher
 from models.factorization import ALS
+from models.search import top_k_row
 from models.vocabulary import Vocabulary
 
 
@@ -57,10 +58,10 @@ def test_batcher_answers_each_caller_with_its_own_row_under_concurrency() -> Non
     gate = threading.Event()
     sizes: list[int] = []
 
-    def score(vectors: np.ndarray) -> np.ndarray:
+    def score(vectors: list[np.ndarray]) -> list[np.ndarray]:
         gate.wait(5)  # hold the first batch so the others queue behind it
         sizes.append(len(vectors))
-        return vectors @ items.T
+        return list(np.stack(vectors) @ items.T)
 
     batcher = ScoreBatcher(score)
     users = rng.standard_normal((24, 16)).astype(np.float32)
@@ -86,7 +87,7 @@ def test_batcher_answers_each_caller_with_its_own_row_under_concurrency() -> Non
 
 
 def test_batcher_hands_a_scoring_error_to_every_caller_of_the_batch() -> None:
-    def broken(vectors: np.ndarray) -> np.ndarray:
+    def broken(vectors: list[np.ndarray]) -> list[np.ndarray]:
         raise RuntimeError("boom")
 
     batcher = ScoreBatcher(broken)

@@ -1,0 +1,163 @@
+"""The norm-ordered index returns the exact top k of a brute-force ranking, and scans less.
+
+Every case compares :meth:`NormOrderedIndex.search` with a plain ``item_factors @ u`` ranking
+(blocked and filtered items removed, ties broken by item id): factors with skewed norms (as
+trained models have, where the scan stops early), equal norms (where it must scan everything),
+batches mixing different ``k``, blocked items and filters, and broken inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.search import NormOrderedIndex, Query
+
+
+def skewed_factors(rng: np.random.Generator, n: int, f: int) -> np.ndarray:
+    """Item factors whose lengths follow a heavy tail, like a trained model's."""
+    directions = rng.standard_normal((n, f))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    lengths = rng.pareto(1.2, size=n) + 0.01
+    return (directions * lengths[:, None]).astype(np.float32)
+
+
+def brute(
+    factors: np.ndarray,
+    vector: np.ndarray,
+    k: int,
+    blocked: np.ndarray,
+    disallowed_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    scores = (factors @ vector).astype(np.float32)
+    scores[blocked] = -np.inf
+    if disallowed_ids is not None:
+        scores[disallowed_ids] = -np.inf
+    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    order = order[np.isfinite(scores[order])]
+    return order, scores[order]
+
+
+def assert_same_ranking(got_ids, got_scores, want_ids, want_scores) -> None:
+    assert len(got_ids) == len(want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+    # Identical lists except where two scores are equal to float32 precision.
+    distinct = np.abs(np.diff(want_scores)) > 1e-5 * np.abs(want_scores[1:]).max(initial=1e-6)
+    if len(got_ids):
+        same = got_ids == want_ids
+        movable = np.zeros(len(want_ids), dtype=bool)
+        movable[:-1] |= ~distinct
+        movable[1:] |= ~distinct
+        movable[-1] = True  # the last place may go to any item tied with it
+        assert (same | movable).all(), (got_ids, want_ids)
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_skewed_norms_give_the_exact_top_k_after_a_short_scan(k: int) -> None:
+    rng = np.random.default_rng(k)
+    factors = skewed_factors(rng, 20_000, 32)
+    index = NormOrderedIndex(factors, first_block=256)
+    users = rng.standard_normal((40, 32)).astype(np.float32)
+    scanned = []
+    for u in users:
+        blocked = np.unique(rng.integers(0, len(factors), 30))
+        (hits,) = index.search([Query(u, k, index.positions(blocked))])
+        want_ids, want_scores = brute(factors, u, k, blocked)
+        assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+        scanned.append(hits.scanned)
+    # The point of the index: a typical request scores a small part of the catalog.
+    assert np.median(scanned) < len(factors) / 4
+
+
+def test_equal_norms_scan_everything_and_stay_exact() -> None:
+    rng = np.random.default_rng(1)
+    factors = rng.standard_normal((5_000, 16)).astype(np.float32)
+    factors /= np.linalg.norm(factors, axis=1, keepdims=True)
+    index = NormOrderedIndex(factors, first_block=128)
+    u = rng.standard_normal(16).astype(np.float32)
+    (hits,) = index.search([Query(u, 10, np.empty(0, np.int64))])
+    want_ids, want_scores = brute(factors, u, 10, np.empty(0, np.int64))
+    assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+    assert hits.scanned == len(factors)
+
+
+def test_a_batch_answers_each_query_with_its_own_k_blocks_and_filter() -> None:
+    rng = np.random.default_rng(2)
+    factors = skewed_factors(rng, 8_000, 24)
+    index = NormOrderedIndex(factors, first_block=100)
+    queries, wanted = [], []
+    for i in range(12):
+        u = rng.standard_normal(24).astype(np.float32)
+        k = [1, 5, 10, 50][i % 4]
+        blocked = np.unique(rng.integers(0, len(factors), i * 20))
+        disallowed_ids = None
+        disallowed = None
+        if i % 3 == 0:  # a filter that keeps only a fifth of the catalog
+            keep = rng.random(len(factors)) < 0.2
+            disallowed_ids = np.flatnonzero(~keep)
+            disallowed = (~keep)[index.order]
+        queries.append(Query(u, k, index.positions(blocked), disallowed))
+        wanted.append(brute(factors, u, k, blocked, disallowed_ids))
+    hits = index.search(queries)
+    assert len(hits) == len(queries)
+    for got, (want_ids, want_scores) in zip(hits, wanted, strict=True):
+        assert_same_ranking(got.ids, got.scores, want_ids, want_scores)
+
+
+def test_negative_best_scores_still_give_the_exact_answer() -> None:
+    # When every score is negative the bound never closes: the whole catalog is scanned.
+    rng = np.random.default_rng(3)
+    factors = np.abs(skewed_factors(rng, 3_000, 8))
+    index = NormOrderedIndex(factors, first_block=64)
+    u = -np.abs(rng.standard_normal(8)).astype(np.float32)
+    (hits,) = index.search([Query(u, 10, np.empty(0, np.int64))])
+    want_ids, want_scores = brute(factors, u, 10, np.empty(0, np.int64))
+    assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+    assert (hits.scores < 0).all()
+
+
+def test_fewer_allowed_items_than_k_returns_all_of_them() -> None:
+    rng = np.random.default_rng(4)
+    factors = skewed_factors(rng, 2_000, 8)
+    index = NormOrderedIndex(factors, first_block=64)
+    allowed = np.array([3, 700, 1999])
+    disallowed = np.ones(len(factors), dtype=bool)
+    disallowed[allowed] = False
+    u = rng.standard_normal(8).astype(np.float32)
+    (hits,) = index.search([Query(u, 10, np.empty(0, np.int64), disallowed[index.order])])
+    assert sorted(hits.ids.tolist()) == allowed.tolist()
+    assert hits.scanned == len(factors)
+
+
+def test_items_with_broken_factors_are_never_returned() -> None:
+    rng = np.random.default_rng(5)
+    factors = skewed_factors(rng, 1_000, 8)
+    factors[[10, 20]] = np.nan
+    factors[30, 0] = np.inf
+    index = NormOrderedIndex(factors, first_block=64)
+    assert sorted(index.order[index.broken].tolist()) == [10, 20, 30]
+    for u in rng.standard_normal((20, 8)).astype(np.float32):
+        (hits,) = index.search([Query(u, 50, index.positions(np.empty(0, np.int64)))])
+        assert not {10, 20, 30} & set(hits.ids.tolist())
+        assert np.isfinite(hits.scores).all()
+
+
+def test_a_vector_that_is_not_finite_gets_no_items_and_does_not_spoil_its_batch() -> None:
+    rng = np.random.default_rng(6)
+    factors = skewed_factors(rng, 1_000, 8)
+    index = NormOrderedIndex(factors, first_block=64)
+    good = rng.standard_normal(8).astype(np.float32)
+    bad = np.full(8, np.nan, dtype=np.float32)
+    none = np.empty(0, np.int64)
+    nan_hits, good_hits = index.search([Query(bad, 10, none), Query(good, 10, none)])
+    assert len(nan_hits.ids) == 0
+    want_ids, want_scores = brute(factors, good, 10, none)
+    assert_same_ranking(good_hits.ids, good_hits.scores, want_ids, want_scores)
+
+
+def test_a_zero_vector_scores_every_item_equal_and_breaks_ties_by_id() -> None:
+    rng = np.random.default_rng(7)
+    factors = skewed_factors(rng, 500, 4)
+    index = NormOrderedIndex(factors, first_block=64)
+    (hits,) = index.search([Query(np.zeros(4, np.float32), 5, np.empty(0, np.int64))])
+    assert hits.ids.tolist() == [0, 1, 2, 3, 4]
