@@ -196,6 +196,15 @@ class Engine:
             self._fold_in_items = getattr(model, "fold_in_items", None)
             self._index = NormOrderedIndex(item_factors)
             self._batcher = ScoreBatcher(self._index.search)
+        # "More like this" on factor models: cosine similarity, i.e. the dot product of unit
+        # vectors. Their norms are all 1, so nothing can be pruned, but concurrent requests still
+        # share one pass over the catalog.
+        self._similar_index: NormOrderedIndex | None = None
+        self._similar_batcher: ScoreBatcher | None = None
+        unit_vectors = getattr(model, "item_unit_vectors", None)
+        if self._index is not None and unit_vectors is not None:
+            self._similar_index = NormOrderedIndex(unit_vectors(), first_block=self.n_items)
+            self._similar_batcher = ScoreBatcher(self._similar_index.search)
         cat = bundle.catalog
         self._available = np.asarray(cat.available, dtype=bool)
         self._type_masks = {t: np.asarray(cat.item_type == t) for t in np.unique(cat.item_type)}
@@ -249,13 +258,15 @@ class Engine:
         out.setflags(write=False)
         return out
 
-    def _disallowed_positions(self, flt: ItemFilter) -> np.ndarray | None:
-        """The filter's excluded items as a mask over index positions (None: nothing excluded)."""
-        assert self._index is not None
+    def _disallowed_positions(self, flt: ItemFilter, similar: bool = False) -> np.ndarray | None:
+        """The filter's excluded items as a mask over the positions of the recommendation (or,
+        with ``similar``, the similar-items) index; None when it excludes nothing."""
+        index = self._similar_index if similar else self._index
+        assert index is not None
         out = ~self.candidate_mask(flt)
         if not out.any():
             return None
-        disallowed = out[self._index.order]
+        disallowed = out[index.order]
         disallowed.setflags(write=False)
         return disallowed
 
@@ -343,10 +354,18 @@ class Engine:
         unknown = [i for i, q in zip(item_ids, query, strict=True) if q == MISSING]
         if unknown:
             raise NotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
-        self.candidate_mask(item_filter)  # validates the filter before any scoring
+        mask = self.candidate_mask(item_filter)  # validates the filter before any scoring
+        blocked = np.concatenate([query, self._known_items(exclude_item_ids)])
+        index, batcher = self._similar_index, self._similar_batcher
+        if index is not None and batcher is not None:
+            # The mean of the query items' unit vectors scores each item by its mean cosine.
+            vector = index.rows(query).mean(axis=0, dtype=np.float32)
+            hits: Hits = batcher(
+                Query(vector, k, index.positions(blocked), self._disallowed(item_filter, True))
+            )
+            return self._finish(hits.ids, hits.scores, k, mask, blocked, Source.PERSONALIZED)
         sims = np.asarray(self.model.score_similar(query), dtype=np.float32)
         scores = sims[0].copy() if len(query) == 1 else sims.sum(axis=0) / len(query)
-        blocked = np.concatenate([query, self._known_items(exclude_item_ids)])
         return self._rank(scores, k, item_filter, blocked, Source.PERSONALIZED)
 
     def popular(

@@ -142,14 +142,18 @@ class _FactorModel(Recommender):
             items_t = self._items_t = np.ascontiguousarray(self.item_factors.T)
         return vectors @ items_t
 
+    def item_unit_vectors(self) -> np.ndarray:
+        """Item factors scaled to length 1, bias columns left out (they are not taste); a zero
+        vector stays zero. Cosine similarity is the dot product of two rows (a fresh array)."""
+        free = self._free_items
+        norms = np.linalg.norm(free, axis=1, keepdims=True)
+        return np.divide(free, norms, out=np.zeros_like(free), where=norms > 0)
+
     def score_similar(self, itemids: np.ndarray) -> np.ndarray:
-        """Cosine similarity of item factors (bias columns left out: they are not taste)."""
+        """Cosine similarity of item factors (see :meth:`item_unit_vectors`)."""
         unit = self._unit_items
         if unit is None:
-            free = self._free_items
-            norms = np.linalg.norm(free, axis=1, keepdims=True)
-            unit = np.divide(free, norms, out=np.zeros_like(free), where=norms > 0)
-            self._unit_items = unit
+            unit = self._unit_items = self.item_unit_vectors()
         return unit[np.asarray(itemids, dtype=np.int64)] @ unit.T
 
     def _arrays(self) -> dict[str, np.ndarray]:

@@ -139,6 +139,10 @@ class NormOrderedIndex:
             pos = np.concatenate([pos, self.broken])
         return np.unique(pos)
 
+    def rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """The stored factor rows of ``item_ids`` (model indices), as the search scores them."""
+        return self._factors[self.position[np.asarray(item_ids, dtype=np.int64)]]
+
     def _score(self, start: int, end: int, vectors: np.ndarray) -> np.ndarray:
         """Scores of positions ``start:end``, one column per vector (a fresh array)."""
         items = self._factors[start:end]

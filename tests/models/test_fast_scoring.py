@@ -187,3 +187,35 @@ def test_engine_fold_in_ranks_like_the_sparse_path(
     scores[[5, 17, 400, 4000, 5999]] = -np.inf
     want = np.lexsort((np.arange(len(scores)), -scores))[:10]
     assert got.indices.tolist() == want.tolist()
+
+
+def naive_similar(model: ALS, query: list[int], k: int) -> list[int]:
+    unit = model.item_factors / np.linalg.norm(model.item_factors, axis=1, keepdims=True)
+    scores = (unit[query] @ unit.T).mean(axis=0)
+    scores[query] = -np.inf
+    return [int(i) for i in np.lexsort((np.arange(len(scores)), -scores))[:k]]
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_similar_items_match_a_naive_cosine_ranking(
+    big_engine: tuple[Engine, ALS, sp.csr_matrix], threads: int
+) -> None:
+    engine, model, _ = big_engine
+    rng = np.random.default_rng(11)
+    queries = [rng.choice(model.n_items, size=1 + i % 3, replace=False).tolist() for i in range(96)]
+    got: dict[int, list[int]] = {}
+
+    def work(start: int) -> None:
+        for i in range(start, len(queries), threads):
+            recs = engine.similar_items([f"i{q}" for q in queries[i]], 10)
+            got[i] = recs.indices.tolist()
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    assert len(got) == len(queries)
+    recalls = [recall_at(10, got[i], naive_similar(model, q, 10)) for i, q in enumerate(queries)]
+    assert np.mean(recalls) >= 0.99
+    assert all(not set(got[i]) & set(q) for i, q in enumerate(queries))  # never the query items
