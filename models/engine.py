@@ -78,7 +78,10 @@ class _Slot:
 
     def __init__(self, request: Any) -> None:
         self.request = request
-        self.done = threading.Event()
+        # A lock taken at birth: a waiting thread blocks on acquire() until the leader releases
+        # it, the cheapest wake-up Python has (an Event goes through a Condition and its locks).
+        self.done = threading.Lock()
+        self.done.acquire()
         self.lead = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -113,10 +116,10 @@ class ScoreBatcher:
             lead = not self._busy
             self._busy = True
         if not lead:
-            slot.done.wait()
+            slot.done.acquire()
             if not slot.lead:
                 return self._result(slot)
-        self._run_batch()
+        self._run_batch(slot)
         return self._result(slot)
 
     @staticmethod
@@ -125,7 +128,7 @@ class ScoreBatcher:
             raise slot.error
         return slot.result
 
-    def _run_batch(self) -> None:
+    def _run_batch(self, own: _Slot) -> None:
         with self._lock:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
@@ -142,11 +145,12 @@ class ScoreBatcher:
             if self._queue:
                 nxt = self._queue[0]
                 nxt.lead = True  # it takes over the queue (itself included) when woken
-                nxt.done.set()
+                nxt.done.release()
             else:
                 self._busy = False
         for s in batch:
-            s.done.set()
+            if s is not own:
+                s.done.release()
 
 
 _NO_ITEMS = np.empty(0, dtype=np.int64)

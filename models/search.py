@@ -199,14 +199,17 @@ class NormOrderedIndex:
         cut = int(np.searchsorted(self._neg_bound, -threshold / length, side="right"))
         return max(cut, self._first)
 
-    @staticmethod
-    def _mask(row: np.ndarray, q: Query, start: int, end: int) -> None:
+    def _mask(self, row: np.ndarray, q: Query, start: int, end: int) -> None:
+        """Set the scores of ``q``'s filtered and blocked items among ``start:end`` to -inf."""
         if q.disallowed is not None:
             np.copyto(row, NEG_INF, where=q.disallowed[start:end])
-        if len(q.blocked):
-            lo, hi = np.searchsorted(q.blocked, (start, end))
+        blocked = q.blocked
+        if len(blocked):
+            # Scalar searchsorted calls: a tuple of bounds would go through array conversion.
+            lo = 0 if start == 0 else int(blocked.searchsorted(start))
+            hi = len(blocked) if end >= self.n_items else int(blocked.searchsorted(end))
             if hi > lo:
-                row[q.blocked[lo:hi] - start] = NEG_INF
+                row[blocked[lo:hi] - start] = NEG_INF
 
     def _hits(self, scores: np.ndarray, k: int) -> Hits:
         n = len(scores)

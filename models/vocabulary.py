@@ -20,7 +20,7 @@ MISSING = -1
 class Vocabulary:
     """An immutable, ordered set of string ids with O(1) lookup in both directions."""
 
-    __slots__ = ("_ids", "_index", "kind")
+    __slots__ = ("_ids", "_index", "_strings", "kind")
 
     def __init__(self, ids: Iterable[str] | np.ndarray, *, kind: str = "item") -> None:
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).astype(str)
@@ -28,7 +28,10 @@ class Vocabulary:
             raise InvalidInputError(f"{kind} ids must be one-dimensional")
         self.kind = kind
         self._ids = arr
-        self._index: dict[str, int] = {s: i for i, s in enumerate(arr.tolist())}
+        # The list shares its str objects with the dict's keys: decoding a result list is then
+        # k list reads instead of converting fixed-width numpy unicode back to Python strings.
+        self._strings: list[str] = arr.tolist()
+        self._index: dict[str, int] = {s: i for i, s in enumerate(self._strings)}
         if len(self._index) != len(arr):
             raise InvalidInputError(f"{kind} ids must be unique")
 
@@ -62,7 +65,8 @@ class Vocabulary:
 
     def decode(self, indices: np.ndarray) -> list[str]:
         """External ids for an array of indices."""
-        return self._ids[np.asarray(indices, dtype=np.int64)].tolist()
+        strings = self._strings
+        return [strings[i] for i in np.asarray(indices, dtype=np.int64).tolist()]
 
     def to_array(self) -> np.ndarray:
         """Array form for an ``.npz`` file (fixed-width unicode, loadable without pickle)."""
