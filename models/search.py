@@ -27,6 +27,11 @@ FIRST_BLOCK = 1024
 """Longest items every query scores first, to learn its k-th best score."""
 BOUND_SLACK = 1e-4
 """Relative margin on the Cauchy-Schwarz bound, well above float32 dot-product rounding."""
+PROJECTION_DIMS = 4
+"""Principal directions of the item factors kept for the finer bound of the second step."""
+DENSE_FRACTION = 3
+"""Second step: score the whole range instead of gathering candidates once more than one in
+this many positions of the range is a candidate (a contiguous GEMV beats a large gather)."""
 
 
 BLOCK = 128
@@ -101,8 +106,12 @@ class NormOrderedIndex:
     A search takes two steps. The first block (the ``first_block`` longest items) gives each
     query a k-th best score ``t``; every later position whose norm bound ``|u| |v|`` is below
     ``t`` can be skipped, and since the bound only falls along the order, that is everything after
-    one cut-off position found by binary search. The second step scores the items up to the
-    cut-off (one GEMM shared by the batch) and ranks them with the first block's.
+    one cut-off position found by binary search. The second step looks at the positions up to the
+    cut-off with a finer bound: with ``P`` the top principal directions of the item factors,
+    ``u · v <= (Pu) · (Pv) + |u_perp| |v_perp|`` (the residuals orthogonal to them), a few
+    multiply-adds per item instead of a full dot product. Only the items whose finer bound
+    reaches ``t`` are scored exactly; when too many do, the whole range is scored (one GEMM
+    shared by the batch). Both bounds are upper bounds, so the result is exact.
     """
 
     def __init__(self, item_factors: np.ndarray, first_block: int = FIRST_BLOCK) -> None:
@@ -125,12 +134,34 @@ class NormOrderedIndex:
         # Items whose factors are not finite are never returned (their scores would be NaN).
         self.broken = np.sort(self.position[~finite])
         self._first = min(n, max(1, first_block))
+        self._head = np.arange(self._first, dtype=np.int64)
         self.n_items = n
+        self._project(sorted_factors, norms[self.order])
+
+    def _project(self, factors: np.ndarray, norms: np.ndarray) -> None:
+        """Principal directions ``P`` (rows), and ``P v`` and ``|v_perp|`` of every position."""
+        n, f = factors.shape
+        d = min(PROJECTION_DIMS, f - 1)
+        self._directions: np.ndarray | None = None
+        if d < 1 or n <= self._first:
+            return
+        gram = (factors.T @ factors).astype(np.float64)
+        _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues, orthonormal columns
+        directions = np.ascontiguousarray(vectors[:, ::-1][:, :d].T)
+        projected = factors.astype(np.float64) @ directions.T
+        residual = np.sqrt(np.maximum(norms**2 - np.einsum("ij,ij->i", projected, projected), 0))
+        self._directions = directions
+        # Stored d x n: a (d,) @ (d, n) product runs at memory speed, (n, d) @ (d,) does not.
+        self._projected_t = np.ascontiguousarray(projected.T, dtype=np.float32)
+        self._residual = (residual * (1.0 + BOUND_SLACK)).astype(np.float32)
 
     @property
     def nbytes(self) -> int:
         """Memory the index holds beyond the model (the sorted copy of the item factors)."""
-        return int(self._factors.nbytes + self.order.nbytes * 2 + self._neg_bound.nbytes)
+        extra = 0
+        if self._directions is not None:
+            extra = self._projected_t.nbytes + self._residual.nbytes
+        return int(self._factors.nbytes + self.order.nbytes * 2 + self._neg_bound.nbytes + extra)
 
     def positions(self, item_ids: np.ndarray) -> np.ndarray:
         """Sorted unique positions of ``item_ids`` (model indices), for :attr:`Query.blocked`."""
@@ -152,12 +183,17 @@ class NormOrderedIndex:
 
     def search(self, queries: Sequence[Query]) -> list[Hits]:
         """Exact top ``k`` of every query (see the class docstring for the two steps)."""
-        vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
-        lengths = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        if len(queries) == 1:
+            vectors = np.asarray(queries[0].vector, dtype=np.float32)[None, :]
+        else:
+            vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
+        wide = vectors.astype(np.float64)
+        lengths = np.sqrt(np.einsum("ij,ij->i", wide, wide))
         first = self._first
         block = self._score(0, first, vectors)
         heads: list[np.ndarray] = []
         stops = np.zeros(len(queries), dtype=np.int64)
+        thresholds = np.full(len(queries), np.inf)
         for j, q in enumerate(queries):
             head = block[:, j]
             self._mask(head, q, 0, first)
@@ -166,26 +202,64 @@ class NormOrderedIndex:
             if not np.isfinite(length):
                 continue  # NaN or inf scores: nothing to rank, the caller falls back
             k = min(q.k, first)
-            threshold = np.partition(head, first - k)[first - k] if k else np.inf
-            stops[j] = self._cut_off(float(threshold), float(length))
-        more = np.flatnonzero(stops > first)
-        tails: dict[int, np.ndarray] = {}
-        if len(more):
-            end = int(stops[more].max())
-            rest = self._score(first, end, vectors[more])
-            for col, jj in enumerate(more.tolist()):
-                part = rest[: stops[jj] - first, col]
-                self._mask(part, queries[jj], first, int(stops[jj]))
-                tails[jj] = part
+            threshold = float(np.partition(head, first - k)[first - k]) if k else np.inf
+            thresholds[j] = threshold
+            stops[j] = self._cut_off(threshold, float(length))
+        # Second step: (scores, positions) per query; positions None means first:stop in order.
+        tails: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        dense = []
+        for j in np.flatnonzero(stops > first).tolist():
+            stop = int(stops[j])
+            found = self._candidates(vectors[j], lengths[j], thresholds[j], stop, queries[j])
+            if found is None:
+                dense.append(j)
+            else:
+                tails[j] = (self._factors[found] @ vectors[j], found)
+        if dense:
+            rest = self._score(first, int(stops[dense].max()), vectors[dense])
+            for col, j in enumerate(dense):
+                part = rest[: stops[j] - first, col]
+                self._mask(part, queries[j], first, int(stops[j]))
+                tails[j] = (part, None)
         hits = []
         for j, q in enumerate(queries):
             if not np.isfinite(lengths[j]):
                 hits.append(Hits(np.empty(0, np.int64), np.empty(0, np.float32), 0))
                 continue
             tail = tails.get(j)
-            scores = heads[j] if tail is None else np.concatenate((heads[j], tail))
-            hits.append(self._hits(scores, q.k))
+            if tail is None:  # the first block's k-th score is already the answer's
+                hits.append(self._hits(heads[j], q.k, None, first, thresholds[j]))
+            elif tail[1] is None:
+                scores = np.concatenate((heads[j], tail[0]))
+                hits.append(self._hits(scores, q.k, None, len(scores)))
+            else:
+                scores = np.concatenate((heads[j], tail[0]))
+                where = np.concatenate((self._head, tail[1]))
+                hits.append(self._hits(scores, q.k, where, len(scores)))
         return hits
+
+    def _candidates(
+        self, vector: np.ndarray, length: float, threshold: float, stop: int, q: Query
+    ) -> np.ndarray | None:
+        """Positions in ``first:stop`` whose projection bound reaches ``threshold``, or None
+        when the range should be scored whole (no projection, non-positive threshold, or too
+        many candidates)."""
+        if self._directions is None or not threshold > 0.0:
+            return None
+        first = self._first
+        u = vector.astype(np.float64)
+        up = self._directions @ u
+        u_perp = np.sqrt(max(float(u @ u) - float(up @ up), 0.0))
+        bound = up.astype(np.float32) @ self._projected_t[:, first:stop]
+        bound += np.float32(u_perp) * self._residual[first:stop]
+        self._mask(bound, q, first, stop)  # filtered and blocked items are no candidates
+        # Float32 rounding of the bound is far below this margin (relative to |u| max|v|).
+        margin = BOUND_SLACK * length * -self._neg_bound[first]
+        found = np.flatnonzero(bound >= threshold - margin)
+        if len(found) * DENSE_FRACTION > stop - first:
+            return None
+        found += first
+        return found
 
     def _cut_off(self, threshold: float, length: float) -> int:
         """Positions that may still hold an item scoring at least ``threshold``: ``0:cut_off``."""
@@ -211,15 +285,24 @@ class NormOrderedIndex:
             if hi > lo:
                 row[blocked[lo:hi] - start] = NEG_INF
 
-    def _hits(self, scores: np.ndarray, k: int) -> Hits:
-        n = len(scores)
-        k = min(k, n)
-        _, best = top_k_row(scores, k)
+    def _hits(
+        self,
+        scores: np.ndarray,
+        k: int,
+        where: np.ndarray | None,
+        scanned: int,
+        kth: float | None = None,
+    ) -> Hits:
+        """Top ``k`` of ``scores`` (at ``where`` positions; None: positions 0, 1, ...), given
+        their k-th largest value ``kth`` if known."""
+        if kth is None:
+            _, best = top_k_row(scores, min(k, len(scores)))
+            kth = float(best[-1]) if len(best) else -np.inf
         # Every item tied with the k-th score competes for the last places, lowest id first.
-        kth = best[-1] if len(best) else NEG_INF
-        top = np.flatnonzero(scores >= kth) if kth > NEG_INF else np.flatnonzero(scores > NEG_INF)
-        ids = self.order[top]
+        cut = kth if kth > -np.inf else np.nextafter(NEG_INF, np.float32(0))
+        top = np.flatnonzero(scores >= cut)
+        ids = self.order[top if where is None else where[top]]
         values = scores[top]
         # Best first; equal scores in item-id order, as a plain ranking of the catalog would.
         rank = np.lexsort((ids, -values))[:k]
-        return Hits(ids[rank].astype(np.int64), values[rank].astype(np.float32), n)
+        return Hits(ids[rank].astype(np.int64), values[rank].astype(np.float32), scanned)

@@ -161,3 +161,30 @@ def test_a_zero_vector_scores_every_item_equal_and_breaks_ties_by_id() -> None:
     index = NormOrderedIndex(factors, first_block=64)
     (hits,) = index.search([Query(np.zeros(4, np.float32), 5, np.empty(0, np.int64))])
     assert hits.ids.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_projection_bound_skips_most_of_a_long_tail_and_stays_exact() -> None:
+    # Trained factors share a dominant direction (popularity); lengths are skewed but many
+    # items are long enough that the norm bound alone would keep scanning.
+    rng = np.random.default_rng(8)
+    n, f = 30_000, 32
+    common = rng.standard_normal(f)
+    common /= np.linalg.norm(common)
+    taste = rng.standard_normal((n, f)) * 0.04
+    factors = ((common[None, :] + taste) * rng.uniform(0.2, 1.0, size=(n, 1))).astype(np.float32)
+    index = NormOrderedIndex(factors, first_block=512)
+    norm_only = NormOrderedIndex(factors, first_block=512)
+    norm_only._directions = None  # the same search without the projection bound
+    users = (rng.standard_normal((30, f)) * 0.3 + common).astype(np.float32)
+    pruned, full = [], []
+    for u in users:
+        blocked = np.unique(rng.integers(0, n, 40))
+        (hits,) = index.search([Query(u, 10, index.positions(blocked))])
+        (plain,) = norm_only.search([Query(u, 10, norm_only.positions(blocked))])
+        want_ids, want_scores = brute(factors, u, 10, blocked)
+        assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+        assert_same_ranking(plain.ids, plain.scores, want_ids, want_scores)
+        pruned.append(hits.scanned)
+        full.append(plain.scanned)
+    assert np.median(full) > n / 4  # the norm bound alone scans much of the catalog here
+    assert np.median(pruned) < np.median(full) / 2
