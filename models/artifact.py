@@ -317,15 +317,19 @@ def _need(arrays: dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
         raise ArtifactError(f"{source} lacks array {name!r}") from None
 
 
-def load_artifact(directory: str | Path, *, mapped: bool = True) -> ModelBundle:
+def load_artifact(
+    directory: str | Path, *, mapped: bool = True, verify: bool = True
+) -> ModelBundle:
     """Verify and load an artifact written by :func:`save_artifact`.
 
     With ``mapped`` (the default) the factor/weight arrays and the seen matrix are read-only
     memory maps of the files (see :func:`map_npz`); the files must then stay unmodified while
-    the bundle is in use (deleting them is fine: the mapping keeps the data).
+    the bundle is in use (deleting them is fine: the mapping keeps the data). ``verify=False``
+    skips the checksums, for a caller that has just run :func:`verify_artifact` itself (hashing
+    a large model twice doubles its load time); the manifest is read and checked either way.
     """
     root = Path(directory)
-    manifest = verify_artifact(root)
+    manifest = verify_artifact(root) if verify else read_manifest(root)
     read_big = map_npz if mapped else read_npz
     try:
         algo = get_algorithm(str(manifest.get("algorithm")))
