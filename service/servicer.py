@@ -6,11 +6,15 @@ It raises domain errors (:mod:`models.errors`) and leaves their mapping to statu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import TypeVar
 
 import grpc
+from prometheus_client import Counter
 
 from models.artifact import ITEM_TYPES
 from models.engine import ItemFilter, Recommendations, Source
@@ -19,11 +23,41 @@ from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import metrics
 from service.interceptors import DeadlineExceededError
-from service.loader import LoadedModel, ModelHolder
+from service.loader import LoadedModel, ModelHolder, ModelMeta
 
 logger = logging.getLogger(__name__)
 
 NO_FILTER = ItemFilter()
+
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+def new_recommendation_id() -> str:
+    """A 32-hex-digit id unique to this response: a random per-process prefix and a counter.
+
+    As unique as a fresh ``uuid4`` for attributing feedback, without a system call per request
+    (worker processes import this module afresh, so each draws its own prefix).
+    """
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+@lru_cache(maxsize=64)
+def _source_counter(method: str, source: str) -> Counter:
+    """The labelled child of ``RESPONSES_BY_SOURCE``, looked up once per (method, source)."""
+    return metrics.RESPONSES_BY_SOURCE.labels(method=method, source=source)
+
+
+_Listing = TypeVar("_Listing", pb.RecommendResponse, pb.SimilarItemsResponse, pb.PopularResponse)
+
+
+@lru_cache(maxsize=16)
+def _model_ref(meta: ModelMeta) -> pb.ModelRef:
+    """The response's model reference, built once per served model (responses copy it)."""
+    return pb.ModelRef(
+        name=meta.name, version=meta.version, run_id=meta.run_id, algorithm=meta.algorithm
+    )
+
 
 SOURCES = {
     Source.PERSONALIZED: pb.SOURCE_PERSONALIZED,
@@ -78,24 +112,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     # ------------------------------------------------------------ conversion
     @staticmethod
     def _model_ref(loaded: LoadedModel) -> pb.ModelRef:
-        meta = loaded.meta
-        return pb.ModelRef(
-            name=meta.name, version=meta.version, run_id=meta.run_id, algorithm=meta.algorithm
-        )
+        return _model_ref(loaded.meta)
 
     @staticmethod
-    def _items(loaded: LoadedModel, recs: Recommendations) -> list[pb.ScoredItem]:
+    def _fill(response: _Listing, loaded: LoadedModel, recs: Recommendations) -> _Listing:
+        """Append ``recs`` to ``response.items`` (``add`` is about twice as fast as building
+        ``ScoredItem`` messages and handing them over as a list)."""
         catalog = loaded.engine.bundle.catalog
         types = catalog.item_type[recs.indices].tolist()
         categories = catalog.category[recs.indices].tolist()
-        return [
-            pb.ScoredItem(item_id=item, score=score, item_type=t, category=c)
-            for item, score, t, c in zip(recs.item_ids, recs.scores, types, categories, strict=True)
-        ]
+        add = response.items.add
+        for item, score, t, c in zip(recs.item_ids, recs.scores, types, categories, strict=True):
+            add(item_id=item, score=score, item_type=t, category=c)
+        return response
 
     @staticmethod
     def _record(method: str, loaded: LoadedModel, recs: Recommendations, rec_id: str) -> None:
-        metrics.RESPONSES_BY_SOURCE.labels(method=method, source=str(recs.source)).inc()
+        _source_counter(method, str(recs.source)).inc()
+        if not logger.isEnabledFor(logging.INFO):
+            return
         logger.info(
             "%s answered %d items (%s)",
             method,
@@ -129,14 +164,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             item_filter=item_filter,
             include_seen=request.include_seen,
         )
-        rec_id = uuid.uuid4().hex
+        rec_id = new_recommendation_id()
         self._record("Recommend", loaded, recs, rec_id)
-        return pb.RecommendResponse(
-            items=self._items(loaded, recs),
-            source=SOURCES[recs.source],
-            model=self._model_ref(loaded),
-            recommendation_id=rec_id,
+        response = pb.RecommendResponse(
+            source=SOURCES[recs.source], model=self._model_ref(loaded), recommendation_id=rec_id
         )
+        return self._fill(response, loaded, recs)
 
     def SimilarItems(
         self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
@@ -154,11 +187,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             exclude_item_ids=list(request.exclude_item_ids),
             item_filter=item_filter,
         )
-        rec_id = uuid.uuid4().hex
+        rec_id = new_recommendation_id()
         self._record("SimilarItems", loaded, recs, rec_id)
-        return pb.SimilarItemsResponse(
-            items=self._items(loaded, recs), model=self._model_ref(loaded), recommendation_id=rec_id
-        )
+        response = pb.SimilarItemsResponse(model=self._model_ref(loaded), recommendation_id=rec_id)
+        return self._fill(response, loaded, recs)
 
     def Popular(
         self, request: pb.PopularRequest, context: grpc.ServicerContext
@@ -174,11 +206,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             exclude_item_ids=list(request.exclude_item_ids),
             trending=request.trending,
         )
-        rec_id = uuid.uuid4().hex
+        rec_id = new_recommendation_id()
         self._record("Popular", loaded, recs, rec_id)
-        return pb.PopularResponse(
-            items=self._items(loaded, recs), model=self._model_ref(loaded), recommendation_id=rec_id
-        )
+        response = pb.PopularResponse(model=self._model_ref(loaded), recommendation_id=rec_id)
+        return self._fill(response, loaded, recs)
 
     def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
