@@ -363,7 +363,8 @@ class Engine:
         index, batcher = self._similar_index, self._similar_batcher
         if index is not None and batcher is not None:
             # The mean of the query items' unit vectors scores each item by its mean cosine.
-            vector = index.rows(query).mean(axis=0, dtype=np.float32)
+            rows = index.rows(query)
+            vector = rows[0] if len(rows) == 1 else rows.mean(axis=0, dtype=np.float32)
             hits: Hits = batcher(
                 Query(vector, k, index.positions(blocked), self._disallowed(item_filter, True))
             )

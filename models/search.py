@@ -76,6 +76,14 @@ def _top_k_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, top
 
 
+def _kth_largest(row: np.ndarray, k: int) -> float:
+    """The k-th largest value of ``row`` (``-inf`` when fewer than k are finite)."""
+    if len(row) >= MIN_BLOCKED_TOPK:
+        _, best = top_k_row(row, k)  # block maxima first: cheaper than a full partition
+        return float(best[-1])
+    return float(np.partition(row, len(row) - k)[len(row) - k])
+
+
 @dataclass
 class Query:
     """One request: a user vector, how many items, and what it must not get.
@@ -202,7 +210,7 @@ class NormOrderedIndex:
             if not np.isfinite(length):
                 continue  # NaN or inf scores: nothing to rank, the caller falls back
             k = min(q.k, first)
-            threshold = float(np.partition(head, first - k)[first - k]) if k else np.inf
+            threshold = _kth_largest(head, k) if k else np.inf
             thresholds[j] = threshold
             stops[j] = self._cut_off(threshold, float(length))
         # Second step: (scores, positions) per query; positions None means first:stop in order.
