@@ -23,13 +23,26 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
 from bench.datasets import LOADERS, load_dataset
+from models.base import Recommender
+from models.errors import DataError, InvalidInputError
+from models.metrics import (
+    UserMetrics,
+    active_users,
+    catalog_coverage,
+    item_popularity,
+    mean_metrics,
+    per_user_metrics,
+    relevance_matrix,
+)
 from models.registry import get_algorithm
-from training.confidence import ConfidenceConfig, build_matrix
-from training.evaluate import evaluate
+from models.vocabulary import Vocabulary
+from training.confidence import ConfidenceConfig, InteractionMatrix, build_matrix
 from training.pipeline import fit_model
-from training.split import Method, train_validation_test
+from training.split import Method, TrainValidationTest, train_validation_test
 from training.tracking import configure_tracking
 from training.tune import SEARCHES, tune
 
@@ -44,6 +57,14 @@ DEFAULT_TRIALS = 30
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "quality.md"
 
 TABLE_METRICS = ("map", "ndcg", "precision", "recall", "coverage", "novelty")
+
+DATASET_NOTES = {
+    "ml-100k": "The data are GroupLens' MovieLens-100k (`ml-100k/u.data`), placed locally and "
+    "passed with `--data-root`; they are not shipped with Affinity.",
+    "ml-latest-small-dense": "A derived data set (ml-latest-small, movies with at least 10 "
+    "ratings), not a published one.",
+}
+"""A sentence each report section of these data sets starts with."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +111,14 @@ class Result:
     run_id: str = ""
     trials: int = 0
     fits: int = 0
+    failed: int = 0
+    decision: str = ""
+    """How tuning chose its parameters (``training.tune.tune``'s ``decision``)."""
+
+    @property
+    def kept_defaults(self) -> bool:
+        """Tuning found no candidate better than the defaults by more than noise."""
+        return "defaults kept" in self.decision or "defaults scored best" in self.decision
 
 
 @dataclass
@@ -120,6 +149,94 @@ def _noop(_: str) -> None:
     pass
 
 
+def full_holdout(frame: pd.DataFrame, parts: TrainValidationTest) -> pd.DataFrame:
+    """Every event of the test part, including those the split dropped as cold.
+
+    :func:`training.split.split` drops test pairs whose user or item has no training event (a
+    model cannot score them). The published protocol keeps them in the ground truth, so a
+    model is charged for what it cannot recommend: this returns every event whose (user, item)
+    pair is not in the training part, and checks that they are exactly the split's test pairs
+    plus its cold pairs.
+    """
+    keys = ["user_id", "item_id"]
+    train_pairs = pd.MultiIndex.from_frame(parts.train_full[keys].astype(str))
+    rows = pd.MultiIndex.from_frame(frame[keys].astype(str))
+    holdout = frame[~rows.isin(train_pairs)].reset_index(drop=True)
+    stats = parts.test_split.stats
+    n_pairs = len(holdout[keys].drop_duplicates())
+    if n_pairs != stats.test_pairs + stats.cold_pairs:
+        raise DataError(
+            f"the holdout has {n_pairs} pairs but the split kept {stats.test_pairs} test pairs "
+            f"and dropped {stats.cold_pairs} cold ones"
+        )
+    return holdout
+
+
+def holdout_matrix(
+    train: InteractionMatrix, test_frame: pd.DataFrame
+) -> tuple[sp.csr_matrix, dict[str, int]]:
+    """The test part as a users x items matrix that keeps items the training part never saw.
+
+    Columns are the training items followed by the test-only items (sorted), so a test item no
+    model can recommend still counts as relevant: it is in the recall denominator and in NDCG's
+    ideal list, as in the published protocol, where the ground truth is every held-out rating.
+    Users absent from the training part cannot be scored by any model here and are counted in
+    the returned statistics (``test_users_unknown``); per-user splits leave none.
+    """
+    test_items = pd.unique(test_frame["item_id"].astype(str).to_numpy())
+    unknown_items = np.sort(np.asarray([i for i in test_items if i not in train.items], dtype=str))
+    items = Vocabulary(np.concatenate([train.items.ids, unknown_items]), kind="item")
+    test = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=items)
+    unknown_cols = relevance_matrix(test.matrix)[:, len(train.items) :]
+    users = test_frame["user_id"].astype(str)
+    stats = {
+        "test_items_unknown": len(unknown_items),
+        "test_pairs_unknown_item": int(unknown_cols.nnz),
+        "test_users_unknown": int(users[~users.isin(train.users.ids)].nunique()),
+    }
+    return test.matrix, stats
+
+
+def evaluate_holdout(
+    model: Recommender, train: sp.csr_matrix, test: sp.csr_matrix, k: int, batch_size: int = 1000
+) -> dict[str, float]:
+    """Top-``k`` metrics of ``model`` on a :func:`holdout_matrix` (training items filtered).
+
+    The same definitions as :func:`training.evaluate.evaluate` (``docs/metrics.md``); the only
+    difference is that ``test`` may have more columns than the model has items (items unknown
+    to the training part), which are relevant but can never be recommended. Coverage is the
+    share of the model's catalog in any list.
+    """
+    train = sp.csr_matrix(train)
+    n_items = train.shape[1]
+    relevant = relevance_matrix(test)
+    if relevant.shape[0] != train.shape[0] or relevant.shape[1] < n_items:
+        raise InvalidInputError(
+            f"test matrix {relevant.shape} does not extend the train matrix {train.shape}"
+        )
+    train_positive = relevance_matrix(train)
+    popularity = np.zeros(relevant.shape[1], dtype=np.float64)
+    popularity[:n_items] = item_popularity(train_positive)
+    n_active = active_users(train_positive) or None
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    parts: list[UserMetrics] = []
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        ids, _ = model.recommend(batch, train, N=k, filter_already_liked_items=True)
+        ids = np.atleast_2d(ids)
+        if ids.shape[1] < k:
+            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+        parts.append(
+            per_user_metrics(ids, relevant[batch], item_popularity=popularity, n_users=n_active)
+        )
+    if not parts:
+        raise InvalidInputError("the test part holds no relevant item")
+    per_user = UserMetrics.concat(parts)
+    metrics = mean_metrics(per_user)
+    metrics[f"coverage_at_{k}"] = catalog_coverage(per_user.recommended, n_items)
+    return metrics
+
+
 def _fit_and_evaluate(
     algorithm: str,
     params: dict[str, Any],
@@ -127,7 +244,10 @@ def _fit_and_evaluate(
     test: Any,
     k: int,
 ) -> tuple[dict[str, float], float]:
-    """Fit on ``train``, log the loss curve to the active run, evaluate on ``test``."""
+    """Fit on ``train``, log the loss curve to the active run, evaluate on ``test``.
+
+    ``test`` is a :func:`holdout_matrix`: items unknown to ``train`` still count as relevant.
+    """
 
     def on_iteration(iteration: int, loss: float | None) -> None:
         if loss is not None and math.isfinite(loss):
@@ -136,8 +256,7 @@ def _fit_and_evaluate(
     start = time.perf_counter()
     model = fit_model(algorithm, params, train, on_iteration)
     seconds = time.perf_counter() - start
-    evaluation = evaluate(model, train, test, k=k)
-    return evaluation.metrics, seconds
+    return evaluate_holdout(model, train, test, k), seconds
 
 
 def _log_result(result: Result, full_params: dict[str, Any]) -> None:
@@ -179,14 +298,15 @@ def run_protocol(
     )
     confidence = ConfidenceConfig()
     train = build_matrix(parts.train_full, confidence)
-    test = build_matrix(parts.test, ConfidenceConfig(), users=train.users, items=train.items)
+    test_matrix, unknown = holdout_matrix(train, full_holdout(frame, parts))
     stats = {
         "users": len(train.users),
         "items": len(train.items),
         "train_pairs": int(train.matrix.nnz),
-        "test_pairs": int(test.matrix.nnz),
-        "test_users": int(np.count_nonzero(np.diff(test.matrix.indptr))),
+        "test_pairs": int(test_matrix.nnz),
+        "test_users": int(np.count_nonzero(np.diff(test_matrix.indptr))),
         "validation_pairs": parts.validation_split.stats.test_pairs,
+        **unknown,
     }
     progress(f"{dataset} / {protocol}: {stats}")
     report = ProtocolReport(spec, dataset, k, trials, stats)
@@ -196,7 +316,7 @@ def run_protocol(
         cls = get_algorithm(algorithm)
         with mlflow.start_run(run_name=f"{dataset}/{algorithm}/default") as run:
             mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "default"})
-            metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test.matrix, k)
+            metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test_matrix, k)
             result = Result(algorithm, "default", metrics, {}, seconds, run_id=run.info.run_id)
             _log_result(result, cls.Config().model_dump(mode="json"))
         report.results.append(result)
@@ -219,7 +339,7 @@ def run_protocol(
             )
             tune_seconds = time.perf_counter() - start
             params = summary["best_params"]
-            metrics, seconds = _fit_and_evaluate(algorithm, params, train.matrix, test.matrix, k)
+            metrics, seconds = _fit_and_evaluate(algorithm, params, train.matrix, test_matrix, k)
             result = Result(
                 algorithm,
                 "tuned",
@@ -231,6 +351,8 @@ def run_protocol(
                 run_id=run.info.run_id,
                 trials=len(summary["trials"]),
                 fits=sum(1 for t in summary["trials"] if not t["reused"]),
+                failed=sum(1 for t in summary["trials"] if t.get("failed") and not t["reused"]),
+                decision=summary.get("decision", ""),
             )
             _log_result(result, cls.Config(**params).model_dump(mode="json"))
         report.results.append(result)
@@ -268,28 +390,34 @@ def render_section(report: ProtocolReport) -> str:
     """The markdown section of one protocol run on one data set."""
     k = report.k
     s = report.stats
+    note = DATASET_NOTES.get(report.dataset)
     lines = [
         f"### {report.dataset}, {report.protocol.name}",
         "",
-        f"Protocol: {report.protocol.description}. Data after the split: {s['users']:,} users, "
+        (f"{note} " if note else "")
+        + f"Protocol: {report.protocol.description}. Data after the split: {s['users']:,} users, "
         f"{s['items']:,} items, {s['train_pairs']:,} training pairs, {s['test_pairs']:,} test "
         f"pairs over {s['test_users']:,} users; tuning held out {s['validation_pairs']:,} "
-        "validation pairs from the training part.",
+        "validation pairs from the training part. " + _unknown_text(s),
         "",
         f"| algorithm | params | MAP@{k} | NDCG@{k} | precision@{k} | recall@{k} | coverage | "
         "novelty | fit (s) | tuning (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in report.results:
-        cells = [
-            f"{result.algorithm} ({result.variant})",
-            "" if result.variant == "default" else _params_text(result.params),
-        ]
+        params = "" if result.variant == "default" else _params_text(result.params)
+        if result.variant == "tuned" and result.kept_defaults:
+            params = "defaults kept (no gain beyond noise)"
+        cells = [f"{result.algorithm} ({result.variant})", params]
         cells += [_fmt(result.metrics.get(f"{name}_at_{k}")) for name in TABLE_METRICS[:5]]
         cells.append(_fmt(result.metrics.get(f"novelty_at_{k}"), 2))
         cells.append(_fmt(result.fit_seconds, 1))
         cells.append(
-            "" if result.tune_seconds is None else f"{result.tune_seconds:.0f} ({result.fits} fits)"
+            ""
+            if result.tune_seconds is None
+            else f"{result.tune_seconds:.0f} ({result.fits} fits"
+            + (f", {result.failed} diverged" if result.failed else "")
+            + ")"
         )
         lines.append("| " + " | ".join(cells) + " |")
     best = report.best()
@@ -309,6 +437,20 @@ def render_section(report: ProtocolReport) -> str:
         lines += ["", "; ".join(notes) + "."]
     lines += ["", f"Command: `{report.command}`" if report.command else ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _unknown_text(stats: dict[str, int]) -> str:
+    pairs, items = stats.get("test_pairs_unknown_item", 0), stats.get("test_items_unknown", 0)
+    text = (
+        f"{pairs:,} test pairs are of {items:,} items absent from the training part: no model "
+        "can recommend them, and they still count as relevant (recall and NDCG denominators)."
+        if pairs
+        else "Every test item appears in the training part."
+    )
+    users = stats.get("test_users_unknown", 0)
+    if users:
+        text += f" {users:,} test users absent from the training part are not scored."
+    return text
 
 
 _MARK = "<!-- quality:{key}:{edge} -->"

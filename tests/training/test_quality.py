@@ -3,7 +3,8 @@
 The real-data test runs the ``random-75-25`` protocol on the dense derived subset of
 ml-latest-small (movies with >= 10 ratings, so EASE fits in a second) with a few trials, the
 way ``python -m bench.quality`` does, and checks what a reader of ``docs/quality.md`` and of the
-MLflow UI relies on.
+MLflow UI relies on. The holdout test checks that test items the training part never saw still
+count as relevant, as in the published protocol.
 """
 
 from __future__ import annotations
@@ -11,11 +12,79 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 
 from bench.datasets import DATASETS_DIR
-from bench.quality import PROTOCOLS, ProtocolReport, Result, run_protocol, update_document
+from bench.quality import (
+    PROTOCOLS,
+    ProtocolReport,
+    Result,
+    evaluate_holdout,
+    full_holdout,
+    holdout_matrix,
+    run_protocol,
+    update_document,
+)
+from models.popularity import Popularity
+from training.confidence import ConfidenceConfig, build_matrix
+from training.evaluate import evaluate
+from training.split import train_validation_test
 from training.tracking import configure_tracking
+
+
+def _events(pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    users, items = zip(*pairs, strict=True)
+    n = len(pairs)
+    return pd.DataFrame(
+        {
+            "user_id": list(users),
+            "item_id": list(items),
+            "event": ["rating"] * n,
+            "timestamp": np.arange(n, dtype=np.int64),
+            "value": np.ones(n),
+            "weight": np.ones(n),
+        }
+    )
+
+
+def test_test_items_unknown_to_training_still_count_as_relevant() -> None:
+    # Popularity ranks a (3 users) > b (2) > c (1). u3 never saw b: b is a hit, and their
+    # second held-out item, z, appears in no training row but is still relevant.
+    train_frame = _events(
+        [("u1", "a"), ("u1", "c"), ("u2", "a"), ("u2", "b"), ("u3", "a"), ("u4", "b")]
+    )
+    test_frame = _events([("u3", "b"), ("u3", "z"), ("u4", "a"), ("ghost", "a")])
+    train = build_matrix(train_frame, ConfidenceConfig())
+    test, stats = holdout_matrix(train, test_frame)
+    assert stats == {"test_items_unknown": 1, "test_pairs_unknown_item": 1, "test_users_unknown": 1}
+    assert test.shape == (4, 4)
+    model = Popularity().fit(train.matrix)
+    metrics = evaluate_holdout(model, train.matrix, test, k=1)
+    # u3: top-1 is b (a is filtered), 1 hit of 2 relevant; u4: top-1 is a, 1 hit of 1.
+    assert metrics["recall_at_1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert metrics["precision_at_1"] == pytest.approx(1.0)
+    # Without the unknown item it matches training.evaluate exactly.
+    known = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=train.items)
+    reference = evaluate(model, train.matrix, known.matrix, k=1).metrics
+    assert reference["recall_at_1"] == pytest.approx(1.0)
+    plain, _ = holdout_matrix(train, test_frame[test_frame["item_id"] != "z"])
+    assert evaluate_holdout(model, train.matrix, plain, k=1) == pytest.approx(reference)
+
+
+def test_the_holdout_keeps_the_test_pairs_the_split_dropped_as_cold() -> None:
+    # Items rated by a single user can only land in the test part, where the split drops them.
+    pairs = [(f"u{u}", f"i{i}") for u in range(20) for i in range(8)]
+    pairs += [(f"u{u}", f"rare{u}") for u in range(20)]
+    frame = _events(pairs)
+    parts = train_validation_test(frame, method="random", test_fraction=0.25, seed=3)
+    assert parts.test_split.stats.cold_pairs > 0
+    holdout = full_holdout(frame, parts)
+    assert len(holdout) == len(parts.test) + parts.test_split.stats.cold_pairs
+    train = build_matrix(parts.train_full, ConfidenceConfig())
+    _, stats = holdout_matrix(train, holdout)
+    assert stats["test_pairs_unknown_item"] == parts.test_split.stats.cold_item_pairs
 
 
 def _report(ndcg: float) -> ProtocolReport:
@@ -52,7 +121,7 @@ def test_tuned_als_and_ease_beat_popularity_by_a_wide_margin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not (DATASETS_DIR / "ml-latest-small" / "ratings.csv").is_file():
-        pytest.skip("../shared/datasets not present")
+        pytest.skip(f"ml-latest-small not found under {DATASETS_DIR} (../shared/datasets)")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
     previous = mlflow.get_tracking_uri()
