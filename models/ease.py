@@ -22,25 +22,30 @@ from models.errors import ArtifactError, ModelTooLargeError
 logger = logging.getLogger(__name__)
 
 _WORKING_COPIES = 3
-"""Dense n_items² float64 matrices alive at the peak of a fit (Gram, inverse, LAPACK work)."""
+"""Dense n_items² float32 matrices alive at the peak of a fit (Gram, inverse, LAPACK work)."""
+_BYTES = 4
 
 
 def estimate_memory_gb(n_items: int) -> float:
     """Peak memory in GB (10⁹ bytes) that fitting EASE on ``n_items`` items needs."""
-    return n_items * n_items * 8 * _WORKING_COPIES / 1e9
+    return n_items * n_items * _BYTES * _WORKING_COPIES / 1e9
 
 
 def _spd_inverse(gram: np.ndarray) -> np.ndarray:
-    """Inverse of the symmetric positive definite ``gram``, overwriting it.
+    """Inverse of the symmetric positive definite float32 ``gram``, overwriting it.
 
     A Cholesky factorization and its inverse (LAPACK potrf + potri) take about half the time of
-    a general LU inverse; potri fills one triangle, so the other is mirrored afterwards.
+    a general LU inverse; potri fills one triangle, so the other is mirrored afterwards. Single
+    precision is 2.6x faster than double on ml-latest-small's 9,724 items (19.7 vs 52.2 s) and
+    changes no top-10 list there: the L2 term keeps the matrix well conditioned (largest
+    difference in B 7e-7, for entries up to 0.12).
     """
     # The transpose of a C-ordered symmetric matrix is the same matrix in Fortran order, which
     # lets LAPACK work in place.
-    factor, info = scipy.linalg.lapack.dpotrf(gram.T, lower=False, overwrite_a=True, clean=True)
+    lapack = scipy.linalg.lapack
+    factor, info = lapack.spotrf(gram.T, lower=False, overwrite_a=True, clean=True)
     if info == 0:
-        factor, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
+        factor, info = lapack.spotri(factor, lower=False, overwrite_c=True)
     if info != 0:
         raise np.linalg.LinAlgError(f"EASE Gram matrix is not positive definite (info={info})")
     inverse = np.triu(factor)
@@ -54,7 +59,7 @@ class EASEConfig(ModelConfig):
     l2: PositiveFloat = 200.0
     """L2 penalty λ added to the diagonal of XᵀX; larger values favour popular items less."""
     max_memory_gb: PositiveFloat = 8.0
-    """Refuse to fit when the estimated peak memory (n_items² x 8 bytes x 3) exceeds this."""
+    """Refuse to fit when the estimated peak memory (n_items² x 4 bytes x 3) exceeds this."""
     binary: bool = True
     """Use 0/1 interactions instead of the confidence weights, both to fit and to score."""
 
@@ -89,11 +94,12 @@ class EASE(Recommender):
         if needed > cfg.max_memory_gb:
             raise ModelTooLargeError(
                 f"EASE on {self.n_items} items needs about {needed:.2f} GB "
-                f"(n_items² x 8 bytes x {_WORKING_COPIES}), over max_memory_gb="
+                f"(n_items² x {_BYTES} bytes x {_WORKING_COPIES}), over max_memory_gb="
                 f"{cfg.max_memory_gb:g}; raise max_memory_gb or drop rare items"
             )
-        x = self._input(user_items).astype(np.float64)
-        gram = np.asarray((x.T @ x).toarray(), dtype=np.float64)
+        x = self._input(user_items)
+        # float32 holds co-occurrence counts exactly up to 2^24 and confidence sums closely.
+        gram = np.asarray((x.T @ x).toarray(), dtype=np.float32)
         gram[np.diag_indices_from(gram)] += cfg.l2
         # Callers pin BLAS to one thread for implicit's sake; a dense inverse is pure LAPACK
         # and scales with cores, so it gets them all back.
@@ -102,7 +108,7 @@ class EASE(Recommender):
         del gram
         inverse /= -np.diag(inverse)[None, :]
         np.fill_diagonal(inverse, 0.0)
-        self.weights = inverse.astype(np.float32)
+        self.weights = inverse
         logger.debug("EASE fitted on %d items with l2=%g", self.n_items, cfg.l2)
         if progress is not None:
             progress(1, None)
