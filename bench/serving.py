@@ -98,13 +98,32 @@ def agreement(artifact: Path, n_users: int = 1000, k: int = 10) -> dict[str, flo
             want = wide[np.lexsort((wide, -scores[wide]))][:k]
             recall.append(len(set(got.tolist()) & set(want.tolist())) / k)
             exact.append(bool(np.array_equal(got, want)))
+        scanned = _scanned_fraction(engine, users, k)
     return {
         "users": len(users),
         "recall_at_10": float(np.mean(recall)),
         "exact_list_rate": float(np.mean(exact)),
         "batches": engine._batcher.batches if engine._batcher else 0,
         "scored": engine._batcher.scored if engine._batcher else 0,
+        **scanned,
     }
+
+
+def _scanned_fraction(engine: Any, users: np.ndarray, k: int) -> dict[str, float]:
+    """Share of the catalog the norm-ordered index scores exactly per request (percentiles)."""
+    from models.search import Query
+
+    index = engine._index
+    if index is None:
+        return {}
+    seen = engine.bundle.seen
+    shares = []
+    for u in users:
+        blocked = index.positions(seen.indices[seen.indptr[u] : seen.indptr[u + 1]])
+        vector = engine.bundle.model.user_factors[u]
+        shares.append(index.search([Query(vector, k, blocked)])[0].scanned / index.n_items)
+    p50, p90, p99 = np.percentile(shares, [50, 90, 99])
+    return {"scanned_p50": float(p50), "scanned_p90": float(p90), "scanned_p99": float(p99)}
 
 
 def engine_filter() -> Any:
@@ -338,7 +357,9 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Agreement with plain float32 ranking over {agree['users']} users: recall@10 "
-        f"{agree['recall_at_10']:.4f}, identical lists {agree['exact_list_rate']:.4f}.",
+        f"{agree['recall_at_10']:.4f}, identical lists {agree['exact_list_rate']:.4f}; share of "
+        f"the catalog scored exactly per request p50 {agree.get('scanned_p50', 1):.1%}, p90 "
+        f"{agree.get('scanned_p90', 1):.1%}, p99 {agree.get('scanned_p99', 1):.1%}.",
         f"Load (verify + load + warm-up): {load['load_seconds']:.2f} s; RSS one model "
         f"{load['rss_one_model_mib']:.0f} MiB, during a swap {load['rss_during_swap_mib']:.0f} MiB "
         f"(peak {load['peak_rss_mib']:.0f} MiB).",
