@@ -143,9 +143,7 @@ SEARCHES: dict[str, Search] = {
             {"factors": 256, "alpha": 8.0, "regularization_per_alpha": 5.0, "iterations": 15},
         ),
     ),
-    "ease": Search(
-        _ease, ({"l2_octaves": 0}, {"l2_octaves": 1}, {"l2_octaves": -1})
-    ),
+    "ease": Search(_ease, ({"l2_octaves": 0}, {"l2_octaves": 1}, {"l2_octaves": -1})),
     "bpr": Search(
         _bpr,
         (
