@@ -8,8 +8,12 @@ in a fresh process whose peak resident memory is read from ``wait4``:
 * a bare ``implicit`` ALS fit (the pipeline's ALS defaults) of the user x item matrix the
   pipeline fits, i.e. the temporal training split, built outside the timed region.
 
+Each ``affinity train`` run gets a fresh MLflow store (tables created before the clock starts, a
+one-off cost of a new installation), so no earlier champion is downloaded and evaluated by the
+promotion gate; ``--factors`` sets the ALS factors of both sides (default: the pipeline's 256).
+
 The ratio e2e / bare fit is the pipeline's overhead. Run
-``python -m bench.training_bench --sizes 1000000,10000000,20000000``.
+``python -m bench.training_bench --sizes 1000000,10000000,20000000 [--factors 64]``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +43,7 @@ from models.factorization import ALSConfig
 loaded = load_interactions(sys.argv[1])
 parts = split(loaded.frame, sys.argv[2], fraction=0.2, seed=42)
 matrix = build_matrix(parts.train).matrix
-cfg = ALSConfig()
+cfg = ALSConfig(**json.loads(sys.argv[3]))
 from implicit.cpu.als import AlternatingLeastSquares
 with threadpool_limits(1, "blas"):
     model = AlternatingLeastSquares(factors=cfg.factors, regularization=cfg.regularization,
@@ -51,11 +56,13 @@ print(json.dumps({"fit_seconds": fit, "nnz": int(matrix.nnz), "shape": list(matr
 """
 
 
-def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+def timed(
+    command: list[str], env: dict[str, str] | None = None, cwd: Path = common.ROOT
+) -> dict[str, Any]:
     """Run ``command``; wall seconds, peak RSS (MiB) of the process and its last stdout line."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=common.ROOT
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd
     )
     assert proc.stdout is not None
     out = proc.stdout.read().decode()
@@ -72,6 +79,17 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, An
     }
 
 
+def fresh_store(workdir: Path) -> dict[str, str]:
+    """An empty MLflow store in ``workdir`` with its tables created; returns the environment."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    env = common.tracking_env(workdir)
+    import mlflow
+
+    mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
+    return env
+
+
 def stage_timings(workdir: Path, run_id: str) -> dict[str, float]:
     """The pipeline's own stage timings from the run's ``evaluation/report.json``."""
     os.environ.update(common.tracking_env(workdir))
@@ -86,18 +104,29 @@ def stage_timings(workdir: Path, run_id: str) -> dict[str, float]:
     return {k: float(v) for k, v in (report.get("timings") or {}).items()}
 
 
-def bench_size(events: int, root: Path) -> dict[str, Any]:
+def bench_size(events: int, root: Path, factors: int | None) -> dict[str, Any]:
     catalog = common.Catalog(
         f"train-{events}", users=events // 20, items=max(100, events // 100), interactions=events
     )
     workdir = root / catalog.name
     data = common.generate(catalog, workdir)
-    env = common.tracking_env(workdir)
-    log(f"{events:,} events: bare implicit fit")
+    params = {} if factors is None else {"factors": factors}
+    load_before = os.getloadavg()[0]
+    log(f"{events:,} events: bare implicit fit (load average {load_before:.2f})")
     bare = timed(
-        [sys.executable, "-c", BARE_FIT, str(data / "interactions.parquet"), "temporal"], env
+        [
+            sys.executable,
+            "-c",
+            BARE_FIT,
+            str(data / "interactions.parquet"),
+            "temporal",
+            json.dumps(params),
+        ],
+        common.tracking_env(workdir),
     )
     log(f"{events:,} events: affinity train end to end")
+    store = workdir / "run"
+    env = fresh_store(store)
     e2e = timed(
         [
             str(common.BIN / "affinity"),
@@ -109,12 +138,19 @@ def bench_size(events: int, root: Path) -> dict[str, Any]:
             "--force-promote",
             "--quiet",
             "--json",
+            *(f"--param={k}={v}" for k, v in params.items()),
         ],
         env,
+        cwd=store,  # the run's artifacts go to store/mlruns
     )
     run_id = str(e2e["output"].get("run_id", ""))
+    stages = stage_timings(store, run_id) if run_id else {}
+    load_after = os.getloadavg()[0]
+    shutil.rmtree(store, ignore_errors=True)
     result = {
         "events": events,
+        "factors": factors or 256,
+        "load_average": [round(load_before, 2), round(load_after, 2)],
         "users": catalog.users,
         "items": catalog.items,
         "train_pairs": bare["output"].get("nnz"),
@@ -123,9 +159,13 @@ def bench_size(events: int, root: Path) -> dict[str, Any]:
         "bare_peak_rss_mib": bare["peak_rss_mib"],
         "e2e_seconds": e2e["wall_seconds"],
         "e2e_peak_rss_mib": e2e["peak_rss_mib"],
-        "stages": stage_timings(workdir, run_id) if run_id else {},
+        "stages": stages,
     }
     result["overhead_ratio"] = result["e2e_seconds"] / result["bare_fit_seconds"]
+    # The same ratio against the fit inside the timed run: on a shared machine the load can
+    # change between the two processes, and this one compares work done side by side.
+    own_fit = result["stages"].get("fit_seconds")
+    result["own_fit_ratio"] = result["e2e_seconds"] / own_fit if own_fit else None
     log(
         f"{events:,} events: e2e {result['e2e_seconds']:.1f}s vs bare fit "
         f"{result['bare_fit_seconds']:.1f}s (x{result['overhead_ratio']:.2f})"
@@ -135,16 +175,22 @@ def bench_size(events: int, root: Path) -> dict[str, Any]:
 
 def render(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| events | users x items | train pairs | bare fit s | e2e s | overhead | "
-        "peak MiB bare / e2e | stages (s) |",
-        "|---:|---|---:|---:|---:|---:|---|---|",
+        "| events | factors | users x items | train pairs | bare fit s | e2e s | overhead | "
+        "e2e / own fit | peak MiB bare / e2e | stages (s) | load avg |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in results:
-        stages = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in r["stages"].items())
+        stages = ", ".join(
+            f"{k.removesuffix('_seconds')} {v:.1f}" for k, v in r["stages"].items() if k != "total"
+        )
+        load = " / ".join(f"{x:.1f}" for x in r["load_average"])
+        own = r.get("own_fit_ratio")
         lines.append(
-            f"| {r['events']:,} | {r['users']:,} x {r['items']:,} | {r['train_pairs']:,} "
+            f"| {r['events']:,} | {r['factors']} | {r['users']:,} x {r['items']:,} "
+            f"| {r['train_pairs']:,} "
             f"| {r['bare_fit_seconds']:.1f} | {r['e2e_seconds']:.1f} | x{r['overhead_ratio']:.2f} "
-            f"| {r['bare_peak_rss_mib']:.0f} / {r['e2e_peak_rss_mib']:.0f} | {stages} |"
+            f"| {'n/a' if own is None else f'x{own:.2f}'} "
+            f"| {r['bare_peak_rss_mib']:.0f} / {r['e2e_peak_rss_mib']:.0f} | {stages} | {load} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -157,15 +203,20 @@ def main(argv: list[str] | None = None) -> int:
         default=[1_000_000, 10_000_000, 20_000_000],
         help="interaction events per run, comma separated",
     )
+    parser.add_argument(
+        "--factors", type=int, default=None, help="ALS factors of both sides (default 256)"
+    )
     parser.add_argument("--workdir", default="/tmp/affinity-bench")
     args = parser.parse_args(argv)
     root = Path(args.workdir)
-    results = [bench_size(n, root) for n in args.sizes]
-    out = root / "training.json"
-    common.write_json(out, results)
-    text = render(results)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    suffix = "" if args.factors is None else f"-f{args.factors}"
+    out = root / f"training{suffix}.json"
+    results: list[dict[str, Any]] = []
+    for n in args.sizes:
+        results.append(bench_size(n, root, args.factors))
+        common.write_json(out, results)  # after each size: a long series keeps what it measured
+        out.with_suffix(".md").write_text(render(results))
+    print(render(results))
     return 0
 
 

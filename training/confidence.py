@@ -108,13 +108,29 @@ def recency_weights(
     return np.exp2(-age_days / half_life_days)
 
 
+def vocabulary_codes(ids: pd.Series, vocab: Vocabulary) -> np.ndarray:
+    """Index of each id in ``vocab`` (-1 if unknown), as int64.
+
+    The distinct ids are looked up once and spread back over the rows: a log repeats each id
+    many times, and hashing the column once is much cheaper than one lookup per row.
+    """
+    if isinstance(ids.dtype, pd.CategoricalDtype):
+        codes, uniques = ids.cat.codes.to_numpy(), ids.cat.categories.astype("str")
+    else:
+        codes, uniques = pd.factorize(ids.astype("str"))
+    found = pd.Index(vocab.ids).get_indexer(pd.Index(uniques))
+    # factorize codes a missing id as -1, which picks the trailing -1.
+    return np.append(found, -1).astype(np.int64)[codes]
+
+
 def _codes(ids: pd.Series, vocab: Vocabulary | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Index per row (-1 if unknown), plus the sorted unique ids when no vocabulary is given."""
     if vocab is None:
-        codes, uniques = pd.factorize(ids.astype("str"), sort=True)
+        # A categorical factorizes by its codes (observed values only, in category order).
+        text = ids if isinstance(ids.dtype, pd.CategoricalDtype) else ids.astype("str")
+        codes, uniques = pd.factorize(text, sort=True)
         return codes.astype(np.int64), np.asarray(uniques, dtype=str)
-    index = pd.Index(vocab.ids)
-    return index.get_indexer(ids.astype("str")).astype(np.int64), None
+    return vocabulary_codes(ids, vocab), None
 
 
 def _present(ids: np.ndarray | None) -> np.ndarray:

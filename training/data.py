@@ -711,9 +711,9 @@ def dataset_fingerprint(frame: pd.DataFrame) -> str:
         raise DataError(f"cannot fingerprint a frame without column(s) {', '.join(missing)}")
     canonical = pd.DataFrame(
         {
-            "user_id": frame["user_id"].astype("str"),
-            "item_id": frame["item_id"].astype("str"),
-            "event": frame["event"].astype("str"),
+            "user_id": _hashable_text(frame["user_id"]),
+            "item_id": _hashable_text(frame["item_id"]),
+            "event": _hashable_text(frame["event"]),
             "timestamp": frame["timestamp"].to_numpy(dtype=np.int64),
             "value": frame["value"].to_numpy(dtype=np.float64),
         }
@@ -723,3 +723,26 @@ def dataset_fingerprint(frame: pd.DataFrame) -> str:
     digest.update(f"{len(hashes)}\n".encode())
     digest.update(hashes.astype("<u8").tobytes())
     return digest.hexdigest()
+
+
+def _hashable_text(column: pd.Series) -> pd.Series:
+    # pandas hashes a categorical by its values (each distinct one once), so text categories
+    # hash as the text itself would, without materializing a string per row.
+    if isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.is_string_dtype(
+        column.cat.categories.dtype
+    ):
+        return column
+    return column.astype("str")
+
+
+def with_categorical_ids(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``user_id`` and ``item_id`` as pandas categoricals (sorted categories).
+
+    The rows and values are the same; splitting, building matrices and fingerprinting then work
+    on integer codes instead of hashing the same millions of strings again at every step.
+    """
+    out = frame.copy(deep=False)
+    for name in ("user_id", "item_id"):
+        if not isinstance(out[name].dtype, pd.CategoricalDtype):
+            out[name] = pd.Categorical(out[name].astype("str"))
+    return out

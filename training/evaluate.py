@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from models.base import Recommender
+from models.base import NEG_INF, Recommender, topk
 from models.errors import InvalidInputError
 from models.metrics import (
     METRIC_NAMES,
@@ -134,6 +134,129 @@ def _aligned(
 
 _SCORE_CELLS = 16_000_000
 
+_BLOCK = 64
+"""Columns per block in :func:`top_k_ids`' first pass (block maxima bound the k-th score)."""
+
+
+def top_k_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ids :func:`models.base.topk` returns for ``scores``, without a full partition per row.
+
+    The ``k``-th largest of a row's block maxima (blocks of :data:`_BLOCK` columns) is a lower
+    bound on the row's ``k``-th largest score, so only the few blocks whose maximum reaches it
+    hold candidates: one pass over the matrix instead of an ``argpartition`` of every row. Rows
+    whose ``k``-th and ``k+1``-th scores tie (where ``topk``'s choice among the tied items is its
+    partition's) and rows with fewer than ``k`` finite scores go through ``topk`` itself, so the
+    result is the same array in every case.
+    """
+    scores = np.atleast_2d(scores)
+    n_rows, n_cols = scores.shape
+    n_full = n_cols // _BLOCK
+    n_blocks = -(-n_cols // _BLOCK)
+    if n_rows == 0 or k <= 0 or n_full < max(k, 4):
+        return topk(scores, k)[0]
+    block_max = np.empty((n_rows, n_blocks), dtype=scores.dtype)
+    block_max[:, :n_full] = scores[:, : n_full * _BLOCK].reshape(n_rows, n_full, _BLOCK).max(axis=2)
+    if n_blocks > n_full:
+        block_max[:, n_full] = scores[:, n_full * _BLOCK :].max(axis=1)
+    bound = np.partition(block_max, n_blocks - k, axis=1)[:, n_blocks - k]
+    fast = bound > NEG_INF  # a -inf bound would make every entry a candidate
+    # Candidate entries: those reaching the bound in the blocks whose maximum reaches it.
+    cand_row, cand_block = np.nonzero((block_max >= bound[:, None]) & fast[:, None])
+    cols = cand_block[:, None] * _BLOCK + np.arange(_BLOCK)
+    inside = cols < n_cols
+    cols = np.minimum(cols, n_cols - 1)
+    rows = np.broadcast_to(cand_row[:, None], cols.shape)
+    values = scores[rows, cols]
+    keep = inside & (values >= bound[cand_row, None])
+    rows, cols, values = rows[keep], cols[keep], values[keep]
+    order = np.lexsort((cols, -values, rows))
+    rows, cols, values = rows[order], cols[order], values[order]
+    counts = np.bincount(rows, minlength=n_rows)
+    starts = np.cumsum(counts) - counts
+    ids = np.full((n_rows, k), -1, dtype=np.int64)
+    picked = np.flatnonzero(fast)
+    ids[picked] = cols[starts[picked, None] + np.arange(k)]
+    # The k-th candidate ties with the next one: let topk pick among the tied items.
+    longer = picked[counts[picked] > k]
+    tied = longer[values[starts[longer] + k] == values[starts[longer] + k - 1]]
+    slow = np.union1d(np.flatnonzero(~fast), tied)
+    if len(slow):
+        ids[slow] = topk(scores[slow], k)[0]
+    return ids
+
+
+def _recommend_ids(
+    model: Recommender, users: np.ndarray, train: sp.csr_matrix, k: int
+) -> np.ndarray:
+    """``model.recommend(users, train, N=k)[0]`` (training items excluded), as a 2-d array.
+
+    Models that keep the base class's ranking are scored here and ranked by :func:`top_k_ids`,
+    which returns the same ids faster; any other model ranks itself.
+    """
+    cls = type(model)
+    if (
+        cls.recommend is not Recommender.recommend
+        or cls._rank is not Recommender._rank
+        or not model.is_fitted
+    ):
+        ids, _ = model.recommend(users, train, N=k, filter_already_liked_items=True)
+        return np.atleast_2d(ids)
+    rows = train[users]
+    # What Recommender._rank does before its top-k: a float32 copy, non-finite scores and the
+    # user's training items set to -inf.
+    scores = np.array(model.score_users(users, rows), dtype=np.float32, copy=True)
+    scores[~np.isfinite(scores)] = NEG_INF
+    if rows.nnz:
+        coo = rows.tocoo()
+        scores[coo.row, coo.col] = NEG_INF
+    return top_k_ids(scores, k)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What every evaluation on one (train, test) pair shares, computed once."""
+
+    train: sp.csr_matrix
+    test: sp.csr_matrix
+    train_counts: np.ndarray
+    """Distinct positive training items per user (the cohort key)."""
+    popularity: np.ndarray
+    n_active: int
+
+
+def _prepare(
+    model: Recommender,
+    train_matrix: sp.spmatrix | sp.sparray,
+    test_matrix: sp.spmatrix | sp.sparray,
+    item_popularity: np.ndarray | None,
+) -> _Prepared:
+    train, test = _aligned(model, train_matrix, test_matrix)
+    train_positive = relevance_matrix(train)
+    n_active = active_users(train_positive)
+    if item_popularity is None:
+        popularity = user_counts(train_positive)
+    else:
+        popularity = np.asarray(item_popularity)
+        if popularity.shape != (train.shape[1],):
+            raise InvalidInputError(
+                f"item_popularity needs one user count per item ({train.shape[1]})",
+                field="item_popularity",
+            )
+    overlap = train_positive.multiply(test).nnz
+    if overlap:
+        logger.warning(
+            "%d held-out (user, item) pairs are also in the train matrix; they are filtered "
+            "from the recommendations and can never be hits",
+            overlap,
+        )
+    return _Prepared(
+        train=train,
+        test=test,
+        train_counts=np.diff(train_positive.indptr),
+        popularity=popularity,
+        n_active=n_active,
+    )
+
 
 def evaluate(
     model: Recommender,
@@ -154,30 +277,27 @@ def evaluate(
     from ``train_matrix``. Users are cohorted by their number
     of distinct training items: ``lt5`` (<5), ``5to20`` (5..20) and ``gt20`` (>20).
     """
+    _check_args(k, batch_size)
+    prepared = _prepare(model, train_matrix, test_matrix, item_popularity)
+    return _evaluate(model, prepared, k=k, batch_size=batch_size, progress=progress)
+
+
+def _check_args(k: int, batch_size: int) -> None:
     if k <= 0:
         raise InvalidInputError("k must be positive", field="k")
     if batch_size <= 0:
         raise InvalidInputError("batch_size must be positive", field="batch_size")
-    train, test = _aligned(model, train_matrix, test_matrix)
-    train_positive = relevance_matrix(train)
-    n_active = active_users(train_positive)
-    if item_popularity is None:
-        popularity = user_counts(train_positive)
-    else:
-        popularity = np.asarray(item_popularity)
-        if popularity.shape != (train.shape[1],):
-            raise InvalidInputError(
-                f"item_popularity needs one user count per item ({train.shape[1]})",
-                field="item_popularity",
-            )
-    overlap = train_positive.multiply(test).nnz
-    if overlap:
-        logger.warning(
-            "%d held-out (user, item) pairs are also in the train matrix; they are filtered "
-            "from the recommendations and can never be hits",
-            overlap,
-        )
 
+
+def _evaluate(
+    model: Recommender,
+    prepared: _Prepared,
+    *,
+    k: int,
+    batch_size: int,
+    progress: EvaluationProgress | None,
+) -> Evaluation:
+    train, test, popularity = prepared.train, prepared.test, prepared.popularity
     users = np.flatnonzero(np.diff(test.indptr) > 0)
     # Each batch holds a dense (batch x items) score matrix: keep it near 64 MB so large
     # catalogs stay in cache-friendly, memory-safe chunks.
@@ -187,13 +307,15 @@ def evaluate(
     parts: list[UserMetrics] = []
     for batch, start in enumerate(range(0, len(users), batch_size), start=1):
         batch_users = users[start : start + batch_size]
-        ids, _ = model.recommend(batch_users, train, N=k, filter_already_liked_items=True)
-        ids = np.atleast_2d(ids)
+        ids = _recommend_ids(model, batch_users, train, k)
         if ids.shape[1] < k:  # fewer items than k in the catalog: pad like a short list
             ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
         parts.append(
             per_user_metrics(
-                ids, test[batch_users], item_popularity=popularity, n_users=n_active or None
+                ids,
+                test[batch_users],
+                item_popularity=popularity,
+                n_users=prepared.n_active or None,
             )
         )
         if progress is not None:
@@ -205,7 +327,7 @@ def evaluate(
     else:
         logger.warning("the test matrix holds no relevant item; every metric is NaN")
         per_user = per_user_metrics(np.empty((0, k), np.int64), test[:0])
-    train_counts = np.diff(train_positive.indptr)[users]
+    train_counts = prepared.train_counts[users]
     cohorts = {}
     for name, low, high in COHORTS:
         mask = (train_counts >= low) & (train_counts < high)
@@ -244,10 +366,12 @@ def evaluate_with_baseline(
 ) -> BaselineComparison:
     """:func:`evaluate` ``model`` and a :class:`Popularity` fitted on ``train_matrix``.
 
+    The matrices, item popularity and cohorts are prepared once for both evaluations.
     ``progress`` counts the batches of both evaluations together.
     """
-    train = sp.csr_matrix(train_matrix)
-    baseline = Popularity().fit(train)
+    _check_args(k, batch_size)
+    prepared = _prepare(model, train_matrix, test_matrix, item_popularity)
+    baseline = Popularity().fit(prepared.train)
     model_progress = baseline_progress = None
     if progress is not None:
         report = progress
@@ -259,23 +383,9 @@ def evaluate_with_baseline(
             report(total + done, 2 * total)
 
     return BaselineComparison(
-        model=evaluate(
-            model,
-            train,
-            test_matrix,
-            k=k,
-            batch_size=batch_size,
-            item_popularity=item_popularity,
-            progress=model_progress,
-        ),
-        baseline=evaluate(
-            baseline,
-            train,
-            test_matrix,
-            k=k,
-            batch_size=batch_size,
-            item_popularity=item_popularity,
-            progress=baseline_progress,
+        model=_evaluate(model, prepared, k=k, batch_size=batch_size, progress=model_progress),
+        baseline=_evaluate(
+            baseline, prepared, k=k, batch_size=batch_size, progress=baseline_progress
         ),
     )
 

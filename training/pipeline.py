@@ -28,8 +28,14 @@ from models.artifact import ModelBundle, save_artifact
 from models.base import Recommender
 from models.errors import InvalidInputError
 from models.registry import get_algorithm
+from models.vocabulary import Vocabulary
 from training import promotion, registry
-from training.confidence import ConfidenceConfig, build_matrix, recency_weights
+from training.confidence import (
+    ConfidenceConfig,
+    build_matrix,
+    recency_weights,
+    vocabulary_codes,
+)
 from training.data import (
     EventWeights,
     LoadResult,
@@ -37,6 +43,7 @@ from training.data import (
     dataset_fingerprint,
     load_catalog,
     load_interactions,
+    with_categorical_ids,
 )
 from training.evaluate import evaluate_with_baseline
 from training.split import split, train_validation_test
@@ -148,8 +155,10 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         f"rows read {rows['read']:,} = accepted {rows['accepted']:,} + "
         f"quarantined {rows['quarantined']:,}"
     )
-    frame = loaded.frame
+    # Categorical ids: the split, the matrices and the fingerprint then hash each id once.
+    frame = loaded.frame = with_categorical_ids(loaded.frame)  # the text copy can go
     catalog_df = load_catalog(opts.items) if opts.items is not None else None
+    timings["read_seconds"] = time.perf_counter() - t0
     test_rows = None
     tune_fit: pd.DataFrame | None = None  # fit part of the tuning split
     validation_frame: pd.DataFrame | None = None
@@ -169,17 +178,24 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             tune_fit, validation_frame = tuning.train, tuning.test
     else:
         progress(f"splitting ({opts.split}, test fraction {opts.test_fraction})")
-        parts = train_validation_test(
-            frame,
-            method=opts.split,
-            test_fraction=opts.test_fraction,
-            validation_fraction=opts.validation_fraction,
-            seed=opts.seed,
-        )
-        train_frame, test_frame = parts.train_full, parts.test
-        tune_fit, validation_frame = parts.train, parts.validation
-    timings["load_seconds"] = time.perf_counter() - t0
+        if opts.tune or opts.test_fraction == 0:
+            parts = train_validation_test(
+                frame,
+                method=opts.split,
+                test_fraction=opts.test_fraction,
+                validation_fraction=opts.validation_fraction,
+                seed=opts.seed,
+            )
+            train_frame, test_frame = parts.train_full, parts.test
+            tune_fit, validation_frame = parts.train, parts.validation
+        else:
+            # The validation split only serves tuning; without it, the test split is the same
+            # one train_validation_test makes first.
+            outer = split(frame, opts.split, fraction=opts.test_fraction, seed=opts.seed)
+            train_frame, test_frame = outer.train, outer.test
+    timings["load_seconds"] = time.perf_counter() - t0  # reading and splitting
 
+    t = time.perf_counter()
     train = build_matrix(train_frame, opts.confidence)
     test = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=train.items)
     n_holdout_users = int(np.count_nonzero(np.diff(test.matrix.indptr)))
@@ -187,6 +203,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
     params = dict(opts.params)
     tuning_summary: dict[str, Any] = {}
     fingerprint = dataset_fingerprint(frame)
+    timings["matrix_seconds"] = time.perf_counter() - t
 
     mlflow.set_experiment(opts.experiment)
     with mlflow.start_run() as run:
@@ -280,6 +297,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         mlflow.log_metrics({f"baseline_{k}": float(v) for k, v in baseline.to_flat_dict().items()})
 
         # The artifact: model + id maps + seen items + item metadata + popularity lists.
+        t = time.perf_counter()
         trending_weights = recency_weights(train_frame, opts.trending_half_life_days)
         trending = _item_sums(train_frame, trending_weights, train.items)
         popularity = np.bincount(train.matrix.indices, minlength=len(train.items)).astype(
@@ -308,16 +326,8 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         artifact_dir = workdir / "artifact"
         save_artifact(bundle, artifact_dir)
         mlflow.log_artifacts(str(artifact_dir), "affinity_model")
+        timings["artifact_seconds"] = time.perf_counter() - t
 
-        report = {
-            "metrics": metrics,
-            "baseline_metrics": baseline_metrics,
-            "cohorts": evaluation.to_flat_dict(),
-            "dataset": stats,
-            "timings": timings,
-            "tuning": tuning_summary,
-        }
-        mlflow.log_dict(report, "evaluation/report.json")
         mlflow.log_text(evaluation.report_markdown(baseline=baseline), "evaluation/report.md")
         quarantine_summary = {
             **rows,
@@ -336,6 +346,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         decision = "not registered"
         if opts.register:
             progress(f"registering a new version of {opts.model_name}")
+            t = time.perf_counter()
             mv = registry.log_and_register(
                 artifact_dir,
                 model_name=opts.model_name,
@@ -346,6 +357,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
                 },
             )
             version = str(mv.version)
+            timings["register_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             gate = promotion.decide(
                 model_name=opts.model_name,
@@ -366,6 +378,16 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             progress(decision)
         timings["total_seconds"] = time.perf_counter() - t0
         mlflow.log_metrics({f"time_{k}": v for k, v in timings.items()})
+        # Logged last so that its timings cover the registry and the promotion gate too.
+        report = {
+            "metrics": metrics,
+            "baseline_metrics": baseline_metrics,
+            "cohorts": evaluation.to_flat_dict(),
+            "dataset": stats,
+            "timings": timings,
+            "tuning": tuning_summary,
+        }
+        mlflow.log_dict(report, "evaluation/report.json")
         (workdir / "timings.json").write_text(json.dumps(timings))
     return TrainResult(
         run_id=run.info.run_id,
@@ -411,8 +433,8 @@ class _Throttle:
             self.progress(message)
 
 
-def _item_sums(frame: pd.DataFrame, weights: np.ndarray, items: Any) -> np.ndarray:
-    idx = items.lookup(frame["item_id"].astype(str).tolist())
+def _item_sums(frame: pd.DataFrame, weights: np.ndarray, items: Vocabulary) -> np.ndarray:
+    idx = vocabulary_codes(frame["item_id"], items)
     keep = idx >= 0
     return np.bincount(idx[keep], weights=np.asarray(weights)[keep], minlength=len(items)).astype(
         np.float32

@@ -142,9 +142,16 @@ def _pairs(frame: pd.DataFrame) -> _Pairs:
     item_codes, items = pd.factorize(frame["item_id"], sort=True)
     n_items = len(items)
     keys = user_codes.astype(np.int64) * n_items + item_codes.astype(np.int64)
-    unique_keys, row_pair = np.unique(keys, return_inverse=True)
+    # np.unique(keys, return_inverse=True), spelled out: one argsort, no second pass.
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    row_pair = np.empty(len(keys), dtype=np.int64)
+    row_pair[order] = np.cumsum(first) - 1
+    unique_keys = sorted_keys[first]
     return _Pairs(
-        row_pair=row_pair.ravel(),
+        row_pair=row_pair,
         user=unique_keys // n_items,
         item=unique_keys % n_items,
         n_users=len(users),
@@ -192,9 +199,31 @@ def _cutoff_value(cutoff: Any, series: pd.Series) -> Any:
 
 def _first_time(pairs: _Pairs, times: np.ndarray) -> np.ndarray:
     """Time of each pair's first event."""
-    order = np.lexsort((times, pairs.row_pair))
-    starts = np.flatnonzero(np.r_[True, np.diff(pairs.row_pair[order]) != 0])
-    return times[order[starts]]
+    sentinel = np.iinfo(np.int64).max if times.dtype == np.int64 else np.inf
+    first = np.full(len(pairs), sentinel, dtype=times.dtype)
+    np.minimum.at(first, pairs.row_pair, times)
+    return first
+
+
+def _lexsort(keys: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``np.lexsort(keys)`` (last key primary) for keys whose combination is unique.
+
+    Non-negative integer keys whose ranges fit in 63 bits together are packed into one int64
+    and sorted once, several times faster than a multi-key lexsort; since no two rows share
+    all keys, both orders are the same.
+    """
+    if all(np.issubdtype(key.dtype, np.integer) for key in keys) and len(keys[0]):
+        lows = [int(key.min()) for key in keys]
+        highs = [int(key.max()) for key in keys]
+        widths = [(high - low).bit_length() for high, low in zip(highs, lows, strict=True)]
+        if sum(widths) <= 63:
+            packed = np.zeros(len(keys[0]), dtype=np.int64)
+            shift = 0
+            for key, low, width in zip(keys, lows, widths, strict=True):
+                packed |= (key.astype(np.int64) - low) << shift
+                shift += width
+            return np.argsort(packed)
+    return np.lexsort(keys)
 
 
 def _last_per_user(pairs: _Pairs, sort_keys: tuple[np.ndarray, ...], fraction: float) -> np.ndarray:
@@ -203,8 +232,9 @@ def _last_per_user(pairs: _Pairs, sort_keys: tuple[np.ndarray, ...], fraction: f
     Per user, ``round(n * (1 - fraction))`` pairs (half to even, as Python's ``round``) stay in
     train; the rest go to test.
     """
-    # lexsort sorts by its last key first: user, then the keys in the order given.
-    order = np.lexsort((*reversed(sort_keys), pairs.user))
+    # lexsort sorts by its last key first: user, then the keys in the order given. Every key
+    # list ends with one that tells a user's pairs apart (item id or a random draw).
+    order = _lexsort((*reversed(sort_keys), pairs.user))
     counts = np.bincount(pairs.user, minlength=pairs.n_users)
     n_train = np.rint(counts * (1.0 - fraction)).astype(np.int64)
     starts = np.cumsum(counts) - counts
@@ -270,8 +300,9 @@ def _finish(
         )
     if not stats.test_pairs:
         logger.warning("%s split: every test pair was cold; the test part is empty", method)
-    train = frame.iloc[np.flatnonzero(train_rows)].reset_index(drop=True)
-    test = frame.iloc[np.flatnonzero(test_rows)].reset_index(drop=True)
+    # Boolean masks select faster than integer positions for arrow-backed text columns.
+    train = frame[train_rows].reset_index(drop=True)
+    test = frame[test_rows].reset_index(drop=True)
     return Split(train=train, test=test, stats=stats)
 
 

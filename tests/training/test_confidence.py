@@ -17,8 +17,9 @@ from training.confidence import (
     InteractionMatrix,
     build_matrix,
     recency_weights,
+    vocabulary_codes,
 )
-from training.data import EventWeights, load_interactions
+from training.data import EventWeights, load_interactions, with_categorical_ids
 
 DAY = 86_400
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z
@@ -213,3 +214,43 @@ def test_from_a_loaded_log(tmp_path: Path) -> None:
     frame = load_interactions(log).frame
     result = build_matrix(frame, ConfidenceConfig(half_life_days=1.0))
     assert _dense(result) == pytest.approx({("a", "x"): 21.0, ("b", "y"): 1.0})
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ConfidenceConfig(), ConfidenceConfig(min_user_interactions=2, half_life_days=3)],
+    ids=["defaults", "filtered-decayed"],
+)
+def test_categorical_ids_build_the_same_matrix(config: ConfidenceConfig) -> None:
+    rng = np.random.default_rng(5)
+    rows = [
+        (f"u{u}", f"i{i}", "view", T0 + int(t))
+        for u, i, t in zip(
+            rng.integers(0, 30, 400),
+            rng.integers(0, 40, 400),
+            rng.integers(0, 9 * DAY, 400),
+            strict=True,
+        )
+    ]
+    text = _frame(rows)
+    categorical = with_categorical_ids(text)
+    expected, got = build_matrix(text, config), build_matrix(categorical, config)
+    assert got.users.ids.tolist() == expected.users.ids.tolist()
+    assert got.items.ids.tolist() == expected.items.ids.tolist()
+    assert (got.matrix != expected.matrix).nnz == 0
+    assert got.dropped == expected.dropped
+    # With fixed vocabularies that miss some ids (rows of unknown ids are dropped and counted).
+    users = Vocabulary(["u1", "u2", "u3", "u99"], kind="user")
+    items = Vocabulary([f"i{k}" for k in range(0, 40, 2)], kind="item")
+    expected = build_matrix(text, config, users=users, items=items)
+    got = build_matrix(categorical, config, users=users, items=items)
+    assert (got.matrix != expected.matrix).nnz == 0
+    assert got.dropped == expected.dropped
+
+
+def test_vocabulary_codes_marks_unknown_ids() -> None:
+    vocab = Vocabulary(["a", "b", "c"], kind="item")
+    ids = pd.Series(["b", "x", "a", "b", "c", " a"], dtype="str")
+    expected = [1, -1, 0, 1, 2, -1]
+    assert vocabulary_codes(ids, vocab).tolist() == expected
+    assert vocabulary_codes(ids.astype("category"), vocab).tolist() == expected

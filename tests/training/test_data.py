@@ -20,6 +20,7 @@ from training.data import (
     dataset_fingerprint,
     load_catalog,
     load_interactions,
+    with_categorical_ids,
 )
 
 HEADER = "user_id,item_id,event,timestamp,value\n"
@@ -436,3 +437,16 @@ def test_online_retail_quarantines_anonymous_rows_and_returns(tmp_path: Path) ->
     assert result.rows_read == result.rows_accepted + result.rows_quarantined
     assert set(result.reasons) <= {"missing_user_id", "negative_value", "missing_item_id"}
     assert not result.frame["user_id"].str.endswith(".0").any()
+
+
+def test_categorical_ids_keep_the_values_and_the_fingerprint(tmp_path: Path) -> None:
+    body = "".join(f"u{k % 7},i{k % 11},click,{1704067200 + k},2\n" for k in range(60))
+    frame = load_interactions(_write(tmp_path, HEADER + body)).frame
+    categorical = with_categorical_ids(frame)
+    assert isinstance(categorical["user_id"].dtype, pd.CategoricalDtype)
+    assert isinstance(categorical["item_id"].dtype, pd.CategoricalDtype)
+    assert categorical["user_id"].astype(str).tolist() == frame["user_id"].tolist()
+    assert categorical["item_id"].astype(str).tolist() == frame["item_id"].tolist()
+    assert list(categorical.columns) == list(FRAME_COLUMNS)
+    assert dataset_fingerprint(categorical) == dataset_fingerprint(frame)
+    assert isinstance(frame["user_id"].dtype, pd.StringDtype)  # the input is left alone

@@ -12,11 +12,12 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from models.base import ModelConfig, ProgressCallback, Recommender
+from models.base import ModelConfig, ProgressCallback, Recommender, topk
 from models.errors import InvalidInputError
+from models.metrics import relevance_matrix
 from models.popularity import Popularity
 from models.vocabulary import Vocabulary
-from training.evaluate import evaluate, evaluate_with_baseline
+from training.evaluate import evaluate, evaluate_with_baseline, top_k_ids
 from training.split import random_split, temporal_split
 
 L3 = 1.0 / math.log2(3)
@@ -248,3 +249,70 @@ def test_an_empty_holdout_gives_no_metric_but_does_not_fail() -> None:
         "cohort_gt20_users": 0.0,
     }
     assert "| ndcg_at_3 | n/a |" in result.report_markdown()
+
+
+# ------------------------------------------------------------- fast top-k
+def _score_tables() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    real = rng.standard_normal((30, 1_000)).astype(np.float32)
+    ties = rng.integers(0, 4, (30, 1_000)).astype(np.float32)  # ties at every boundary
+    shared = np.broadcast_to(rng.integers(0, 40, 1_000).astype(np.float32), (30, 1_000)).copy()
+    filtered = real.copy()
+    filtered[rng.random(filtered.shape) < 0.97] = -np.inf  # rows with fewer than k candidates
+    filtered[0] = -np.inf
+    ragged = rng.standard_normal((30, 1_000 + 37)).astype(np.float32)  # a partial last block
+    return [
+        ("real", real),
+        ("ties", ties),
+        ("shared", shared),
+        ("filtered", filtered),
+        ("ragged", ragged),
+    ]
+
+
+@pytest.mark.parametrize("k", [1, 10, 15, 40])
+@pytest.mark.parametrize(
+    ("name", "scores"), _score_tables(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_top_k_ids_returns_what_topk_returns(name: str, scores: np.ndarray, k: int) -> None:
+    expected = topk(scores, k)[0]
+    got = top_k_ids(scores, k)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+def test_top_k_ids_on_a_hand_built_row() -> None:
+    # 300 columns: blocks of 64 plus a partial one; the best three sit in different blocks.
+    row = np.zeros((1, 300), dtype=np.float32)
+    row[0, [5, 130, 299, 64]] = [3.0, 5.0, 4.0, 1.0]
+    np.testing.assert_array_equal(top_k_ids(row, 3), [[130, 299, 5]])
+    row[0, 130] = -np.inf  # a filtered item is never returned
+    np.testing.assert_array_equal(top_k_ids(row, 3), [[299, 5, 64]])
+
+
+def test_fast_ranking_matches_recommend_for_every_user() -> None:
+    rng = np.random.default_rng(3)
+    n_users, n_items = 60, 700
+    table = rng.integers(0, 6, (n_users, n_items)).astype(np.float32)  # many ties
+    table[:, 11] = np.nan  # non-finite scores are never recommended
+    train = sp.random(n_users, n_items, density=0.05, format="csr", random_state=4)
+    test = sp.random(n_users, n_items, density=0.02, format="csr", random_state=5)
+    model = FixedScores(table).fit(sp.csr_matrix(train))
+    result = evaluate(model, train, test, k=10, batch_size=7)
+    assert result.per_user is not None
+    users = np.flatnonzero(np.diff(relevance_matrix(test).indptr))
+    expected, _ = model.recommend(users, sp.csr_matrix(train), N=10)
+    np.testing.assert_array_equal(result.per_user.recommended, expected)
+
+
+def test_baseline_comparison_equals_two_separate_evaluations() -> None:
+    rng = np.random.default_rng(8)
+    table = rng.standard_normal((50, 300)).astype(np.float32)
+    train = sp.random(50, 300, density=0.05, format="csr", random_state=1)
+    test = sp.random(50, 300, density=0.03, format="csr", random_state=2)
+    model = FixedScores(table).fit(sp.csr_matrix(train))
+    both = evaluate_with_baseline(model, train, test, k=5)
+    alone = evaluate(model, train, test, k=5)
+    baseline = evaluate(Popularity().fit(sp.csr_matrix(train)), train, test, k=5)
+    assert both.model.to_flat_dict() == alone.to_flat_dict()
+    assert both.baseline.to_flat_dict() == baseline.to_flat_dict()

@@ -99,6 +99,11 @@ def test_train_logs_registers_and_promotes(
     assert [m.step for m in loss] == list(range(1, 7))
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"affinity_model", "evaluation", "quarantine"} <= artifacts
+    # The report is written last: its stage timings cover registration and the gate too.
+    report = mlflow.artifacts.load_dict(f"runs:/{summary['run_id']}/evaluation/report.json")
+    timings = report["timings"]
+    for stage in ("read", "load", "matrix", "fit", "evaluate", "artifact", "register", "gate"):
+        assert 0.0 <= timings[f"{stage}_seconds"] <= timings["total_seconds"]
 
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert str(version.version) == "1"

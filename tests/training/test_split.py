@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 
 from models.errors import DataError, InvalidInputError
+from training.data import with_categorical_ids
 from training.split import (
     Split,
+    _lexsort,
     random_split,
     split,
     temporal_split,
@@ -240,3 +242,37 @@ def test_bad_inputs_are_rejected(log: pd.DataFrame) -> None:
         temporal_split(log, cutoff=10_000)
     with pytest.raises(DataError, match="train part"):
         temporal_split(log, cutoff=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda f: random_split(f, seed=1),
+        lambda f: temporal_split(f, fraction=0.3),
+        lambda f: temporal_split(f, cutoff=1_600),
+    ],
+    ids=["random", "temporal-per-user", "temporal-cutoff"],
+)
+def test_categorical_ids_split_like_text_ids(log: pd.DataFrame, make) -> None:
+    # The pipeline hands the split categorical ids (training.data.with_categorical_ids).
+    text = make(log)
+    categorical = make(with_categorical_ids(log))
+    assert categorical.stats == text.stats
+    for part in ("train", "test"):
+        as_text = {"user_id": str, "item_id": str}
+        got = getattr(categorical, part).astype(as_text)
+        pd.testing.assert_frame_equal(got, getattr(text, part).astype(as_text))
+
+
+def test_packed_sort_keys_order_like_lexsort() -> None:
+    rng = np.random.default_rng(2)
+    n = 5_000
+    user = rng.integers(0, 50, n)
+    item = rng.permutation(n)  # unique per row, like a user's items
+    times = rng.integers(-1_000, 1_000, n)
+    np.testing.assert_array_equal(_lexsort((item, times, user)), np.lexsort((item, times, user)))
+    # Keys too wide to pack in 63 bits fall back to lexsort and still agree.
+    wide = times * (2**50)
+    np.testing.assert_array_equal(_lexsort((item, wide, user)), np.lexsort((item, wide, user)))
+    draw = rng.random(n)
+    np.testing.assert_array_equal(_lexsort((draw, user)), np.lexsort((draw, user)))
