@@ -17,10 +17,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.artifact import ModelBundle
-from models.base import NEG_INF, topk
+from models.base import NEG_INF
 from models.metrics import active_users, summarize
 from models.vocabulary import MISSING
 from training import registry
+from training.evaluate import top_k_ids
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def evaluate_bundle_on_split(
         scores[:, from_bundle < 0] = NEG_INF  # items this run cannot judge
         hc = history.tocoo()
         scores[hc.row, hc.col] = NEG_INF  # seen items excluded, as for the new model
-        ids, _ = topk(scores, k)
+        ids = top_k_ids(scores, k)  # the same ids as models.base.topk, in one pass
         mapped = np.where(ids >= 0, from_bundle[np.maximum(ids, 0)], -1)
         recs[sl] = mapped
     item_users = np.bincount(train.matrix.indices, minlength=len(train.items))
