@@ -50,7 +50,7 @@ def test_random_split_is_deterministic_for_a_seed_and_ignores_row_order(log: pd.
     assert _pairs(first.test) != _pairs(other.test)
 
 
-@pytest.mark.parametrize(
+EVERY_SPLIT = pytest.mark.parametrize(
     "make",
     [
         lambda f: random_split(f, seed=1),
@@ -59,6 +59,10 @@ def test_random_split_is_deterministic_for_a_seed_and_ignores_row_order(log: pd.
     ],
     ids=["random", "temporal-per-user", "temporal-cutoff"],
 )
+"""Each way of splitting, as a function of the log (random, per-user temporal, global cut-off)."""
+
+
+@EVERY_SPLIT
 def test_no_pair_lands_in_both_parts(log: pd.DataFrame, make) -> None:
     result: Split = make(log)
     assert result.stats.test_pairs > 0
@@ -244,15 +248,7 @@ def test_bad_inputs_are_rejected(log: pd.DataFrame) -> None:
         temporal_split(log, cutoff=0)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda f: random_split(f, seed=1),
-        lambda f: temporal_split(f, fraction=0.3),
-        lambda f: temporal_split(f, cutoff=1_600),
-    ],
-    ids=["random", "temporal-per-user", "temporal-cutoff"],
-)
+@EVERY_SPLIT
 def test_categorical_ids_split_like_text_ids(log: pd.DataFrame, make) -> None:
     # The pipeline hands the split categorical ids (training.data.with_categorical_ids).
     text = make(log)
