@@ -76,6 +76,16 @@ def _top_k_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, top
 
 
+def _row_norms(factors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Euclidean norm of every row in double precision, a chunk of rows at a time (no n x f
+    double copy of a large catalog)."""
+    norms = np.empty(len(factors), dtype=np.float64)
+    for start in range(0, len(factors), chunk):
+        part = factors[start : start + chunk].astype(np.float64)
+        norms[start : start + chunk] = np.sqrt(np.einsum("ij,ij->i", part, part))
+    return norms
+
+
 def _kth_largest(row: np.ndarray, k: int) -> float:
     """The k-th largest value of ``row`` (``-inf`` when fewer than k are finite)."""
     if len(row) >= MIN_BLOCKED_TOPK:
@@ -126,7 +136,7 @@ class NormOrderedIndex:
         factors = np.asarray(item_factors, dtype=np.float32)
         n = len(factors)
         finite = np.isfinite(factors).all(axis=1)
-        norms = np.linalg.norm(factors.astype(np.float64), axis=1)
+        norms = _row_norms(factors)
         norms[~finite] = 0.0
         # Stable sort: equal norms keep id order, so the index is deterministic.
         self.order = np.argsort(-norms, kind="stable")
@@ -156,7 +166,8 @@ class NormOrderedIndex:
         gram = (factors.T @ factors).astype(np.float64)
         _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues, orthonormal columns
         directions = np.ascontiguousarray(vectors[:, ::-1][:, :d].T)
-        projected = factors.astype(np.float64) @ directions.T
+        # float32 products (no n x f double copy); their rounding is far below the margins.
+        projected = (factors @ directions.T.astype(np.float32)).astype(np.float64)
         residual = np.sqrt(np.maximum(norms**2 - np.einsum("ij,ij->i", projected, projected), 0))
         self._directions = directions
         # Stored d x n: a (d,) @ (d, n) product runs at memory speed, (n, d) @ (d,) does not.
