@@ -88,7 +88,7 @@ def _row_norms(factors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
 
 def _kth_largest(row: np.ndarray, k: int) -> float:
     """The k-th largest value of ``row`` (``-inf`` when fewer than k are finite)."""
-    if len(row) >= MIN_BLOCKED_TOPK:
+    if len(row) >= 8 * MIN_BLOCKED_TOPK:
         _, best = top_k_row(row, k)  # block maxima first: cheaper than a full partition
         return float(best[-1])
     return float(np.partition(row, len(row) - k)[len(row) - k])
