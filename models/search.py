@@ -248,13 +248,11 @@ class NormOrderedIndex:
             tail = tails.get(j)
             if tail is None:  # the first block's k-th score is already the answer's
                 hits.append(self._hits(heads[j], q.k, None, first, thresholds[j]))
-            elif tail[1] is None:
-                scores = np.concatenate((heads[j], tail[0]))
-                hits.append(self._hits(scores, q.k, None, len(scores)))
             else:
                 scores = np.concatenate((heads[j], tail[0]))
-                where = np.concatenate((self._head, tail[1]))
-                hits.append(self._hits(scores, q.k, where, len(scores)))
+                where = None if tail[1] is None else np.concatenate((self._head, tail[1]))
+                kth = self._kth_above(scores, q.k, thresholds[j])
+                hits.append(self._hits(scores, q.k, where, len(scores), kth))
         return hits
 
     def _candidates(
@@ -303,6 +301,17 @@ class NormOrderedIndex:
             hi = len(blocked) if end >= self.n_items else int(blocked.searchsorted(end))
             if hi > lo:
                 row[blocked[lo:hi] - start] = NEG_INF
+
+    @staticmethod
+    def _kth_above(scores: np.ndarray, k: int, floor: float) -> float | None:
+        """The k-th largest of ``scores`` given ``floor``, a lower bound on it (the first block's
+        k-th score): only the few scores at or above the floor need ranking. None if unknown."""
+        if not floor > NEG_INF:
+            return None
+        above = scores[scores >= floor]
+        if len(above) < k:  # cannot happen for a true lower bound; let the caller rank it all
+            return None
+        return float(np.partition(above, len(above) - k)[len(above) - k])
 
     def _hits(
         self,
