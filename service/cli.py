@@ -32,6 +32,7 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--port": ("port", int, {"metavar": "N"}),
     "--workers": ("workers", int, {"metavar": "N"}),
     "--metrics-port": ("metrics_port", int, {"metavar": "N"}),
+    "--metrics-host": ("metrics_host", str, {"metavar": "ADDR"}),
     "--poll-seconds": ("poll_seconds", float, {"metavar": "S"}),
     "--tls-cert": ("tls_cert", str, {"metavar": "PEM"}),
     "--tls-key": ("tls_key", str, {"metavar": "PEM"}),

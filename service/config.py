@@ -65,6 +65,10 @@ class ServeSettings(BaseSettings):
     metrics_port: int = Field(0, validation_alias="AFFINITY_METRICS_PORT", ge=0, le=65535)
     """Port of the Prometheus ``/metrics`` endpoint; 0 turns metrics off."""
 
+    metrics_host: str = Field("0.0.0.0", validation_alias="AFFINITY_METRICS_HOST", min_length=1)
+    """Address ``/metrics`` binds: every interface by default (a scraper in another container
+    must reach it); ``127.0.0.1`` keeps it on the host."""
+
     poll_seconds: float = Field(30.0, validation_alias="AFFINITY_POLL_SECONDS", ge=0)
     """How often to check the registry alias for a new version; 0 never checks."""
 

@@ -144,7 +144,7 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
     scheme = "tls" if settings.tls_cert else "plaintext"
     logger.info("listening on %s:%d (%s)", settings.host, port, scheme, extra={"port": port})
     if settings.metrics_port and not worker:
-        metrics.start_metrics_server(settings.metrics_port)
+        metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
     if settings.is_registry and not stop.is_set():
         loader.load_initial()
     loader.start_polling()
@@ -195,7 +195,7 @@ def supervise(settings: ServeSettings) -> int:
     workers = [spawn(slot) for slot in range(settings.workers)]
     if settings.metrics_port:
         os.environ[metrics.MULTIPROC_ENV] = multiproc_dir
-        metrics.start_metrics_server(settings.metrics_port)
+        metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
     restarts: list[list[float]] = [[] for _ in workers]
     status = 0
     try:

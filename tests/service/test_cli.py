@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def test_two_workers_share_a_port_and_stop_on_sigterm(artifact_dir: Path, tmp_pa
     command = [sys.executable, "-m", "training.cli", "serve", "--workers", "2"]
     command += ["--port", str(port), "--host", "127.0.0.1", "--model", str(artifact_dir)]
     command += ["--log-format", "json", "--grace-seconds", "2"]
+    metrics_port = free_port()
+    command += ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
         with AffinityClient(f"127.0.0.1:{port}", timeout=2) as client:
@@ -169,6 +172,19 @@ def test_two_workers_share_a_port_and_stop_on_sigterm(artifact_dir: Path, tmp_pa
             results = [client.recommend(f"u{u:02d}", k=3) for u in range(20)]
             assert all(len(r.items) == 3 for r in results)
             assert client.model_info().model.name == artifact_dir.name
+        # One /metrics endpoint, on the requested address, merges both workers' counters.
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        served = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("affinity_requests_total{")
+            and 'method="Recommend"' in line
+            and 'code="OK"' in line
+        ]
+        assert sum(served) == 20
+        assert _listening_addresses(metrics_port) in ([], ["127.0.0.1"])  # [] where no /proc
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -180,6 +196,20 @@ def test_two_workers_share_a_port_and_stop_on_sigterm(artifact_dir: Path, tmp_pa
     listening = {e["pid"] for e in entries if e["msg"].startswith("listening on")}
     assert len(listening) == 2  # two worker processes bound the same port
     assert any("recommendation_id" in e for e in entries)
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """IPv4 addresses with a socket listening on ``port``, from ``/proc/net/tcp`` (Linux)."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        return []
+    found = []
+    for line in table.read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.append(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
 
 
 def test_corrupt_local_artifact_fails_before_serving(artifact_dir: Path, tmp_path: Path) -> None:
