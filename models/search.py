@@ -37,6 +37,7 @@ this many positions of the range is a candidate (a contiguous GEMV beats a large
 BLOCK = 128
 """Width of the blocks whose maxima :func:`top_k_row` scans before looking at single scores."""
 MIN_BLOCKED_TOPK = 8 * BLOCK
+"""Rows shorter than this are ranked by a plain partition: block maxima only pay on long rows."""
 
 
 def top_k_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from models.base import NEG_INF, Recommender, topk
+from models.base import NEG_INF, Recommender, top_k_ids
 from models.errors import InvalidInputError
 from models.metrics import (
     METRIC_NAMES,
@@ -133,56 +133,6 @@ def _aligned(
 
 
 _SCORE_CELLS = 16_000_000
-
-_BLOCK = 64
-"""Columns per block in :func:`top_k_ids`' first pass (block maxima bound the k-th score)."""
-
-
-def top_k_ids(scores: np.ndarray, k: int) -> np.ndarray:
-    """The ids :func:`models.base.topk` returns for ``scores``, without a full partition per row.
-
-    The ``k``-th largest of a row's block maxima (blocks of :data:`_BLOCK` columns) is a lower
-    bound on the row's ``k``-th largest score, so only the few blocks whose maximum reaches it
-    hold candidates: one pass over the matrix instead of an ``argpartition`` of every row. Rows
-    whose ``k``-th and ``k+1``-th scores tie (where ``topk``'s choice among the tied items is its
-    partition's) and rows with fewer than ``k`` finite scores go through ``topk`` itself, so the
-    result is the same array in every case.
-    """
-    scores = np.atleast_2d(scores)
-    n_rows, n_cols = scores.shape
-    n_full = n_cols // _BLOCK
-    n_blocks = -(-n_cols // _BLOCK)
-    if n_rows == 0 or k <= 0 or n_full < max(k, 4):
-        return topk(scores, k)[0]
-    block_max = np.empty((n_rows, n_blocks), dtype=scores.dtype)
-    block_max[:, :n_full] = scores[:, : n_full * _BLOCK].reshape(n_rows, n_full, _BLOCK).max(axis=2)
-    if n_blocks > n_full:
-        block_max[:, n_full] = scores[:, n_full * _BLOCK :].max(axis=1)
-    bound = np.partition(block_max, n_blocks - k, axis=1)[:, n_blocks - k]
-    fast = bound > NEG_INF  # a -inf bound would make every entry a candidate
-    # Candidate entries: those reaching the bound in the blocks whose maximum reaches it.
-    cand_row, cand_block = np.nonzero((block_max >= bound[:, None]) & fast[:, None])
-    cols = cand_block[:, None] * _BLOCK + np.arange(_BLOCK)
-    inside = cols < n_cols
-    cols = np.minimum(cols, n_cols - 1)
-    rows = np.broadcast_to(cand_row[:, None], cols.shape)
-    values = scores[rows, cols]
-    keep = inside & (values >= bound[cand_row, None])
-    rows, cols, values = rows[keep], cols[keep], values[keep]
-    order = np.lexsort((cols, -values, rows))
-    rows, cols, values = rows[order], cols[order], values[order]
-    counts = np.bincount(rows, minlength=n_rows)
-    starts = np.cumsum(counts) - counts
-    ids = np.full((n_rows, k), -1, dtype=np.int64)
-    picked = np.flatnonzero(fast)
-    ids[picked] = cols[starts[picked, None] + np.arange(k)]
-    # The k-th candidate ties with the next one: let topk pick among the tied items.
-    longer = picked[counts[picked] > k]
-    tied = longer[values[starts[longer] + k] == values[starts[longer] + k - 1]]
-    slow = np.union1d(np.flatnonzero(~fast), tied)
-    if len(slow):
-        ids[slow] = topk(scores[slow], k)[0]
-    return ids
 
 
 def _recommend_ids(

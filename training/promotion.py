@@ -17,11 +17,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.artifact import ModelBundle
-from models.base import NEG_INF
+from models.base import NEG_INF, top_k_ids
 from models.metrics import active_users, summarize
 from models.vocabulary import MISSING
 from training import registry
-from training.evaluate import top_k_ids
 
 logger = logging.getLogger(__name__)
 

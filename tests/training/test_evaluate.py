@@ -12,12 +12,12 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from models.base import ModelConfig, ProgressCallback, Recommender, topk
+from models.base import ModelConfig, ProgressCallback, Recommender, top_k_ids, topk
 from models.errors import InvalidInputError
 from models.metrics import relevance_matrix
 from models.popularity import Popularity
 from models.vocabulary import Vocabulary
-from training.evaluate import evaluate, evaluate_with_baseline, top_k_ids
+from training.evaluate import evaluate, evaluate_with_baseline
 from training.split import random_split, temporal_split
 
 L3 = 1.0 / math.log2(3)
