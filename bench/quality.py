@@ -5,6 +5,8 @@ by the named protocol, fits each algorithm with its default configuration and ag
 ``--trials`` Optuna trials on a validation split carved from the training part (the test part is
 never seen by the search), evaluates both on the test part, logs every run to MLflow (experiment
 ``quality-<protocol>``) and writes the table into ``docs/quality.md`` with the command that made it.
+The holdout is the one ``affinity train`` evaluates on (:func:`training.evaluate.build_holdout`):
+test items absent from the training part stay relevant, as in the published protocols.
 """
 
 from __future__ import annotations
@@ -22,27 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
 from bench.datasets import LOADERS, load_dataset
-from models.base import Recommender
-from models.errors import DataError, InvalidInputError
-from models.metrics import (
-    UserMetrics,
-    active_users,
-    catalog_coverage,
-    item_popularity,
-    mean_metrics,
-    per_user_metrics,
-    relevance_matrix,
-)
 from models.registry import get_algorithm
-from models.vocabulary import Vocabulary
-from training.confidence import ConfidenceConfig, InteractionMatrix, build_matrix
+from training.confidence import ConfidenceConfig, build_matrix
+from training.evaluate import Holdout, build_holdout, evaluate
 from training.pipeline import fit_model
-from training.split import Method, TrainValidationTest, train_validation_test
+from training.split import Method, train_validation_test
 from training.tracking import configure_tracking
 from training.tune import SEARCHES, tune
 
@@ -149,104 +137,16 @@ def _noop(_: str) -> None:
     pass
 
 
-def full_holdout(frame: pd.DataFrame, parts: TrainValidationTest) -> pd.DataFrame:
-    """Every event of the test part, including those the split dropped as cold.
-
-    :func:`training.split.split` drops test pairs whose user or item has no training event (a
-    model cannot score them). The published protocol keeps them in the ground truth, so a
-    model is charged for what it cannot recommend: this returns every event whose (user, item)
-    pair is not in the training part, and checks that they are exactly the split's test pairs
-    plus its cold pairs.
-    """
-    keys = ["user_id", "item_id"]
-    train_pairs = pd.MultiIndex.from_frame(parts.train_full[keys].astype(str))
-    rows = pd.MultiIndex.from_frame(frame[keys].astype(str))
-    holdout = frame[~rows.isin(train_pairs)].reset_index(drop=True)
-    stats = parts.test_split.stats
-    n_pairs = len(holdout[keys].drop_duplicates())
-    if n_pairs != stats.test_pairs + stats.cold_pairs:
-        raise DataError(
-            f"the holdout has {n_pairs} pairs but the split kept {stats.test_pairs} test pairs "
-            f"and dropped {stats.cold_pairs} cold ones"
-        )
-    return holdout
-
-
-def holdout_matrix(
-    train: InteractionMatrix, test_frame: pd.DataFrame
-) -> tuple[sp.csr_matrix, dict[str, int]]:
-    """The test part as a users x items matrix that keeps items the training part never saw.
-
-    Columns are the training items followed by the test-only items (sorted), so a test item no
-    model can recommend still counts as relevant: it is in the recall denominator and in NDCG's
-    ideal list, as in the published protocol, where the ground truth is every held-out rating.
-    Users absent from the training part cannot be scored by any model here and are counted in
-    the returned statistics (``test_users_unknown``); per-user splits leave none.
-    """
-    test_items = pd.unique(test_frame["item_id"].astype(str).to_numpy())
-    unknown_items = np.sort(np.asarray([i for i in test_items if i not in train.items], dtype=str))
-    items = Vocabulary(np.concatenate([train.items.ids, unknown_items]), kind="item")
-    test = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=items)
-    unknown_cols = relevance_matrix(test.matrix)[:, len(train.items) :]
-    users = test_frame["user_id"].astype(str)
-    stats = {
-        "test_items_unknown": len(unknown_items),
-        "test_pairs_unknown_item": int(unknown_cols.nnz),
-        "test_users_unknown": int(users[~users.isin(train.users.ids)].nunique()),
-    }
-    return test.matrix, stats
-
-
-def evaluate_holdout(
-    model: Recommender, train: sp.csr_matrix, test: sp.csr_matrix, k: int, batch_size: int = 1000
-) -> dict[str, float]:
-    """Top-``k`` metrics of ``model`` on a :func:`holdout_matrix` (training items filtered).
-
-    The same definitions as :func:`training.evaluate.evaluate` (``docs/metrics.md``); the only
-    difference is that ``test`` may have more columns than the model has items (items unknown
-    to the training part), which are relevant but can never be recommended. Coverage is the
-    share of the model's catalog in any list.
-    """
-    train = sp.csr_matrix(train)
-    n_items = train.shape[1]
-    relevant = relevance_matrix(test)
-    if relevant.shape[0] != train.shape[0] or relevant.shape[1] < n_items:
-        raise InvalidInputError(
-            f"test matrix {relevant.shape} does not extend the train matrix {train.shape}"
-        )
-    train_positive = relevance_matrix(train)
-    popularity = np.zeros(relevant.shape[1], dtype=np.float64)
-    popularity[:n_items] = item_popularity(train_positive)
-    n_active = active_users(train_positive) or None
-    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    parts: list[UserMetrics] = []
-    for start in range(0, len(users), batch_size):
-        batch = users[start : start + batch_size]
-        ids, _ = model.recommend(batch, train, N=k, filter_already_liked_items=True)
-        ids = np.atleast_2d(ids)
-        if ids.shape[1] < k:
-            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
-        parts.append(
-            per_user_metrics(ids, relevant[batch], item_popularity=popularity, n_users=n_active)
-        )
-    if not parts:
-        raise InvalidInputError("the test part holds no relevant item")
-    per_user = UserMetrics.concat(parts)
-    metrics = mean_metrics(per_user)
-    metrics[f"coverage_at_{k}"] = catalog_coverage(per_user.recommended, n_items)
-    return metrics
-
-
 def _fit_and_evaluate(
     algorithm: str,
     params: dict[str, Any],
     train: Any,
-    test: Any,
+    test: Holdout,
     k: int,
 ) -> tuple[dict[str, float], float]:
     """Fit on ``train``, log the loss curve to the active run, evaluate on ``test``.
 
-    ``test`` is a :func:`holdout_matrix`: items unknown to ``train`` still count as relevant.
+    Items of ``test`` unknown to ``train`` still count as relevant (misses no model avoids).
     """
 
     def on_iteration(iteration: int, loss: float | None) -> None:
@@ -256,7 +156,8 @@ def _fit_and_evaluate(
     start = time.perf_counter()
     model = fit_model(algorithm, params, train, on_iteration)
     seconds = time.perf_counter() - start
-    return evaluate_holdout(model, train, test, k), seconds
+    metrics = evaluate(model, train, test.matrix, k=k, unrankable=test.unrankable).metrics
+    return metrics, seconds
 
 
 def _log_result(result: Result, full_params: dict[str, Any]) -> None:
@@ -298,15 +199,18 @@ def run_protocol(
     )
     confidence = ConfidenceConfig()
     train = build_matrix(parts.train_full, confidence)
-    test_matrix, unknown = holdout_matrix(train, full_holdout(frame, parts))
+    test = build_holdout(parts.test, train.users, train.items)
     stats = {
         "users": len(train.users),
         "items": len(train.items),
         "train_pairs": int(train.matrix.nnz),
-        "test_pairs": int(test_matrix.nnz),
-        "test_users": int(np.count_nonzero(np.diff(test_matrix.indptr))),
+        "test_pairs": test.n_pairs,
+        "test_users": len(test.users),
         "validation_pairs": parts.validation_split.stats.test_pairs,
-        **unknown,
+        "test_items_unknown": test.items_unknown,
+        "test_pairs_unknown_item": test.pairs_unknown_item,
+        # Dropped by the split (no training event) or by the matrix (none with these defaults).
+        "test_users_unknown": parts.test_split.stats.cold_users + test.users_unknown,
     }
     progress(f"{dataset} / {protocol}: {stats}")
     report = ProtocolReport(spec, dataset, k, trials, stats)
@@ -316,7 +220,7 @@ def run_protocol(
         cls = get_algorithm(algorithm)
         with mlflow.start_run(run_name=f"{dataset}/{algorithm}/default") as run:
             mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "default"})
-            metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test_matrix, k)
+            metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test, k)
             result = Result(algorithm, "default", metrics, {}, seconds, run_id=run.info.run_id)
             _log_result(result, cls.Config().model_dump(mode="json"))
         report.results.append(result)
@@ -339,7 +243,7 @@ def run_protocol(
             )
             tune_seconds = time.perf_counter() - start
             params = summary["best_params"]
-            metrics, seconds = _fit_and_evaluate(algorithm, params, train.matrix, test_matrix, k)
+            metrics, seconds = _fit_and_evaluate(algorithm, params, train.matrix, test, k)
             result = Result(
                 algorithm,
                 "tuned",

@@ -2,6 +2,8 @@
 
 Input is a ``(n_users, k)`` array of recommended item indices (``-1`` pads short lists) and a CSR
 matrix of each user's held-out items, rows aligned; ``docs/metrics.md`` gives every formula.
+:func:`per_user_metrics` also takes, per user, a count of held-out items outside the catalog (items
+unseen in training): they are relevant, so they count in ``|R|``, but no list can hold them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,27 @@ def _check_pair(
             f"recommended has {rec.shape[0]} rows but relevant has {rel.shape[0]}: rows must align"
         )
     return rec, rel
+
+
+def unrankable_counts(unrankable: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """``unrankable`` checked as one non-negative count per row, as int64 (zeros when None).
+
+    See :func:`per_user_metrics` for what the counts mean.
+    """
+    if unrankable is None:
+        return np.zeros(n_rows, dtype=np.int64)
+    extra = np.asarray(unrankable)
+    if extra.shape != (n_rows,):
+        raise InvalidInputError(
+            f"unrankable needs one count per row of relevant ({n_rows}), got shape {extra.shape}",
+            field="unrankable",
+        )
+    if extra.size and not np.issubdtype(extra.dtype, np.integer):
+        raise InvalidInputError("unrankable must hold integer counts", field="unrankable")
+    extra = extra.astype(np.int64, copy=False)
+    if extra.size and extra.min() < 0:
+        raise InvalidInputError("unrankable counts must not be negative", field="unrankable")
+    return extra
 
 
 def _duplicates(rec: np.ndarray) -> np.ndarray:
@@ -272,6 +295,7 @@ class UserMetrics:
     n_items: int
     recommended: np.ndarray
     n_relevant: np.ndarray
+    """Relevant held-out items per user, those outside the catalog (``unrankable``) included."""
     precision: np.ndarray
     recall: np.ndarray
     ndcg: np.ndarray
@@ -326,17 +350,23 @@ def per_user_metrics(
     recommended: np.ndarray,
     relevant: sp.spmatrix | sp.sparray,
     *,
+    unrankable: np.ndarray | None = None,
     item_popularity: np.ndarray | None = None,
     n_users: int | None = None,
 ) -> UserMetrics:
     """Compute every per-user metric in one pass over the hit matrix.
+
+    ``unrankable`` (one count per row) adds relevant items that are not columns of ``relevant``:
+    held-out items outside the model's catalog, which no list can hold. They count in ``|R|``
+    (recall's and MAP's denominators, NDCG's ideal DCG) and never as hits; precision still
+    divides by k. A row with only such items is evaluable and scores 0.
 
     Novelty needs ``item_popularity`` (distinct users per item) and ``n_users`` (how many users
     that counts over); without them it is NaN.
     """
     rec, rel = _check_pair(recommended, relevant)
     hit = _hits(rec, rel)
-    n_rel = _n_relevant(rel)
+    n_rel = _n_relevant(rel) + unrankable_counts(unrankable, rel.shape[0])
     if item_popularity is not None and n_users is not None:
         if len(item_popularity) != rel.shape[1]:
             raise InvalidInputError(
@@ -394,14 +424,16 @@ def summarize(
     *,
     k: int | None = None,
     n_items: int | None = None,
+    unrankable: np.ndarray | None = None,
     item_popularity: np.ndarray | None = None,
     n_users: int | None = None,
 ) -> dict[str, float]:
     """:func:`per_user_metrics` then :func:`mean_metrics` in one call.
 
     ``k`` cuts longer lists or pads shorter ones with ``-1`` (default: the list length);
-    ``n_items``, when given, must match the columns of ``relevant``. Novelty is NaN unless both
-    ``item_popularity`` and ``n_users`` are given.
+    ``n_items``, when given, must match the columns of ``relevant``; ``unrankable`` is as in
+    :func:`per_user_metrics`. Novelty is NaN unless both ``item_popularity`` and ``n_users`` are
+    given.
     """
     rec = _check_recommended(recommended)
     if k is not None:
@@ -415,5 +447,11 @@ def summarize(
             f"catalog has {n_items} items but relevant has {relevant.shape[1]} columns"
         )
     return mean_metrics(
-        per_user_metrics(rec, relevant, item_popularity=item_popularity, n_users=n_users)
+        per_user_metrics(
+            rec,
+            relevant,
+            unrankable=unrankable,
+            item_popularity=item_popularity,
+            n_users=n_users,
+        )
     )

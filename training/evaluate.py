@@ -2,6 +2,10 @@
 
 Recommends for every user with held-out items, in batches, with their training items excluded,
 and compares against a popularity baseline fitted on the same training matrix.
+
+:func:`build_holdout` is the one definition of the holdout that ``affinity train``, tuning, the
+promotion gate and ``bench/quality.py`` evaluate on: held-out items the model never saw in
+training stay relevant (they count as misses), held-out users it never saw are left out.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from models.base import NEG_INF, Recommender, top_k_ids
@@ -24,9 +29,12 @@ from models.metrics import (
     mean_metrics,
     per_user_metrics,
     relevance_matrix,
+    unrankable_counts,
 )
 from models.metrics import item_popularity as user_counts
 from models.popularity import Popularity
+from models.vocabulary import Vocabulary
+from training.confidence import ConfidenceConfig, build_matrix, vocabulary_codes
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +120,110 @@ class BaselineComparison:
         return iter((self.model, self.baseline))
 
 
+# ----------------------------------------------------------------- holdout
+@dataclass(frozen=True, eq=False)
+class Holdout:
+    """Held-out interactions as a model sees them: what it can rank, and what it cannot.
+
+    A held-out item the model never saw in training is still an item the user wanted; no model
+    can recommend it, so it counts as a miss: in ``|R|`` for recall, MAP and NDCG's ideal DCG,
+    never as a hit. Leaving it out would make every metric look better than the service is.
+    A held-out user the model never saw is served by the cold-start fallback, not the model,
+    and is left out (counted in :attr:`users_unknown`).
+    """
+
+    matrix: sp.csr_matrix
+    """Users x items on the model's indices; a positive entry is a relevant held-out item."""
+    unrankable: np.ndarray
+    """Per user (int64): relevant held-out items outside the model's catalog, counted as misses."""
+    items_unknown: int = 0
+    """Distinct items among the :attr:`unrankable` pairs (of the whole holdout: a
+    :meth:`restrict`-ed copy keeps the count)."""
+    users_unknown: int = 0
+    """Distinct held-out users outside the model's users: not evaluated (same note)."""
+
+    def __post_init__(self) -> None:
+        unrankable_counts(self.unrankable, self.matrix.shape[0])
+
+    @property
+    def pairs_unknown_item(self) -> int:
+        """Relevant held-out pairs whose item the model does not know (the misses it must take)."""
+        return int(self.unrankable.sum())
+
+    @property
+    def n_pairs(self) -> int:
+        """Relevant held-out pairs of known users, rankable or not."""
+        return int(relevance_matrix(self.matrix).nnz) + self.pairs_unknown_item
+
+    @property
+    def users(self) -> np.ndarray:
+        """Indices of the users with at least one relevant held-out item: those evaluated."""
+        return _holdout_users(relevance_matrix(self.matrix), self.unrankable)
+
+    def restrict(self, keep: np.ndarray) -> Holdout:
+        """The same holdout with only the users where the boolean ``keep`` is true."""
+        keep = np.asarray(keep, dtype=bool)
+        matrix = sp.csr_matrix(sp.diags(keep.astype(np.float32)) @ self.matrix, dtype=np.float32)
+        matrix.eliminate_zeros()
+        return Holdout(
+            matrix=matrix,
+            unrankable=np.where(keep, self.unrankable, 0),
+            items_unknown=self.items_unknown,
+            users_unknown=self.users_unknown,
+        )
+
+
+def _holdout_users(relevant: sp.csr_matrix, unrankable: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((np.diff(relevant.indptr) + unrankable) > 0)
+
+
+def build_holdout(frame: pd.DataFrame, users: Vocabulary, items: Vocabulary) -> Holdout:
+    """The holdout of ``frame`` (events, as :func:`training.data.load_interactions` gives) for a
+    model over ``users`` x ``items``.
+
+    A (user, item) pair is relevant when its summed event weight is positive, as in
+    :func:`training.confidence.build_matrix` without decay. Pairs of known users whose item is
+    not in ``items`` (unseen in training, or dropped by a minimum-count filter) become per-user
+    :attr:`Holdout.unrankable` counts; rows of unknown users are dropped and counted.
+    """
+    known = build_matrix(frame, ConfidenceConfig(), users=users, items=items)
+    unrankable = np.zeros(len(users), dtype=np.int64)
+    items_unknown = users_unknown = 0
+    dropped_users = known.dropped["rows_unknown_user"]
+    if dropped_users or known.dropped["rows_unknown_item"]:
+        user_idx = vocabulary_codes(frame["user_id"], users)
+        if dropped_users:
+            users_unknown = int(frame["user_id"][user_idx < 0].nunique())
+        outside = user_idx >= 0
+        outside &= vocabulary_codes(frame["item_id"], items) < 0
+        if outside.any():
+            codes, uniques = pd.factorize(frame["item_id"][outside])
+            valid = codes >= 0
+            n_unknown = max(len(uniques), 1)
+            keys = user_idx[outside][valid] * n_unknown + codes[valid]
+            pair_keys, pair_of_row = np.unique(keys, return_inverse=True)
+            weight = frame["weight"].to_numpy(dtype=np.float64)[outside][valid]
+            relevant_keys = pair_keys[np.bincount(pair_of_row, weights=weight) > 0]
+            counts = np.bincount(relevant_keys // n_unknown, minlength=len(users))
+            unrankable = counts.astype(np.int64)
+            items_unknown = int(np.unique(relevant_keys % n_unknown).size)
+    holdout = Holdout(
+        matrix=known.matrix,
+        unrankable=unrankable,
+        items_unknown=items_unknown,
+        users_unknown=users_unknown,
+    )
+    if holdout.pairs_unknown_item or users_unknown:
+        logger.info(
+            "holdout: %d pairs of %d items unseen in training count as misses; "
+            "%d users unseen in training are not evaluated",
+            holdout.pairs_unknown_item,
+            items_unknown,
+            users_unknown,
+        )
+    return holdout
+
+
 # --------------------------------------------------------------- evaluation
 def _aligned(
     model: Recommender,
@@ -172,6 +284,8 @@ class _Prepared:
     """Distinct positive training items per user (the cohort key)."""
     popularity: np.ndarray
     n_active: int
+    unrankable: np.ndarray
+    """Relevant held-out items per user outside the catalog (misses; see :class:`Holdout`)."""
 
 
 def _prepare(
@@ -179,8 +293,10 @@ def _prepare(
     train_matrix: sp.spmatrix | sp.sparray,
     test_matrix: sp.spmatrix | sp.sparray,
     item_popularity: np.ndarray | None,
+    unrankable: np.ndarray | None = None,
 ) -> _Prepared:
     train, test = _aligned(model, train_matrix, test_matrix)
+    extra = unrankable_counts(unrankable, test.shape[0])
     train_positive = relevance_matrix(train)
     n_active = active_users(train_positive)
     if item_popularity is None:
@@ -205,6 +321,7 @@ def _prepare(
         train_counts=np.diff(train_positive.indptr),
         popularity=popularity,
         n_active=n_active,
+        unrankable=extra,
     )
 
 
@@ -216,19 +333,23 @@ def evaluate(
     k: int = 10,
     batch_size: int = 1000,
     item_popularity: np.ndarray | None = None,
+    unrankable: np.ndarray | None = None,
     progress: EvaluationProgress | None = None,
 ) -> Evaluation:
     """Top-``k`` metrics of ``model`` for every user with held-out items in ``test_matrix``.
 
     Both matrices are users x items on the same indices (the model's); a test user absent from
     training has an empty train row. Training items are excluded from the recommendations, and
-    positive test entries are the relevant items. ``item_popularity`` (distinct training users per
-    item, out of the users with a training interaction) feeds novelty; by default it is counted
-    from ``train_matrix``. Users are cohorted by their number
-    of distinct training items: ``lt5`` (<5), ``5to20`` (5..20) and ``gt20`` (>20).
+    positive test entries are the relevant items. ``unrankable`` (one count per user, e.g.
+    :attr:`Holdout.unrankable`) adds relevant items outside the catalog: they count as misses in
+    recall, MAP and NDCG, and a user with only such items is evaluated (and scores 0).
+    ``item_popularity`` (distinct training users per item, out of the users with a training
+    interaction) feeds novelty; by default it is counted from ``train_matrix``. Users are
+    cohorted by their number of distinct training items: ``lt5`` (<5), ``5to20`` (5..20) and
+    ``gt20`` (>20).
     """
     _check_args(k, batch_size)
-    prepared = _prepare(model, train_matrix, test_matrix, item_popularity)
+    prepared = _prepare(model, train_matrix, test_matrix, item_popularity, unrankable)
     return _evaluate(model, prepared, k=k, batch_size=batch_size, progress=progress)
 
 
@@ -248,7 +369,7 @@ def _evaluate(
     progress: EvaluationProgress | None,
 ) -> Evaluation:
     train, test, popularity = prepared.train, prepared.test, prepared.popularity
-    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    users = _holdout_users(test, prepared.unrankable)
     # Each batch holds a dense (batch x items) score matrix: keep it near 64 MB so large
     # catalogs stay in cache-friendly, memory-safe chunks.
     batch_size = min(batch_size, max(16, _SCORE_CELLS // max(1, train.shape[1])))
@@ -264,6 +385,7 @@ def _evaluate(
             per_user_metrics(
                 ids,
                 test[batch_users],
+                unrankable=prepared.unrankable[batch_users],
                 item_popularity=popularity,
                 n_users=prepared.n_active or None,
             )
@@ -312,6 +434,7 @@ def evaluate_with_baseline(
     k: int = 10,
     batch_size: int = 1000,
     item_popularity: np.ndarray | None = None,
+    unrankable: np.ndarray | None = None,
     progress: EvaluationProgress | None = None,
 ) -> BaselineComparison:
     """:func:`evaluate` ``model`` and a :class:`Popularity` fitted on ``train_matrix``.
@@ -320,7 +443,7 @@ def evaluate_with_baseline(
     ``progress`` counts the batches of both evaluations together.
     """
     _check_args(k, batch_size)
-    prepared = _prepare(model, train_matrix, test_matrix, item_popularity)
+    prepared = _prepare(model, train_matrix, test_matrix, item_popularity, unrankable)
     baseline = Popularity().fit(prepared.train)
     model_progress = baseline_progress = None
     if progress is not None:

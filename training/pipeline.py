@@ -21,7 +21,6 @@ from typing import Any, Literal
 import mlflow
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from models.artifact import ModelBundle, save_artifact
@@ -45,8 +44,8 @@ from training.data import (
     load_interactions,
     with_categorical_ids,
 )
-from training.evaluate import evaluate_with_baseline
-from training.split import split, train_validation_test
+from training.evaluate import Holdout, build_holdout, evaluate_with_baseline
+from training.split import SplitStats, split, train_validation_test
 from training.tracking import configure_tracking
 
 logger = logging.getLogger(__name__)
@@ -160,6 +159,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
     catalog_df = load_catalog(opts.items) if opts.items is not None else None
     timings["read_seconds"] = time.perf_counter() - t0
     test_rows = None
+    split_stats: SplitStats | None = None  # None for a holdout given with --test
     tune_fit: pd.DataFrame | None = None  # fit part of the tuning split
     validation_frame: pd.DataFrame | None = None
     if opts.test is not None:
@@ -188,18 +188,21 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             )
             train_frame, test_frame = parts.train_full, parts.test
             tune_fit, validation_frame = parts.train, parts.validation
+            split_stats = parts.test_split.stats
         else:
             # The validation split only serves tuning; without it, the test split is the same
             # one train_validation_test makes first.
             outer = split(frame, opts.split, fraction=opts.test_fraction, seed=opts.seed)
             train_frame, test_frame = outer.train, outer.test
+            split_stats = outer.stats
     timings["load_seconds"] = time.perf_counter() - t0  # reading and splitting
 
     t = time.perf_counter()
     train = build_matrix(train_frame, opts.confidence)
-    test = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=train.items)
-    n_holdout_users = int(np.count_nonzero(np.diff(test.matrix.indptr)))
-    test.matrix = _sample_users(test.matrix, opts.eval_users, opts.seed)
+    # Held-out items unseen in training stay relevant (misses); unseen users are left out.
+    full_holdout = build_holdout(test_frame, train.users, train.items)
+    n_holdout_users = len(full_holdout.users)
+    holdout = _sample_users(full_holdout, opts.eval_users, opts.seed)
     params = dict(opts.params)
     tuning_summary: dict[str, Any] = {}
     fingerprint = dataset_fingerprint(frame)
@@ -258,12 +261,17 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             "n_users": len(train.users),
             "n_items": len(train.items),
             "n_train_pairs": int(train.matrix.nnz),
-            "n_test_pairs": int(test.matrix.nnz),
+            "n_test_pairs": holdout.n_pairs,
+            "n_test_pairs_unknown_item": holdout.pairs_unknown_item,
+            "n_test_items_unknown": full_holdout.items_unknown,
             "n_test_users": n_holdout_users,
-            "n_eval_users": int(np.count_nonzero(np.diff(test.matrix.indptr))),
+            "n_test_users_unknown": full_holdout.users_unknown,
+            "n_eval_users": len(holdout.users),
             "density": float(train.matrix.nnz) / max(1, len(train.users) * len(train.items)),
         }
         mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items()})
+        if split_stats is not None:
+            mlflow.log_metrics({k: float(v) for k, v in split_stats.as_dict().items()})
 
         progress(f"fitting {opts.algorithm} on {train.matrix.nnz:,} user-item pairs")
         t = time.perf_counter()
@@ -278,16 +286,23 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         model = fit_model(opts.algorithm, params, train.matrix, on_iteration)
         timings["fit_seconds"] = time.perf_counter() - t
 
+        misses = (
+            f"; {stats['n_test_pairs_unknown_item']:,} held-out pairs of items unseen in "
+            "training count as misses"
+            if stats["n_test_pairs_unknown_item"]
+            else ""
+        )
         progress(
             f"evaluating on {stats['n_eval_users']:,} of {n_holdout_users:,} held-out users "
-            f"(k={opts.k})"
+            f"(k={opts.k}){misses}"
         )
         t = time.perf_counter()
         evaluation, baseline = evaluate_with_baseline(
             model,
             train.matrix,
-            test.matrix,
+            holdout.matrix,
             k=opts.k,
+            unrankable=holdout.unrankable,
             progress=lambda done, total: ticker(f"  evaluated batch {done}/{total}"),
         )
         timings["evaluate_seconds"] = time.perf_counter() - t
@@ -365,7 +380,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
                 new_metric=float(metrics.get(opts.primary_metric, float("nan"))),
                 metric_name=opts.primary_metric,
                 train=train,
-                test=test,
+                test=holdout,
                 k=opts.k,
                 force=opts.force_promote,
             )
@@ -403,21 +418,20 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
     )
 
 
-def _sample_users(matrix: sp.csr_matrix, limit: int, seed: int) -> sp.csr_matrix:
-    """Keep the held-out rows of at most ``limit`` users (seeded sample); others become empty.
+def _sample_users(holdout: Holdout, limit: int, seed: int) -> Holdout:
+    """Keep the held-out items of at most ``limit`` users (seeded sample); others become empty.
 
     Scoring every user of a million-user log costs more than the fit itself; a 10,000-user
     sample measures NDCG@10 with a standard error of about 0.003, enough to compare models
-    evaluated on the same sample.
+    evaluated on the same sample. A user whose held-out items are all unseen in training is
+    part of the draw: it is evaluated, with nothing it could hit.
     """
-    users = np.flatnonzero(np.diff(matrix.indptr))
+    users = holdout.users
     if limit <= 0 or len(users) <= limit:
-        return matrix
-    keep = np.zeros(matrix.shape[0], dtype=np.float32)
-    keep[np.random.default_rng(seed).choice(users, size=limit, replace=False)] = 1.0
-    sampled = sp.csr_matrix(sp.diags(keep) @ matrix, dtype=np.float32)
-    sampled.eliminate_zeros()
-    return sampled
+        return holdout
+    keep = np.zeros(holdout.matrix.shape[0], dtype=bool)
+    keep[np.random.default_rng(seed).choice(users, size=limit, replace=False)] = True
+    return holdout.restrict(keep)
 
 
 class _Throttle:

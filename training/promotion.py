@@ -1,9 +1,10 @@
 """The promotion gate: ``champion`` moves only to a version that is better on the same holdout.
 
-The current champion is downloaded and evaluated on this run's test split (its own id maps are
+The current champion is downloaded and evaluated on this run's holdout (its own id maps are
 translated to this run's, users it does not know are scored by fold-in from their training
-items), so both numbers come from the same users and the same held-out items. A better new
-version gets alias ``champion``; otherwise it gets ``challenger``. ``--force-promote`` overrides.
+items), so both numbers come from the same users and the same held-out items, those unseen in
+this run's training part counted as misses for both. A better new version gets alias
+``champion``; otherwise it gets ``challenger``. ``--force-promote`` overrides.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from models.base import NEG_INF, top_k_ids
 from models.metrics import active_users, summarize
 from models.vocabulary import MISSING
 from training import registry
+from training.evaluate import Holdout
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +37,14 @@ class GateDecision:
 
 
 def evaluate_bundle_on_split(
-    bundle: ModelBundle, train: Any, test: Any, *, k: int, batch_size: int = 512
+    bundle: ModelBundle, train: Any, test: Holdout, *, k: int, batch_size: int = 512
 ) -> dict[str, float]:
-    """Metrics of a previously trained bundle on a split built with other id maps."""
-    users = np.flatnonzero(np.diff(test.matrix.indptr))
+    """Metrics of a previously trained bundle on a split built with other id maps.
+
+    ``train`` is this run's training :class:`~training.confidence.InteractionMatrix`, ``test``
+    its :class:`~training.evaluate.Holdout` (on the same users and items).
+    """
+    users = test.users
     # Column map: this run's item index -> the bundle's item index (or MISSING).
     to_bundle = bundle.items.lookup(train.items.ids.tolist())
     # Reverse: the bundle's item index -> this run's item index (or -1).
@@ -76,6 +82,7 @@ def evaluate_bundle_on_split(
         test.matrix[users],
         k=k,
         n_items=len(train.items),
+        unrankable=test.unrankable[users],
         item_popularity=item_users,
         n_users=active_users(train.matrix),
     )
@@ -88,7 +95,7 @@ def decide(
     new_metric: float,
     metric_name: str,
     train: Any,
-    test: Any,
+    test: Holdout,
     k: int,
     force: bool = False,
 ) -> GateDecision:

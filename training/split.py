@@ -2,7 +2,13 @@
 
 Events are grouped into distinct (user, item) pairs first and whole pairs are assigned to one
 side, so a pair never appears in both parts; each side keeps the raw events of its pairs.
-``docs/metrics.md`` describes the protocols for readers of the MLflow UI.
+
+Test pairs of a user with no training event (a cold user) are dropped: the cold-start fallback
+serves those users, not the model. Test pairs of a known user whose item has no training event
+(a cold item) stay in the test part: the user did want that item, so evaluation counts it as a
+relevant item no model could rank (a miss; see :func:`training.evaluate.build_holdout`) rather
+than making recall look better by forgetting it. ``docs/metrics.md`` describes the protocols for
+readers of the MLflow UI.
 """
 
 from __future__ import annotations
@@ -33,23 +39,28 @@ class SplitStats:
     train_rows: int
     """Events in the train part."""
     test_rows: int
-    """Events in the test part, after dropping cold users and items."""
+    """Events in the test part: cold-user pairs dropped, cold-item pairs kept."""
     train_pairs: int
     test_pairs: int
+    """Pairs in the test part, the ``cold_item_pairs`` included."""
     train_users: int
     train_items: int
     test_users: int
+    """Users in the test part; every one has training events."""
     test_items: int
+    """Items in the test part, the ``cold_items`` included."""
     cold_user_pairs: int
-    """Test pairs whose user has no training event (cannot be scored by collaborative filtering)."""
+    """Test pairs whose user has no training event: dropped from the test part (the cold-start
+    fallback serves those users, collaborative filtering cannot)."""
     cold_item_pairs: int
-    """Test pairs whose item has no training event (may overlap with ``cold_user_pairs``)."""
+    """Test pairs of a known user whose item has no training event: kept in the test part and
+    counted as misses (relevant, but no model can recommend an item it never saw)."""
     cold_pairs: int
-    """Test pairs dropped for a cold user, a cold item or both."""
+    """``cold_user_pairs + cold_item_pairs``: test pairs no model can score, dropped or missed."""
     cold_users: int
-    """Distinct users with test pairs but no training event."""
+    """Distinct users with test pairs but no training event (their pairs are dropped)."""
     cold_items: int
-    """Distinct items with test pairs but no training event."""
+    """Distinct items of the ``cold_item_pairs`` (kept, counted as misses)."""
     late_train_rows: int
     """Temporal only: repeat events of train pairs after the cut, dropped so no training event
     is later than the test period starts."""
@@ -252,7 +263,10 @@ def _finish(
     method: str,
     late_train_rows: int,
 ) -> Split:
-    """Drop cold test pairs, cut the frame and count everything."""
+    """Drop the test pairs of cold users, cut the frame and count everything.
+
+    Test pairs of known users with a cold item are kept (see the module docstring).
+    """
     row_user = pairs.user[pairs.row_pair]
     row_item = pairs.item[pairs.row_pair]
     if not train_rows.any():
@@ -267,8 +281,8 @@ def _finish(
     known_item = np.zeros(pairs.n_items, dtype=bool)
     known_item[row_item[train_rows]] = True
     cold_user = pair_test & ~known_user[pairs.user]
-    cold_item = pair_test & ~known_item[pairs.item]
-    kept_test = pair_test & ~(cold_user | cold_item)
+    kept_test = pair_test & ~cold_user
+    cold_item = kept_test & ~known_item[pairs.item]
     test_rows = kept_test[pairs.row_pair]
     train_pair = np.zeros(len(pairs), dtype=bool)
     train_pair[pairs.row_pair[train_rows]] = True
@@ -285,21 +299,30 @@ def _finish(
         test_items=int(np.unique(pairs.item[kept_test]).size),
         cold_user_pairs=int(cold_user.sum()),
         cold_item_pairs=int(cold_item.sum()),
-        cold_pairs=int((cold_user | cold_item).sum()),
+        cold_pairs=int(cold_user.sum() + cold_item.sum()),
         cold_users=int(np.unique(pairs.user[cold_user]).size),
         cold_items=int(np.unique(pairs.item[cold_item]).size),
         late_train_rows=late_train_rows,
     )
-    if stats.cold_pairs:
+    if stats.cold_user_pairs:
         logger.info(
-            "%s split: dropped %d cold test pairs (%d users, %d items unseen in train)",
+            "%s split: dropped %d test pairs of %d users unseen in train (cold-start fallback)",
             method,
-            stats.cold_pairs,
+            stats.cold_user_pairs,
             stats.cold_users,
+        )
+    if stats.cold_item_pairs:
+        logger.info(
+            "%s split: kept %d test pairs of %d items unseen in train; they count as misses",
+            method,
+            stats.cold_item_pairs,
             stats.cold_items,
         )
     if not stats.test_pairs:
-        logger.warning("%s split: every test pair was cold; the test part is empty", method)
+        logger.warning(
+            "%s split: every test pair was of a user unseen in train; the test part is empty",
+            method,
+        )
     # Boolean masks select faster than integer positions for arrow-backed text columns.
     train = frame[train_rows].reset_index(drop=True)
     test = frame[test_rows].reset_index(drop=True)

@@ -33,7 +33,7 @@ import pandas as pd
 from implicit.recommender_base import ModelFitError
 
 from training.confidence import ConfidenceConfig, build_matrix
-from training.evaluate import evaluate
+from training.evaluate import build_holdout, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ def tune(
         logger.info("%s has no hyperparameters to tune; skipping", algorithm)
         return {"best_params": {}, "best_value": None, "trials": []}
     train = build_matrix(fit_frame, confidence)
-    valid = build_matrix(validation_frame, ConfidenceConfig(), users=train.users, items=train.items)
+    # The same holdout definition as the test part: items unseen in training count as misses.
+    valid = build_holdout(validation_frame, train.users, train.items)
     fixed = dict(base_params or {})
     per_user_name = _PER_USER.get(metric.rsplit("_at_", 1)[0])
     trials: list[dict[str, Any]] = []
@@ -293,7 +294,9 @@ def tune(
                     # Leaving the run with an exception marks it FAILED in MLflow.
                     raise _TrialFailed(reason) from exc
                 fit_seconds = time.perf_counter() - start
-                result = evaluate(model, train.matrix, valid.matrix, k=k)
+                result = evaluate(
+                    model, train.matrix, valid.matrix, k=k, unrankable=valid.unrankable
+                )
                 value = float(result.metrics[metric])
                 if math.isnan(value):
                     value = 0.0

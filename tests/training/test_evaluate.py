@@ -14,10 +14,11 @@ from threadpoolctl import threadpool_limits
 
 from models.base import ModelConfig, ProgressCallback, Recommender, top_k_ids, topk
 from models.errors import InvalidInputError
-from models.metrics import relevance_matrix
+from models.metrics import per_user_metrics, relevance_matrix
 from models.popularity import Popularity
 from models.vocabulary import Vocabulary
-from training.evaluate import evaluate, evaluate_with_baseline
+from training.confidence import ConfidenceConfig, build_matrix
+from training.evaluate import Holdout, build_holdout, evaluate, evaluate_with_baseline
 from training.split import random_split, temporal_split
 
 L3 = 1.0 / math.log2(3)
@@ -196,19 +197,16 @@ def test_mismatched_inputs_are_rejected() -> None:
         evaluate(model, TRAIN, TEST, item_popularity=np.ones(3))
 
 
-def _matrices(train: pd.DataFrame, test: pd.DataFrame) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """Binary matrices indexed by the train part's users and items (test is cold-filtered)."""
+def _matrices(train: pd.DataFrame, test: pd.DataFrame) -> tuple[sp.csr_matrix, Holdout]:
+    """The binary train matrix and the holdout on the train part's users and items."""
     users = Vocabulary(sorted(train["user_id"].unique()), kind="user")
     items = Vocabulary(sorted(train["item_id"].unique()))
-
-    def build(frame: pd.DataFrame) -> sp.csr_matrix:
-        pairs = frame.drop_duplicates(["user_id", "item_id"])
-        rows = users.lookup(pairs["user_id"].tolist())
-        cols = items.lookup(pairs["item_id"].tolist())
-        data = np.ones(len(rows), dtype=np.float32)
-        return sp.csr_matrix((data, (rows, cols)), shape=(len(users), len(items)))
-
-    return build(train), build(test)
+    pairs = train.drop_duplicates(["user_id", "item_id"])
+    rows = users.lookup(pairs["user_id"].tolist())
+    cols = items.lookup(pairs["item_id"].tolist())
+    data = np.ones(len(rows), dtype=np.float32)
+    matrix = sp.csr_matrix((data, (rows, cols)), shape=(len(users), len(items)))
+    return matrix, build_holdout(test.assign(weight=1.0), users, items)
 
 
 @pytest.mark.realdata
@@ -228,9 +226,12 @@ def test_movielens_als_beats_popularity_on_both_protocols() -> None:
     frame["item_id"] = frame["item_id"].astype(str)
     for part in (random_split(frame, seed=1), temporal_split(frame, fraction=0.2)):
         train, test = _matrices(part.train, part.test)
+        assert test.pairs_unknown_item == part.stats.cold_item_pairs > 0
         with threadpool_limits(1, "blas"):
             model = als_class(factors=32, iterations=10, random_state=0).fit(train)
-            both = evaluate_with_baseline(model, train, test, k=10)
+            both = evaluate_with_baseline(
+                model, train, test.matrix, k=10, unrankable=test.unrankable
+            )
         assert both.model.users == part.stats.test_users
         # MovieLens users all rated >= 20 movies, so nobody lands in the smallest cohort
         assert both.model.cohorts["lt5"].users == 0
@@ -316,3 +317,121 @@ def test_baseline_comparison_equals_two_separate_evaluations() -> None:
     baseline = evaluate(Popularity().fit(sp.csr_matrix(train)), train, test, k=5)
     assert both.model.to_flat_dict() == alone.to_flat_dict()
     assert both.baseline.to_flat_dict() == baseline.to_flat_dict()
+
+
+# ------------------------------------------- held-out items unseen in training
+def _events(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
+    """Interaction rows (user, item, weight) as training.data.load_interactions returns them."""
+    users, items, weights = zip(*rows, strict=True)
+    return pd.DataFrame(
+        {
+            "user_id": list(users),
+            "item_id": list(items),
+            "event": "view",
+            "timestamp": np.arange(len(rows), dtype=np.int64),
+            "value": 1.0,
+            "weight": list(weights),
+        }
+    )
+
+
+# Training: u1 {a, c}, u2 {a, b}, u3 {a}, u4 {b}; popularity ranks a (3 users) > b (2) > c (1).
+# Held out: u1 {y}: an item nobody trained on, the user's only one; u2 {w} with weight 0: not
+# relevant; u3 {b, z}: z unseen in training (two events, one pair); u4 {a, c}; ghost {a}: a
+# user unseen in training. At k=2 popularity recommends u1 [b, -], u3 [b, c], u4 [a, c].
+HELD_TRAIN = _events(
+    [("u1", "a", 1), ("u1", "c", 1), ("u2", "a", 1), ("u2", "b", 1), ("u3", "a", 1), ("u4", "b", 1)]
+)
+HELD_TEST = _events(
+    [
+        ("u1", "y", 1),
+        ("u2", "w", 0),
+        ("u3", "b", 1),
+        ("u3", "z", 1),
+        ("u3", "z", 2),
+        ("u4", "a", 1),
+        ("u4", "c", 1),
+        ("ghost", "a", 1),
+    ]
+)
+
+
+def _held_out() -> tuple[sp.csr_matrix, Holdout]:
+    train = build_matrix(HELD_TRAIN, ConfidenceConfig())
+    return train.matrix, build_holdout(HELD_TEST, train.users, train.items)
+
+
+def test_the_holdout_counts_known_users_items_unseen_in_training() -> None:
+    _, holdout = _held_out()
+    # users in vocabulary order u1..u4; items a, b, c
+    np.testing.assert_array_equal(holdout.unrankable, [1, 0, 1, 0])
+    assert holdout.matrix.toarray().tolist() == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]
+    assert (holdout.pairs_unknown_item, holdout.items_unknown, holdout.users_unknown) == (2, 2, 1)
+    assert holdout.n_pairs == 5
+    np.testing.assert_array_equal(holdout.users, [0, 2, 3])  # u2's only pair is not relevant
+
+
+def test_items_unseen_in_training_count_as_misses() -> None:
+    train, holdout = _held_out()
+    model = Popularity().fit(train)
+    result = evaluate(model, train, holdout.matrix, k=2, unrankable=holdout.unrankable)
+    # Per user (u1, u3, u4):
+    #   recall    0 / 1,  1 / 2,  2 / 2
+    #   NDCG      0,      1 / (1 + 1/log2 3) (ideal list: 2 hits),  1
+    #   MAP       0,      (1/1) / min(2, 2),  (1/1 + 2/2) / 2
+    #   precision 0 / 2,  1 / 2,  2 / 2 (k, whatever is held out)
+    assert result.users == 3
+    assert result.metrics["recall_at_2"] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert result.metrics["ndcg_at_2"] == pytest.approx((0 + 1 / (1 + L3) + 1) / 3)
+    assert result.metrics["map_at_2"] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert result.metrics["precision_at_2"] == pytest.approx((0 + 0.5 + 1) / 3)
+    assert result.metrics["hit_rate_at_2"] == pytest.approx(2 / 3)
+    assert result.cohorts["lt5"].users == 3
+    # Dropping the unseen items instead (u1 not evaluated, u3's z forgotten) flatters the model.
+    dropped = evaluate(model, train, holdout.matrix, k=2).metrics
+    assert dropped["recall_at_2"] == pytest.approx(1.0)
+    assert dropped["ndcg_at_2"] == pytest.approx(1.0)
+    assert dropped["map_at_2"] == pytest.approx(1.0)
+    assert dropped["precision_at_2"] == pytest.approx(0.75)
+
+
+def test_the_baseline_is_charged_the_same_misses() -> None:
+    train, holdout = _held_out()
+    model = Popularity().fit(train)
+    both = evaluate_with_baseline(model, train, holdout.matrix, k=2, unrankable=holdout.unrankable)
+    alone = evaluate(model, train, holdout.matrix, k=2, unrankable=holdout.unrankable)
+    assert both.baseline.metrics == alone.metrics
+    assert both.model.metrics == alone.metrics
+
+
+def test_a_split_keeps_cold_items_and_the_holdout_turns_them_into_misses() -> None:
+    # u1..u4 share items a..d; "solo" is u1's latest item, nobody else's.
+    rows = [(f"u{u}", item, 1.0) for u in range(1, 5) for item in "abcd"] + [("u1", "solo", 1.0)]
+    frame = _events(rows)
+    part = temporal_split(frame, fraction=0.2)
+    assert ("u1", "solo") in set(zip(part.test["user_id"], part.test["item_id"], strict=True))
+    train = build_matrix(part.train, ConfidenceConfig())
+    holdout = build_holdout(part.test, train.users, train.items)
+    assert holdout.pairs_unknown_item == part.stats.cold_item_pairs == 1
+    assert holdout.n_pairs == part.stats.test_pairs
+
+
+def test_a_restricted_holdout_keeps_only_the_chosen_users() -> None:
+    _, holdout = _held_out()
+    kept = holdout.restrict(np.array([True, True, False, True]))
+    np.testing.assert_array_equal(kept.unrankable, [1, 0, 0, 0])
+    np.testing.assert_array_equal(kept.users, [0, 3])
+    assert kept.n_pairs == 3
+
+
+def test_bad_unrankable_counts_are_rejected() -> None:
+    train, holdout = _held_out()
+    model = Popularity().fit(train)
+    with pytest.raises(InvalidInputError, match="one count per row"):
+        evaluate(model, train, holdout.matrix, unrankable=np.array([1, 0]))
+    with pytest.raises(InvalidInputError, match="negative"):
+        evaluate(model, train, holdout.matrix, unrankable=np.array([1, 0, -1, 0]))
+    with pytest.raises(InvalidInputError, match="integer"):
+        per_user_metrics(np.array([[0]]), sp.csr_matrix((1, 3)), unrankable=np.array([0.5]))
+    with pytest.raises(InvalidInputError, match="one count per row"):
+        Holdout(matrix=holdout.matrix, unrankable=np.zeros(2, dtype=np.int64))

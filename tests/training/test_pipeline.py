@@ -207,9 +207,14 @@ def test_given_holdout_file_is_used_instead_of_a_split(
     tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     frame = pd.read_parquet(logs / "interactions.parquet").sort_values("timestamp")
+    frame = frame.astype({"user_id": str, "item_id": str, "event": str})
     cut = int(len(frame) * 0.85)
-    frame.iloc[:cut].to_parquet(tmp_path / "train.parquet")
-    frame.iloc[cut:].to_parquet(tmp_path / "test.parquet")
+    train_part, test_part = frame.iloc[:cut], frame.iloc[cut:].copy()
+    # A user nobody trained on (not evaluated) and a known user's item nobody trained on (a miss).
+    test_part.iloc[0, test_part.columns.get_loc("user_id")] = "someone-new"
+    test_part.iloc[1, test_part.columns.get_loc("item_id")] = "something-new"
+    train_part.to_parquet(tmp_path / "train.parquet")
+    test_part.to_parquet(tmp_path / "test.parquet")
     summary = train(
         capsys,
         "--interactions",
@@ -222,7 +227,38 @@ def test_given_holdout_file_is_used_instead_of_a_split(
     assert summary["rows"]["accepted"] == cut
     run = mlflow.MlflowClient().get_run(summary["run_id"])
     assert run.data.tags["split"] == "given"
-    assert run.data.metrics["data_n_test_pairs"] > 0
+    held = test_part.drop_duplicates(["user_id", "item_id"])
+    known_user = held["user_id"].isin(set(train_part["user_id"]))
+    unseen_item = ~held["item_id"].isin(set(train_part["item_id"]))
+    metrics = run.data.metrics
+    assert metrics["data_n_test_pairs"] == known_user.sum()
+    assert metrics["data_n_test_pairs_unknown_item"] == (known_user & unseen_item).sum() >= 1
+    assert metrics["data_n_test_users_unknown"] == held.loc[~known_user, "user_id"].nunique() >= 1
+    assert not any(name.startswith("split_") for name in metrics)  # no split was made
+
+
+def test_items_unseen_in_training_stay_in_the_holdout_as_misses(
+    tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame = pd.read_parquet(logs / "interactions.parquet")
+    frame = frame.astype({"user_id": str, "item_id": str, "event": str})
+    # Thirty users each find, last of all, an item of their own: the split holds it out.
+    heavy = frame.groupby("user_id")["item_id"].nunique().nlargest(30).index
+    late = frame[frame["user_id"].isin(heavy)].drop_duplicates("user_id").copy()
+    late["item_id"] = "new-" + late["user_id"]
+    late["timestamp"] = frame["timestamp"].max() + pd.Timedelta(days=1)
+    pd.concat([frame, late], ignore_index=True).to_parquet(tmp_path / "log.parquet")
+    summary = train(
+        capsys, "--interactions", str(tmp_path / "log.parquet"), "--algorithm", "popularity"
+    )
+    metrics = mlflow.MlflowClient().get_run(summary["run_id"]).data.metrics
+    assert metrics["split_cold_item_pairs"] >= 30
+    assert metrics["split_cold_items"] >= 30
+    assert metrics["split_cold_user_pairs"] == 0
+    assert metrics["data_n_test_pairs_unknown_item"] == metrics["split_cold_item_pairs"]
+    assert metrics["data_n_test_items_unknown"] == metrics["split_cold_items"]
+    assert metrics["data_n_test_pairs"] == metrics["split_test_pairs"]
+    assert metrics["data_n_eval_users"] == metrics["split_test_users"]
 
 
 def test_batch_recommend_and_pyfunc_read_the_registered_model(

@@ -3,12 +3,14 @@
 The real-data test runs the ``random-75-25`` protocol on the dense derived subset of
 ml-latest-small (movies with >= 10 ratings, so EASE fits in a second) with a few trials, the
 way ``python -m bench.quality`` does, and checks what a reader of ``docs/quality.md`` and of the
-MLflow UI relies on. The holdout test checks that test items the training part never saw still
-count as relevant, as in the published protocol.
+MLflow UI relies on. The holdout test checks that the bench evaluates on the holdout
+``affinity train`` uses, where test items the training part never saw still count as relevant, as
+in the published protocol.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -16,20 +18,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import bench.quality
 from bench.datasets import DATASETS_DIR
 from bench.quality import (
     PROTOCOLS,
     ProtocolReport,
     Result,
-    evaluate_holdout,
-    full_holdout,
-    holdout_matrix,
+    render_section,
     run_protocol,
     update_document,
 )
 from models.popularity import Popularity
 from training.confidence import ConfidenceConfig, build_matrix
-from training.evaluate import evaluate
+from training.evaluate import build_holdout, evaluate
 from training.split import train_validation_test
 from training.tracking import configure_tracking
 
@@ -49,42 +50,45 @@ def _events(pairs: list[tuple[str, str]]) -> pd.DataFrame:
     )
 
 
-def test_test_items_unknown_to_training_still_count_as_relevant() -> None:
-    # Popularity ranks a (3 users) > b (2) > c (1). u3 never saw b: b is a hit, and their
-    # second held-out item, z, appears in no training row but is still relevant.
-    train_frame = _events(
-        [("u1", "a"), ("u1", "c"), ("u2", "a"), ("u2", "b"), ("u3", "a"), ("u4", "b")]
-    )
-    test_frame = _events([("u3", "b"), ("u3", "z"), ("u4", "a"), ("ghost", "a")])
-    train = build_matrix(train_frame, ConfidenceConfig())
-    test, stats = holdout_matrix(train, test_frame)
-    assert stats == {"test_items_unknown": 1, "test_pairs_unknown_item": 1, "test_users_unknown": 1}
-    assert test.shape == (4, 4)
-    model = Popularity().fit(train.matrix)
-    metrics = evaluate_holdout(model, train.matrix, test, k=1)
-    # u3: top-1 is b (a is filtered), 1 hit of 2 relevant; u4: top-1 is a, 1 hit of 1.
-    assert metrics["recall_at_1"] == pytest.approx((0.5 + 1.0) / 2)
-    assert metrics["precision_at_1"] == pytest.approx(1.0)
-    # Without the unknown item it matches training.evaluate exactly.
-    known = build_matrix(test_frame, ConfidenceConfig(), users=train.users, items=train.items)
-    reference = evaluate(model, train.matrix, known.matrix, k=1).metrics
-    assert reference["recall_at_1"] == pytest.approx(1.0)
-    plain, _ = holdout_matrix(train, test_frame[test_frame["item_id"] != "z"])
-    assert evaluate_holdout(model, train.matrix, plain, k=1) == pytest.approx(reference)
-
-
-def test_the_holdout_keeps_the_test_pairs_the_split_dropped_as_cold() -> None:
-    # Items rated by a single user can only land in the test part, where the split drops them.
+def test_the_bench_evaluates_on_the_holdout_affinity_train_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
+) -> None:
+    # Items rated by a single user can only land in the test part: relevant, never rankable.
     pairs = [(f"u{u}", f"i{i}") for u in range(20) for i in range(8)]
     pairs += [(f"u{u}", f"rare{u}") for u in range(20)]
     frame = _events(pairs)
-    parts = train_validation_test(frame, method="random", test_fraction=0.25, seed=3)
-    assert parts.test_split.stats.cold_pairs > 0
-    holdout = full_holdout(frame, parts)
-    assert len(holdout) == len(parts.test) + parts.test_split.stats.cold_pairs
+    monkeypatch.setattr(bench.quality, "load_dataset", lambda name, root: frame)
+    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        report = run_protocol(
+            "ml-latest-small", "random-75-25", algorithms=("popularity",), trials=0
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    parts = train_validation_test(frame, method="random", test_fraction=0.25, seed=42)
+    split_stats = parts.test_split.stats
+    assert split_stats.cold_item_pairs > 0
+    stats = report.stats
+    assert stats["test_pairs"] == split_stats.test_pairs
+    assert stats["test_pairs_unknown_item"] == split_stats.cold_item_pairs
+    assert stats["test_items_unknown"] == split_stats.cold_items
+    assert stats["test_users_unknown"] == 0
+    assert "still count as relevant" in render_section(report)
+    # The bench's numbers are training.evaluate's on that holdout, misses included.
     train = build_matrix(parts.train_full, ConfidenceConfig())
-    _, stats = holdout_matrix(train, holdout)
-    assert stats["test_pairs_unknown_item"] == parts.test_split.stats.cold_item_pairs
+    holdout = build_holdout(parts.test, train.users, train.items)
+    model = Popularity().fit(train.matrix)
+    expected = evaluate(model, train.matrix, holdout.matrix, k=10, unrankable=holdout.unrankable)
+    result = report.get("popularity", "default")
+    assert result is not None and result.metrics == expected.metrics
+    assert (
+        result.metrics["recall_at_10"]
+        < evaluate(model, train.matrix, holdout.matrix).metrics["recall_at_10"]
+    )
 
 
 def _report(ndcg: float) -> ProtocolReport:

@@ -78,9 +78,9 @@ def test_random_split_keeps_every_event_of_a_pair_together(log: pd.DataFrame) ->
     for part in (result.train, result.test):
         counts = part.groupby(["user_id", "item_id"]).size()
         assert (counts == events.loc[counts.index]).all()
-    # only cold test pairs' events are lost
+    # only the events of cold users' test pairs are lost; cold items' test pairs are kept
     dropped = len(log) - len(result.train) - len(result.test)
-    assert (dropped > 0) == (result.stats.cold_pairs > 0)
+    assert (dropped > 0) == (result.stats.cold_user_pairs > 0)
 
 
 @pytest.mark.parametrize("fraction", [0.2, 0.25, 0.5])
@@ -157,8 +157,8 @@ def test_global_cutoff_on_datetime_column_accepts_a_date_string() -> None:
     )
     result = temporal_split(frame, cutoff="2024-01-15")
     assert _pairs(result.train) == {("a", "x"), ("a", "y"), ("b", "x")}
-    assert _pairs(result.test) == {("b", "y")}
-    # item z appears only after the cut-off: a cold item, dropped and counted
+    # item z appears only after the cut-off: a cold item, kept in the test part and counted
+    assert _pairs(result.test) == {("b", "y"), ("a", "z")}
     assert result.stats.cold_item_pairs == 1
     assert result.stats.cold_items == 1
     assert result.stats.cold_users == 0
@@ -177,22 +177,54 @@ def test_datetime_cutoff_against_unix_seconds() -> None:
     assert _pairs(result.test) == {("a", "y"), ("b", "x")}
 
 
-def test_cold_users_and_items_are_dropped_from_test_and_counted() -> None:
+def test_cold_users_are_dropped_and_cold_items_of_known_users_kept() -> None:
     frame = pd.DataFrame(
         {
-            "user_id": ["a", "a", "b", "a", "new", "new", "b"],
-            "item_id": ["x", "y", "x", "fresh", "x", "y", "y"],
-            "timestamp": [1, 2, 3, 10, 11, 12, 13],
+            "user_id": ["a", "a", "b", "a", "a", "new", "new", "b", "new"],
+            "item_id": ["x", "y", "x", "fresh", "fresh", "x", "y", "y", "brandnew"],
+            "timestamp": [1, 2, 3, 10, 11, 11, 12, 13, 14],
         }
     )
     result = temporal_split(frame, cutoff=10)
-    # test candidates: (a, fresh) cold item; (new, x) and (new, y) cold user; (b, y) kept.
-    assert _pairs(result.test) == {("b", "y")}
+    # Test candidates: (a, fresh) a known user's cold item: kept, both events; (b, y) kept;
+    # (new, x), (new, y) and (new, brandnew) a cold user's: dropped, whatever the item.
+    assert _pairs(result.test) == {("b", "y"), ("a", "fresh")}
+    assert len(result.test) == 3
     stats = result.stats
-    assert (stats.cold_user_pairs, stats.cold_item_pairs, stats.cold_pairs) == (2, 1, 3)
+    assert (stats.test_pairs, stats.test_users, stats.test_items) == (2, 2, 2)
+    assert (stats.cold_user_pairs, stats.cold_item_pairs, stats.cold_pairs) == (3, 1, 4)
     assert (stats.cold_users, stats.cold_items) == (1, 1)
-    assert stats.as_dict()["split_cold_pairs"] == 3
+    assert stats.as_dict()["split_cold_item_pairs"] == 1
     assert "split_method" not in stats.as_dict()
+
+
+def _log_with_rare_items() -> pd.DataFrame:
+    """The random log plus, for every user, one item nobody else has, seen last."""
+    frame = _log(seed=4)
+    rare = pd.DataFrame({"user_id": frame["user_id"].unique(), "timestamp": 5_000, "event": "view"})
+    rare["item_id"] = "rare-" + rare["user_id"]
+    return pd.concat([frame, rare[frame.columns]], ignore_index=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda f: random_split(f, fraction=0.5, seed=1), lambda f: temporal_split(f, fraction=0.2)],
+    ids=["random", "temporal"],
+)
+def test_both_splits_keep_the_test_pairs_of_items_unseen_in_training(make) -> None:
+    frame = _log_with_rare_items()
+    result: Split = make(frame)
+    train_items = set(result.train["item_id"])
+    train_users = set(result.train["user_id"])
+    cold = {(u, i) for u, i in _pairs(result.test) if i not in train_items}
+    # The temporal split holds out every rare item (each user's latest); random about half.
+    assert cold and all(i.startswith("rare-") for _, i in cold)
+    assert len(cold) == result.stats.cold_item_pairs
+    assert len({i for _, i in cold}) == result.stats.cold_items
+    # Nothing is lost: no user is cold here, so every pair is in one part or the other.
+    assert result.stats.cold_user_pairs == 0
+    assert _pairs(result.train) | _pairs(result.test) == _pairs(frame)
+    assert {u for u, _ in _pairs(result.test)} <= train_users
 
 
 @pytest.mark.parametrize("method", ["random", "temporal"])

@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 
 from models.registry import get_algorithm
-from training.confidence import ConfidenceConfig
+from training.confidence import ConfidenceConfig, build_matrix
+from training.evaluate import build_holdout, evaluate
+from training.pipeline import fit_model
 from training.split import split
 from training.tune import MIN_GAIN_Z, SEARCHES, Search, paired_gain, tune
 
@@ -167,3 +169,26 @@ def test_the_first_seed_of_every_search_is_the_default_configuration(algorithm: 
         name: pytest.approx(value) if isinstance(value, float) else value
         for name, value in defaults.items()
     }
+
+
+def test_validation_counts_items_unseen_in_training_as_misses(
+    tracking: mlflow.MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every user also has an item of their own: in the validation part it is a relevant item
+    # no configuration can rank, and the score the search compares must say so.
+    frame = _frame()
+    own = frame.drop_duplicates("user_id").assign(item_id=lambda f: "own-" + f["user_id"])
+    parts = split(pd.concat([frame, own], ignore_index=True), "random", fraction=0.25, seed=1)
+    assert parts.stats.cold_item_pairs > 0
+    monkeypatch.setitem(SEARCHES, "itemknn", Search(lambda t: {"K": 20}, ({"K": 20},)))
+    with mlflow.start_run():
+        summary = tune(
+            "itemknn", parts.train, parts.test, confidence=ConfidenceConfig(), n_trials=1
+        )
+    train = build_matrix(parts.train, ConfidenceConfig())
+    holdout = build_holdout(parts.test, train.users, train.items)
+    model = fit_model("itemknn", {"K": 20}, train.matrix)
+    expected = evaluate(model, train.matrix, holdout.matrix, unrankable=holdout.unrankable)
+    forgetful = evaluate(model, train.matrix, holdout.matrix)
+    assert summary["best_value"] == pytest.approx(expected.metrics["ndcg_at_10"])
+    assert summary["best_value"] < forgetful.metrics["ndcg_at_10"]
