@@ -21,7 +21,8 @@ ENV PATH=/opt/affinity/bin:$PATH \
     OPENBLAS_NUM_THREADS=1 \
     MALLOC_ARENA_MAX=2 \
     AFFINITY_PORT=50051 \
-    AFFINITY_CACHE_DIR=/var/cache/affinity
+    AFFINITY_CACHE_DIR=/var/cache/affinity \
+    NUMBA_CACHE_DIR=/var/cache/affinity/numba
 RUN groupadd --system --gid 10001 affinity \
     && useradd --system --uid 10001 --gid affinity --home-dir /home/affinity --create-home affinity \
     && mkdir -p /var/cache/affinity \

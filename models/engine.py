@@ -8,12 +8,13 @@ per request.
 
 For factor models a request never scores the whole catalog: :class:`models.search.NormOrderedIndex`
 finds the exact top k by scanning items in decreasing-norm order until no unscored item can beat
-the k-th best score. Concurrent requests are batched: a request that finds another one searching
-waits and is searched in the next batch together with every request that queued meanwhile
-(:class:`ScoreBatcher`), so a lone request pays no delay and a busy server reads each block of
-item factors once per batch instead of once per request. Models without factors score every item;
-their top-k scans block maxima first (:func:`top_k_row`), which returns exactly what a full
-partition would.
+the k-th best score, in one compiled call (:mod:`models.kernels`). "More like this" cannot prune
+(every unit vector has norm 1), so concurrent similar-items requests are batched instead: a request
+that finds another one searching waits and is searched in the next batch together with every
+request that queued meanwhile (:class:`ScoreBatcher`), so a lone request pays no delay and a busy
+server reads the item factors once per batch instead of once per request. Models without factors
+score every item; their top-k scans block maxima first (:func:`top_k_row`), which returns exactly
+what a full partition would.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import scipy.sparse as sp
 from models.artifact import ITEM_TYPES, ModelBundle
 from models.base import NEG_INF
 from models.errors import InvalidInputError, NotFoundError
+from models.kernels import warm_up
 from models.search import Hits, NormOrderedIndex, Query, top_k_row
 from models.vocabulary import MISSING
 
@@ -182,13 +184,13 @@ class Engine:
         self.model = bundle.model
         self.n_items = len(bundle.items)
         # Factor models expose user vectors: requests are searched in a norm-ordered index of the
-        # item factors, batched across threads. Other models score every item for one request.
+        # item factors. Other models score every item for one request.
         model = self.model
         self._user_vectors: Callable[[np.ndarray], np.ndarray] | None = None
+        self._user_vector: Callable[[int], np.ndarray] | None = None
         self._history_vectors: Callable[[sp.csr_matrix], np.ndarray] | None = None
         self._fold_in_items: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
         self._index: NormOrderedIndex | None = None
-        self._batcher: ScoreBatcher | None = None
         item_factors = getattr(model, "item_factors", None)
         if (
             item_factors is not None
@@ -196,10 +198,11 @@ class Engine:
             and hasattr(model, "history_vectors")
         ):
             self._user_vectors = model.user_vectors
+            self._user_vector = getattr(model, "user_vector", None)
             self._history_vectors = model.history_vectors
             self._fold_in_items = getattr(model, "fold_in_items", None)
             self._index = NormOrderedIndex(item_factors)
-            self._batcher = ScoreBatcher(self._index.search)
+            warm_up()  # compiled before the engine serves (from numba's disk cache after once)
         # "More like this" on factor models: cosine similarity, i.e. the dot product of unit
         # vectors. Their norms are all 1, so nothing can be pruned, but concurrent requests still
         # share one pass over the catalog.
@@ -292,14 +295,14 @@ class Engine:
         """Personalized top ``k`` for ``user_id``, with fold-in and popular fallbacks."""
         self._check_k(k)
         mask = self.candidate_mask(item_filter)
-        uidx = self.bundle.users.lookup([user_id])[0]
+        uidx = self.bundle.users.get(user_id)
         recent = self._known_items(recent_item_ids) if recent_item_ids else _NO_ITEMS
         excluded = self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS
-        parts = [excluded]
+        parts = [excluded] if len(excluded) else []
         if uidx != MISSING:
             if not include_seen:
-                start, end = self._seen.indptr[uidx], self._seen.indptr[uidx + 1]
-                parts.append(self._seen.indices[start:end])
+                indptr = self._seen.indptr
+                parts.append(self._seen.indices[indptr[uidx] : indptr[uidx + 1]])
             source = Source.PERSONALIZED
         elif len(recent):
             source = Source.FOLD_IN
@@ -307,15 +310,17 @@ class Engine:
             return self._popular(k, mask, excluded, trending=False)
         if len(recent) and not include_seen:
             parts.append(recent)
-        blocked = np.concatenate(parts)
-        if self._index is not None and self._batcher is not None:
+        blocked = parts[0] if len(parts) == 1 else np.concatenate(parts or [_NO_ITEMS])
+        if self._index is not None:
             query = Query(
                 self._vector(int(uidx), recent),
                 k,
                 self._index.positions(blocked),
                 self._disallowed(item_filter),
             )
-            hits: Hits = self._batcher(query)
+            # One compiled call that keeps the GIL: no batching, which would only add hand-offs
+            # between threads for a search this short.
+            hits = self._index.search([query])[0]
             return self._finish(hits.ids, hits.scores, k, mask, blocked, source)
         return self._rank(self._scores(int(uidx), recent), k, item_filter, blocked, source)
 
@@ -324,6 +329,8 @@ class Engine:
         assert self._user_vectors is not None and self._history_vectors is not None
         if uidx != MISSING:
             if not len(recent):
+                if self._user_vector is not None:
+                    return self._user_vector(uidx)
                 return self._user_vectors(np.array([uidx]))[0]
             return self._history_vectors(self._seen[uidx] + self._history_row(recent))[0]
         if self._fold_in_items is not None:
@@ -437,9 +444,8 @@ class Engine:
             )
             ids = np.concatenate([ids, extra.indices])
             top = np.concatenate([top, np.asarray(extra.scores, dtype=np.float32)])
-        return Recommendations(
-            self.bundle.items.decode(ids), top.astype(float).tolist(), source, ids
-        )
+        # float32 tolist() gives Python floats of the same values, without a float64 copy.
+        return Recommendations(self.bundle.items.decode(ids), top.tolist(), source, ids)
 
     def _popular(
         self, k: int, mask: np.ndarray, blocked: np.ndarray, *, trending: bool

@@ -124,6 +124,10 @@ class _FactorModel(Recommender):
         """The trained users' factor rows (what :meth:`score_vectors` multiplies)."""
         return self.user_factors[np.asarray(userids, dtype=np.int64)]
 
+    def user_vector(self, userid: int) -> np.ndarray:
+        """One trained user's factor row (a view; what a single request scores with)."""
+        return self.user_factors[userid]
+
     def history_vectors(self, history: sp.csr_matrix) -> np.ndarray:
         """Factor rows of users described by ``history`` rows (fold-in)."""
         raise NotImplementedError

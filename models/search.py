@@ -10,8 +10,10 @@ be skipped, which is everything after one cut-off in that order. The answer is t
 ranking (up to score ties), not an approximation: a user whose taste points away from the long
 vectors simply scans further, at worst the whole catalog.
 
-The search is batched: concurrent requests (see :class:`models.engine.ScoreBatcher`) share one
-GEMM per step, and each ranks only the positions its own cut-off needs.
+A search runs as one compiled call (:mod:`models.kernels`) that holds the GIL from start to
+end, so a threaded server does not trade the interpreter back and forth around dozens of small
+numpy calls. An index that prunes nothing (unit vectors for similar items) scores a batch of
+concurrent queries with one GEMM instead (see :class:`models.engine.ScoreBatcher`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import NEG_INF
+from models.kernels import PROJECTED, rank_scores, search_one
+
+_NO_FILTER = np.zeros(0, dtype=np.bool_)
 
 FIRST_BLOCK = 1024
 """Longest items every query scores first, to learn its k-th best score."""
 BOUND_SLACK = 1e-4
 """Relative margin on the Cauchy-Schwarz bound, well above float32 dot-product rounding."""
-PROJECTION_DIMS = 4
+PROJECTION_DIMS = PROJECTED
 """Principal directions of the item factors kept for the finer bound of the second step."""
 DENSE_FRACTION = 3
 """Second step: score the whole range instead of gathering candidates once more than one in
@@ -87,19 +91,11 @@ def _row_norms(factors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     return norms
 
 
-def _kth_largest(row: np.ndarray, k: int) -> float:
-    """The k-th largest value of ``row`` (``-inf`` when fewer than k are finite)."""
-    if len(row) >= 8 * MIN_BLOCKED_TOPK:
-        _, best = top_k_row(row, k)  # block maxima first: cheaper than a full partition
-        return float(best[-1])
-    return float(np.partition(row, len(row) - k)[len(row) - k])
-
-
 @dataclass
 class Query:
     """One request: a user vector, how many items, and what it must not get.
 
-    ``blocked`` holds index positions (see :attr:`NormOrderedIndex.position`), sorted and unique;
+    ``blocked`` holds index positions (see :attr:`NormOrderedIndex.position`), sorted;
     ``disallowed`` is a boolean mask over positions (True: filtered out), or None for no filter.
     """
 
@@ -133,7 +129,11 @@ class NormOrderedIndex:
     shared by the batch). Both bounds are upper bounds, so the result is exact.
     """
 
-    def __init__(self, item_factors: np.ndarray, first_block: int = FIRST_BLOCK) -> None:
+    def __init__(
+        self, item_factors: np.ndarray, first_block: int = FIRST_BLOCK, *, projection: bool = True
+    ) -> None:
+        """Index ``item_factors``; ``projection=False`` leaves out the second step's finer bound
+        (only the norm bound prunes), for comparison."""
         factors = np.asarray(item_factors, dtype=np.float32)
         n = len(factors)
         finite = np.isfinite(factors).all(axis=1)
@@ -153,25 +153,31 @@ class NormOrderedIndex:
         # Items whose factors are not finite are never returned (their scores would be NaN).
         self.broken = np.sort(self.position[~finite])
         self._first = min(n, max(1, first_block))
-        self._head = np.arange(self._first, dtype=np.int64)
         self.n_items = n
-        self._project(sorted_factors, norms[self.order])
+        self._project(sorted_factors, norms[self.order], projection)
 
-    def _project(self, factors: np.ndarray, norms: np.ndarray) -> None:
-        """Principal directions ``P`` (rows), and ``P v`` and ``|v_perp|`` of every position."""
+    def _project(self, factors: np.ndarray, norms: np.ndarray, enabled: bool) -> None:
+        """Principal directions ``P`` (rows), and ``P v`` and ``|v_perp|`` of every position.
+
+        The kernel's bound takes exactly :data:`PROJECTION_DIMS` directions: with fewer factors
+        than that, the missing directions are zero rows, which add nothing to the bound.
+        """
         n, f = factors.shape
         d = min(PROJECTION_DIMS, f - 1)
-        self._directions: np.ndarray | None = None
-        if d < 1 or n <= self._first:
+        self._directions = np.zeros((0, f), dtype=np.float64)
+        self._projected_t = np.zeros((0, n), dtype=np.float32)
+        self._residual = np.zeros(0, dtype=np.float32)
+        if not enabled or d < 1 or n <= self._first:
             return
         gram = (factors.T @ factors).astype(np.float64)
         _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues, orthonormal columns
-        directions = np.ascontiguousarray(vectors[:, ::-1][:, :d].T)
+        directions = np.zeros((PROJECTION_DIMS, f), dtype=np.float64)
+        directions[:d] = vectors[:, ::-1][:, :d].T
         # float32 products (no n x f double copy); their rounding is far below the margins.
         projected = (factors @ directions.T.astype(np.float32)).astype(np.float64)
         residual = np.sqrt(np.maximum(norms**2 - np.einsum("ij,ij->i", projected, projected), 0))
         self._directions = directions
-        # Stored d x n: a (d,) @ (d, n) product runs at memory speed, (n, d) @ (d,) does not.
+        # Stored d x n: the kernel reads each direction's coordinates as one contiguous row.
         self._projected_t = np.ascontiguousarray(projected.T, dtype=np.float32)
         self._residual = (residual * (1.0 + BOUND_SLACK)).astype(np.float32)
 
@@ -179,16 +185,18 @@ class NormOrderedIndex:
     def nbytes(self) -> int:
         """Memory the index holds beyond the model (the sorted copy of the item factors)."""
         extra = 0
-        if self._directions is not None:
+        if len(self._directions):
             extra = self._projected_t.nbytes + self._residual.nbytes
         return int(self._factors.nbytes + self.order.nbytes * 2 + self._neg_bound.nbytes + extra)
 
     def positions(self, item_ids: np.ndarray) -> np.ndarray:
-        """Sorted unique positions of ``item_ids`` (model indices), for :attr:`Query.blocked`."""
+        """Sorted positions of ``item_ids`` (model indices), for :attr:`Query.blocked`; repeats
+        are harmless, so they are not removed."""
         pos = self.position[np.asarray(item_ids, dtype=np.int64)]
         if len(self.broken):
             pos = np.concatenate([pos, self.broken])
-        return np.unique(pos)
+        pos.sort()
+        return pos
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
         """The stored factor rows of ``item_ids`` (model indices), as the search scores them."""
@@ -202,136 +210,46 @@ class NormOrderedIndex:
         return items @ vectors.T
 
     def search(self, queries: Sequence[Query]) -> list[Hits]:
-        """Exact top ``k`` of every query (see the class docstring for the two steps)."""
-        if len(queries) == 1:
-            vectors = np.asarray(queries[0].vector, dtype=np.float32)[None, :]
-        else:
-            vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
-        wide = vectors.astype(np.float64)
-        lengths = np.sqrt(np.einsum("ij,ij->i", wide, wide))
-        first = self._first
-        block = self._score(0, first, vectors)
-        heads: list[np.ndarray] = []
-        stops = np.zeros(len(queries), dtype=np.int64)
-        thresholds = np.full(len(queries), np.inf)
-        for j, q in enumerate(queries):
-            head = block[:, j]
-            self._mask(head, q, 0, first)
-            heads.append(head)
-            length = lengths[j]
-            if not np.isfinite(length):
-                continue  # NaN or inf scores: nothing to rank, the caller falls back
-            k = min(q.k, first)
-            threshold = _kth_largest(head, k) if k else np.inf
-            thresholds[j] = threshold
-            stops[j] = self._cut_off(threshold, float(length))
-        # Second step: (scores, positions) per query; positions None means first:stop in order.
-        tails: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        dense = []
-        for j in np.flatnonzero(stops > first).tolist():
-            stop = int(stops[j])
-            found = self._candidates(vectors[j], lengths[j], thresholds[j], stop, queries[j])
-            if found is None:
-                dense.append(j)
-            else:
-                tails[j] = (self._factors[found] @ vectors[j], found)
-        if dense:
-            rest = self._score(first, int(stops[dense].max()), vectors[dense])
-            for col, j in enumerate(dense):
-                part = rest[: stops[j] - first, col]
-                self._mask(part, queries[j], first, int(stops[j]))
-                tails[j] = (part, None)
+        """Exact top ``k`` of every query (see the class docstring for the two steps).
+
+        Each query is one call of the compiled kernel (:func:`models.kernels.search_one`). An
+        index that prunes nothing (``first_block`` covering the catalog, as for similar items)
+        scores a batch of queries with one GEMM instead, then ranks each column.
+        """
+        if self._first >= self.n_items and len(queries) > 1:
+            return self._search_full(queries)
         hits = []
-        for j, q in enumerate(queries):
-            if not np.isfinite(lengths[j]):
-                hits.append(Hits(np.empty(0, np.int64), np.empty(0, np.float32), 0))
-                continue
-            tail = tails.get(j)
-            if tail is None:  # the first block's k-th score is already the answer's
-                hits.append(self._hits(heads[j], q.k, None, first, thresholds[j]))
-            else:
-                scores = np.concatenate((heads[j], tail[0]))
-                where = None if tail[1] is None else np.concatenate((self._head, tail[1]))
-                kth = self._kth_above(scores, q.k, thresholds[j])
-                hits.append(self._hits(scores, q.k, where, len(scores), kth))
+        for q in queries:
+            ids, scores, scanned = search_one(
+                self._factors,
+                self.order,
+                self._neg_bound,
+                self._directions,
+                self._projected_t,
+                self._residual,
+                np.ascontiguousarray(q.vector, dtype=np.float32),
+                q.k,
+                self._first,
+                q.blocked,
+                _NO_FILTER if q.disallowed is None else q.disallowed,
+                BOUND_SLACK,
+                DENSE_FRACTION,
+            )
+            hits.append(Hits(ids, scores, scanned))
         return hits
 
-    def _candidates(
-        self, vector: np.ndarray, length: float, threshold: float, stop: int, q: Query
-    ) -> np.ndarray | None:
-        """Positions in ``first:stop`` whose projection bound reaches ``threshold``, or None
-        when the range should be scored whole (no projection, non-positive threshold, or too
-        many candidates)."""
-        if self._directions is None or not threshold > 0.0:
-            return None
-        first = self._first
-        u = vector.astype(np.float64)
-        up = self._directions @ u
-        u_perp = np.sqrt(max(float(u @ u) - float(up @ up), 0.0))
-        bound = up.astype(np.float32) @ self._projected_t[:, first:stop]
-        bound += np.float32(u_perp) * self._residual[first:stop]
-        self._mask(bound, q, first, stop)  # filtered and blocked items are no candidates
-        # Float32 rounding of the bound is far below this margin (relative to |u| max|v|).
-        margin = BOUND_SLACK * length * -self._neg_bound[first]
-        found = np.flatnonzero(bound >= threshold - margin)
-        if len(found) * DENSE_FRACTION > stop - first:
-            return None
-        found += first
-        return found
-
-    def _cut_off(self, threshold: float, length: float) -> int:
-        """Positions that may still hold an item scoring at least ``threshold``: ``0:cut_off``."""
-        if threshold == NEG_INF or threshold <= 0.0:
-            # Fewer than k allowed items so far, or a non-positive k-th score: a zero-norm
-            # item (score 0) could still beat it, so only a full scan is exact.
-            return self.n_items
-        if length == 0.0:
-            return self._first  # every score is 0 < threshold: nothing later can enter
-        # Continue while length * bound[p] >= threshold, i.e. -bound[p] <= -threshold / length.
-        cut = int(np.searchsorted(self._neg_bound, -threshold / length, side="right"))
-        return max(cut, self._first)
-
-    def _mask(self, row: np.ndarray, q: Query, start: int, end: int) -> None:
-        """Set the scores of ``q``'s filtered and blocked items among ``start:end`` to -inf."""
-        if q.disallowed is not None:
-            np.copyto(row, NEG_INF, where=q.disallowed[start:end])
-        blocked = q.blocked
-        if len(blocked):
-            # Scalar searchsorted calls: a tuple of bounds would go through array conversion.
-            lo = 0 if start == 0 else int(blocked.searchsorted(start))
-            hi = len(blocked) if end >= self.n_items else int(blocked.searchsorted(end))
-            if hi > lo:
-                row[blocked[lo:hi] - start] = NEG_INF
-
-    @staticmethod
-    def _kth_above(scores: np.ndarray, k: int, floor: float) -> float | None:
-        """The k-th largest of ``scores`` given ``floor``, a lower bound on it (the first block's
-        k-th score): only the few scores at or above the floor need ranking. None if unknown."""
-        if not floor > NEG_INF:
-            return None
-        above = scores[scores >= floor]
-        if len(above) < k:  # cannot happen for a true lower bound; let the caller rank it all
-            return None
-        return float(np.partition(above, len(above) - k)[len(above) - k])
-
-    def _hits(
-        self,
-        scores: np.ndarray,
-        k: int,
-        where: np.ndarray | None,
-        scanned: int,
-        kth: float | None = None,
-    ) -> Hits:
-        """Top ``k`` of ``scores`` (at ``where`` positions; None: positions 0, 1, ...), given
-        their k-th largest value ``kth`` if known."""
-        if kth is None:
-            _, best = top_k_row(scores, min(k, len(scores)))
-            kth = float(best[-1]) if len(best) else -np.inf
-        # Every item tied with the k-th score competes for the last places, lowest id first.
-        cut = kth if kth > -np.inf else np.nextafter(NEG_INF, np.float32(0))
-        top = np.flatnonzero(scores >= cut)
-        ids = self.order[top if where is None else where[top]]
-        values = scores[top]
-        # Best first; equal scores in item-id order, as a plain ranking of the catalog would.
-        rank = np.lexsort((ids, -values))[:k]
-        return Hits(ids[rank].astype(np.int64), values[rank].astype(np.float32), scanned)
+    def _search_full(self, queries: Sequence[Query]) -> list[Hits]:
+        """Every item scored for every query: one GEMM for the batch (memory-bound work that a
+        batch shares), then each query's column ranked by the kernel."""
+        vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
+        block = vectors @ self._factors.T  # row j: query j's scores, contiguous
+        hits = []
+        for j, q in enumerate(queries):
+            row = block[j]
+            if not np.isfinite(np.float64(np.dot(vectors[j], vectors[j]))):
+                hits.append(Hits(np.empty(0, np.int64), np.empty(0, np.float32), 0))
+                continue
+            disallowed = _NO_FILTER if q.disallowed is None else q.disallowed
+            ids, scores = rank_scores(row, self.order, q.k, q.blocked, disallowed)
+            hits.append(Hits(ids, scores, self.n_items))
+        return hits

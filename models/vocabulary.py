@@ -53,6 +53,10 @@ class Vocabulary:
         except KeyError:
             raise NotFoundError(f"unknown {self.kind} id {external_id!r}") from None
 
+    def get(self, external_id: str) -> int:
+        """Index of one id, or :data:`MISSING` if unknown (one dict lookup, no array)."""
+        return self._index.get(external_id, MISSING)
+
     def lookup(self, external_ids: Sequence[str]) -> np.ndarray:
         """Indices of many ids, with :data:`MISSING` for the unknown ones."""
         # map() with a repeated default runs the dict lookups in C, not in a generator frame.

@@ -173,8 +173,7 @@ def test_the_projection_bound_skips_most_of_a_long_tail_and_stays_exact() -> Non
     taste = rng.standard_normal((n, f)) * 0.04
     factors = ((common[None, :] + taste) * rng.uniform(0.2, 1.0, size=(n, 1))).astype(np.float32)
     index = NormOrderedIndex(factors, first_block=512)
-    norm_only = NormOrderedIndex(factors, first_block=512)
-    norm_only._directions = None  # the same search without the projection bound
+    norm_only = NormOrderedIndex(factors, first_block=512, projection=False)
     users = (rng.standard_normal((30, f)) * 0.3 + common).astype(np.float32)
     pruned, full = [], []
     for u in users:
