@@ -214,9 +214,11 @@ class NormOrderedIndex:
 
         Each query is one call of the compiled kernel (:func:`models.kernels.search_one`). An
         index that prunes nothing (``first_block`` covering the catalog, as for similar items)
-        scores a batch of queries with one GEMM instead, then ranks each column.
+        scores the batch with one numpy GEMM instead, then ranks each query's row: the pass over
+        the whole catalog takes milliseconds, and numpy releases the GIL for it, so other requests
+        keep arriving (and queue into the next batch) meanwhile.
         """
-        if self._first >= self.n_items and len(queries) > 1:
+        if self._first >= self.n_items:
             return self._search_full(queries)
         hits = []
         for q in queries:
@@ -240,7 +242,7 @@ class NormOrderedIndex:
 
     def _search_full(self, queries: Sequence[Query]) -> list[Hits]:
         """Every item scored for every query: one GEMM for the batch (memory-bound work that a
-        batch shares), then each query's column ranked by the kernel."""
+        batch shares, run without the GIL), then each query's row ranked by the kernel."""
         vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
         # (n, f) @ (f, m), then one transposed copy: OpenBLAS runs this three times faster than
         # (m, f) @ (f, n), and row j of the copy is query j's scores, contiguous for the kernel.
