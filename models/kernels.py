@@ -106,17 +106,6 @@ def _ranked(
 
 
 @njit(cache=True)
-def rank_scores(
-    scores: np.ndarray, order: np.ndarray, k: int, blocked: np.ndarray, disallowed: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` of a full row of ``scores`` over positions (overwritten where masked): item
-    ids and scores, best first, ties by item id. Used where nothing can be pruned."""
-    _mask(scores, 0, blocked, disallowed)
-    threshold = _kth_largest(scores, min(k, len(scores)))
-    return _ranked(scores, scores[:0], blocked[:0], order, threshold, k)
-
-
-@njit(cache=True)
 def search_one(
     factors: np.ndarray,
     order: np.ndarray,
@@ -252,4 +241,3 @@ def warm_up() -> None:
             1e-4,
             3,
         )
-        rank_scores(factors[:, 0].copy(), order, 2, np.zeros(0, np.int64), disallowed)

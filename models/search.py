@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.kernels import PROJECTED, rank_scores, search_one
+from models.base import NEG_INF
+from models.kernels import PROJECTED, search_one
 
 _NO_FILTER = np.zeros(0, dtype=np.bool_)
 
@@ -240,9 +241,22 @@ class NormOrderedIndex:
             hits.append(Hits(ids, scores, scanned))
         return hits
 
+    def _rank_row(self, row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` of a full row of scores over positions, as item ids and scores: best
+        first, equal scores by item id, ``-inf`` never. Plain numpy (block maxima first, see
+        :func:`top_k_row`), which releases the GIL while it reads the row."""
+        _, best = top_k_row(row, min(k, len(row)))
+        kth = float(best[-1]) if len(best) else NEG_INF
+        # Every item tied with the k-th score competes for the last places, lowest id first.
+        cut = kth if kth > NEG_INF else np.nextafter(np.float32(NEG_INF), np.float32(0))
+        top = np.flatnonzero(row >= cut)
+        ids, values = self.order[top], row[top]
+        rank = np.lexsort((ids, -values))[:k]
+        return ids[rank].astype(np.int64), values[rank].astype(np.float32)
+
     def _search_full(self, queries: Sequence[Query]) -> list[Hits]:
         """Every item scored for every query: one GEMM for the batch (memory-bound work that a
-        batch shares, run without the GIL), then each query's row ranked by the kernel."""
+        batch shares), then each query's row ranked; both in numpy, which releases the GIL."""
         vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
         # (n, f) @ (f, m), then one transposed copy: OpenBLAS runs this three times faster than
         # (m, f) @ (f, n), and row j of the copy is query j's scores, contiguous for the kernel.
@@ -253,7 +267,9 @@ class NormOrderedIndex:
             if not np.isfinite(np.float64(np.dot(vectors[j], vectors[j]))):
                 hits.append(Hits(np.empty(0, np.int64), np.empty(0, np.float32), 0))
                 continue
-            disallowed = _NO_FILTER if q.disallowed is None else q.disallowed
-            ids, scores = rank_scores(row, self.order, q.k, q.blocked, disallowed)
+            row[q.blocked] = NEG_INF
+            if q.disallowed is not None:
+                np.copyto(row, NEG_INF, where=q.disallowed)
+            ids, scores = self._rank_row(row, q.k)
             hits.append(Hits(ids, scores, self.n_items))
         return hits
