@@ -17,6 +17,7 @@ from models.errors import InvalidInputError
 from models.metrics import per_user_metrics, relevance_matrix
 from models.popularity import Popularity
 from models.vocabulary import Vocabulary
+from tests.training.conftest import interaction_frame
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import Holdout, build_holdout, evaluate, evaluate_with_baseline
 from training.split import random_split, temporal_split
@@ -320,29 +321,14 @@ def test_baseline_comparison_equals_two_separate_evaluations() -> None:
 
 
 # ------------------------------------------- held-out items unseen in training
-def _events(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
-    """Interaction rows (user, item, weight) as training.data.load_interactions returns them."""
-    users, items, weights = zip(*rows, strict=True)
-    return pd.DataFrame(
-        {
-            "user_id": list(users),
-            "item_id": list(items),
-            "event": "view",
-            "timestamp": np.arange(len(rows), dtype=np.int64),
-            "value": 1.0,
-            "weight": list(weights),
-        }
-    )
-
-
 # Training: u1 {a, c}, u2 {a, b}, u3 {a}, u4 {b}; popularity ranks a (3 users) > b (2) > c (1).
 # Held out: u1 {y}: an item nobody trained on, the user's only one; u2 {w} with weight 0: not
 # relevant; u3 {b, z}: z unseen in training (two events, one pair); u4 {a, c}; ghost {a}: a
 # user unseen in training. At k=2 popularity recommends u1 [b, -], u3 [b, c], u4 [a, c].
-HELD_TRAIN = _events(
+HELD_TRAIN = interaction_frame(
     [("u1", "a", 1), ("u1", "c", 1), ("u2", "a", 1), ("u2", "b", 1), ("u3", "a", 1), ("u4", "b", 1)]
 )
-HELD_TEST = _events(
+HELD_TEST = interaction_frame(
     [
         ("u1", "y", 1),
         ("u2", "w", 0),
@@ -407,7 +393,7 @@ def test_the_baseline_is_charged_the_same_misses() -> None:
 def test_a_split_keeps_cold_items_and_the_holdout_turns_them_into_misses() -> None:
     # u1..u4 share items a..d; "solo" is u1's latest item, nobody else's.
     rows = [(f"u{u}", item, 1.0) for u in range(1, 5) for item in "abcd"] + [("u1", "solo", 1.0)]
-    frame = _events(rows)
+    frame = interaction_frame(rows)
     part = temporal_split(frame, fraction=0.2)
     assert ("u1", "solo") in set(zip(part.test["user_id"], part.test["item_id"], strict=True))
     train = build_matrix(part.train, ConfidenceConfig())

@@ -8,6 +8,7 @@ import pytest
 
 from models.artifact import ModelBundle
 from models.registry import get_algorithm
+from tests.training.conftest import interaction_frame
 from training.confidence import ConfidenceConfig, build_matrix
 from training.data import catalog_arrays
 from training.evaluate import build_holdout, evaluate
@@ -23,17 +24,7 @@ def _log() -> pd.DataFrame:
         start = int(rng.integers(0, 30))
         items = [f"i{item}" for item in range(start, start + 10)] + [f"own{user}"]
         rows += [(f"u{user}", item) for item in items]
-    users, items = zip(*rows, strict=True)
-    return pd.DataFrame(
-        {
-            "user_id": list(users),
-            "item_id": list(items),
-            "event": "view",
-            "timestamp": np.arange(len(rows), dtype=np.int64),
-            "value": 1.0,
-            "weight": 1.0,
-        }
-    )
+    return interaction_frame([(user, item, 1.0) for user, item in rows])
 
 
 def test_the_champion_is_charged_the_same_misses_as_the_new_version() -> None:
