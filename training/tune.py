@@ -120,7 +120,7 @@ def _lmf(trial: optuna.Trial) -> dict[str, Any]:
         "factors": trial.suggest_categorical("factors", [16, 30, 64, 128]),
         "learning_rate": trial.suggest_float("learning_rate", 0.1, 3.0, log=True),
         "regularization": trial.suggest_float("regularization", 0.1, 10.0, log=True),
-        "iterations": trial.suggest_int("iterations", 10, 60, step=10),
+        "iterations": trial.suggest_int("iterations", 20, 200, step=20),
     }
 
 
@@ -154,7 +154,7 @@ SEARCHES: dict[str, Search] = {
     ),
     "lmf": Search(
         _lmf,
-        ({"factors": 30, "learning_rate": 1.0, "regularization": 0.6, "iterations": 30},),
+        ({"factors": 30, "learning_rate": 1.0, "regularization": 3.0, "iterations": 100},),
     ),
     "itemknn": Search(_knn, ({"K": 20}, {"K": 100})),
     "bm25": Search(_bm25, ({"K": 20, "K1": 1.2, "B": 0.75}, {"K": 100, "K1": 1.2, "B": 0.75})),
