@@ -242,7 +242,35 @@ def _text(column: pa.ChunkedArray | pa.Array) -> pd.Series:
     return pd.Series(as_str.to_pandas(), dtype="str").fillna("").str.strip()
 
 
-def _read_parquet(path: Path) -> tuple[dict[str, Any], pa.Table]:
+def _categorical_text(column: pa.ChunkedArray) -> pd.Series:
+    """A column as a categorical of what :func:`_text` gives, each distinct value handled once.
+
+    Parquet logs usually store ids dictionary-encoded, so this reads the distinct values and
+    the integer indices without making a Python string per row. Categories are the sorted
+    distinct texts (stripped; '' stands for null), possibly including ones no row uses.
+    """
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    array = pa.chunked_array(column.chunks, type=column.type).combine_chunks()
+    texts = _text(array.dictionary)
+    n = len(texts)
+    # A null index and a null dictionary value both read as '' (appended after the values).
+    indices = array.indices.fill_null(n).to_numpy(zero_copy_only=False)
+    texts = pd.concat([texts, pd.Series([""], dtype="str")], ignore_index=True)
+    text_code, categories = pd.factorize(texts, sort=True)
+    codes = text_code.astype(np.int32)[indices]
+    return pd.Series(pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype="str")))
+
+
+def _map_categories(column: pd.Series, func: Any) -> pd.Series:
+    """A categorical with ``func`` applied to each category (merging ones that become equal)."""
+    mapped = func(pd.Series(column.cat.categories, dtype="str"))
+    new_code, categories = pd.factorize(mapped, sort=True)
+    codes = np.append(new_code, -1).astype(np.int32)[column.cat.codes.to_numpy()]
+    return pd.Series(pd.Categorical.from_codes(codes, categories=pd.Index(categories, dtype="str")))
+
+
+def _read_parquet(path: Path, *, categorical: bool = False) -> tuple[dict[str, Any], pa.Table]:
     try:
         schema = pq.read_schema(path)
         _require_columns(path, list(schema.names))
@@ -260,12 +288,21 @@ def _read_parquet(path: Path) -> tuple[dict[str, Any], pa.Table]:
             cols[name] = _typed_seconds(column)
         elif name == "value" and _numeric(typ):
             cols[name] = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        elif categorical and name in _CATEGORICAL_COLUMNS:
+            try:
+                cols[name] = _categorical_text(column)
+            except DataError as exc:
+                raise DataError(f"{path}: column {name!r}: {exc}") from None
         else:
             try:
                 cols[name] = _text(column)
             except DataError as exc:
                 raise DataError(f"{path}: column {name!r}: {exc}") from None
     return cols, table
+
+
+_CATEGORICAL_COLUMNS = ("user_id", "item_id", "event")
+"""Text columns that ``load_interactions(categorical=True)`` returns as categoricals."""
 
 
 def _numeric(typ: pa.DataType) -> bool:
@@ -385,15 +422,25 @@ def _parse_value(column: pd.Series | np.ndarray | None, n: int) -> tuple[np.ndar
     return values, codes
 
 
+def _stripped(column: pd.Series) -> pd.Series:
+    # Categoricals come from _categorical_text, whose categories are stripped already.
+    return column if isinstance(column.dtype, pd.CategoricalDtype) else column.str.strip()
+
+
 def _validate(cols: dict[str, Any], weights: EventWeights) -> tuple[pd.DataFrame, np.ndarray]:
     """Parse the columns; returns the parsed frame and a reason code per row (0 = accepted)."""
     n = len(cols["user_id"])
-    user = cols["user_id"].str.strip()
-    item = cols["item_id"].str.strip()
-    event = cols["event"].str.strip().str.lower()
+    user, item, event = (_stripped(cols[name]) for name in ("user_id", "item_id", "event"))
+    if isinstance(event.dtype, pd.CategoricalDtype):
+        event = _map_categories(event, lambda text: text.str.lower())
+    else:
+        event = event.str.lower()
     table = weights.as_dict()
     # Factorize first: mapping the few distinct names is much cheaper than a per-row lookup.
-    codes_seen, names_seen = pd.factorize(event)
+    if isinstance(event.dtype, pd.CategoricalDtype):
+        codes_seen, names_seen = event.cat.codes.to_numpy(), event.cat.categories
+    else:
+        codes_seen, names_seen = pd.factorize(event)
     known = {name: k for k, name in enumerate(table)}
     lookup = np.array([known.get(str(name), -1) for name in names_seen] + [-1], dtype=np.int64)
     event_codes = lookup[codes_seen]
@@ -425,7 +472,8 @@ def _validate(cols: dict[str, Any], weights: EventWeights) -> tuple[pd.DataFrame
             ).astype(np.int64),
             "value": values,
             "weight": event_weight[np.maximum(event_codes, 0)] * values,
-        }
+        },
+        copy=False,  # the columns are fresh: a dict of them would otherwise be copied
     )
     return frame, codes
 
@@ -462,6 +510,7 @@ def load_interactions(
     *,
     event_weights: EventWeights | Mapping[str, float] | None = None,
     quarantine_path: str | Path | None = None,
+    categorical: bool = False,
 ) -> LoadResult:
     """Read, validate and weight an interaction log.
 
@@ -476,6 +525,11 @@ def load_interactions(
     the first reason in :data:`REASONS`. Ids and event names are stripped of surrounding
     whitespace and event names lower-cased; an empty ``value`` means 1.0.
 
+    With ``categorical``, ``user_id``, ``item_id`` and ``event`` come back as pandas
+    categoricals of the same text (sorted categories, which may include values of rejected
+    rows), as :func:`with_categorical_ids` would make them; a Parquet log is then read without
+    a Python string per row (each distinct value is parsed once).
+
     Raises :class:`DataError` for a missing, unreadable or unsupported file, a missing required
     column, or a log without a single valid row.
     """
@@ -485,7 +539,7 @@ def load_interactions(
     table: pa.Table | None
     ragged: list[tuple[int | None, str]] = []
     if _is_parquet(source):
-        cols, table = _read_parquet(source)
+        cols, table = _read_parquet(source, categorical=categorical)
         lines = np.arange(1, table.num_rows + 1, dtype=np.int64)
         blank = np.zeros(table.num_rows, dtype=bool)
     else:
@@ -533,6 +587,10 @@ def load_interactions(
         rejected = pd.concat([rejected, extra], ignore_index=True).fillna("")
 
     accepted = frame[codes == 0].reset_index(drop=True)
+    if categorical:  # a CSV log's columns are still text
+        for name in _CATEGORICAL_COLUMNS:
+            if not isinstance(accepted[name].dtype, pd.CategoricalDtype):
+                accepted[name] = pd.Categorical(accepted[name].astype("str"))
     reasons: Counter[str] = Counter(
         {str(reason): int(count) for reason, count in rejected["reason"].value_counts().items()}
     )

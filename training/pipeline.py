@@ -42,7 +42,6 @@ from training.data import (
     dataset_fingerprint,
     load_catalog,
     load_interactions,
-    with_categorical_ids,
 )
 from training.evaluate import Holdout, build_holdout, evaluate_with_baseline
 from training.split import SplitStats, split, train_validation_test
@@ -128,7 +127,11 @@ def fit_model(
 
 
 def _load(opts: TrainOptions, weights: EventWeights, qpath: Path) -> LoadResult:
-    return load_interactions(opts.interactions, event_weights=weights, quarantine_path=qpath)
+    # Categorical ids and events: the split, the matrices and the fingerprint then work on
+    # integer codes, and a Parquet log is read without a Python string per row.
+    return load_interactions(
+        opts.interactions, event_weights=weights, quarantine_path=qpath, categorical=True
+    )
 
 
 def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
@@ -154,8 +157,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         f"rows read {rows['read']:,} = accepted {rows['accepted']:,} + "
         f"quarantined {rows['quarantined']:,}"
     )
-    # Categorical ids: the split, the matrices and the fingerprint then hash each id once.
-    frame = loaded.frame = with_categorical_ids(loaded.frame)  # the text copy can go
+    frame = loaded.frame
     catalog_df = load_catalog(opts.items) if opts.items is not None else None
     timings["read_seconds"] = time.perf_counter() - t0
     test_rows = None

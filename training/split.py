@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from models.errors import DataError, InvalidInputError
+from training.confidence import stable_sort
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +154,8 @@ def _pairs(frame: pd.DataFrame) -> _Pairs:
     item_codes, items = pd.factorize(frame["item_id"], sort=True)
     n_items = len(items)
     keys = user_codes.astype(np.int64) * n_items + item_codes.astype(np.int64)
-    # np.unique(keys, return_inverse=True), spelled out: one argsort, no second pass.
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
+    # np.unique(keys, return_inverse=True), spelled out: one sort, no second pass.
+    order, sorted_keys = stable_sort(keys)
     first = np.ones(len(keys), dtype=bool)
     first[1:] = sorted_keys[1:] != sorted_keys[:-1]
     row_pair = np.empty(len(keys), dtype=np.int64)
@@ -255,6 +255,13 @@ def _last_per_user(pairs: _Pairs, sort_keys: tuple[np.ndarray, ...], fraction: f
     return is_test
 
 
+def _distinct(codes: np.ndarray, size: int) -> int:
+    """How many distinct values ``codes`` (each in ``range(size)``) holds; no sort needed."""
+    present = np.zeros(size, dtype=bool)
+    present[codes] = True
+    return int(np.count_nonzero(present))
+
+
 def _finish(
     frame: pd.DataFrame,
     pairs: _Pairs,
@@ -295,13 +302,13 @@ def _finish(
         test_pairs=int(kept_test.sum()),
         train_users=int(known_user.sum()),
         train_items=int(known_item.sum()),
-        test_users=int(np.unique(pairs.user[kept_test]).size),
-        test_items=int(np.unique(pairs.item[kept_test]).size),
+        test_users=int(_distinct(pairs.user[kept_test], pairs.n_users)),
+        test_items=int(_distinct(pairs.item[kept_test], pairs.n_items)),
         cold_user_pairs=int(cold_user.sum()),
         cold_item_pairs=int(cold_item.sum()),
         cold_pairs=int(cold_user.sum() + cold_item.sum()),
-        cold_users=int(np.unique(pairs.user[cold_user]).size),
-        cold_items=int(np.unique(pairs.item[cold_item]).size),
+        cold_users=int(_distinct(pairs.user[cold_user], pairs.n_users)),
+        cold_items=int(_distinct(pairs.item[cold_item], pairs.n_items)),
         late_train_rows=late_train_rows,
     )
     if stats.cold_user_pairs:

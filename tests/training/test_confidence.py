@@ -17,6 +17,7 @@ from training.confidence import (
     InteractionMatrix,
     build_matrix,
     recency_weights,
+    stable_sort,
     vocabulary_codes,
 )
 from training.data import EventWeights, load_interactions, with_categorical_ids
@@ -254,3 +255,22 @@ def test_vocabulary_codes_marks_unknown_ids() -> None:
     expected = [1, -1, 0, 1, 2, -1]
     assert vocabulary_codes(ids, vocab).tolist() == expected
     assert vocabulary_codes(ids.astype("category"), vocab).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        np.array([5, 3, 5, 1, 3, 3, 0, 5], dtype=np.int64),
+        np.array([-4, 7, -4, 2, 7], dtype=np.int32),  # negative keys, narrow dtype
+        np.array([2**61, 0, 2**61, 5], dtype=np.int64),  # too wide to pack: plain argsort
+        np.array([0.5, -1.0, 0.5, 0.25]),  # not integers: plain argsort
+        np.zeros(0, dtype=np.int64),
+        np.array([9], dtype=np.int64),
+        np.random.default_rng(3).integers(0, 50, 10_000),  # many ties
+    ],
+)
+def test_stable_sort_is_a_stable_argsort(keys: np.ndarray) -> None:
+    order, sorted_keys = stable_sort(keys)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(sorted_keys, np.sort(keys, kind="stable"))
+    assert sorted_keys.dtype == keys.dtype

@@ -450,3 +450,54 @@ def test_categorical_ids_keep_the_values_and_the_fingerprint(tmp_path: Path) -> 
     assert list(categorical.columns) == list(FRAME_COLUMNS)
     assert dataset_fingerprint(categorical) == dataset_fingerprint(frame)
     assert isinstance(frame["user_id"].dtype, pd.StringDtype)  # the input is left alone
+
+
+@pytest.mark.parametrize("dictionary", [True, False])
+def test_categorical_load_of_parquet_matches_the_text_load(
+    tmp_path: Path, dictionary: bool
+) -> None:
+    # Ids and events with surrounding blanks, mixed case, nulls and a float-typed id column:
+    # every distinct value is cleaned once, yet each row must read as the text load reads it.
+    table = pa.table(
+        {
+            "user_id": pa.array(["u1", " u1 ", None, "u2", "u10", "u2", " ", "u1"]),
+            "item_id": pa.array([1.0, 2.0, 2.0, None, 10.0, 1.5, 3.0, 1.0]),
+            "event": pa.array(
+                ["view", " Click", "VIEW", "like", "view ", "teleport", "view", None]
+            ),
+            "timestamp": pa.array([1704067200 + k for k in range(8)], pa.int64()),
+            "value": pa.array([1.0, 2.0, None, 1.0, 3.0, 1.0, 1.0, 1.0]),
+        }
+    )
+    if dictionary:
+        table = table.set_column(0, "user_id", table.column("user_id").dictionary_encode())
+        table = table.set_column(2, "event", table.column("event").dictionary_encode())
+    path = tmp_path / "log.parquet"
+    pq.write_table(table, path, row_group_size=3)  # several chunks, each with its dictionary
+    text = load_interactions(path, quarantine_path=tmp_path / "q1.csv")
+    cat = load_interactions(path, quarantine_path=tmp_path / "q2.csv", categorical=True)
+    assert (cat.rows_accepted, dict(cat.reasons)) == (text.rows_accepted, dict(text.reasons))
+    assert text.rows_accepted == 3 and text.rows_quarantined == 5
+    for name in ("user_id", "item_id", "event"):
+        assert isinstance(cat.frame[name].dtype, pd.CategoricalDtype)
+        assert cat.frame[name].astype(str).tolist() == text.frame[name].tolist()
+    assert list(cat.frame.columns) == list(FRAME_COLUMNS)
+    pd.testing.assert_frame_equal(
+        cat.frame[["timestamp", "value", "weight"]], text.frame[["timestamp", "value", "weight"]]
+    )
+    assert dataset_fingerprint(cat.frame) == dataset_fingerprint(text.frame)
+    assert _quarantine(tmp_path / "q1.csv").equals(_quarantine(tmp_path / "q2.csv"))
+
+
+def test_categorical_load_of_csv_matches_the_text_load(tmp_path: Path) -> None:
+    body = "".join(
+        f" u{k % 7},i{k % 11} ,{('View', 'click ')[k % 2]},{1704067200 + k},2\n" for k in range(40)
+    )
+    path = _write(tmp_path, HEADER + body + ",i1,view,1704067200,1\n")
+    text = load_interactions(path)
+    cat = load_interactions(path, categorical=True)
+    assert cat.rows_quarantined == text.rows_quarantined == 1
+    for name in ("user_id", "item_id", "event"):
+        assert isinstance(cat.frame[name].dtype, pd.CategoricalDtype)
+        assert cat.frame[name].astype(str).tolist() == text.frame[name].tolist()
+    assert dataset_fingerprint(cat.frame) == dataset_fingerprint(text.frame)
