@@ -24,7 +24,8 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401
 from numba import njit
 
-_NO_DISALLOWED = np.zeros(0, dtype=np.bool_)
+NO_FILTER = np.zeros(0, dtype=np.bool_)
+"""The ``disallowed`` argument of :func:`search_one` for a query without a filter."""
 PROJECTED = 4
 """Principal directions the second step's bound uses (fixed, so its loop is unrolled)."""
 
@@ -225,7 +226,7 @@ def warm_up() -> None:
     order = np.argsort(-norms).astype(np.int64)
     frozen = np.zeros(8, dtype=np.bool_)
     frozen.setflags(write=False)
-    for disallowed in (_NO_DISALLOWED, frozen):
+    for disallowed in (NO_FILTER, frozen):
         search_one(
             np.ascontiguousarray(factors[order]),
             order,

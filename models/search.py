@@ -24,9 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.base import NEG_INF
-from models.kernels import PROJECTED, search_one
-
-_NO_FILTER = np.zeros(0, dtype=np.bool_)
+from models.kernels import NO_FILTER, PROJECTED, search_one
 
 FIRST_BLOCK = 1024
 """Longest items every query scores first, to learn its k-th best score."""
@@ -117,7 +115,7 @@ class Hits:
 
 
 class NormOrderedIndex:
-    """The item factors sorted by decreasing norm, for exact batched top-k search.
+    """The item factors sorted by decreasing norm, for exact top-k search.
 
     A search takes two steps. The first block (the ``first_block`` longest items) gives each
     query a k-th best score ``t``; every later position whose norm bound ``|u| |v|`` is below
@@ -126,8 +124,8 @@ class NormOrderedIndex:
     cut-off with a finer bound: with ``P`` the top principal directions of the item factors,
     ``u · v <= (Pu) · (Pv) + |u_perp| |v_perp|`` (the residuals orthogonal to them), a few
     multiply-adds per item instead of a full dot product. Only the items whose finer bound
-    reaches ``t`` are scored exactly; when too many do, the whole range is scored (one GEMM
-    shared by the batch). Both bounds are upper bounds, so the result is exact.
+    reaches ``t`` are scored exactly; when too many do, the whole range is scored (one GEMV).
+    Both bounds are upper bounds, so the result is exact.
     """
 
     def __init__(
@@ -203,13 +201,6 @@ class NormOrderedIndex:
         """The stored factor rows of ``item_ids`` (model indices), as the search scores them."""
         return self._factors[self.position[np.asarray(item_ids, dtype=np.int64)]]
 
-    def _score(self, start: int, end: int, vectors: np.ndarray) -> np.ndarray:
-        """Scores of positions ``start:end``, one column per vector (a fresh array)."""
-        items = self._factors[start:end]
-        if len(vectors) == 1:
-            return (items @ vectors[0])[:, None]  # GEMV: the fastest kernel for one user
-        return items @ vectors.T
-
     def search(self, queries: Sequence[Query]) -> list[Hits]:
         """Exact top ``k`` of every query (see the class docstring for the two steps).
 
@@ -234,7 +225,7 @@ class NormOrderedIndex:
                 q.k,
                 self._first,
                 q.blocked,
-                _NO_FILTER if q.disallowed is None else q.disallowed,
+                NO_FILTER if q.disallowed is None else q.disallowed,
                 BOUND_SLACK,
                 DENSE_FRACTION,
             )
@@ -259,7 +250,7 @@ class NormOrderedIndex:
         batch shares), then each query's row ranked; both in numpy, which releases the GIL."""
         vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
         # (n, f) @ (f, m), then one transposed copy: OpenBLAS runs this three times faster than
-        # (m, f) @ (f, n), and row j of the copy is query j's scores, contiguous for the kernel.
+        # (m, f) @ (f, n), and row j of the copy is query j's scores, contiguous for ranking.
         block = np.ascontiguousarray((self._factors @ vectors.T).T)
         hits = []
         for j, q in enumerate(queries):
