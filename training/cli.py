@@ -274,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--quarantine",
         type=Path,
-        help="where to write malformed rows (default: a temporary file, also logged "
-        "to the MLflow run)",
+        help="where to write malformed rows (default: a temporary file logged to the MLflow "
+        "run under quarantine/; one over 50 MiB is kept in the temp folder, its path printed)",
     )
     tr.add_argument(
         "--json",

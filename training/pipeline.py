@@ -9,8 +9,8 @@ promotion gate (see :mod:`training.promotion`).
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -92,7 +92,6 @@ class TrainResult:
     baseline_metrics: dict[str, float]
     rows: dict[str, int]
     decision: str = ""
-    artifact_dir: Path | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -134,15 +133,52 @@ def _load(opts: TrainOptions, weights: EventWeights, qpath: Path) -> LoadResult:
     )
 
 
+QUARANTINE_LOG_LIMIT = 50 * 1024 * 1024
+"""Quarantine files up to this size are logged to the run; larger ones are kept on disk."""
+
+
 def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
-    """Run one training end to end and return its summary (see module docstring)."""
+    """Run one training end to end and return its summary (see module docstring).
+
+    The run works in a temporary folder (the default quarantine files and the artifact before
+    MLflow copies it into the run and the registry) that is removed when the run ends, failed or
+    not; a quarantine file too large to log is moved out of it first (see :func:`_keep_quarantine`).
+    """
     get_algorithm(opts.algorithm)(**opts.params)  # bad hyperparameters fail before any work
     if opts.k <= 0:
         raise InvalidInputError(f"--k must be positive, got {opts.k}", field="k")
     configure_tracking()
+    workdir = Path(tempfile.mkdtemp(prefix="affinity-train-"))
+    try:
+        return _run(opts, progress, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _keep_quarantine(path: Path | None, workdir: Path, run_id: str, progress: Progress) -> str:
+    """Log a quarantine file to the run, or keep it outside ``workdir``; return where it is.
+
+    Nothing a user needs to fix its log may vanish with the work folder: a file at most
+    :data:`QUARANTINE_LOG_LIMIT` bytes is logged under ``quarantine/``; a larger one written in
+    the work folder is moved to ``<tmp>/affinity-quarantine-<run id>-<name>`` and announced.
+    """
+    if path is None or not path.is_file():
+        return ""
+    size = path.stat().st_size
+    if size <= QUARANTINE_LOG_LIMIT:
+        mlflow.log_artifact(str(path), "quarantine")
+        return str(path) if not path.is_relative_to(workdir) else f"quarantine/{path.name}"
+    if path.is_relative_to(workdir):
+        kept = Path(tempfile.gettempdir()) / f"affinity-quarantine-{run_id}-{path.name}"
+        shutil.move(str(path), kept)
+        path = kept
+    progress(f"quarantine file of {size / 2**20:,.0f} MiB not logged to the run; it is at {path}")
+    return str(path)
+
+
+def _run(opts: TrainOptions, progress: Progress, workdir: Path) -> TrainResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="affinity-train-"))
     weights = EventWeights.from_mapping(opts.event_weights)
     qpath = opts.quarantine_path or workdir / "quarantine.csv"
 
@@ -161,6 +197,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
     catalog_df = load_catalog(opts.items) if opts.items is not None else None
     timings["read_seconds"] = time.perf_counter() - t0
     test_rows = None
+    test_loaded: LoadResult | None = None
     split_stats: SplitStats | None = None  # None for a holdout given with --test
     tune_fit: pd.DataFrame | None = None  # fit part of the tuning split
     validation_frame: pd.DataFrame | None = None
@@ -346,17 +383,27 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         timings["artifact_seconds"] = time.perf_counter() - t
 
         mlflow.log_text(evaluation.report_markdown(baseline=baseline), "evaluation/report.md")
+        run_id = run.info.run_id
         quarantine_summary = {
             **rows,
             "reasons": dict(loaded.reasons),
-            "quarantine_file": str(loaded.quarantine_path or ""),
+            "quarantine_file": _keep_quarantine(
+                loaded.quarantine_path if loaded.rows_quarantined else None,
+                workdir,
+                run_id,
+                progress,
+            ),
             "test_rows": test_rows,
         }
+        if test_loaded is not None:
+            quarantine_summary["test_reasons"] = dict(test_loaded.reasons)
+            quarantine_summary["test_quarantine_file"] = _keep_quarantine(
+                test_loaded.quarantine_path if test_loaded.rows_quarantined else None,
+                workdir,
+                run_id,
+                progress,
+            )
         mlflow.log_dict(quarantine_summary, "quarantine/summary.json")
-        if loaded.rows_quarantined and loaded.quarantine_path is not None:
-            path = Path(loaded.quarantine_path)
-            if path.is_file() and path.stat().st_size < 50 * 1024 * 1024:
-                mlflow.log_artifact(str(path), "quarantine")
 
         version = None
         promoted = False
@@ -405,7 +452,6 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             "tuning": tuning_summary,
         }
         mlflow.log_dict(report, "evaluation/report.json")
-        (workdir / "timings.json").write_text(json.dumps(timings))
     return TrainResult(
         run_id=run.info.run_id,
         model_name=opts.model_name,
@@ -415,7 +461,6 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         baseline_metrics={k: float(v) for k, v in baseline_metrics.items()},
         rows=rows,
         decision=decision,
-        artifact_dir=artifact_dir,
         best_params=full_params,
     )
 

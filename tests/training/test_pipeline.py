@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 
 from models.artifact import load_artifact
 from models.engine import Engine
+from training import pipeline
 from training.cli import main
 from training.generate import generate
 from training.registry import load_model_uri
@@ -144,25 +146,87 @@ def test_gate_keeps_better_champion_and_force_promote_overrides(
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "3"
 
 
-def test_quarantined_rows_are_counted_and_logged(
-    tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    frame = pd.read_parquet(logs / "interactions.parquet")
-    csv = tmp_path / "log.csv"
-    frame.to_csv(csv, index=False)
-    with open(csv, "a") as fh:
+def _with_bad_rows(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    with open(path, "a") as fh:
         fh.write(",i1,view,2024-01-01T00:00:00Z,\n")  # missing user
         fh.write("u1,i1,teleport,2024-01-01T00:00:00Z,\n")  # unknown event
         fh.write("u1,i1,view,yesterday,\n")  # bad timestamp
         fh.write("u1,i1,view,1700000000,-3\n")  # negative value
+    return path
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary folder the pipeline works in, empty at the start of the test."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _download(uri: str) -> str:
+    # Into the test's own folder, not the temporary one the tests check for leftovers.
+    return mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(dir=Path.cwd()))
+
+
+def _logged_quarantine(run_id: str) -> dict:
+    return json.loads(Path(_download(f"runs:/{run_id}/quarantine/summary.json")).read_text())
+
+
+def test_quarantined_rows_are_counted_and_logged(
+    tmp_path: Path, logs: Path, store: str, private_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame = pd.read_parquet(logs / "interactions.parquet")
+    csv = _with_bad_rows(frame, tmp_path / "log.csv")
     summary = train(capsys, "--interactions", str(csv), "--algorithm", "popularity")
     assert summary["rows"] == {"read": len(frame) + 4, "accepted": len(frame), "quarantined": 4}
-    client = mlflow.MlflowClient()
-    path = mlflow.artifacts.download_artifacts(f"runs:/{summary['run_id']}/quarantine/summary.json")
-    logged = json.loads(Path(path).read_text())
+    logged = _logged_quarantine(summary["run_id"])
     assert logged["quarantined"] == 4 and sum(logged["reasons"].values()) == 4
-    names = {a.path for a in client.list_artifacts(summary["run_id"], "quarantine")}
-    assert any(n.endswith(".csv") for n in names)
+    assert logged["quarantine_file"] == "quarantine/quarantine.csv"
+    path = _download(f"runs:/{summary['run_id']}/quarantine/quarantine.csv")
+    assert len(pd.read_csv(path)) == 4
+    # The work folder (default quarantine file, artifact before MLflow copied it) is gone.
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_holdout_quarantine_is_logged_and_an_oversized_one_is_kept(
+    tmp_path: Path,
+    logs: Path,
+    store: str,
+    private_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    frame = pd.read_parquet(logs / "interactions.parquet").sort_values("timestamp")
+    cut = int(len(frame) * 0.85)
+    frame.iloc[:cut].to_parquet(tmp_path / "train.parquet")
+    test_csv = _with_bad_rows(frame.iloc[cut:], tmp_path / "test.csv")
+    common = ["--interactions", str(tmp_path / "train.parquet"), "--test", str(test_csv)]
+    summary = train(capsys, *common, "--algorithm", "popularity")
+    logged = _logged_quarantine(summary["run_id"])
+    assert logged["test_rows"]["quarantined"] == 4 and sum(logged["test_reasons"].values()) == 4
+    assert logged["test_quarantine_file"] == "quarantine/test-quarantine.csv"
+    assert logged["quarantine_file"] == ""  # the training log was clean
+    assert list(private_tmp.iterdir()) == []
+
+    # Too large to log: moved out of the work folder, named in the summary, nothing lost.
+    monkeypatch.setattr(pipeline, "QUARANTINE_LOG_LIMIT", 10)
+    summary = train(capsys, *common, "--algorithm", "popularity")
+    kept = Path(_logged_quarantine(summary["run_id"])["test_quarantine_file"])
+    assert kept.parent == private_tmp and summary["run_id"] in kept.name
+    assert len(pd.read_csv(kept)) == 4
+    assert list(private_tmp.iterdir()) == [kept]
+
+
+def test_a_failed_run_leaves_no_work_folder(
+    tmp_path: Path, store: str, private_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "bad.csv"
+    log.write_text("user_id,item_id,event,timestamp,value\n,i1,view,2024-01-01T00:00:00Z,\n")
+    assert main(["train", "--interactions", str(log), "--quiet"]) == 2
+    assert "no valid rows" in capsys.readouterr().err
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_tune_runs_nested_trials_on_validation(
