@@ -49,6 +49,11 @@ def store(
     mlflow.set_tracking_uri(previous)
 
 
+def _download(uri: str) -> str:
+    # Into the test's own folder, not the temporary one the tests check for leftovers.
+    return mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(dir=Path.cwd()))
+
+
 def train(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     capsys.readouterr()
     assert main(["train", *args, "--json", "--quiet"]) == 0
@@ -113,9 +118,7 @@ def test_train_logs_registers_and_promotes(
     assert version.tags["dataset_fingerprint"] == run.data.tags["dataset_fingerprint"]
 
     # The registered artifact reloads to identical recommendations.
-    local = load_artifact(
-        mlflow.artifacts.download_artifacts(f"runs:/{summary['run_id']}/affinity_model")
-    )
+    local = load_artifact(_download(f"runs:/{summary['run_id']}/affinity_model"))
     registered = load_model_uri(f"models:/{MODEL}@champion")
     a, b = Engine(local), Engine(registered)
     for user in local.users.ids[:25]:
@@ -163,11 +166,6 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
-
-
-def _download(uri: str) -> str:
-    # Into the test's own folder, not the temporary one the tests check for leftovers.
-    return mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(dir=Path.cwd()))
 
 
 def _logged_quarantine(run_id: str) -> dict:
