@@ -23,6 +23,7 @@ import grpc
 
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
+from service.cpus import AUTO, pin_worker, validate_spec
 from service.interceptors import ConcurrencyLimitInterceptor, ErrorInterceptor, MetricsInterceptor
 from service.server import SPARE_THREADS
 
@@ -67,8 +68,11 @@ class FixedServicer(pb_grpc.RecommenderServicer):
         return self.similar
 
 
-def serve_one(port: int, *, reuse_port: bool) -> None:
-    """Run one floor server process on ``port`` until SIGTERM/SIGINT."""
+def serve_one(port: int, *, reuse_port: bool, cpus: str = AUTO, slot: int = 0) -> None:
+    """Run one floor server process on ``port`` until SIGTERM/SIGINT.
+
+    Pinned to a CPU the way ``affinity serve`` pins its worker ``slot`` (``--cpus``).
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT + SPARE_THREADS),
         interceptors=[
@@ -88,6 +92,7 @@ def serve_one(port: int, *, reuse_port: bool) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
+    pin_worker(cpus, slot)
     server.start()
     stop.wait()
     server.stop(1).wait()
@@ -97,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cpus", default=AUTO, type=validate_spec, help="as affinity serve --cpus (default auto)"
+    )
+    parser.add_argument("--worker", type=int, metavar="SLOT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker or args.workers == 1:
-        serve_one(args.port, reuse_port=args.worker)
+    if args.worker is not None or args.workers == 1:
+        slot = args.worker or 0
+        serve_one(args.port, reuse_port=args.worker is not None, cpus=args.cpus, slot=slot)
         return 0
-    command = [sys.executable, "-m", "bench.floor", "--port", str(args.port), "--worker"]
-    procs = [subprocess.Popen(command) for _ in range(args.workers)]
+    command = [sys.executable, "-m", "bench.floor", "--port", str(args.port), "--cpus", args.cpus]
+    procs = [subprocess.Popen([*command, "--worker", str(i)]) for i in range(args.workers)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

@@ -229,11 +229,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logs.mkdir(exist_ok=True)
     ports = {name: common.free_port() for name in ("floor", "affinity", "mlflow")}
     floor_cmd = [sys.executable, "-m", "bench.floor", "--port", str(ports["floor"])]
-    floor_cmd += ["--workers", str(args.workers)]
+    floor_cmd += ["--workers", str(args.workers), "--cpus", args.cpus]
     serve_cmd = [str(common.BIN / "affinity"), "serve", "--model", str(artifact)]
     serve_cmd += ["--host", "127.0.0.1", "--port", str(ports["affinity"])]
     serve_cmd += ["--workers", str(args.workers), "--poll-seconds", "0"]
-    serve_cmd += ["--log-level", args.log_level]
+    serve_cmd += ["--log-level", args.log_level, "--cpus", args.cpus]
     mlflow_cmd = [str(common.BIN / "mlflow"), "models", "serve", "-m"]
     mlflow_cmd += [f"models:/{common.MODEL_NAME}@champion", "--env-manager", "local"]
     mlflow_cmd += ["-h", "127.0.0.1", "-p", str(ports["mlflow"]), "-w", str(args.workers)]
@@ -264,6 +264,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("affinity fold-in 50", grpc.format(ports["affinity"], RECOMMEND), bodies["fold_in"]),
             ("affinity similar", grpc.format(ports["affinity"], SIMILAR), bodies["similar"]),
         ]
+        if args.unpinned:
+            # The same two servers with --cpus off, to show what pinning does in the same run.
+            for name, command in (("floor", floor_cmd), ("affinity", serve_cmd)):
+                port = common.free_port()
+                unpinned = [str(port) if a == str(ports[name]) else a for a in command[:-1]]
+                stack.enter_context(
+                    common.running(
+                        [*unpinned, "off"],
+                        common.grpc_ready(port),
+                        env=env if name == "affinity" else None,
+                        log_path=logs / f"{name}-unpinned.log",
+                    )
+                )
+                targets.append((f"{name} unpinned", grpc.format(port, RECOMMEND), bodies["known"]))
         if not args.skip_mlflow:
             stack.enter_context(
                 common.running(
@@ -281,7 +295,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             slices: dict[str, list[LoadResult]] = {label: [] for label, _, _ in targets}
             for _ in range(args.rounds):
                 for label, target, payload in targets:
-                    if label.startswith("affinity ") and c not in (1, max(args.concurrency)):
+                    side = label.startswith("affinity ") or label.endswith(" unpinned")
+                    if side and c not in (1, max(args.concurrency)):
                         continue
                     slices[label].append(
                         measure(label, target, payload, args, concurrency=c, duration=slice_seconds)
@@ -335,6 +350,12 @@ def ratios(results: list[LoadResult]) -> dict[str, float]:
     fold1 = pick("affinity fold-in 50", 1)
     if fold1 and aff1:
         out["fold_in_p50_vs_known"] = fold1.p50_ms / aff1.p50_ms
+    if any(r.label == "affinity unpinned" for r in results):
+        out["unpinned_throughput_vs_unpinned_floor"] = best("affinity unpinned") / best(
+            "floor unpinned"
+        )
+        out["pinned_vs_unpinned_affinity"] = best("affinity") / best("affinity unpinned")
+        out["throughput_vs_mlflow_unpinned"] = best("affinity unpinned") / best("mlflow serve")
     return out
 
 
@@ -388,6 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log-level", default="WARNING", help="affinity serve --log-level")
     parser.add_argument("--skip-mlflow", action="store_true")
+    parser.add_argument(
+        "--cpus",
+        default="auto",
+        help="--cpus of affinity serve and of the floor (default auto: each worker pinned)",
+    )
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="also measure the floor and Affinity with --cpus off, side by side",
+    )
     args = parser.parse_args(argv)
     started = time.time()
     report = run(args)

@@ -31,6 +31,7 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--host": ("host", str, {}),
     "--port": ("port", int, {"metavar": "N"}),
     "--workers": ("workers", int, {"metavar": "N"}),
+    "--cpus": ("cpus", str, {"metavar": "LIST"}),
     "--metrics-port": ("metrics_port", int, {"metavar": "N"}),
     "--metrics-host": ("metrics_host", str, {"metavar": "ADDR"}),
     "--poll-seconds": ("poll_seconds", float, {"metavar": "S"}),

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.errors import InvalidInputError
+from service.cpus import validate_spec
 
 DEFAULT_MODEL_URI = "models:/affinity@champion"
 
@@ -61,6 +62,11 @@ class ServeSettings(BaseSettings):
         default_factory=_default_workers, validation_alias="AFFINITY_WORKERS", ge=1, le=256
     )
     """Server processes sharing the port with SO_REUSEPORT; 1 serves in-process."""
+
+    cpus: str = Field("auto", validation_alias="AFFINITY_CPUS", min_length=1)
+    """CPUs the server processes are pinned to, one per worker: ``auto`` (those this process may
+    run on), a list like ``2-5,8``, or ``off``. Pinned, a worker's threads hand requests over
+    on one CPU instead of waking each other across CPUs (see ``service/cpus.py``)."""
 
     metrics_port: int = Field(0, validation_alias="AFFINITY_METRICS_PORT", ge=0, le=65535)
     """Port of the Prometheus ``/metrics`` endpoint; 0 turns metrics off."""
@@ -131,6 +137,11 @@ class ServeSettings(BaseSettings):
         if value is not None and not value.is_file():
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_spec(cls, value: str) -> str:
+        return validate_spec(value)
 
     @field_validator("token")
     @classmethod

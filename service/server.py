@@ -30,6 +30,7 @@ from models.errors import AffinityError
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import metrics
 from service.config import ServeSettings, load_settings
+from service.cpus import pin_worker
 from service.interceptors import (
     SERVICE,
     AuthInterceptor,
@@ -140,6 +141,8 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
         stop.set()
 
     _on_signals(request_stop)
+    # Pinned last, once nothing can fail before serving: the threads that exist now follow.
+    pin_worker(settings.cpus, int(os.environ.get(WORKER_ENV) or 0) if worker else 0)
     server.start()
     scheme = "tls" if settings.tls_cert else "plaintext"
     logger.info("listening on %s:%d (%s)", settings.host, port, scheme, extra={"port": port})

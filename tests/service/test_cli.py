@@ -20,6 +20,7 @@ from models.engine import Engine
 from service.cli import SERVE_OPTIONS, main
 from service.client import AffinityClient
 from service.config import ServeSettings
+from service.cpus import parse_cpu_list
 from service.loader import ModelHolder
 from service.logs import JsonFormatter
 from tests.service.conftest import free_port, loaded_model, running, settings_for
@@ -185,6 +186,7 @@ def test_two_workers_share_a_port_and_stop_on_sigterm(artifact_dir: Path, tmp_pa
         ]
         assert sum(served) == 20
         assert _listening_addresses(metrics_port) in ([], ["127.0.0.1"])  # [] where no /proc
+        pinned = _thread_cpus(proc.pid)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -196,6 +198,31 @@ def test_two_workers_share_a_port_and_stop_on_sigterm(artifact_dir: Path, tmp_pa
     listening = {e["pid"] for e in entries if e["msg"].startswith("listening on")}
     assert len(listening) == 2  # two worker processes bound the same port
     assert any("recommendation_id" in e for e in entries)
+    # --cpus auto: each worker, every thread of it, on one CPU of its own (while CPUs last).
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cpus and pinned:
+        assert set(pinned) == listening
+        assert all(len(threads) == 1 for threads in pinned.values()), pinned
+        expected = {cpus[-1], cpus[-2]} if len(cpus) > 1 else {cpus[0]}
+        assert {next(iter(threads)) for threads in pinned.values()} == expected
+        logged = {e["pid"]: e["cpu"] for e in entries if e["msg"].startswith("pinned to CPU")}
+        assert logged == {pid: next(iter(threads)) for pid, threads in pinned.items()}
+
+
+def _thread_cpus(pid: int) -> dict[int, set[int]]:
+    """For each child process of ``pid``: the CPUs its threads may run on (Linux /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if not children.exists():
+        return {}
+    found: dict[int, set[int]] = {}
+    for child in map(int, children.read_text().split()):
+        masks = set()
+        for status in Path(f"/proc/{child}/task").glob("*/status"):
+            for line in status.read_text().splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    masks.add(line.split(":", 1)[1].strip())
+        found[child] = {int(cpu) for mask in masks for cpu in parse_cpu_list(mask)}
+    return found
 
 
 def _listening_addresses(port: int) -> list[str]:

@@ -1,0 +1,99 @@
+"""``--cpus``: parsing, validation, which CPU each worker gets, and pinning every thread."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from models.errors import InvalidInputError
+from service.config import load_settings
+from service.cpus import cpu_for_worker, format_cpu_list, parse_cpu_list, validate_spec
+
+LINUX = hasattr(os, "sched_getaffinity")
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("0", [0]), ("0-3,8", [0, 1, 2, 3, 8]), (" 5, 1 ,1-2", [1, 2, 5]), ("7-7", [7])],
+)
+def test_cpu_lists_parse_and_format_back(text: str, cpus: list[int]) -> None:
+    assert parse_cpu_list(text) == cpus
+    assert parse_cpu_list(format_cpu_list(cpus)) == cpus
+    assert format_cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "empty entry"),
+        ("1,,2", "empty entry"),
+        ("one", "not a CPU number"),
+        ("3-1", "bad CPU range"),
+        ("-1", "not a CPU number"),
+        ("1-2-3", "not a CPU number"),
+    ],
+)
+def test_bad_cpu_lists_say_why(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_cpu_list(text)
+
+
+def test_workers_take_cpus_from_the_end_of_the_list_and_wrap() -> None:
+    assert [cpu_for_worker("2,5,7", slot) for slot in range(4)] == [7, 5, 2, 7]
+    assert cpu_for_worker("off", 0) is None
+    if LINUX:
+        allowed = sorted(os.sched_getaffinity(0))
+        assert cpu_for_worker("auto", 0) == allowed[-1]
+        assert cpu_for_worker("auto", len(allowed)) == allowed[-1]
+
+
+def test_the_setting_accepts_auto_off_and_available_cpus_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(workers=1).cpus == "auto"
+    assert load_settings(workers=1, cpus=" OFF ").cpus == "off"
+    if not LINUX:
+        return
+    first = min(os.sched_getaffinity(0))
+    monkeypatch.setenv("AFFINITY_CPUS", f"{first}-{first}")
+    assert load_settings(workers=1).cpus == str(first)
+    with pytest.raises(InvalidInputError, match=r"cpus \(AFFINITY_CPUS\).*CPU 100000 is not"):
+        load_settings(workers=1, cpus="100000")
+    with pytest.raises(InvalidInputError, match="bad CPU range"):
+        load_settings(workers=1, cpus="4-2")
+    assert validate_spec(f"{first},{first}") == str(first)
+
+
+@pytest.mark.skipif(not LINUX, reason="CPU affinity is a Linux feature")
+def test_pinning_covers_existing_and_later_threads() -> None:
+    # In a child process: pinning the test process itself would slow the rest of the suite.
+    script = textwrap.dedent(
+        """
+        import os, threading, time
+        from pathlib import Path
+        from service.cpus import pin_worker, validate_spec
+        stop = threading.Event()
+        early = threading.Thread(target=stop.wait)
+        early.start()
+        cpu = pin_worker(validate_spec("auto"), 0)
+        late = threading.Thread(target=stop.wait)
+        late.start()
+        masks = {
+            tid.name: os.sched_getaffinity(int(tid.name))
+            for tid in Path("/proc/self/task").iterdir()
+        }
+        stop.set()
+        print(cpu, len(masks), sorted({c for m in masks.values() for c in m}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    cpu, threads, cpus = done.stdout.split(maxsplit=2)
+    assert int(cpu) == sorted(os.sched_getaffinity(0))[-1]
+    assert int(threads) >= 3  # main, the thread started before pinning and the one after
+    assert cpus.strip() == f"[{cpu}]"
