@@ -68,7 +68,9 @@ class FixedServicer(pb_grpc.RecommenderServicer):
         return self.similar
 
 
-def serve_one(port: int, *, reuse_port: bool, cpus: str = AUTO, slot: int = 0) -> None:
+def serve_one(
+    port: int, *, reuse_port: bool, cpus: str = AUTO, slot: int = 0, workers: int = 1
+) -> None:
     """Run one floor server process on ``port`` until SIGTERM/SIGINT.
 
     Pinned to a CPU the way ``affinity serve`` pins its worker ``slot`` (``--cpus``).
@@ -92,7 +94,7 @@ def serve_one(port: int, *, reuse_port: bool, cpus: str = AUTO, slot: int = 0) -
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
-    pin_worker(cpus, slot)
+    pin_worker(cpus, slot, workers)
     server.start()
     stop.wait()
     server.stop(1).wait()
@@ -109,9 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker is not None or args.workers == 1:
         slot = args.worker or 0
-        serve_one(args.port, reuse_port=args.worker is not None, cpus=args.cpus, slot=slot)
+        serve_one(
+            args.port,
+            reuse_port=args.worker is not None,
+            cpus=args.cpus,
+            slot=slot,
+            workers=args.workers,
+        )
         return 0
     command = [sys.executable, "-m", "bench.floor", "--port", str(args.port), "--cpus", args.cpus]
+    command += ["--workers", str(args.workers)]
     procs = [subprocess.Popen([*command, "--worker", str(i)]) for i in range(args.workers)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -34,6 +34,7 @@ import numpy as np
 from bench import common
 from bench.common import SIZES, log
 from bench.loadgen import WARMUP_SECONDS, LoadResult, LoadSpec, format_table, merge, run_load
+from service.cpus import available_cpus, format_cpu_list
 
 RECOMMEND = "affinity.v1.Recommender/Recommend"
 SIMILAR = "affinity.v1.Recommender/SimilarItems"
@@ -229,11 +230,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logs.mkdir(exist_ok=True)
     ports = {name: common.free_port() for name in ("floor", "affinity", "mlflow")}
     floor_cmd = [sys.executable, "-m", "bench.floor", "--port", str(ports["floor"])]
-    floor_cmd += ["--workers", str(args.workers), "--cpus", args.cpus]
+    # Pinned unless told otherwise: the last `workers` CPUs, one per worker (what `--cpus auto`
+    # does when the workers cover the machine; with 1 worker on 2 CPUs it needs the list).
+    cpus = args.cpus or format_cpu_list((available_cpus() or [])[-args.workers :]) or "auto"
+    report["cpus"] = cpus
+    floor_cmd += ["--workers", str(args.workers), "--cpus", cpus]
     serve_cmd = [str(common.BIN / "affinity"), "serve", "--model", str(artifact)]
     serve_cmd += ["--host", "127.0.0.1", "--port", str(ports["affinity"])]
     serve_cmd += ["--workers", str(args.workers), "--poll-seconds", "0"]
-    serve_cmd += ["--log-level", args.log_level, "--cpus", args.cpus]
+    serve_cmd += ["--log-level", args.log_level, "--cpus", cpus]
     mlflow_cmd = [str(common.BIN / "mlflow"), "models", "serve", "-m"]
     mlflow_cmd += [f"models:/{common.MODEL_NAME}@champion", "--env-manager", "local"]
     mlflow_cmd += ["-h", "127.0.0.1", "-p", str(ports["mlflow"]), "-w", str(args.workers)]
@@ -411,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument(
         "--cpus",
-        default="auto",
-        help="--cpus of affinity serve and of the floor (default auto: each worker pinned)",
+        help="--cpus of affinity serve and of the floor (default: the last --workers CPUs, "
+        "one per worker)",
     )
     parser.add_argument(
         "--unpinned",

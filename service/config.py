@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.errors import InvalidInputError
-from service.cpus import validate_spec
+from service.cpus import available_cpus, validate_spec
 
 DEFAULT_MODEL_URI = "models:/affinity@champion"
 
@@ -30,7 +30,8 @@ def _default_cache_dir() -> Path:
 
 
 def _default_workers() -> int:
-    return os.cpu_count() or 1
+    # The CPUs this process may run on (a container's cpuset), not every CPU of the host.
+    return len(available_cpus() or ()) or os.cpu_count() or 1
 
 
 class ServeSettings(BaseSettings):
@@ -65,8 +66,9 @@ class ServeSettings(BaseSettings):
 
     cpus: str = Field("auto", validation_alias="AFFINITY_CPUS", min_length=1)
     """CPUs the server processes are pinned to, one per worker: ``auto`` (those this process may
-    run on), a list like ``2-5,8``, or ``off``. Pinned, a worker's threads hand requests over
-    on one CPU instead of waking each other across CPUs (see ``service/cpus.py``)."""
+    run on, when there are as many workers as CPUs), a list like ``2-5,8``, or ``off``. Pinned, a
+    worker's threads hand requests over on one CPU instead of waking each other across CPUs
+    (see ``service/cpus.py``)."""
 
     metrics_port: int = Field(0, validation_alias="AFFINITY_METRICS_PORT", ge=0, le=65535)
     """Port of the Prometheus ``/metrics`` endpoint; 0 turns metrics off."""

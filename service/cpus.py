@@ -9,10 +9,13 @@ answered 1.8x the requests per second of an unpinned one at concurrency 8, and i
 10.9 to 6.4 ms (``docs/benchmarks.md``). Workers are pinned to different CPUs, so ``--workers N``
 on N CPUs still uses them all.
 
-The spec is ``auto`` (the CPUs this process may run on), ``off`` (the OS schedules freely), or a
-list such as ``2-5,8``. Worker ``i`` gets the ``i``-th CPU counted from the end of the list,
-wrapping around when there are more workers than CPUs: CPU 0 often takes more of the machine's
-interrupts, so a single worker avoids it.
+The spec is ``auto``, ``off`` (the OS schedules freely) or a list such as ``2-5,8``. Worker ``i``
+gets the ``i``-th CPU counted from the end of the list, wrapping around when there are more
+workers than CPUs (CPU 0 often takes more of the machine's interrupts, so a single worker avoids
+it). ``auto`` pins, over the CPUs this process may run on, only when the workers cover all of
+them (the default: one worker per CPU): a server with fewer workers than CPUs shares the machine
+with something else, and several such servers pinning themselves would all pick the same CPU.
+Give them a list each to pin them.
 """
 
 from __future__ import annotations
@@ -85,12 +88,12 @@ def format_cpu_list(cpus: list[int]) -> str:
     return ",".join(parts)
 
 
-def cpu_for_worker(spec: str, slot: int) -> int | None:
-    """The CPU worker ``slot`` is pinned to under ``spec``, or None for no pinning."""
+def cpu_for_worker(spec: str, slot: int, workers: int) -> int | None:
+    """The CPU worker ``slot`` of ``workers`` is pinned to under ``spec``, or None for none."""
     if spec == OFF:
         return None
     cpus = available_cpus() if spec == AUTO else parse_cpu_list(spec)
-    if not cpus:
+    if not cpus or (spec == AUTO and workers < len(cpus)):
         return None
     return cpus[len(cpus) - 1 - slot % len(cpus)]
 
@@ -111,10 +114,17 @@ def pin_process(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})
 
 
-def pin_worker(spec: str, slot: int) -> int | None:
-    """Pin this server process per ``spec``; returns the CPU, or None when not pinned."""
-    cpu = cpu_for_worker(spec, slot)
+def pin_worker(spec: str, slot: int, workers: int) -> int | None:
+    """Pin this server process (worker ``slot`` of ``workers``) per ``spec``; returns the CPU, or
+    None when not pinned."""
+    cpu = cpu_for_worker(spec, slot, workers)
     if cpu is None or not hasattr(os, "sched_setaffinity"):
+        if spec == AUTO and workers < len(available_cpus() or ()):
+            logger.info(
+                "not pinned to a CPU: %d worker(s) for %d CPUs (--cpus LIST pins anyway)",
+                workers,
+                len(available_cpus() or ()),
+            )
         return None
     try:
         pin_process(cpu)

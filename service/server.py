@@ -45,6 +45,7 @@ from service.servicer import RecommenderServicer
 logger = logging.getLogger(__name__)
 
 WORKER_ENV = "AFFINITY_WORKER_INDEX"
+WORKERS_ENV = "AFFINITY_WORKER_COUNT"
 """Set by the supervisor in each worker's environment (the worker's slot number)."""
 
 HEALTH_SERVICES = ("", SERVICE)
@@ -142,7 +143,10 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
 
     _on_signals(request_stop)
     # Pinned last, once nothing can fail before serving: the threads that exist now follow.
-    pin_worker(settings.cpus, int(os.environ.get(WORKER_ENV) or 0) if worker else 0)
+    slot, count = 0, settings.workers
+    if worker:  # started by supervise(): its settings say 1 worker, the env says which of how many
+        slot, count = int(os.environ.get(WORKER_ENV) or 0), int(os.environ.get(WORKERS_ENV) or 1)
+    pin_worker(settings.cpus, slot, count)
     server.start()
     scheme = "tls" if settings.tls_cert else "plaintext"
     logger.info("listening on %s:%d (%s)", settings.host, port, scheme, extra={"port": port})
@@ -170,6 +174,7 @@ def supervise(settings: ServeSettings) -> int:
         **os.environ,
         **settings.to_env(),
         "AFFINITY_WORKERS": "1",
+        WORKERS_ENV: str(settings.workers),
         "AFFINITY_METRICS_PORT": "0",
         metrics.MULTIPROC_ENV: multiproc_dir,
     }

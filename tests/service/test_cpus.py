@@ -43,12 +43,21 @@ def test_bad_cpu_lists_say_why(text: str, reason: str) -> None:
 
 
 def test_workers_take_cpus_from_the_end_of_the_list_and_wrap() -> None:
-    assert [cpu_for_worker("2,5,7", slot) for slot in range(4)] == [7, 5, 2, 7]
-    assert cpu_for_worker("off", 0) is None
+    assert [cpu_for_worker("2,5,7", slot, 4) for slot in range(4)] == [7, 5, 2, 7]
+    assert cpu_for_worker("3", 0, 1) == 3  # a list pins whatever the worker count
+    assert cpu_for_worker("off", 0, 1) is None
     if LINUX:
         allowed = sorted(os.sched_getaffinity(0))
-        assert cpu_for_worker("auto", 0) == allowed[-1]
-        assert cpu_for_worker("auto", len(allowed)) == allowed[-1]
+        n = len(allowed)
+        assert cpu_for_worker("auto", 0, n) == allowed[-1]
+        assert cpu_for_worker("auto", n, n + 1) == allowed[-1]
+        # Fewer workers than CPUs: the machine is shared, auto leaves scheduling to the OS.
+        assert n == 1 or cpu_for_worker("auto", 0, n - 1) is None
+
+
+def test_default_workers_follow_the_cpus_this_process_may_use() -> None:
+    expected = len(os.sched_getaffinity(0)) if LINUX else (os.cpu_count() or 1)
+    assert load_settings().workers == expected
 
 
 def test_the_setting_accepts_auto_off_and_available_cpus_only(
@@ -79,7 +88,7 @@ def test_pinning_covers_existing_and_later_threads() -> None:
         stop = threading.Event()
         early = threading.Thread(target=stop.wait)
         early.start()
-        cpu = pin_worker(validate_spec("auto"), 0)
+        cpu = pin_worker(validate_spec("auto"), 0, len(os.sched_getaffinity(0)))
         late = threading.Thread(target=stop.wait)
         late.start()
         masks = {
