@@ -7,7 +7,6 @@ opens, with a message naming the field and its variable.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.errors import InvalidInputError
-from service.cpus import available_cpus, validate_spec
+from service.cpus import default_workers, validate_spec
 
 DEFAULT_MODEL_URI = "models:/affinity@champion"
 
@@ -27,11 +26,6 @@ def _embedded_tracking_uri() -> str:
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "affinity"
-
-
-def _default_workers() -> int:
-    # The CPUs this process may run on (a container's cpuset), not every CPU of the host.
-    return len(available_cpus() or ()) or os.cpu_count() or 1
 
 
 class ServeSettings(BaseSettings):
@@ -60,9 +54,10 @@ class ServeSettings(BaseSettings):
     """gRPC port; 0 picks a free port (single worker only)."""
 
     workers: int = Field(
-        default_factory=_default_workers, validation_alias="AFFINITY_WORKERS", ge=1, le=256
+        default_factory=default_workers, validation_alias="AFFINITY_WORKERS", ge=1, le=256
     )
-    """Server processes sharing the port with SO_REUSEPORT; 1 serves in-process."""
+    """Server processes sharing the port with SO_REUSEPORT; 1 serves in-process. Default: one per
+    CPU this process may use (its CPU affinity, capped by a container's CPU quota)."""
 
     cpus: str = Field("auto", validation_alias="AFFINITY_CPUS", min_length=1)
     """CPUs the server processes are pinned to, one per worker: ``auto`` (those this process may

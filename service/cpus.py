@@ -21,6 +21,7 @@ Give them a list each to pin them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -53,6 +54,36 @@ def available_cpus() -> list[int] | None:
     if not hasattr(os, "sched_getaffinity"):
         return None
     return sorted(os.sched_getaffinity(0))
+
+
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup quota allows (a container's CPU limit), or None if unlimited.
+
+    Reads cgroup v2 ``cpu.max`` (``"200000 100000"``: 2 CPUs; ``"max 100000"``: no limit) or
+    cgroup v1 ``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (quota -1: no limit).
+    """
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, _, period = v2.read_text().strip().partition(" ")
+            return None if quota == "max" else int(quota) / int(period or 100000)
+        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        if v1.is_file():
+            quota_us = int(v1.read_text())
+            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def default_workers() -> int:
+    """One worker per CPU the server may use: its affinity mask, capped by a CPU quota."""
+    count = len(available_cpus() or ()) or os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota - 1e-9)))
+    return count
 
 
 def validate_spec(spec: str) -> str:

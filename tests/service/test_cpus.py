@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from models.errors import InvalidInputError
+from service import cpus
 from service.config import load_settings
-from service.cpus import cpu_for_worker, format_cpu_list, parse_cpu_list, validate_spec
+from service.cpus import (
+    cpu_for_worker,
+    cpu_quota,
+    format_cpu_list,
+    parse_cpu_list,
+    validate_spec,
+)
 
 LINUX = hasattr(os, "sched_getaffinity")
 
@@ -57,7 +66,40 @@ def test_workers_take_cpus_from_the_end_of_the_list_and_wrap() -> None:
 
 def test_default_workers_follow_the_cpus_this_process_may_use() -> None:
     expected = len(os.sched_getaffinity(0)) if LINUX else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    if quota is not None:
+        expected = min(expected, math.ceil(quota - 1e-9))
     assert load_settings().workers == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "garbage"}, None),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),
+        ({}, None),
+    ],
+)
+def test_a_container_cpu_limit_is_read_from_cgroup_v2_or_v1(
+    tmp_path: Path, files: dict[str, str], quota: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == quota
+
+
+def test_default_workers_are_capped_by_the_cpu_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpus, "available_cpus", lambda: list(range(64)))
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: 1.5)
+    assert cpus.default_workers() == 2  # 1.5 CPUs of time: two workers keep it busy
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: None)
+    assert cpus.default_workers() == 64
+    # Two workers for 64 CPUs: auto leaves them unpinned (the host is shared).
+    assert cpus.cpu_for_worker("auto", 0, 2) is None
 
 
 def test_the_setting_accepts_auto_off_and_available_cpus_only(
