@@ -72,7 +72,7 @@ def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
             quota_us = int(v1.read_text())
             period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
             return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         return None
     return None
 

@@ -78,6 +78,7 @@ def test_default_workers_follow_the_cpus_this_process_may_use() -> None:
         ({"cpu.max": "max 100000\n"}, None),
         ({"cpu.max": "150000 100000\n"}, 1.5),
         ({"cpu.max": "garbage"}, None),
+        ({"cpu.max": "100000 0"}, None),
         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
         ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),
         ({}, None),
