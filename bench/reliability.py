@@ -688,8 +688,10 @@ def campaign_soak(
     minutes: float = 10.0,
     swap_every: float = 60.0,
     size: tuple[int, int, int] = (50_000, 20_000, 64),
+    rate: float | None = None,
 ) -> bool:
-    """``minutes`` at 70% of measured capacity with an alias move every ``swap_every`` s."""
+    """``minutes`` at 70% of measured capacity (or at ``rate`` requests/s) with an alias move
+    every ``swap_every`` s."""
     import threading
 
     n_users, n_items, factors = size
@@ -707,12 +709,13 @@ def campaign_soak(
         poll_seconds=2,
     ) as server:
         capacity = _measure(server.target, payloads, 8, concurrency=16, processes=2)
-        rate = 0.7 * capacity.rps
+        fixed = rate is not None
+        rate = rate if rate is not None else 0.7 * capacity.rps
         # The open-loop generator shares the 2 cores with the server and costs more CPU per
         # request than the closed-loop probe, so 70% of a burst measurement can already be
         # overload. Step the rate down until a 15 s open-loop probe runs clean.
         calibration = []
-        for _ in range(5):
+        for _ in range(0 if fixed else 5):
             probe = _measure(server.target, payloads, 15, rate=rate, processes=2, timeout=2)
             error_share = sum(probe.errors.values()) / max(probe.requests, 1)
             calibration.append({"rate": round(rate, 1), "error_share": round(error_share, 5),
@@ -845,13 +848,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("campaign", choices=[*CAMPAIGNS, "all"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability")
     parser.add_argument("--minutes", type=float, default=10.0, help="soak duration")
+    parser.add_argument(
+        "--rate", type=float, help="soak: offered requests/s (default: 70%% of measured capacity)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     names = [n for n in CAMPAIGNS if n != "soak"] if args.campaign == "all" else [args.campaign]
     passed = True
     for name in names:
         with tempfile.TemporaryDirectory(prefix=f"affinity-{name}-") as tmp:
-            kwargs: dict[str, Any] = {"minutes": args.minutes} if name == "soak" else {}
+            kwargs: dict[str, Any] = (
+                {"minutes": args.minutes, "rate": args.rate} if name == "soak" else {}
+            )
             passed &= CAMPAIGNS[name](Path(tmp), args.out, **kwargs)
     return 0 if passed else 1
 
