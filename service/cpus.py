@@ -56,21 +56,47 @@ def available_cpus() -> list[int] | None:
     return sorted(os.sched_getaffinity(0))
 
 
-def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """CPUs' worth of time the cgroup quota allows (a container's CPU limit), or None if unlimited.
+def cpu_quota(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """CPUs' worth of time the cgroup quota allows (a container's or a systemd unit's CPU
+    limit), or None if unlimited.
 
-    Reads cgroup v2 ``cpu.max`` (``"200000 100000"``: 2 CPUs; ``"max 100000"``: no limit) or
-    cgroup v1 ``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (quota -1: no limit).
+    Looks in this process's own cgroup (from ``/proc/self/cgroup``) and each of its parents, and
+    returns the tightest limit: cgroup v2 ``cpu.max`` (``"200000 100000"``: 2 CPUs; ``"max
+    100000"``: no limit) or cgroup v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (quota -1:
+    no limit). Anything unreadable counts as no limit.
     """
+    folders: list[Path] = []
     try:
-        v2 = root / "cpu.max"
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if controllers == "":  # v2: one hierarchy under root
+            base = root
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own hierarchy
+            base = root / controllers if (root / controllers).is_dir() else root / "cpu"
+        else:
+            continue
+        folder = base / path.strip().lstrip("/")
+        folders += [folder, *[p for p in folder.parents if p.is_relative_to(base)]]
+    folders += [root, root / "cpu"]  # no membership file: the mounted root (a container's own)
+    limits = [q for q in map(_folder_quota, dict.fromkeys(folders)) if q is not None]
+    return min(limits) if limits else None
+
+
+def _folder_quota(folder: Path) -> float | None:
+    try:
+        v2 = folder / "cpu.max"
         if v2.is_file():
             quota, _, period = v2.read_text().strip().partition(" ")
             return None if quota == "max" else int(quota) / int(period or 100000)
-        v1 = root / "cpu" / "cpu.cfs_quota_us"
+        v1 = folder / "cpu.cfs_quota_us"
         if v1.is_file():
             quota_us = int(v1.read_text())
-            period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
             return None if quota_us <= 0 else quota_us / period_us
     except (OSError, ValueError, ZeroDivisionError):
         return None

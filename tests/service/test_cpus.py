@@ -90,7 +90,46 @@ def test_a_container_cpu_limit_is_read_from_cgroup_v2_or_v1(
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert cpu_quota(tmp_path) == quota
+    assert cpu_quota(tmp_path, tmp_path / "no-membership-file") == quota
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "quota"),
+    [
+        # v2, a systemd unit with CPUQuota=250% under a slice limited to 4 CPUs.
+        (
+            "0::/system.slice/affinity.service\n",
+            {
+                "system.slice/affinity.service/cpu.max": "250000 100000",
+                "system.slice/cpu.max": "400000 100000",
+                "cpu.max": "max 100000",
+            },
+            2.5,
+        ),
+        # v2, the tighter limit on the parent.
+        ("0::/a/b\n", {"a/b/cpu.max": "max 100000", "a/cpu.max": "100000 100000"}, 1.0),
+        # v1 with cpu and cpuacct mounted together, a docker-like path.
+        (
+            "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n0::/\n",
+            {
+                "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000",
+                "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",
+            },
+            3.0,
+        ),
+        # Memberships in other controllers only: no limit.
+        ("4:memory:/x\n", {"memory/x/memory.limit_in_bytes": "1"}, None),
+    ],
+)
+def test_the_limit_of_the_process_own_cgroup_and_its_parents_counts(
+    tmp_path: Path, membership: str, files: dict[str, str], quota: float | None
+) -> None:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "membership").write_text(membership)
+    assert cpu_quota(root, tmp_path / "membership") == quota
 
 
 def test_default_workers_are_capped_by_the_cpu_limit(monkeypatch: pytest.MonkeyPatch) -> None:
