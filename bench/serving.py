@@ -229,16 +229,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     ports = {name: common.free_port() for name in ("floor", "affinity", "mlflow")}
-    floor_cmd = [sys.executable, "-m", "bench.floor", "--port", str(ports["floor"])]
     # Pinned unless told otherwise: the last `workers` CPUs, one per worker (what `--cpus auto`
     # does when the workers cover the machine; with 1 worker on 2 CPUs it needs the list).
     cpus = args.cpus or format_cpu_list((available_cpus() or [])[-args.workers :]) or "auto"
     report["cpus"] = cpus
-    floor_cmd += ["--workers", str(args.workers), "--cpus", cpus]
-    serve_cmd = [str(common.BIN / "affinity"), "serve", "--model", str(artifact)]
-    serve_cmd += ["--host", "127.0.0.1", "--port", str(ports["affinity"])]
-    serve_cmd += ["--workers", str(args.workers), "--poll-seconds", "0"]
-    serve_cmd += ["--log-level", args.log_level, "--cpus", cpus]
+
+    def floor_command(port: int, cpus: str) -> list[str]:
+        command = [sys.executable, "-m", "bench.floor", "--port", str(port)]
+        return [*command, "--workers", str(args.workers), "--cpus", cpus]
+
+    def serve_command(port: int, cpus: str) -> list[str]:
+        command = [str(common.BIN / "affinity"), "serve", "--model", str(artifact)]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
+        return [*command, "--poll-seconds", "0", "--log-level", args.log_level, "--cpus", cpus]
+
+    floor_cmd = floor_command(ports["floor"], cpus)
+    serve_cmd = serve_command(ports["affinity"], cpus)
     mlflow_cmd = [str(common.BIN / "mlflow"), "models", "serve", "-m"]
     mlflow_cmd += [f"models:/{common.MODEL_NAME}@champion", "--env-manager", "local"]
     mlflow_cmd += ["-h", "127.0.0.1", "-p", str(ports["mlflow"]), "-w", str(args.workers)]
@@ -271,12 +277,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         if args.unpinned:
             # The same two servers with --cpus off, to show what pinning does in the same run.
-            for name, command in (("floor", floor_cmd), ("affinity", serve_cmd)):
+            for name, command in (("floor", floor_command), ("affinity", serve_command)):
                 port = common.free_port()
-                unpinned = [str(port) if a == str(ports[name]) else a for a in command[:-1]]
                 stack.enter_context(
                     common.running(
-                        [*unpinned, "off"],
+                        command(port, "off"),
                         common.grpc_ready(port),
                         env=env if name == "affinity" else None,
                         log_path=logs / f"{name}-unpinned.log",

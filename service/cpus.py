@@ -131,18 +131,13 @@ def validate_spec(spec: str) -> str:
 
 def format_cpu_list(cpus: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
-    parts: list[str] = []
-    start = prev = None
-    for cpu in sorted(cpus):
-        if prev is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        if start is not None:
-            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        start = prev = cpu
-    if start is not None:
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(parts)
+    runs: list[list[int]] = []
+    for cpu in sorted(set(cpus)):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def cpu_for_worker(spec: str, slot: int, workers: int) -> int | None:
@@ -162,13 +157,12 @@ def pin_process(cpu: int) -> None:
     are pinned one by one from ``/proc/self/task``, and new threads inherit their creator's mask.
     """
     tasks = Path("/proc/self/task")
-    tids = [int(p.name) for p in tasks.iterdir()] if tasks.is_dir() else [0]
+    tids = [int(p.name) for p in tasks.iterdir()] if tasks.is_dir() else [0]  # 0: this thread
     for tid in tids:
         try:
             os.sched_setaffinity(tid, {cpu})
         except ProcessLookupError:  # the thread ended meanwhile
             continue
-    os.sched_setaffinity(0, {cpu})
 
 
 def pin_worker(spec: str, slot: int, workers: int) -> int | None:
@@ -176,11 +170,12 @@ def pin_worker(spec: str, slot: int, workers: int) -> int | None:
     None when not pinned."""
     cpu = cpu_for_worker(spec, slot, workers)
     if cpu is None or not hasattr(os, "sched_setaffinity"):
-        if spec == AUTO and workers < len(available_cpus() or ()):
+        n_cpus = len(available_cpus() or ())
+        if spec == AUTO and workers < n_cpus:
             logger.info(
                 "not pinned to a CPU: %d worker(s) for %d CPUs (--cpus LIST pins anyway)",
                 workers,
-                len(available_cpus() or ()),
+                n_cpus,
             )
         return None
     try:
