@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from models.engine import Engine
 from models.errors import NotReadyError
 from service import metrics
 from service.config import ServeSettings, parse_registry_uri
+from service.wire import ListingEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ class LoadedModel:
 
     engine: Engine
     meta: ModelMeta
+
+    @cached_property
+    def encoder(self) -> ListingEncoder:
+        """Writes this model's listing responses (built on first use, kept with the model)."""
+        return ListingEncoder(self.engine, self.meta)
 
 
 class ModelHolder:

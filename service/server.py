@@ -27,7 +27,6 @@ from grpc_reflection.v1alpha import reflection
 
 from models.artifact import verify_artifact
 from models.errors import AffinityError
-from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import metrics
 from service.config import ServeSettings, load_settings
 from service.cpus import pin_worker
@@ -40,7 +39,7 @@ from service.interceptors import (
 )
 from service.loader import ModelHolder, ModelLoader, configure_mlflow_http, find_artifact_dir
 from service.logs import configure_logging
-from service.servicer import RecommenderServicer
+from service.servicer import RecommenderServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def create_server(
             ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ],
     )
-    pb_grpc.add_RecommenderServicer_to_server(
+    add_to_server(
         RecommenderServicer(holder, max_k=settings.max_k, max_ids=settings.max_ids), server
     )
     health_servicer = health_servicer or health.HealthServicer()

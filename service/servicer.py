@@ -11,7 +11,6 @@ import logging
 import uuid
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import TypeVar
 
 import grpc
 from prometheus_client import Counter
@@ -22,8 +21,9 @@ from models.errors import InvalidInputError
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import metrics
-from service.interceptors import DeadlineExceededError
-from service.loader import LoadedModel, ModelHolder, ModelMeta
+from service.interceptors import SERVICE, DeadlineExceededError
+from service.loader import LoadedModel, ModelHolder
+from service.wire import model_ref, serialize
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ def new_recommendation_id() -> str:
 def _source_counter(method: str, source: str) -> Counter:
     """The labelled child of ``RESPONSES_BY_SOURCE``, looked up once per (method, source)."""
     return metrics.RESPONSES_BY_SOURCE.labels(method=method, source=source)
-
-
-_Listing = TypeVar("_Listing", pb.RecommendResponse, pb.SimilarItemsResponse, pb.PopularResponse)
-
-
-@lru_cache(maxsize=16)
-def _model_ref(meta: ModelMeta) -> pb.ModelRef:
-    """The response's model reference, built once per served model (responses copy it)."""
-    return pb.ModelRef(
-        name=meta.name, version=meta.version, run_id=meta.run_id, algorithm=meta.algorithm
-    )
 
 
 SOURCES = {
@@ -109,23 +98,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("deadline passed before the request could be handled")
 
-    # ------------------------------------------------------------ conversion
-    @staticmethod
-    def _model_ref(loaded: LoadedModel) -> pb.ModelRef:
-        return _model_ref(loaded.meta)
-
-    @staticmethod
-    def _fill(response: _Listing, loaded: LoadedModel, recs: Recommendations) -> _Listing:
-        """Append ``recs`` to ``response.items`` (``add`` is about twice as fast as building
-        ``ScoredItem`` messages and handing them over as a list)."""
-        catalog = loaded.engine.bundle.catalog
-        types = catalog.item_type[recs.indices].tolist()
-        categories = catalog.category[recs.indices].tolist()
-        add = response.items.add
-        for item, score, t, c in zip(recs.item_ids, recs.scores, types, categories, strict=True):
-            add(item_id=item, score=score, item_type=t, category=c)
-        return response
-
+    # ------------------------------------------------------------ responses
     @staticmethod
     def _record(method: str, loaded: LoadedModel, recs: Recommendations, rec_id: str) -> None:
         _source_counter(method, str(recs.source)).inc()
@@ -146,9 +119,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
 
     # ----------------------------------------------------------------- RPCs
-    def Recommend(
-        self, request: pb.RecommendRequest, context: grpc.ServicerContext
-    ) -> pb.RecommendResponse:
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> bytes:
+        """A serialized ``RecommendResponse`` (see :mod:`service.wire`)."""
         self._start(context)
         self._check_k(request.k)
         self._check_ids(
@@ -166,14 +138,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         rec_id = new_recommendation_id()
         self._record("Recommend", loaded, recs, rec_id)
-        response = pb.RecommendResponse(
-            source=SOURCES[recs.source], model=self._model_ref(loaded), recommendation_id=rec_id
-        )
-        return self._fill(response, loaded, recs)
+        return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id)
 
-    def SimilarItems(
-        self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext
-    ) -> pb.SimilarItemsResponse:
+    def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext) -> bytes:
+        """A serialized ``SimilarItemsResponse``."""
         self._start(context)
         self._check_k(request.k)
         if not request.item_ids:
@@ -189,12 +157,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         rec_id = new_recommendation_id()
         self._record("SimilarItems", loaded, recs, rec_id)
-        response = pb.SimilarItemsResponse(model=self._model_ref(loaded), recommendation_id=rec_id)
-        return self._fill(response, loaded, recs)
+        return loaded.encoder.listing(recs, rec_id)
 
-    def Popular(
-        self, request: pb.PopularRequest, context: grpc.ServicerContext
-    ) -> pb.PopularResponse:
+    def Popular(self, request: pb.PopularRequest, context: grpc.ServicerContext) -> bytes:
+        """A serialized ``PopularResponse``."""
         self._start(context)
         self._check_k(request.k)
         self._check_ids(exclude_item_ids=request.exclude_item_ids)
@@ -208,8 +174,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         rec_id = new_recommendation_id()
         self._record("Popular", loaded, recs, rec_id)
-        response = pb.PopularResponse(model=self._model_ref(loaded), recommendation_id=rec_id)
-        return self._fill(response, loaded, recs)
+        return loaded.encoder.listing(recs, rec_id)
 
     def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
@@ -218,7 +183,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         loaded = self.holder.get()
         meta, bundle = loaded.meta, loaded.engine.bundle
         info = pb.ModelInfo(
-            model=self._model_ref(loaded),
+            model=model_ref(loaded.meta),
             num_users=len(bundle.users),
             num_items=len(bundle.items),
             source_uri=meta.source_uri,
@@ -227,3 +192,34 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         info.loaded_at.FromDatetime(meta.loaded_at)
         return info
+
+
+def add_to_server(servicer: RecommenderServicer, server: grpc.Server) -> None:
+    """Register ``servicer``'s four methods on ``server``, as the generated
+    ``add_RecommenderServicer_to_server`` does, except that the listing methods' responses,
+    which the servicer returns already encoded (:mod:`service.wire`), are sent as they are."""
+    handlers = {
+        "Recommend": grpc.unary_unary_rpc_method_handler(
+            servicer.Recommend,
+            request_deserializer=pb.RecommendRequest.FromString,
+            response_serializer=serialize,
+        ),
+        "SimilarItems": grpc.unary_unary_rpc_method_handler(
+            servicer.SimilarItems,
+            request_deserializer=pb.SimilarItemsRequest.FromString,
+            response_serializer=serialize,
+        ),
+        "Popular": grpc.unary_unary_rpc_method_handler(
+            servicer.Popular,
+            request_deserializer=pb.PopularRequest.FromString,
+            response_serializer=serialize,
+        ),
+    }
+    handlers["GetModelInfo"] = grpc.unary_unary_rpc_method_handler(
+        servicer.GetModelInfo,
+        request_deserializer=pb.GetModelInfoRequest.FromString,
+        response_serializer=pb.ModelInfo.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    # Looked up by method name without the generic handlers' search (missing from grpc's stubs).
+    server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]
