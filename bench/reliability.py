@@ -457,8 +457,10 @@ def campaign_swaps(
     peak = max(series)
     half = len(series) // 2
     # One model's worth: never a second model kept (peak below baseline + one model), and no
-    # upward trend (the second half of the swaps peaks no higher than the first half).
-    trend = max(series[half:]) - max(series[:half])
+    # upward trend: the level RSS settles at after a swap (the median of each half of the
+    # swaps) does not climb. Medians, not maxima: a sample taken while a worker is still
+    # loading the next model (two models resident for a moment) is not a trend.
+    trend = float(np.median(series[half:]) - np.median(series[:half]))
     failed = sum(v for k, v in codes.items() if k != "OK")
     ok = (
         failed == 0
@@ -484,7 +486,7 @@ def campaign_swaps(
             "model_rss_mb": round(model_rss / 2**20, 1),
             "worker_rss_after_first_load_mb": round(base_max / 2**20, 1),
             "worker_rss_after_each_swap_mb": [round(v / 2**20) for v in series],
-            "rss_trend_second_half_vs_first_mb": round(trend / 2**20, 1),
+            "rss_trend_median_second_half_vs_first_mb": round(trend / 2**20, 1),
             "worker_rss_peak_after_swaps_mb": round(peak / 2**20, 1),
             "worker_rss_after_last_swap_mb": round(max(after_swap[-1].values()) / 2**20, 1),
             "swaps_logged_by_workers": swaps_logged,

@@ -30,6 +30,7 @@ from models.engine import Engine
 from models.errors import NotReadyError
 from service import metrics
 from service.config import ServeSettings, parse_registry_uri
+from service.memory import release_freed_memory
 from service.wire import ListingEncoder
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class ModelHolder:
         self._current: LoadedModel | None = None
         self._listeners: list[Callable[[LoadedModel], None]] = []
         self._swap_lock = threading.Lock()
+        self.swaps = 0
+        """How many times a model was put into service."""
 
     @property
     def current(self) -> LoadedModel | None:
@@ -96,6 +99,7 @@ class ModelHolder:
         with self._swap_lock:
             previous = self._current
             self._current = loaded  # the one assignment requests observe
+            self.swaps += 1
             for listener in self._listeners:
                 try:
                     listener(loaded)
@@ -407,7 +411,13 @@ class ModelLoader:
         self._thread.start()
 
     def _poll(self) -> None:
+        released_after = self.holder.swaps
         while not self._stop.wait(self.settings.poll_seconds):
+            if self.holder.swaps != released_after:
+                # A model replaced before this tick is out of use by now (requests take
+                # milliseconds): hand the memory it freed back to the OS.
+                released_after = self.holder.swaps
+                release_freed_memory()
             try:
                 self.refresh()
             except Exception as exc:

@@ -3,6 +3,7 @@ the on-disk cache, graceful shutdown and the in-flight limit."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -18,6 +19,7 @@ from models.errors import ArtifactError
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service.loader import LoadedModel, ModelHolder, ModelLoader
+from service.memory import malloc_trim
 from tests.service.conftest import (
     MODEL_NAME,
     GatedEngine,
@@ -101,7 +103,9 @@ def test_hot_swap_under_load_and_corrupt_version_refused(
     assert cached is not None and cached[1]["version"] == "2"
 
 
-def test_poller_follows_the_alias(tracking: str, artifact_dir: Path, tmp_path: Path) -> None:
+def test_poller_follows_the_alias(
+    tracking: str, artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     register(artifact_dir)
     settings = settings_for(
         f"models:/{MODEL_NAME}@champion", tmp_path, tracking_uri=tracking, poll_seconds=0.1
@@ -110,11 +114,18 @@ def test_poller_follows_the_alias(tracking: str, artifact_dir: Path, tmp_path: P
     loader = ModelLoader(settings, holder)
     assert loader.load_initial()
     loader.start_polling()
+    caplog.set_level(logging.INFO, logger="service.memory")
     try:
         register(artifact_dir)
         _wait_for(lambda: holder.get().meta.version == "2")
+        assert holder.swaps == 2
+        # The tick after the swap hands the replaced model's freed memory back to the OS
+        # (where the C library can: glibc's malloc_trim).
+        if malloc_trim() is not None:
+            _wait_for(lambda: "freed memory to the OS" in caplog.text)
     finally:
         loader.stop()
+    assert caplog.text.count("freed memory to the OS") <= 1  # once per swap, not every tick
 
 
 def test_restart_with_unreachable_registry_serves_the_cached_model(
