@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "catalog": catalog.__dict__,
         "workers": args.workers,
+        "mlflow_workers": args.mlflow_workers,
         "duration_s": args.duration,
         "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
@@ -247,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serve_cmd = serve_command(ports["affinity"], cpus)
     mlflow_cmd = [str(common.BIN / "mlflow"), "models", "serve", "-m"]
     mlflow_cmd += [f"models:/{common.MODEL_NAME}@champion", "--env-manager", "local"]
-    mlflow_cmd += ["-h", "127.0.0.1", "-p", str(ports["mlflow"]), "-w", str(args.workers)]
+    mlflow_cmd += ["-h", "127.0.0.1", "-p", str(ports["mlflow"]), "-w", str(args.mlflow_workers)]
     grpc = "grpc://127.0.0.1:{}/{}"
     with ExitStack() as stack:
         # All servers run for the whole benchmark and are measured in interleaved slices, so
@@ -374,7 +375,8 @@ def render(report: dict[str, Any]) -> str:
     cat = report["catalog"]
     lines = [
         f"### {cat['items']:,} items / {cat['users']:,} users "
-        f"({report['workers']} worker(s), {report['duration_s']:g} s per row)",
+        f"({report['workers']} worker(s), mlflow models serve -w "
+        f"{report.get('mlflow_workers', report['workers'])}, {report['duration_s']:g} s per row)",
         "",
         format_table(results),
         "| ratio | value |",
@@ -420,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING", help="affinity serve --log-level")
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument(
+        "--mlflow-workers",
+        type=int,
+        help="mlflow models serve -w (default: --workers). Above 1, uvicorn passes its workers a "
+        "socket without TCP_NODELAY (uvicorn issue #3149) and every keep-alive request waits "
+        "about 44 ms for a delayed ACK, so 1 is MLflow's faster configuration on Linux",
+    )
+    parser.add_argument(
         "--cpus",
         help="--cpus of affinity serve and of the floor (default: the last --workers CPUs, "
         "one per worker)",
@@ -430,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure the floor and Affinity with --cpus off, side by side",
     )
     args = parser.parse_args(argv)
+    if args.mlflow_workers is None:
+        args.mlflow_workers = args.workers
     started = time.time()
     report = run(args)
     report["wall_seconds"] = time.time() - started
