@@ -168,7 +168,11 @@ class Recommender(ABC):
     # ------------------------------------------------------------------ scoring
     @abstractmethod
     def score_users(self, userids: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
-        """Dense float32 scores ``(len(userids), n_items)``; ``user_items`` holds their rows."""
+        """Dense float32 scores ``(len(userids), n_items)``; ``user_items`` holds their rows.
+
+        Return a new array or a read-only view, never an array the model keeps: the evaluation
+        masks a writable float32 array that owns its memory in place instead of copying it.
+        """
 
     @abstractmethod
     def score_history(self, history: sp.csr_matrix) -> np.ndarray:

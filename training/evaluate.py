@@ -264,14 +264,76 @@ def _recommend_ids(
         ids, _ = model.recommend(users, train, N=k, filter_already_liked_items=True)
         return np.atleast_2d(ids)
     rows = train[users]
-    # What Recommender._rank does before its top-k: a float32 copy, non-finite scores and the
-    # user's training items set to -inf.
-    scores = np.array(model.score_users(users, rows), dtype=np.float32, copy=True)
+    if isinstance(model, Popularity) and cls.score_users is Popularity.score_users:
+        return _shared_ranking_ids(model.scores_, rows, k)
+    return _masked_top_k(model.score_users(users, rows), rows, k)
+
+
+def _masked_top_k(raw: np.ndarray, rows: sp.csr_matrix, k: int) -> np.ndarray:
+    """What Recommender._rank does, then its ids: non-finite scores and each user's training
+    items (``rows``) set to -inf, then the top ``k``.
+
+    A score block the model has just computed (float32, owning its memory) is masked in place;
+    anything else (a broadcast view, another dtype) is copied first, as ``_rank`` does.
+    """
+    fresh = (
+        isinstance(raw, np.ndarray)
+        and raw.dtype == np.float32
+        and raw.base is None
+        and raw.flags.writeable
+        and raw.flags.c_contiguous
+    )
+    scores = raw if fresh else np.array(raw, dtype=np.float32, copy=True)
     scores[~np.isfinite(scores)] = NEG_INF
     if rows.nnz:
         coo = rows.tocoo()
         scores[coo.row, coo.col] = NEG_INF
     return top_k_ids(scores, k)
+
+
+def _shared_ranking_ids(row: np.ndarray, rows: sp.csr_matrix, k: int) -> np.ndarray:
+    """:func:`_masked_top_k` for a model that gives every user the same scores ``row``.
+
+    Each user's top ``k`` are the first ``k`` items of one shared ranking that the user has not
+    trained on, so only the best ``k + 1 + (most training items of a user)`` items are ranked,
+    once, instead of a full row per user. Users whose ``k``-th and ``k+1``-th unseen items tie,
+    or with fewer than ``k`` rankable items, go through :func:`_masked_top_k` (``topk``'s choice
+    among tied items is its partition's), so the ids are the same array in every case.
+    """
+    n_users, n_items = rows.shape
+    if n_users == 0:
+        return np.empty((0, k), np.int64)
+    scores = np.where(np.isfinite(row), row, NEG_INF).astype(np.float32)
+    per_user = np.diff(rows.indptr)
+    m = int(min(n_items, k + 1 + per_user.max()))
+    ranking = top_k_ids(scores[None, :], m)[0]  # best first, -1 past the finite scores
+    position = np.full(n_items, -1, dtype=np.int64)
+    ranked = ranking >= 0
+    position[ranking[ranked]] = np.flatnonzero(ranked)
+    taken = np.zeros((n_users, m), dtype=bool)
+    coo = rows.tocoo()
+    at = position[coo.col]
+    hit = at >= 0
+    taken[coo.row[hit], at[hit]] = True
+    taken[:, ~ranked] = True
+    width = min(k + 1, m)
+    # Stable: the untaken positions come first, in ranking order.
+    first = np.argsort(taken, axis=1, kind="stable")[:, :width]
+    ids = ranking[first]
+    valid = ~np.take_along_axis(taken, first, axis=1)
+    slow = ~valid[:, : min(k, width)].all(axis=1)
+    if width > k:
+        next_score = scores[np.where(valid[:, k], ids[:, k], 0)]
+        slow |= valid[:, k] & (scores[ids[:, k - 1]] == next_score)
+    out = ids[:, :k].astype(np.int64, copy=True)
+    if width < k:
+        out = np.pad(out, ((0, 0), (0, k - width)), constant_values=-1)
+    if slow.any():
+        index = np.flatnonzero(slow)
+        block = np.broadcast_to(scores, (len(index), n_items))
+        slow_ids = _masked_top_k(block, rows[index], k)
+        out[index, : slow_ids.shape[1]] = slow_ids  # topk gives min(k, items) columns
+    return out
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+import training.evaluate as module
 from models.base import ModelConfig, ProgressCallback, Recommender, top_k_ids, topk
 from models.errors import InvalidInputError
 from models.metrics import per_user_metrics, relevance_matrix
@@ -19,7 +20,14 @@ from models.popularity import Popularity
 from models.vocabulary import Vocabulary
 from tests.training.conftest import interaction_frame
 from training.confidence import ConfidenceConfig, build_matrix
-from training.evaluate import Holdout, build_holdout, evaluate, evaluate_with_baseline
+from training.evaluate import (
+    Holdout,
+    _masked_top_k,
+    _shared_ranking_ids,
+    build_holdout,
+    evaluate,
+    evaluate_with_baseline,
+)
 from training.split import random_split, temporal_split
 
 L3 = 1.0 / math.log2(3)
@@ -421,3 +429,46 @@ def test_bad_unrankable_counts_are_rejected() -> None:
         per_user_metrics(np.array([[0]]), sp.csr_matrix((1, 3)), unrankable=np.array([0.5]))
     with pytest.raises(InvalidInputError, match="one count per row"):
         Holdout(matrix=holdout.matrix, unrankable=np.zeros(2, dtype=np.int64))
+
+
+@pytest.mark.parametrize("k", [1, 10, 25])
+@pytest.mark.parametrize("values", ["counts", "distinct", "non-finite", "tiny catalog"])
+def test_popularity_ranking_shared_by_all_users_matches_the_masked_top_k(
+    k: int, values: str
+) -> None:
+    """The evaluation's shortcut for a score row every user shares (popularity, trending)
+    returns the array the general path returns: heavy users, ties at the k-th place (integer
+    counts), unrankable items and catalogs smaller than k included."""
+    rng = np.random.default_rng(11)
+    n_users, n_items = 80, 8 if values == "tiny catalog" else 600
+    row = {
+        "counts": rng.integers(0, 12, n_items),
+        "distinct": rng.permutation(n_items),
+        "non-finite": np.where(rng.random(n_items) < 0.9, np.nan, rng.random(n_items)),
+        "tiny catalog": rng.integers(0, 3, n_items),
+    }[values].astype(np.float32)
+    density = rng.random(n_users)[:, None] * 0.3  # from no training item to 30% of the catalog
+    dense = (rng.random((n_users, n_items)) < density).astype(np.float32)
+    dense[3] = 1.0  # a user who has every item: nothing left to recommend
+    train = sp.csr_matrix(dense)
+    got = _shared_ranking_ids(row, train, k)
+    expected = _masked_top_k(np.broadcast_to(row, (n_users, n_items)), train, k)
+    expected = np.pad(expected, ((0, 0), (0, k - expected.shape[1])), constant_values=-1)
+    np.testing.assert_array_equal(got, expected)
+    assert (got[3] == -1).all()
+
+
+def test_evaluation_takes_the_shared_ranking_for_popularity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    original = module._shared_ranking_ids
+
+    def counting(row: np.ndarray, rows: sp.csr_matrix, k: int) -> np.ndarray:
+        calls.append(rows.shape[0])
+        return original(row, rows, k)
+
+    monkeypatch.setattr(module, "_shared_ranking_ids", counting)
+    result = evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=2)
+    assert calls == [3]  # one batch: the three users with held-out items
+    assert result.metrics["precision_at_2"] == pytest.approx(0.5)  # the hand-computed value
