@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +22,10 @@ from typing import Any, Literal
 import mlflow
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from models.artifact import ModelBundle, save_artifact
+from models.artifact import ItemCatalog, ModelBundle, save_artifact
 from models.base import Recommender
 from models.errors import InvalidInputError
 from models.registry import get_algorithm
@@ -31,6 +33,7 @@ from models.vocabulary import Vocabulary
 from training import promotion, registry
 from training.confidence import (
     ConfidenceConfig,
+    InteractionMatrix,
     build_matrix,
     recency_weights,
     vocabulary_codes,
@@ -238,21 +241,25 @@ def _run(opts: TrainOptions, progress: Progress, workdir: Path) -> TrainResult:
 
     t = time.perf_counter()
     train = build_matrix(train_frame, opts.confidence)
-    # Held-out items unseen in training stay relevant (misses); unseen users are left out.
-    full_holdout = build_holdout(test_frame, train.users, train.items)
-    n_holdout_users = len(full_holdout.users)
-    holdout = _sample_users(full_holdout, opts.eval_users, opts.seed)
+    timings["matrix_seconds"] = time.perf_counter() - t
     params = dict(opts.params)
     tuning_summary: dict[str, Any] = {}
-    fingerprint = dataset_fingerprint(frame)
-    timings["matrix_seconds"] = time.perf_counter() - t
+
+    # What the run needs besides the model (the holdout, the fingerprint, the serving extras)
+    # is prepared in a helper thread while the model is tuned and fitted: implicit fits in its
+    # own threads without the GIL, and these steps are single-threaded numpy and pandas work
+    # that would otherwise run alone on one core before and after the fit.
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="affinity-prepare")
+    pending = helper.submit(
+        _prepare_beside_fit, opts, frame, train_frame, test_frame, train, catalog_df
+    )
+    helper.shutdown(wait=False)  # the thread ends with its one task, whatever the run does
 
     mlflow.set_experiment(opts.experiment)
     with mlflow.start_run() as run:
         mlflow.set_tags(
             {
                 "algorithm": opts.algorithm,
-                "dataset_fingerprint": fingerprint,
                 "split": "given" if opts.test else opts.split,
                 "interactions_path": str(opts.interactions),
             }
@@ -293,6 +300,25 @@ def _run(opts: TrainOptions, progress: Progress, workdir: Path) -> TrainResult:
                 **{f"event_weight.{k}": v for k, v in weights.as_dict().items()},
             }
         )
+        progress(f"fitting {opts.algorithm} on {train.matrix.nnz:,} user-item pairs")
+        t = time.perf_counter()
+
+        ticker = _Throttle(progress)
+
+        def on_iteration(iteration: int, loss: float | None) -> None:
+            if loss is not None:
+                mlflow.log_metric("training_loss", float(loss), step=iteration)
+            ticker(f"  iteration {iteration}" + ("" if loss is None else f", loss {loss:.6g}"))
+
+        model = fit_model(opts.algorithm, params, train.matrix, on_iteration)
+        timings["fit_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        side = pending.result()
+        timings["prepare_wait_seconds"] = time.perf_counter() - t
+        timings["prepare_seconds"] = side.seconds
+        fingerprint, full_holdout, holdout = side.fingerprint, side.full_holdout, side.holdout
+        n_holdout_users = len(full_holdout.users)
+        mlflow.set_tag("dataset_fingerprint", fingerprint)
         stats = {
             "rows_read": rows["read"],
             "rows_accepted": rows["accepted"],
@@ -311,19 +337,6 @@ def _run(opts: TrainOptions, progress: Progress, workdir: Path) -> TrainResult:
         mlflow.log_metrics({f"data_{k}": float(v) for k, v in stats.items()})
         if split_stats is not None:
             mlflow.log_metrics({k: float(v) for k, v in split_stats.as_dict().items()})
-
-        progress(f"fitting {opts.algorithm} on {train.matrix.nnz:,} user-item pairs")
-        t = time.perf_counter()
-
-        ticker = _Throttle(progress)
-
-        def on_iteration(iteration: int, loss: float | None) -> None:
-            if loss is not None:
-                mlflow.log_metric("training_loss", float(loss), step=iteration)
-            ticker(f"  iteration {iteration}" + ("" if loss is None else f", loss {loss:.6g}"))
-
-        model = fit_model(opts.algorithm, params, train.matrix, on_iteration)
-        timings["fit_seconds"] = time.perf_counter() - t
 
         misses = (
             f"; {stats['n_test_pairs_unknown_item']:,} held-out pairs of items unseen in "
@@ -352,24 +365,14 @@ def _run(opts: TrainOptions, progress: Progress, workdir: Path) -> TrainResult:
 
         # The artifact: model + id maps + seen items + item metadata + popularity lists.
         t = time.perf_counter()
-        trending_weights = recency_weights(train_frame, opts.trending_half_life_days)
-        trending = _item_sums(train_frame, trending_weights, train.items)
-        popularity = np.bincount(train.matrix.indices, minlength=len(train.items)).astype(
-            np.float32
-        )
-        # Serving must never re-recommend what a user already has, so the seen lists cover the
-        # whole log (training part and holdout), not only the pairs the model was fitted on.
-        seen = train.matrix
-        if opts.test is None:
-            seen = build_matrix(frame, opts.confidence, users=train.users, items=train.items).matrix
         bundle = ModelBundle(
             model=model,
             users=train.users,
             items=train.items,
-            seen=seen,
-            catalog=catalog_arrays(train.items.ids, catalog_df),
-            popularity=popularity,
-            trending=trending,
+            seen=side.seen,
+            catalog=side.catalog,
+            popularity=side.popularity,
+            trending=side.trending,
             info={
                 "dataset_fingerprint": fingerprint,
                 "run_id": run.info.run_id,
@@ -462,6 +465,52 @@ def _run(opts: TrainOptions, progress: Progress, workdir: Path) -> TrainResult:
         rows=rows,
         decision=decision,
         best_params=full_params,
+    )
+
+
+@dataclass
+class _BesideFit:
+    """What a run prepares beside the fit (see :func:`_prepare_beside_fit`)."""
+
+    fingerprint: str
+    full_holdout: Holdout
+    holdout: Holdout
+    """``full_holdout`` cut to the evaluated users (``eval_users``, seeded sample)."""
+    seen: sp.csr_matrix
+    popularity: np.ndarray
+    trending: np.ndarray
+    catalog: ItemCatalog
+    seconds: float
+
+
+def _prepare_beside_fit(
+    opts: TrainOptions,
+    frame: pd.DataFrame,
+    train_frame: pd.DataFrame,
+    test_frame: pd.DataFrame,
+    train: InteractionMatrix,
+    catalog_df: pd.DataFrame | None,
+) -> _BesideFit:
+    """Every step of a run that needs the data but not the model."""
+    started = time.perf_counter()
+    # Held-out items unseen in training stay relevant (misses); unseen users are left out.
+    full_holdout = build_holdout(test_frame, train.users, train.items)
+    holdout = _sample_users(full_holdout, opts.eval_users, opts.seed)
+    trending_weights = recency_weights(train_frame, opts.trending_half_life_days)
+    # Serving must never re-recommend what a user already has, so the seen lists cover the
+    # whole log (training part and holdout), not only the pairs the model was fitted on.
+    seen = train.matrix
+    if opts.test is None:
+        seen = build_matrix(frame, opts.confidence, users=train.users, items=train.items).matrix
+    return _BesideFit(
+        fingerprint=dataset_fingerprint(frame),
+        full_holdout=full_holdout,
+        holdout=holdout,
+        seen=seen,
+        popularity=np.bincount(train.matrix.indices, minlength=len(train.items)).astype(np.float32),
+        trending=_item_sums(train_frame, trending_weights, train.items),
+        catalog=catalog_arrays(train.items.ids, catalog_df),
+        seconds=time.perf_counter() - started,
     )
 
 
