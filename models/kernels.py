@@ -107,6 +107,23 @@ def _ranked(
 
 
 @njit(cache=True)
+def _quantized(vector: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``vector`` as int8 levels (kept as int32), their scale and the rounding error's norm."""
+    f = len(vector)
+    top = 0.0
+    for j in range(f):
+        top = max(top, abs(np.float64(vector[j])))
+    scale = top / 127.0 if top > 0.0 else 1.0
+    levels = np.empty(f, np.int32)
+    error = 0.0
+    for j in range(f):
+        level = min(127.0, max(-127.0, np.rint(np.float64(vector[j]) / scale)))
+        levels[j] = np.int32(level)
+        error += (np.float64(vector[j]) - level * scale) ** 2
+    return levels, scale, np.sqrt(error) * (1.0 + 1e-6)
+
+
+@njit(cache=True)
 def search_one(
     factors: np.ndarray,
     order: np.ndarray,
@@ -114,21 +131,26 @@ def search_one(
     directions: np.ndarray,
     projected_t: np.ndarray,
     residual: np.ndarray,
+    levels: np.ndarray,
+    level_scale: np.ndarray,
+    level_norm: np.ndarray,
+    level_error: np.ndarray,
     vector: np.ndarray,
     k: int,
     first: int,
     blocked: np.ndarray,
     disallowed: np.ndarray,
     slack: float,
-    dense_fraction: int,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Best ``k`` items for ``vector``: (item ids, float32 scores, positions scored).
+    """Best ``k`` items for ``vector``: (item ids, float32 scores, positions examined).
 
     ``factors`` are the item rows sorted by decreasing norm (``order``: position -> item id),
     ``neg_bound[p]`` is minus an upper bound on the norm of every item at or after position ``p``;
     ``directions`` (``d x f``, ``d`` is :data:`PROJECTED` or 0 for no second-step bound) are
     principal directions of the items, ``projected_t`` (``d x n``) the items' coordinates along
     them and ``residual`` the norms of what is left, with the bound's margin included.
+    ``levels`` are the rows as int8 (``level_scale`` per row), ``level_norm`` the norms of the
+    rows they stand for and ``level_error`` the distance to the true rows plus the float32 margin.
     ``blocked`` holds sorted positions never to return; ``disallowed`` is a mask over positions
     (empty: no filter). Ties are broken by item id, lowest first; items scoring ``-inf`` (blocked,
     filtered) are never returned, so fewer than ``k`` ids may come back.
@@ -157,15 +179,19 @@ def search_one(
     else:
         stop = max(int(np.searchsorted(neg_bound, -threshold / length, side="right")), first)
 
-    # Step 2: positions first:stop whose projection bound reaches the threshold are scored.
+    # Step 2: the allowed positions first:stop whose projection bound reaches the threshold.
     tail_pos = np.empty(0, np.int64)
     tail = np.empty(0, np.float32)
     scanned = first
     if stop > first:
         d = directions.shape[0]
-        dense = True
-        candidates = np.empty(0, np.int64)
-        if d == PROJECTED and threshold > 0.0:
+        candidates = np.empty(stop - first, np.int64)
+        m = 0
+        b = np.searchsorted(blocked, first)
+        projected = d == PROJECTED and threshold > 0.0
+        bounds = np.empty(0, np.float32)
+        limit = np.float32(0.0)
+        if projected:
             u = vector.astype(np.float64)
             up = np.zeros(PROJECTED)
             for a in range(PROJECTED):
@@ -173,8 +199,7 @@ def search_one(
                     up[a] += directions[a, j] * u[j]
             u_perp = np.float32(np.sqrt(max(square - np.dot(up, up), 0.0)))
             limit = np.float32(threshold - slack * length * -neg_bound[first])
-            # Bounds in one element-wise pass over contiguous rows (the compiler vectorizes it),
-            # then the few positions that reach the limit, less blocked and filtered ones.
+            # Bounds in one element-wise pass over contiguous rows (the compiler vectorizes it).
             rest = residual[first:stop]
             p0, p1 = projected_t[0, first:stop], projected_t[1, first:stop]
             p2, p3 = projected_t[2, first:stop], projected_t[3, first:stop]
@@ -183,35 +208,41 @@ def search_one(
             bounds = np.empty(stop - first, np.float32)
             for i in range(stop - first):
                 bounds[i] = u_perp * rest[i] + u0 * p0[i] + u1 * p1[i] + u2 * p2[i] + u3 * p3[i]
-            candidates = np.empty(stop - first, np.int64)
-            m = 0
-            b = np.searchsorted(blocked, first)
-            for i in range(stop - first):
-                if bounds[i] < limit:
-                    continue
-                p = first + i
-                if filtered and disallowed[p]:
-                    continue
-                while b < n_blocked and blocked[b] < p:
-                    b += 1
-                if b < n_blocked and blocked[b] == p:
-                    continue
-                candidates[m] = p
-                m += 1
-            candidates = candidates[:m]
-            dense = m * dense_fraction > stop - first
-        if dense:
-            tail = np.dot(factors[first:stop], vector)
-            tail_pos = np.arange(first, stop)
-            _mask(tail, first, blocked, disallowed)
-            scanned = stop
-        elif len(candidates):
-            rows = np.empty((len(candidates), f), np.float32)
-            for i in range(len(candidates)):
+        for i in range(stop - first):
+            if projected and bounds[i] < limit:
+                continue
+            p = first + i
+            if filtered and disallowed[p]:
+                continue
+            while b < n_blocked and blocked[b] < p:
+                b += 1
+            if b < n_blocked and blocked[b] == p:
+                continue
+            candidates[m] = p
+            m += 1
+        scanned = first + (m if projected else stop - first)
+
+        # Step 3: an int8 screen. Each candidate's score from the int8 rows, plus a bound on
+        # its error (the query's and the row's rounding, and the float32 margin), must reach
+        # the threshold; only those few rows are read in float32 and scored exactly.
+        query, query_scale, query_error = _quantized(vector)
+        kept = 0
+        for i in range(m):
+            p = candidates[i]
+            dot = np.int32(0)
+            for j in range(f):
+                dot += np.int32(levels[p, j]) * query[j]
+            upper = query_scale * np.float64(level_scale[p]) * dot
+            upper += query_error * np.float64(level_norm[p]) + length * np.float64(level_error[p])
+            if upper >= threshold:
+                candidates[kept] = p
+                kept += 1
+        if kept:
+            rows = np.empty((kept, f), np.float32)
+            for i in range(kept):
                 rows[i] = factors[candidates[i]]
             tail = np.dot(rows, vector)
-            tail_pos = candidates
-            scanned = first + len(candidates)
+            tail_pos = candidates[:kept]
 
     ids, scores = _ranked(head, tail, tail_pos, order, threshold, k)
     return ids, scores, scanned
@@ -226,6 +257,7 @@ def warm_up() -> None:
     order = np.argsort(-norms).astype(np.int64)
     frozen = np.zeros(8, dtype=np.bool_)
     frozen.setflags(write=False)
+    levels = np.round(factors[order] * 20).astype(np.int8)
     for disallowed in (NO_FILTER, frozen):
         search_one(
             np.ascontiguousarray(factors[order]),
@@ -234,11 +266,14 @@ def warm_up() -> None:
             np.zeros((PROJECTED, 4)),
             np.zeros((PROJECTED, 8), np.float32),
             norms[order].astype(np.float32),
+            levels,
+            np.full(8, 0.05, np.float32),
+            norms[order].astype(np.float32),
+            np.full(8, 0.1, np.float32),
             factors[0].copy(),
             2,
             2,
             np.zeros(0, np.int64),
             disallowed,
             1e-4,
-            3,
         )

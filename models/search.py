@@ -32,9 +32,6 @@ BOUND_SLACK = 1e-4
 """Relative margin on the Cauchy-Schwarz bound, well above float32 dot-product rounding."""
 PROJECTION_DIMS = PROJECTED
 """Principal directions of the item factors kept for the finer bound of the second step."""
-DENSE_FRACTION = 3
-"""Second step: score the whole range instead of gathering candidates once more than one in
-this many positions of the range is a candidate (a contiguous GEMV beats a large gather)."""
 
 
 BLOCK = 128
@@ -154,6 +151,33 @@ class NormOrderedIndex:
         self._first = min(n, max(1, first_block))
         self.n_items = n
         self._project(sorted_factors, norms[self.order], projection)
+        self._quantize(self._factors)
+
+    def _quantize(self, factors: np.ndarray) -> None:
+        """Each row as int8 levels times a per-row scale (its largest magnitude over 127), the
+        norm of that approximation and its distance to the row. The last carries the float32
+        margin too (``BOUND_SLACK`` times the row's norm), so that a level score plus its error
+        bound is an upper bound on the exact float32 score, as the kernel's screen needs."""
+        n, f = factors.shape
+        self._levels = np.empty((n, f), dtype=np.int8)
+        self._level_scale = np.empty(n, dtype=np.float32)
+        self._level_norm = np.empty(n, dtype=np.float32)
+        self._level_error = np.empty(n, dtype=np.float32)
+        for start in range(0, n, 1 << 16):  # no n x f double copy of a large catalog
+            rows = factors[start : start + (1 << 16)].astype(np.float64)
+            top = np.abs(rows).max(axis=1) if f else np.zeros(len(rows))
+            scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+            levels = np.clip(np.rint(rows / scale[:, None]), -127, 127)
+            approx = levels * scale[:, None].astype(np.float64)
+            norm = np.sqrt(np.einsum("ij,ij->i", approx, approx))
+            error = np.sqrt(np.einsum("ij,ij->i", rows - approx, rows - approx))
+            error += BOUND_SLACK * np.sqrt(np.einsum("ij,ij->i", rows, rows))
+            part = slice(start, start + len(rows))
+            self._levels[part] = levels.astype(np.int8)
+            self._level_scale[part] = scale
+            # Rounded up to float32, so the stored bounds never shrink.
+            self._level_norm[part] = np.nextafter(norm.astype(np.float32), np.float32(np.inf))
+            self._level_error[part] = np.nextafter(error.astype(np.float32), np.float32(np.inf))
 
     def _project(self, factors: np.ndarray, norms: np.ndarray, enabled: bool) -> None:
         """Principal directions ``P`` (rows), and ``P v`` and ``|v_perp|`` of every position.
@@ -186,7 +210,10 @@ class NormOrderedIndex:
         extra = 0
         if len(self._directions):
             extra = self._projected_t.nbytes + self._residual.nbytes
-        return int(self._factors.nbytes + self.order.nbytes * 2 + self._neg_bound.nbytes + extra)
+        levels = self._levels.nbytes + 3 * self._level_scale.nbytes
+        return int(
+            self._factors.nbytes + self.order.nbytes * 2 + self._neg_bound.nbytes + extra + levels
+        )
 
     def positions(self, item_ids: np.ndarray) -> np.ndarray:
         """Sorted positions of ``item_ids`` (model indices), for :attr:`Query.blocked`; repeats
@@ -221,13 +248,16 @@ class NormOrderedIndex:
                 self._directions,
                 self._projected_t,
                 self._residual,
+                self._levels,
+                self._level_scale,
+                self._level_norm,
+                self._level_error,
                 np.ascontiguousarray(q.vector, dtype=np.float32),
                 q.k,
                 self._first,
                 q.blocked,
                 NO_FILTER if q.disallowed is None else q.disallowed,
                 BOUND_SLACK,
-                DENSE_FRACTION,
             )
             hits.append(Hits(ids, scores, scanned))
         return hits

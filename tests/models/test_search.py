@@ -78,7 +78,14 @@ def test_equal_norms_scan_everything_and_stay_exact() -> None:
     (hits,) = index.search([Query(u, 10, np.empty(0, np.int64))])
     want_ids, want_scores = brute(factors, u, 10, np.empty(0, np.int64))
     assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
-    assert hits.scanned == len(factors)
+    # The norm bound cuts nothing off; only the principal-direction bound thins the range a
+    # little before the int8 screen, and without it every position is examined.
+    assert hits.scanned > 0.8 * len(factors)
+    (plain,) = NormOrderedIndex(factors, first_block=128, projection=False).search(
+        [Query(u, 10, np.empty(0, np.int64))]
+    )
+    assert plain.scanned == len(factors)
+    assert_same_ranking(plain.ids, plain.scores, want_ids, want_scores)
 
 
 def test_a_batch_answers_each_query_with_its_own_k_blocks_and_filter() -> None:
@@ -187,3 +194,57 @@ def test_the_projection_bound_skips_most_of_a_long_tail_and_stays_exact() -> Non
         full.append(plain.scanned)
     assert np.median(full) > n / 4  # the norm bound alone scans much of the catalog here
     assert np.median(pruned) < np.median(full) / 2
+
+
+def test_the_int8_screen_keeps_every_item_whose_exact_score_could_win() -> None:
+    """Rows whose int8 levels lose most of their detail (one large coordinate sets the scale, the
+    others round to zero or one level) and queries whose k-th score is tiny, so that the screen
+    decides nearly every item by its error bound: the answer must still be the exact ranking."""
+    rng = np.random.default_rng(9)
+    n, f = 6_000, 32
+    factors = (rng.standard_normal((n, f)) * 0.004).astype(np.float32)
+    spikes = rng.random(n) < 0.5
+    factors[spikes, rng.integers(0, f, spikes.sum())] = rng.choice([-1.0, 1.0], spikes.sum())
+    factors[:40] *= 30  # a few long items make the first block's threshold
+    index = NormOrderedIndex(factors, first_block=64)
+    for trial in range(40):
+        if trial % 2:
+            u = (rng.standard_normal(f) * rng.choice([0.01, 1.0, 100.0])).astype(np.float32)
+        else:
+            # Whole levels with one at 127: the query's int8 form is exact, so only the rows'
+            # rounding error stands between the screen's estimate and the exact score.
+            u = rng.integers(-127, 128, f).astype(np.float32)
+            u[trial % f] = 127.0
+        blocked = np.unique(rng.integers(0, n, trial * 7))
+        (hits,) = index.search([Query(u, 10, index.positions(blocked))])
+        want_ids, want_scores = brute(factors, u, 10, blocked)
+        assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+
+
+def test_items_just_above_the_threshold_survive_the_int8_screen() -> None:
+    """The true top k sit a hair above the first block's k-th score, where the int8 estimate
+    alone would drop some of them: only the error bound keeps them."""
+    rng = np.random.default_rng(10)
+    f, n_head, n_tail = 16, 64, 2_000
+    u = rng.integers(-127, 128, f).astype(np.float64)
+    u[0] = 127.0  # whole levels with 127 the largest: the query's int8 form is exact
+    unit = u / np.dot(u, u)
+    t = 5.0
+    # Long first-block items: score exactly t along u, plus a large orthogonal part.
+    noise = rng.standard_normal((n_head, f))
+    noise -= np.outer(noise @ u, u) / np.dot(u, u)
+    head = t * unit + 50.0 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    # Short items along u plus a small random wiggle off u, scoring t + 6e-5 j for j from -1,980
+    # to 19: the best ten (6e-5 apart, so no two tie) are the answer, all within int8 rounding
+    # of t (about 0.02 here).
+    wiggle = rng.standard_normal((n_tail, f)) * 1e-3
+    wiggle -= np.outer(wiggle @ u, u) / np.dot(u, u)
+    tail = np.outer(t + 6e-5 * (rng.permutation(n_tail) - (n_tail - 20)), unit) + wiggle
+    factors = np.vstack([head, tail]).astype(np.float32)
+    index = NormOrderedIndex(factors, first_block=n_head)
+    query = u.astype(np.float32)
+    (hits,) = index.search([Query(query, 10, np.empty(0, np.int64))])
+    want_ids, want_scores = brute(factors, query, 10, np.empty(0, np.int64))
+    assert (want_ids >= n_head).all()  # the answer lies beyond the first block
+    assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+    np.testing.assert_array_equal(np.sort(hits.ids), np.sort(want_ids))
