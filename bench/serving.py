@@ -389,7 +389,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"Agreement with plain float32 ranking over {agree['users']} users: recall@10 "
         f"{agree['recall_at_10']:.4f}, identical lists {agree['exact_list_rate']:.4f}; share of "
-        f"the catalog scored exactly per request p50 {agree.get('scanned_p50', 1):.1%}, p90 "
+        "the catalog scored per request (float32 or int8 screen) p50 "
+        f"{agree.get('scanned_p50', 1):.1%}, p90 "
         f"{agree.get('scanned_p90', 1):.1%}, p99 {agree.get('scanned_p99', 1):.1%}.",
         f"Load (verify + load + warm-up): {load['load_seconds']:.2f} s; RSS one model "
         f"{load['rss_one_model_mib']:.0f} MiB, during a swap {load['rss_during_swap_mib']:.0f} MiB "
