@@ -159,6 +159,8 @@ class NormOrderedIndex:
         margin too (``BOUND_SLACK`` times the row's norm), so that a level score plus its error
         bound is an upper bound on the exact float32 score, as the kernel's screen needs."""
         n, f = factors.shape
+        if n <= self._first:  # every query scores the whole catalog: no screen to feed
+            n = 0
         self._levels = np.empty((n, f), dtype=np.int8)
         self._level_scale = np.empty(n, dtype=np.float32)
         self._level_norm = np.empty(n, dtype=np.float32)
