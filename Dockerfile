@@ -7,7 +7,9 @@ FROM python:3.11-slim AS builder
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md requirements.lock ./
+COPY affinity ./affinity
 COPY models ./models
+COPY registry ./registry
 COPY training ./training
 COPY service ./service
 COPY protos ./protos

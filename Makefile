@@ -33,7 +33,7 @@ proto-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy models training service
+	$(BIN)/mypy affinity models registry training service
 	$(BIN)/python -m service.protocheck
 	@if [ -x $(BIN)/hadolint ]; then $(BIN)/hadolint Dockerfile; else echo "hadolint unavailable on this platform; skipped"; fi
 

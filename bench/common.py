@@ -101,11 +101,11 @@ def register_quick(data: Path, workdir: Path, factors: int = 64) -> float:
     import mlflow
 
     from models.artifact import ModelBundle, save_artifact
-    from training import registry
+    from registry import mlflow_store as registry
+    from registry.mlflow_store import configure_tracking
     from training.confidence import build_matrix
     from training.data import catalog_arrays, load_catalog, load_interactions
-    from training.pipeline import fit_model
-    from training.tracking import configure_tracking
+    from training.fit import fit_model
 
     configure_tracking()
     loaded = load_interactions(data / "interactions.parquet")
@@ -138,8 +138,8 @@ def champion_artifact(workdir: Path) -> Path:
     target = workdir / "champion"
     if not (target / "done").is_file():
         os.environ.update(tracking_env(workdir))
-        from training import registry
-        from training.tracking import configure_tracking
+        from registry import mlflow_store as registry
+        from registry.mlflow_store import configure_tracking
 
         configure_tracking()
         target.mkdir(parents=True, exist_ok=True)
@@ -151,12 +151,23 @@ def champion_artifact(workdir: Path) -> Path:
 # ------------------------------------------------------------------ servers
 @contextmanager
 def running(
-    command: list[str], ready: Callable[[], bool], *, env: dict[str, str] | None, log_path: Path
+    command: list[str],
+    ready: Callable[[], bool],
+    *,
+    env: dict[str, str] | None,
+    log_path: Path,
+    cwd: Path | None = None,
 ) -> Any:
-    """Start ``command`` in its own process group, wait for ``ready()``, stop it afterwards."""
+    """Start ``command`` (in ``cwd``) in its own process group, wait for ``ready()``, stop it
+    afterwards."""
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd,
         )
     try:
         deadline = time.monotonic() + 600
@@ -255,8 +266,8 @@ def reregister(workdir: Path) -> None:
     import mlflow
 
     from models.artifact import load_artifact, save_artifact
-    from training import registry
-    from training.tracking import configure_tracking
+    from registry import mlflow_store as registry
+    from registry.mlflow_store import configure_tracking
 
     configure_tracking()
     bundle = load_artifact(workdir / "artifact", mapped=False)

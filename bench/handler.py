@@ -1,10 +1,10 @@
-"""In-process cost of one request: the servicer and the engine without gRPC around them.
+"""In-process cost of one request: the servicer and the pipeline without gRPC around them.
 
 Loads the champion artifact of a generated catalog (the one ``bench.serving`` fits and registers;
 run that first), pins BLAS to one thread as the server does, and times
-``RecommenderServicer.Recommend`` on parsed requests, ``Engine.recommend`` for known users and for
-unknown users folded in from 50 recent items, and one search in the norm-ordered index. Prints
-microseconds per call and the command.
+``RecommenderServicer.Recommend`` on parsed requests, ``RankingPipeline.recommend`` for known
+users and for unknown users folded in from 50 recent items, and one search in the norm-ordered
+index. Prints microseconds per call and the command.
 
 Run ``python -m bench.handler --size small|large``.
 """
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     threadpool_limits(1)
     holder = ModelHolder()
     ModelLoader(ServeSettings(model_uri=str(artifact), poll_seconds=0), holder).load_initial()
-    engine = holder.get().engine
+    pipeline = holder.get().pipeline
     servicer = RecommenderServicer(holder)
     bodies = payloads(artifact)
     known = [pb.RecommendRequest.FromString(b) for b in bodies["known"]]
@@ -69,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
     context = Context()
     n, m = len(known), len(fold)
-    index = engine._index
-    seen = engine.bundle.seen
-    users = [engine.bundle.users.get(r.user_id) for r in known]
+    index = pipeline._index
+    seen = pipeline.bundle.seen
+    users = [pipeline.bundle.users.get(r.user_id) for r in known]
     queries = [
         Query(
-            engine.bundle.model.user_factors[u],
+            pipeline.bundle.model.user_factors[u],
             10,
             index.positions(seen.indices[seen.indptr[u] : seen.indptr[u + 1]]),
-            engine._disallowed(_no_filter()),
+            pipeline._disallowed(_no_filter()),
         )
         for u in users
     ]
@@ -85,18 +85,18 @@ def main(argv: list[str] | None = None) -> int:
         "servicer Recommend (known user)": per_call_us(
             lambda i: servicer.Recommend(known[i % n], context), args.calls
         ),
-        "engine recommend (known user)": per_call_us(
-            lambda i: engine.recommend(known[i % n].user_id, 10), args.calls
+        "pipeline recommend (known user)": per_call_us(
+            lambda i: pipeline.recommend(known[i % n].user_id, 10), args.calls
         ),
-        "engine recommend (fold-in, 50 items)": per_call_us(
-            lambda i: engine.recommend(fold[i % m].user_id, 10, recent_item_ids=recent[i % m]),
+        "pipeline recommend (fold-in, 50 items)": per_call_us(
+            lambda i: pipeline.recommend(fold[i % m].user_id, 10, recent_item_ids=recent[i % m]),
             args.calls,
         ),
         "index search (one query)": per_call_us(
             lambda i: index.search([queries[i % n]]), args.calls
         ),
     }
-    log(f"{SIZES[args.size].name}: {len(engine.bundle.items):,} items, {args.calls} calls each")
+    log(f"{SIZES[args.size].name}: {len(pipeline.bundle.items):,} items, {args.calls} calls each")
     print("| call | us per call |\n|---|---:|")
     for name, value in rows.items():
         print(f"| {name} | {value:.1f} |")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _no_filter() -> Any:
-    from models.engine import ItemFilter
+    from models.ranking import ItemFilter
 
     return ItemFilter()
 

@@ -27,11 +27,11 @@ import mlflow
 
 from bench.datasets import LOADERS, load_dataset
 from models.registry import get_algorithm
+from registry.mlflow_store import configure_tracking
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import Holdout, build_holdout, evaluate
-from training.pipeline import fit_model
+from training.fit import fit_model
 from training.split import Method, train_validation_test
-from training.tracking import configure_tracking
 from training.tune import SEARCHES, tune
 
 logger = logging.getLogger(__name__)

@@ -131,7 +131,7 @@ class Registry:
         """Register ``artifact`` as a new version (pointing ``alias`` at it when given)."""
         import mlflow
 
-        from training.registry import log_and_register
+        from registry.mlflow_store import log_and_register
 
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(self.tracking_uri)

@@ -9,6 +9,10 @@ in one go and with the same load generator (:mod:`bench.loadgen`, separate proce
    from 50 recent items, ``SimilarItems``; resident memory per worker; an open-loop run;
 3. ``mlflow models serve`` of the same registered model (pyfunc) over REST ``/invocations``;
 
+With ``--compare-with DIR`` (another checkout of Affinity, e.g. ``git worktree add DIR HEAD~1``)
+the server of that checkout answers the same requests as ``baseline``, so a change is measured
+against the code before it in the same run (ratio ``throughput_vs_baseline``).
+
 All servers run for the whole benchmark and each row is pooled from ``--rounds`` interleaved
 slices (floor, Affinity, MLflow, floor, ...), so background load on a shared machine falls on
 every target alike and the ratios stay meaningful. Plus, in-process: agreement of the served
@@ -71,35 +75,35 @@ def payloads(artifact: Path, n: int = 4000, seed: int = 0) -> dict[str, list[byt
 
 # ------------------------------------------------------------------ in-process checks
 def agreement(artifact: Path, n_users: int = 1000, k: int = 10) -> dict[str, float]:
-    """Served lists (engine, called from 8 threads) vs a naive per-user float32 ranking."""
+    """Served lists (pipeline, called from 8 threads) vs a naive per-user float32 ranking."""
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
     from models.artifact import load_artifact
-    from models.engine import Engine
+    from models.ranking import RankingPipeline
 
     with threadpool_limits(1):
         bundle = load_artifact(artifact)
-        engine = Engine(bundle)
+        pipeline = RankingPipeline.from_bundle(bundle)
         model: Any = bundle.model
         rng = np.random.default_rng(1)
         users = rng.choice(len(bundle.users), size=min(n_users, len(bundle.users)), replace=False)
         ids = bundle.users.decode(users)
         with ThreadPoolExecutor(8) as pool:
-            served = list(pool.map(lambda u: engine.recommend(u, k).indices, ids))
+            served = list(pool.map(lambda u: pipeline.recommend(u, k).indices, ids))
         recall, exact = [], []
         seen = bundle.seen
         for u, got in zip(users, served, strict=True):
             scores = model.item_factors @ model.user_factors[u]
             scores[seen.indices[seen.indptr[u] : seen.indptr[u + 1]]] = -np.inf
-            scores[~engine.candidate_mask(engine_filter())] = -np.inf
+            scores[~pipeline.candidate_mask(pipeline_filter())] = -np.inf
             # Exact float32 top k: a wide partition, then (score desc, id asc) among those.
             wide = np.argpartition(-scores, 4 * k)[: 4 * k]
             want = wide[np.lexsort((wide, -scores[wide]))][:k]
             recall.append(len(set(got.tolist()) & set(want.tolist())) / k)
             exact.append(bool(np.array_equal(got, want)))
-        scanned = _scanned_fraction(engine, users, k)
+        scanned = _scanned_fraction(pipeline, users, k)
     return {
         "users": len(users),
         "recall_at_10": float(np.mean(recall)),
@@ -108,25 +112,25 @@ def agreement(artifact: Path, n_users: int = 1000, k: int = 10) -> dict[str, flo
     }
 
 
-def _scanned_fraction(engine: Any, users: np.ndarray, k: int) -> dict[str, float]:
+def _scanned_fraction(pipeline: Any, users: np.ndarray, k: int) -> dict[str, float]:
     """Share of the catalog the norm-ordered index scores exactly per request (percentiles)."""
     from models.search import Query
 
-    index = engine._index
+    index = pipeline._index
     if index is None:
         return {}
-    seen = engine.bundle.seen
+    seen = pipeline.bundle.seen
     shares = []
     for u in users:
         blocked = index.positions(seen.indices[seen.indptr[u] : seen.indptr[u + 1]])
-        vector = engine.bundle.model.user_factors[u]
+        vector = pipeline.bundle.model.user_factors[u]
         shares.append(index.search([Query(vector, k, blocked)])[0].scanned / index.n_items)
     p50, p90, p99 = np.percentile(shares, [50, 90, 99])
     return {"scanned_p50": float(p50), "scanned_p90": float(p90), "scanned_p99": float(p99)}
 
 
-def engine_filter() -> Any:
-    from models.engine import ItemFilter
+def pipeline_filter() -> Any:
+    from models.ranking import ItemFilter
 
     return ItemFilter()
 
@@ -244,6 +248,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
         return [*command, "--poll-seconds", "0", "--log-level", args.log_level, "--cpus", cpus]
 
+    def baseline_command(tree: Path, port: int, cpus: str) -> list[str]:
+        # Run from the other checkout's folder so that its own packages are imported; its
+        # command module is affinity.cli, or training.cli in trees from before that move.
+        module = "affinity" if (tree / "affinity" / "cli.py").is_file() else "training.cli"
+        command = [sys.executable, "-m", module, "serve", "--model", str(artifact)]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
+        return [*command, "--poll-seconds", "0", "--log-level", args.log_level, "--cpus", cpus]
+
     floor_cmd = floor_command(ports["floor"], cpus)
     serve_cmd = serve_command(ports["affinity"], cpus)
     mlflow_cmd = [str(common.BIN / "mlflow"), "models", "serve", "-m"]
@@ -289,6 +301,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
                 targets.append((f"{name} unpinned", grpc.format(port, RECOMMEND), bodies["known"]))
+        if args.compare_with is not None:
+            port = common.free_port()
+            stack.enter_context(
+                common.running(
+                    baseline_command(args.compare_with.resolve(), port, cpus),
+                    common.grpc_ready(port),
+                    env=env,
+                    log_path=logs / "baseline.log",
+                    cwd=args.compare_with.resolve(),
+                )
+            )
+            targets += [
+                ("baseline", grpc.format(port, RECOMMEND), bodies["known"]),
+                ("baseline fold-in 50", grpc.format(port, RECOMMEND), bodies["fold_in"]),
+                ("baseline similar", grpc.format(port, SIMILAR), bodies["similar"]),
+            ]
         if not args.skip_mlflow:
             stack.enter_context(
                 common.running(
@@ -306,7 +334,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             slices: dict[str, list[LoadResult]] = {label: [] for label, _, _ in targets}
             for _ in range(args.rounds):
                 for label, target, payload in targets:
-                    side = label.startswith("affinity ") or label.endswith(" unpinned")
+                    side = label.startswith(("affinity ", "baseline ")) or label.endswith(
+                        " unpinned"
+                    )
                     if side and c not in (1, max(args.concurrency)):
                         continue
                     slices[label].append(
@@ -361,6 +391,12 @@ def ratios(results: list[LoadResult]) -> dict[str, float]:
     fold1 = pick("affinity fold-in 50", 1)
     if fold1 and aff1:
         out["fold_in_p50_vs_known"] = fold1.p50_ms / aff1.p50_ms
+    if any(r.label == "baseline" for r in results):
+        out["throughput_vs_baseline"] = best("affinity") / best("baseline")
+        for kind in ("fold-in 50", "similar"):
+            mine, theirs = pick(f"affinity {kind}", 8), pick(f"baseline {kind}", 8)
+            if mine and theirs:
+                out[f"{kind.split()[0]}_throughput_c8_vs_baseline"] = mine.rps / theirs.rps
     if any(r.label == "affinity unpinned" for r in results):
         out["unpinned_throughput_vs_unpinned_floor"] = best("affinity unpinned") / best(
             "floor unpinned"
@@ -433,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cpus",
         help="--cpus of affinity serve and of the floor (default: the last --workers CPUs, "
         "one per worker)",
+    )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        metavar="DIR",
+        help="also serve the same model from this other checkout (label 'baseline'), side by side",
     )
     parser.add_argument(
         "--unpinned",

@@ -136,6 +136,18 @@ class _FactorModel(Recommender):
         """Factor rows of users described by ``history`` rows (fold-in)."""
         raise NotImplementedError
 
+    def fold_in_items(self, items: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """:meth:`history_vectors` of one user whose history is distinct ``items``."""
+        history = sp.csr_matrix(
+            (
+                np.asarray(values, dtype=np.float32),
+                np.asarray(items, dtype=np.int64),
+                [0, len(items)],
+            ),
+            shape=(1, self.n_items),
+        )
+        return self.history_vectors(history)[0]
+
     def score_vectors(self, vectors: np.ndarray) -> np.ndarray:
         """Scores ``vectors @ item_factorsᵀ`` of user vectors against every item.
 

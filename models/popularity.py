@@ -2,7 +2,7 @@
 
 They are the cold-start source of the service and the baseline every trained model must beat.
 Per-segment popularity (by ``item_type`` or ``category``) is the global ranking restricted to the
-segment's items, which the engine's filter masks provide.
+segment's items, which the ranking pipeline's filter masks provide.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class Popularity(Recommender):
         else:
             counts = np.asarray(user_items.sum(axis=0)).ravel()
         self.scores_ = counts.astype(np.float32)
+
+    def shared_scores(self) -> np.ndarray:
+        """The one score row every user gets (see :class:`models.scoring.SharedScorer`)."""
+        return self.scores_
 
     def score_users(self, userids: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
         return np.broadcast_to(self.scores_, (len(userids), self.n_items))

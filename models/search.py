@@ -13,7 +13,7 @@ vectors simply scans further, at worst the whole catalog.
 A search runs as one compiled call (:mod:`models.kernels`) that holds the GIL from start to
 end, so a threaded server does not trade the interpreter back and forth around dozens of small
 numpy calls. An index that prunes nothing (unit vectors for similar items) scores a batch of
-concurrent queries with one GEMM instead (see :class:`models.engine.ScoreBatcher`).
+concurrent queries with one GEMM instead (see :class:`models.batching.ScoreBatcher`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import NEG_INF
 from models.kernels import NO_FILTER, PROJECTED, search_one
+from models.topk import NEG_INF, top_k_row
 
 FIRST_BLOCK = 1024
 """Longest items every query scores first, to learn its k-th best score."""
@@ -32,49 +32,6 @@ BOUND_SLACK = 1e-4
 """Relative margin on the Cauchy-Schwarz bound, well above float32 dot-product rounding."""
 PROJECTION_DIMS = PROJECTED
 """Principal directions of the item factors kept for the finer bound of the second step."""
-
-
-BLOCK = 128
-"""Width of the blocks whose maxima :func:`top_k_row` scans before looking at single scores."""
-MIN_BLOCKED_TOPK = 8 * BLOCK
-"""Rows shorter than this are ranked by a plain partition: block maxima only pay on long rows."""
-
-
-def top_k_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` entries of the 1-d ``scores`` (finite or ``-inf``), like :func:`topk` on a row.
-
-    The row is viewed as ``BLOCK`` strided slices of length ``m``; the element-wise maximum over
-    them is each column's block maximum. If ``t`` is the k-th largest block maximum, ``k`` distinct
-    items score at least ``t``, so every item of the true top k lies in a column whose maximum
-    is ``>= t``: only those columns (about ``k x BLOCK`` items) are ranked exactly.
-    """
-    n = len(scores)
-    m = n // BLOCK
-    if n < MIN_BLOCKED_TOPK or k * 4 > m:
-        return _top_k_exact(scores, k)
-    maxima = scores[: m * BLOCK].reshape(BLOCK, m).max(axis=0)
-    threshold = np.partition(maxima, m - k)[m - k]
-    columns = np.flatnonzero(maxima >= threshold)
-    # Row-major over (slice, column) with columns ascending: the candidate ids come out sorted,
-    # which keeps topk's tie-break (lowest id first) identical.
-    candidates = (columns[None, :] + m * np.arange(BLOCK)[:, None]).ravel()
-    candidates = np.concatenate([candidates, np.arange(m * BLOCK, n)])
-    ids, top = _top_k_exact(scores[candidates], k)
-    found = ids >= 0
-    ids[found] = candidates[ids[found]]
-    return ids, top
-
-
-def _top_k_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`topk` of one row, without the 2-d bookkeeping (this runs once per request)."""
-    n = len(scores)
-    k = min(k, n)
-    part = np.argpartition(scores, n - k)[n - k :] if k < n else np.arange(n)
-    top = scores[part]
-    order = np.lexsort((part, -top))
-    ids, top = part[order].astype(np.int64), top[order].astype(np.float32)
-    ids[np.isneginf(top)] = -1
-    return ids, top
 
 
 def _row_norms(factors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:

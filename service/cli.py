@@ -1,8 +1,9 @@
-"""Command-line front of the service: ``affinity serve`` and the client commands.
+"""The service's subcommands of the ``affinity`` command: ``serve`` and the client commands.
 
 :func:`register_cli` adds ``serve``, ``recommend``, ``similar``, ``popular``, ``model-info`` and
 ``health`` to an argparse subparsers object; each sets ``func(args) -> int`` (the exit status).
-Errors print a one-line reason to stderr and return non-zero.
+Errors print a one-line reason to stderr and return non-zero. The command itself is
+:mod:`affinity.cli`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -309,16 +310,3 @@ def register_cli(subparsers: Any) -> None:
     )
     _connection_options(health)
     health.set_defaults(func=_run_client(_health))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the service subcommands on their own (``python -m service.cli``)."""
-    parser = argparse.ArgumentParser(prog="affinity", description="Affinity serving commands")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register_cli(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from models.artifact import find_artifact_dir, load_artifact, verify_artifact
-from models.engine import Engine
 from models.errors import NotReadyError
+from models.ranking import RankingPipeline
+from registry import mlflow_store
 from service import metrics
 from service.config import ServeSettings, parse_registry_uri
 from service.memory import release_freed_memory
@@ -56,15 +57,15 @@ class ModelMeta:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """An engine and its description, swapped into service together."""
+    """A ranking pipeline and its description, swapped into service together."""
 
-    engine: Engine
+    pipeline: RankingPipeline
     meta: ModelMeta
 
     @cached_property
     def encoder(self) -> ListingEncoder:
         """Writes this model's listing responses (built on first use, kept with the model)."""
-        return ListingEncoder(self.engine, self.meta)
+        return ListingEncoder(self.pipeline, self.meta)
 
 
 class ModelHolder:
@@ -119,18 +120,18 @@ class ModelHolder:
         )
 
 
-def warm_up(engine: Engine) -> None:
+def warm_up(pipeline: RankingPipeline) -> None:
     """Run a few real queries so the first user request does not pay for lazy initialisation."""
-    bundle = engine.bundle
-    k = min(10, max(1, len(bundle.items)))
-    first_item = bundle.items.id(0) if len(bundle.items) else None
-    if len(bundle.users):
-        engine.recommend(bundle.users.id(0), k)
+    users, items = pipeline.vocabularies()
+    k = min(10, max(1, len(items)))
+    first_item = items.id(0) if len(items) else None
+    if len(users):
+        pipeline.recommend(users.id(0), k)
     if first_item is not None:
-        engine.recommend("\x00warm-up", k, recent_item_ids=[first_item])
-        engine.similar_items([first_item], k)
-    engine.popular(k)
-    engine.popular(k, trending=True)
+        pipeline.recommend("\x00warm-up", k, recent_item_ids=[first_item])
+        pipeline.similar_items([first_item], k)
+    pipeline.popular(k)
+    pipeline.popular(k, trending=True)
 
 
 def _fail(stage: str) -> None:
@@ -146,12 +147,12 @@ def load_directory(directory: Path, meta: ModelMeta) -> LoadedModel:
         raise
     try:
         bundle = load_artifact(directory, verify=False)  # verified just above
-        engine = Engine(bundle)
+        pipeline = RankingPipeline.from_bundle(bundle)
     except Exception:
         _fail("load")
         raise
     try:
-        warm_up(engine)
+        warm_up(pipeline)
     except Exception:
         _fail("warmup")
         raise
@@ -163,7 +164,7 @@ def load_directory(directory: Path, meta: ModelMeta) -> LoadedModel:
         run_id=meta.run_id or str(info.get("run_id", "")),
         loaded_at=datetime.now(UTC),
     )
-    return LoadedModel(engine, meta)
+    return LoadedModel(pipeline, meta)
 
 
 def _safe_name(name: str) -> str:
@@ -231,10 +232,9 @@ class ModelCache:
 
 def configure_mlflow_http(settings: ServeSettings) -> None:
     """Make registry calls fail in seconds, not minutes, when the tracking server is down."""
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.registry_retries)
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(settings.registry_timeout_seconds)
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    mlflow_store.configure_http(
+        retries=settings.registry_retries, timeout_seconds=settings.registry_timeout_seconds
+    )
 
 
 class ModelLoader:
@@ -257,34 +257,21 @@ class ModelLoader:
             self.cache_key = self.name
 
     # -------------------------------------------------------------- registry
-    def _client(self) -> Any:
-        import mlflow
-
-        uri = self.settings.tracking_uri
-        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
     def resolve(self) -> tuple[str, str]:
         """The registry ``(version, run_id)`` the URI points at now."""
-        client = self._client()
-        if self.alias is not None:
-            mv = client.get_model_version_by_alias(self.name, self.alias)
-        else:
-            mv = client.get_model_version(self.name, str(self.version))
-        return str(mv.version), str(mv.run_id or "")
+        return mlflow_store.resolve(
+            self.name,
+            alias=self.alias,
+            version=self.version,
+            tracking_uri=self.settings.tracking_uri,
+        )
 
     def _download(self, version: str) -> Path:
-        import mlflow
-
         scratch = self.cache.scratch(self.cache_key)
         try:
-            uri = self.settings.tracking_uri
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{self.name}/{version}",
-                dst_path=str(scratch),
-                tracking_uri=uri,
-                registry_uri=uri,
+            found = mlflow_store.download_model(
+                f"models:/{self.name}/{version}", scratch, tracking_uri=self.settings.tracking_uri
             )
-            found = find_artifact_dir(scratch)
             if found != scratch:
                 # Keep only the Affinity artifact: the pyfunc wrapper is not needed to serve.
                 artifact = self.cache.scratch(self.cache_key)
@@ -388,7 +375,7 @@ class ModelLoader:
             if current.meta.from_cache:
                 # The registry is back and agrees with the cache: no reload needed.
                 self.holder.swap(
-                    LoadedModel(current.engine, replace(current.meta, from_cache=False))
+                    LoadedModel(current.pipeline, replace(current.meta, from_cache=False))
                 )
             return True
         if version in self._refused:

@@ -1,4 +1,4 @@
-"""The ``affinity.v1.Recommender`` servicer: validate, call the engine, convert to protobuf.
+"""The ``affinity.v1.Recommender`` servicer: validate, rank through the pipeline, answer.
 
 It raises domain errors (:mod:`models.errors`) and leaves their mapping to status codes to
 :class:`service.interceptors.ErrorInterceptor`.
@@ -16,8 +16,8 @@ import grpc
 from prometheus_client import Counter
 
 from models.artifact import ITEM_TYPES
-from models.engine import ItemFilter, Recommendations, Source
 from models.errors import InvalidInputError
+from models.ranking import ItemFilter, Recommendations, Source
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import metrics
@@ -82,7 +82,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._check_ids(
             **{"filter.item_types": flt.item_types, "filter.categories": flt.categories}
         )
-        known = set(ITEM_TYPES) | set(loaded.engine.item_types)
+        known = set(ITEM_TYPES) | set(loaded.pipeline.item_types)
         for item_type in flt.item_types:
             if item_type not in known:
                 raise InvalidInputError(
@@ -128,7 +128,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         loaded = self.holder.get()
         item_filter = self._filter(request.filter, loaded)
-        recs = loaded.engine.recommend(
+        recs = loaded.pipeline.recommend(
             request.user_id,
             request.k,
             recent_item_ids=list(request.recent_item_ids),
@@ -149,7 +149,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._check_ids(item_ids=request.item_ids, exclude_item_ids=request.exclude_item_ids)
         loaded = self.holder.get()
         item_filter = self._filter(request.filter, loaded)
-        recs = loaded.engine.similar_items(
+        recs = loaded.pipeline.similar_items(
             list(request.item_ids),
             request.k,
             exclude_item_ids=list(request.exclude_item_ids),
@@ -166,7 +166,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._check_ids(exclude_item_ids=request.exclude_item_ids)
         loaded = self.holder.get()
         item_filter = self._filter(request.filter, loaded)
-        recs = loaded.engine.popular(
+        recs = loaded.pipeline.popular(
             request.k,
             item_filter=item_filter,
             exclude_item_ids=list(request.exclude_item_ids),
@@ -181,11 +181,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     ) -> pb.ModelInfo:
         self._start(context)
         loaded = self.holder.get()
-        meta, bundle = loaded.meta, loaded.engine.bundle
+        meta, pipeline = loaded.meta, loaded.pipeline
         info = pb.ModelInfo(
             model=model_ref(loaded.meta),
-            num_users=len(bundle.users),
-            num_items=len(bundle.items),
+            num_users=pipeline.n_users,
+            num_items=pipeline.n_items,
             source_uri=meta.source_uri,
             from_cache=meta.from_cache,
             dataset_fingerprint=meta.dataset_fingerprint,

@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from models.engine import Engine, Recommendations
+from models.ranking import RankingPipeline, Recommendations
 from protos.affinity.v1 import recommender_pb2 as pb
 
 if TYPE_CHECKING:
     from service.loader import ModelMeta
 
-_SCORE = struct.Struct("<f").pack
-_SCORE_TAG = b"\x15"  # ScoredItem.score: field 2, 32-bit
-_SCORE_BYTES = len(_SCORE_TAG) + 4
+SCORED_ITEM_FIELDS = ("item_id", "score", "item_type", "category")
+"""The ``ScoredItem`` fields the encoder writes, in the order it writes them."""
+RECOMMEND_FIELDS = ("items", "source", "model", "recommendation_id")
+"""The ``RecommendResponse`` fields the encoder writes."""
+LISTING_FIELDS = ("items", "model", "recommendation_id")
+"""The fields written of ``SimilarItemsResponse`` and ``PopularResponse`` (one encoding)."""
 
-# Field numbers of the three listing responses (see protos/affinity/v1/recommender.proto).
-_ITEMS = 1
-_RECOMMEND_SOURCE, _RECOMMEND_MODEL, _RECOMMEND_ID = 2, 3, 4
-_LISTING_MODEL, _LISTING_ID = 2, 3
+
+def _numbers(message: Any, names: tuple[str, ...]) -> tuple[int, ...]:
+    """The field numbers of ``names`` in ``message``, as the generated descriptor has them."""
+    fields = message.DESCRIPTOR.fields_by_name
+    return tuple(fields[name].number for name in names)
 
 
 def _varint(value: int) -> bytes:
@@ -46,6 +50,21 @@ def _varint(value: int) -> bytes:
 
 def _tag(number: int, wire_type: int) -> bytes:
     return _varint(number << 3 | wire_type)
+
+
+# Field numbers come from the generated code, read once here, so the bytes follow the .proto.
+# The cached item pieces carry the items field's tag, so all three responses must number
+# ``items`` alike, and PopularResponse must number its fields as SimilarItemsResponse does
+# (tests/service/test_wire.py checks both).
+_ITEM_ID, _ITEM_SCORE, _ITEM_TYPE, _ITEM_CATEGORY = _numbers(pb.ScoredItem, SCORED_ITEM_FIELDS)
+_ITEMS, _RECOMMEND_SOURCE, _RECOMMEND_MODEL, _RECOMMEND_ID = _numbers(
+    pb.RecommendResponse, RECOMMEND_FIELDS
+)
+_, _LISTING_MODEL, _LISTING_ID = _numbers(pb.SimilarItemsResponse, LISTING_FIELDS)
+
+_SCORE = struct.Struct("<f").pack
+_SCORE_TAG = _tag(_ITEM_SCORE, 5)  # a float: wire type 5, 32-bit
+_SCORE_BYTES = len(_SCORE_TAG) + 4
 
 
 def length_delimited(number: int, payload: bytes) -> bytes:
@@ -67,16 +86,16 @@ def model_ref(meta: ModelMeta) -> pb.ModelRef:
 
 
 class ListingEncoder:
-    """Encodes the listing responses of one served model (``engine`` described by ``meta``).
+    """Encodes the listing responses of one served model (``pipeline`` described by ``meta``).
 
     It caches, per item index, the encoded ``ScoredItem`` around its score: the items field's
     tag and length with the item id before the score, item type and category after it. The
     cache fills as items are served, so a worker holds pieces only for the items it returned.
     """
 
-    def __init__(self, engine: Engine, meta: ModelMeta) -> None:
-        self._catalog = engine.bundle.catalog
-        self._pieces: list[tuple[bytes, bytes] | None] = [None] * len(engine.bundle.items)
+    def __init__(self, pipeline: RankingPipeline, meta: ModelMeta) -> None:
+        self._catalog = pipeline.catalog
+        self._pieces: list[tuple[bytes, bytes] | None] = [None] * pipeline.n_items
         encoded = model_ref(meta).SerializeToString()
         self._recommend_model = length_delimited(_RECOMMEND_MODEL, encoded)
         self._listing_model = length_delimited(_LISTING_MODEL, encoded)
@@ -84,9 +103,9 @@ class ListingEncoder:
     def _item(self, index: int, item_id: str) -> tuple[bytes, bytes]:
         pieces = self._pieces[index]
         if pieces is None:
-            head = _string(1, item_id)
-            tail = _string(3, str(self._catalog.item_type[index]))
-            tail += _string(4, str(self._catalog.category[index]))
+            head = _string(_ITEM_ID, item_id)
+            tail = _string(_ITEM_TYPE, str(self._catalog.item_type[index]))
+            tail += _string(_ITEM_CATEGORY, str(self._catalog.category[index]))
             size = len(head) + _SCORE_BYTES + len(tail)
             # Built whole before it is stored: a thread that reads the slot meanwhile sees None
             # and builds the same pieces itself.

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from models.engine import Engine
 from models.errors import DataError, InvalidInputError
-from training.registry import load_model_uri
+from models.ranking import NO_FILTER, ItemFilter, RankingPipeline
+from registry.mlflow_store import load_model_uri
 
 
 def read_user_ids(path: Path) -> list[str]:
@@ -31,19 +31,28 @@ def batch_recommend(
     k: int,
     out: Path,
     progress: Callable[[str], None] | None = None,
+    *,
+    item_filter: ItemFilter = NO_FILTER,
+    exclude_item_ids: Sequence[str] = (),
 ) -> int:
-    """Write ``user_id, rank, item_id, score, source`` rows for every user; returns rows written."""
+    """Write ``user_id, rank, item_id, score, source`` rows for every user; returns rows written.
+
+    Every user's list is made as ``Recommend`` makes it, with the same ``item_filter`` and
+    ``exclude_item_ids`` for all of them.
+    """
     if k <= 0:
         raise InvalidInputError("--k must be positive", field="k")
     suffix = "".join(out.suffixes).lower()
     if suffix not in {".csv", ".parquet", ".pq", ".csv.gz"}:
         raise InvalidInputError(f"--out must end in .csv or .parquet, got {out.name}", field="out")
     users = read_user_ids(users_path)
-    engine = Engine(load_model_uri(model_uri))
+    pipeline = RankingPipeline.from_bundle(load_model_uri(model_uri))
     rows = []
     with threadpool_limits(1, "blas"):
         for n, user in enumerate(users, start=1):
-            result = engine.recommend(user, k)
+            result = pipeline.recommend(
+                user, k, item_filter=item_filter, exclude_item_ids=exclude_item_ids
+            )
             for rank, (item, score) in enumerate(
                 zip(result.item_ids, result.scores, strict=True), start=1
             ):

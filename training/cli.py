@@ -1,24 +1,20 @@
-"""The ``affinity`` command line: generate sample logs, train, batch-recommend, serve and query.
+"""Training's subcommands of the ``affinity`` command: ``generate``, ``train``, ``batch-recommend``.
 
-Every subcommand explains its options in ``--help``. Exit code 0 on success; on a user mistake a
-one-line reason on stderr and exit code 2 (1 for other failures), never a traceback.
+:func:`register_cli` adds them to an argparse subparsers object; each sets ``func(args) -> int``
+(the exit status). The command itself, with its error handling, is :mod:`affinity.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.errors import AffinityError, InvalidInputError
-
-logger = logging.getLogger("affinity")
+from models.errors import InvalidInputError
 
 
 def _progress_printer(quiet: bool = False):  # type: ignore[no-untyped-def]
@@ -126,29 +122,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_batch_recommend(args: argparse.Namespace) -> int:
+    from registry.mlflow_store import configure_tracking
     from training.batch import batch_recommend
-    from training.tracking import configure_tracking
 
     configure_tracking()
     progress = _progress_printer(args.quiet)
-    n = batch_recommend(args.model, args.users, args.k, args.out, progress)
+    from models.ranking import ItemFilter
+
+    n = batch_recommend(
+        args.model,
+        args.users,
+        args.k,
+        args.out,
+        progress,
+        item_filter=ItemFilter.of(args.item_type, args.category),
+        exclude_item_ids=args.exclude_item,
+    )
     progress(f"wrote {n:,} rows to {args.out}")
     return 0
 
 
 # -------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
+def register_cli(subparsers: Any) -> None:
+    """Add training's subcommands to an ``argparse`` subparsers object."""
     from models.registry import algorithm_names
 
-    parser = argparse.ArgumentParser(
-        prog="affinity",
-        description="Affinity recommendation service: train models into the MLflow registry "
-        "and serve them over gRPC.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    gen = sub.add_parser(
+    gen = subparsers.add_parser(
         "generate",
         help="write realistic synthetic interaction logs",
         description="Write DIR/interactions.parquet and DIR/items.parquet: "
@@ -167,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress output")
     gen.set_defaults(func=cmd_generate)
 
-    tr = sub.add_parser(
+    tr = subparsers.add_parser(
         "train",
         help="train, evaluate, log to MLflow and register a model",
         description="Train a model on an interaction log, evaluate it against the "
@@ -285,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress output")
     tr.set_defaults(func=cmd_train)
 
-    br = sub.add_parser(
+    br = subparsers.add_parser(
         "batch-recommend",
         help="offline recommendations for a list of users",
         description="Write user_id, rank, item_id, score for each user id in "
@@ -300,40 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--users", type=Path, required=True, help="file with one user id per line")
     br.add_argument("--k", type=int, default=10, help="items per user (default 10)")
     br.add_argument("--out", type=Path, required=True, help="output file (.csv or .parquet)")
+    br.add_argument(
+        "--item-type",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="only items of this type (content or product); repeat for several",
+    )
+    br.add_argument(
+        "--category",
+        action="append",
+        default=[],
+        metavar="CATEGORY",
+        help="only items of this category; repeat for several",
+    )
+    br.add_argument(
+        "--exclude-item",
+        action="append",
+        default=[],
+        metavar="ITEM_ID",
+        help="never recommend this item to anyone; repeat for several",
+    )
     br.add_argument("--quiet", action="store_true", help="no progress output")
     br.set_defaults(func=cmd_batch_recommend)
-
-    try:
-        from service.cli import register_cli
-    except ImportError:  # the service extras are part of the package; this guards partial installs
-        pass
-    else:
-        register_cli(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        return int(args.func(args) or 0)
-    except AffinityError as exc:
-        print(f"affinity {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"affinity {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a one-line reason, the traceback only with --verbose
-        if args.verbose:
-            logger.exception("unexpected failure")
-        print(f"affinity {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

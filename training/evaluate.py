@@ -1,6 +1,7 @@
 """Evaluate a fitted recommender on a holdout: top-k metrics overall and per user cohort.
 
-Recommends for every user with held-out items, in batches, with their training items excluded,
+Ranks for every user with held-out items, in batches, through the same ranking pipeline that
+serves requests (:mod:`models.ranking`: training items excluded, backfill from popular items),
 and compares against a popularity baseline fitted on the same training matrix.
 
 :func:`build_holdout` is the one definition of the holdout that ``affinity train``, tuning, the
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from models.base import NEG_INF, Recommender, top_k_ids
+from models.base import Recommender
 from models.errors import InvalidInputError
 from models.metrics import (
     METRIC_NAMES,
@@ -33,6 +34,7 @@ from models.metrics import (
 )
 from models.metrics import item_popularity as user_counts
 from models.popularity import Popularity
+from models.ranking import RankingPipeline
 from models.vocabulary import Vocabulary
 from training.confidence import ConfidenceConfig, build_matrix, vocabulary_codes
 
@@ -247,95 +249,6 @@ def _aligned(
 _SCORE_CELLS = 16_000_000
 
 
-def _recommend_ids(
-    model: Recommender, users: np.ndarray, train: sp.csr_matrix, k: int
-) -> np.ndarray:
-    """``model.recommend(users, train, N=k)[0]`` (training items excluded), as a 2-d array.
-
-    Models that keep the base class's ranking are scored here and ranked by :func:`top_k_ids`,
-    which returns the same ids faster; any other model ranks itself.
-    """
-    cls = type(model)
-    if (
-        cls.recommend is not Recommender.recommend
-        or cls._rank is not Recommender._rank
-        or not model.is_fitted
-    ):
-        ids, _ = model.recommend(users, train, N=k, filter_already_liked_items=True)
-        return np.atleast_2d(ids)
-    rows = train[users]
-    if isinstance(model, Popularity) and cls.score_users is Popularity.score_users:
-        return _shared_ranking_ids(model.scores_, rows, k)
-    return _masked_top_k(model.score_users(users, rows), rows, k)
-
-
-def _masked_top_k(raw: np.ndarray, rows: sp.csr_matrix, k: int) -> np.ndarray:
-    """What Recommender._rank does, then its ids: non-finite scores and each user's training
-    items (``rows``) set to -inf, then the top ``k``.
-
-    A score block the model has just computed (float32, owning its memory) is masked in place;
-    anything else (a broadcast view, another dtype) is copied first, as ``_rank`` does.
-    """
-    fresh = (
-        isinstance(raw, np.ndarray)
-        and raw.dtype == np.float32
-        and raw.base is None
-        and raw.flags.writeable
-        and raw.flags.c_contiguous
-    )
-    scores = raw if fresh else np.array(raw, dtype=np.float32, copy=True)
-    scores[~np.isfinite(scores)] = NEG_INF
-    if rows.nnz:
-        coo = rows.tocoo()
-        scores[coo.row, coo.col] = NEG_INF
-    return top_k_ids(scores, k)
-
-
-def _shared_ranking_ids(row: np.ndarray, rows: sp.csr_matrix, k: int) -> np.ndarray:
-    """:func:`_masked_top_k` for a model that gives every user the same scores ``row``.
-
-    Each user's top ``k`` are the first ``k`` items of one shared ranking that the user has not
-    trained on, so only the best ``k + 1 + (most training items of a user)`` items are ranked,
-    once, instead of a full row per user. Users whose ``k``-th and ``k+1``-th unseen items tie,
-    or with fewer than ``k`` rankable items, go through :func:`_masked_top_k` (``topk``'s choice
-    among tied items is its partition's), so the ids are the same array in every case.
-    """
-    n_users, n_items = rows.shape
-    if n_users == 0:
-        return np.empty((0, k), np.int64)
-    scores = np.where(np.isfinite(row), row, NEG_INF).astype(np.float32)
-    per_user = np.diff(rows.indptr)
-    m = int(min(n_items, k + 1 + per_user.max()))
-    ranking = top_k_ids(scores[None, :], m)[0]  # best first, -1 past the finite scores
-    position = np.full(n_items, -1, dtype=np.int64)
-    ranked = ranking >= 0
-    position[ranking[ranked]] = np.flatnonzero(ranked)
-    taken = np.zeros((n_users, m), dtype=bool)
-    coo = rows.tocoo()
-    at = position[coo.col]
-    hit = at >= 0
-    taken[coo.row[hit], at[hit]] = True
-    taken[:, ~ranked] = True
-    width = min(k + 1, m)
-    # Stable: the untaken positions come first, in ranking order.
-    first = np.argsort(taken, axis=1, kind="stable")[:, :width]
-    ids = ranking[first]
-    valid = ~np.take_along_axis(taken, first, axis=1)
-    slow = ~valid[:, : min(k, width)].all(axis=1)
-    if width > k:
-        next_score = scores[np.where(valid[:, k], ids[:, k], 0)]
-        slow |= valid[:, k] & (scores[ids[:, k - 1]] == next_score)
-    out = ids[:, :k].astype(np.int64, copy=True)
-    if width < k:
-        out = np.pad(out, ((0, 0), (0, k - width)), constant_values=-1)
-    if slow.any():
-        index = np.flatnonzero(slow)
-        block = np.broadcast_to(scores, (len(index), n_items))
-        slow_ids = _masked_top_k(block, rows[index], k)
-        out[index, : slow_ids.shape[1]] = slow_ids  # topk gives min(k, items) columns
-    return out
-
-
 @dataclass(frozen=True)
 class _Prepared:
     """What every evaluation on one (train, test) pair shares, computed once."""
@@ -432,6 +345,7 @@ def _evaluate(
 ) -> Evaluation:
     train, test, popularity = prepared.train, prepared.test, prepared.popularity
     users = _holdout_users(test, prepared.unrankable)
+    pipeline = RankingPipeline.for_training(model, train)
     # Each batch holds a dense (batch x items) score matrix: keep it near 64 MB so large
     # catalogs stay in cache-friendly, memory-safe chunks.
     batch_size = min(batch_size, max(16, _SCORE_CELLS // max(1, train.shape[1])))
@@ -440,9 +354,7 @@ def _evaluate(
     parts: list[UserMetrics] = []
     for batch, start in enumerate(range(0, len(users), batch_size), start=1):
         batch_users = users[start : start + batch_size]
-        ids = _recommend_ids(model, batch_users, train, k)
-        if ids.shape[1] < k:  # fewer items than k in the catalog: pad like a short list
-            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+        ids = pipeline.rank_users(batch_users, k)  # training items are the users' seen items
         parts.append(
             per_user_metrics(
                 ids,

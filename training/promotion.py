@@ -1,10 +1,11 @@
 """The promotion gate: ``champion`` moves only to a version that is better on the same holdout.
 
-The current champion is downloaded and evaluated on this run's holdout (its own id maps are
-translated to this run's, users it does not know are scored by fold-in from their training
-items), so both numbers come from the same users and the same held-out items, those unseen in
-this run's training part counted as misses for both. A better new version gets alias
-``champion``; otherwise it gets ``challenger``. ``--force-promote`` overrides.
+The current champion is downloaded and evaluated on this run's holdout through the same ranking
+pipeline as every list (its own id maps are translated to this run's, users it does not know are
+folded in from their training items), so both numbers come from the same users and the same
+held-out items, those unseen in this run's training part counted as misses for both. A better
+new version gets alias ``champion``; otherwise it gets ``challenger``. ``--force-promote``
+overrides.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.artifact import ModelBundle
-from models.base import NEG_INF, top_k_ids
 from models.metrics import active_users, summarize
+from models.ranking import RankingPipeline
 from models.vocabulary import MISSING
-from training import registry
+from registry import mlflow_store
 from training.evaluate import Holdout
 
 logger = logging.getLogger(__name__)
@@ -52,30 +53,33 @@ def evaluate_bundle_on_split(
     known = to_bundle != MISSING
     from_bundle[to_bundle[known]] = np.flatnonzero(known)
     bundle_users = bundle.users.lookup(train.users.ids[users].tolist())
+    # Ranked as the new model is evaluated: every item of the catalog is a candidate (the
+    # availability of the champion's day does not judge this run's holdout).
+    pipeline = RankingPipeline(
+        bundle.model, seen=bundle.seen, popularity=bundle.popularity, items=bundle.items
+    )
     recs = np.full((len(users), k), -1, dtype=np.int64)
     n_bundle_items = len(bundle.items)
     for start in range(0, len(users), batch_size):
         sl = slice(start, start + batch_size)
         rows = train.matrix[users[sl]].tocoo()
         keep = known[rows.col]
+        # This run's training items, in the bundle's indices: what the champion must not
+        # recommend (as for the new model), and what it folds a user it never saw in from.
         history = sp.csr_matrix(
             (rows.data[keep], (rows.row[keep], to_bundle[rows.col[keep]])),
             shape=(rows.shape[0], n_bundle_items),
             dtype=np.float32,
         )
-        bu = bundle_users[sl]
-        scores = np.asarray(bundle.model.score_history(history), dtype=np.float32).copy()
-        known_rows = np.flatnonzero(bu != MISSING)
-        if len(known_rows):
-            scores[known_rows] = bundle.model.score_users(
-                bu[known_rows], bundle.seen[bu[known_rows]]
-            )
-        scores[:, from_bundle < 0] = NEG_INF  # items this run cannot judge
-        hc = history.tocoo()
-        scores[hc.row, hc.col] = NEG_INF  # seen items excluded, as for the new model
-        ids = top_k_ids(scores, k)  # the same ids as models.base.topk, in one pass
-        mapped = np.where(ids >= 0, from_bundle[np.maximum(ids, 0)], -1)
-        recs[sl] = mapped
+        ids = pipeline.rank_users(
+            bundle_users[sl],
+            k,
+            history=history,
+            exclude=history,
+            include_seen=True,  # the champion's own seen lists belong to another split
+            allowed=from_bundle >= 0,  # items this run cannot judge
+        )
+        recs[sl] = np.where(ids >= 0, from_bundle[np.maximum(ids, 0)], -1)
     item_users = np.bincount(train.matrix.indices, minlength=len(train.items))
     return summarize(
         recs,
@@ -100,11 +104,11 @@ def decide(
     force: bool = False,
 ) -> GateDecision:
     """Compare with the current champion and move the aliases; returns the decision."""
-    current = registry.get_alias_version(model_name, registry.CHAMPION)
+    current = mlflow_store.get_alias_version(model_name, mlflow_store.CHAMPION)
     champion_metric: float | None = None
     if current is not None and str(current.version) != str(new_version):
         try:
-            bundle = registry.load_model_uri(f"models:/{model_name}/{current.version}")
+            bundle = mlflow_store.load_model_uri(f"models:/{model_name}/{current.version}")
             champion_metric = float(
                 evaluate_bundle_on_split(bundle, train, test, k=k).get(metric_name, math.nan)
             )
@@ -120,8 +124,8 @@ def decide(
     else:
         promoted = new_metric > champion_metric
         why = "better" if promoted else "not better"
-    alias = registry.CHAMPION if promoted else registry.CHALLENGER
-    registry.set_alias(model_name, alias, new_version)
+    alias = mlflow_store.CHAMPION if promoted else mlflow_store.CHALLENGER
+    mlflow_store.set_alias(model_name, alias, new_version)
     champ = "n/a" if champion_metric is None else f"{champion_metric:.4f}"
     message = (
         f"version {new_version} -> {alias} ({why}: {metric_name} new {new_metric:.4f} vs "

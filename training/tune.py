@@ -34,6 +34,7 @@ from implicit.recommender_base import ModelFitError
 
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import build_holdout, evaluate
+from training.fit import fit_model
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +232,6 @@ def tune(
     trial: ``number``, ``params``, ``value``, ``reused``, and ``failed`` with the reason for a
     diverged fit).
     """
-    from training.pipeline import fit_model  # local: pipeline imports this module
-
     search = SEARCHES.get(algorithm)
     if search is None:
         logger.info("%s has no hyperparameters to tune; skipping", algorithm)

@@ -1,4 +1,5 @@
-"""Shared fixtures of the model tests: a synthetic two-taste data set, fitted models and bundles.
+"""Shared fixtures of the model tests: a synthetic two-taste data set, fitted models, bundles
+and the ranking pipelines over them.
 
 Users come in two taste clusters: even users only touch items ``0..29``, odd users only items
 ``30..59``, with Zipf-like popularity inside each cluster, so recommendation quality is checkable.
@@ -16,6 +17,7 @@ import scipy.sparse as sp
 
 from models.artifact import ItemCatalog, ModelBundle
 from models.base import Recommender
+from models.ranking import RankingPipeline
 from models.registry import get_algorithm
 from models.vocabulary import Vocabulary
 
@@ -55,11 +57,11 @@ class Synthetic:
     def cluster_items(self, cluster: int) -> np.ndarray:
         return np.flatnonzero(self.item_cluster == cluster)
 
-    def history(self, *rows: list[int]) -> sp.csr_matrix:
-        """One history row (weight 1) per list of item indices."""
+    def history(self, *rows: list[int], weight: float = 1.0) -> sp.csr_matrix:
+        """One history row (each item weighing ``weight``) per list of item indices."""
         data, row_ids, col_ids = [], [], []
         for r, items in enumerate(rows):
-            data += [1.0] * len(items)
+            data += [weight] * len(items)
             row_ids += [r] * len(items)
             col_ids += list(items)
         return sp.csr_matrix(
@@ -140,3 +142,34 @@ def bundle_for(
 ) -> Callable[[str], ModelBundle]:
     """``bundle_for(name)``: a bundle around the shared fitted model of that algorithm."""
     return lambda name: make_bundle(fitted(name), synthetic)
+
+
+@pytest.fixture(scope="session")
+def training_pipeline(
+    synthetic: Synthetic, fitted: Callable[[str], Recommender]
+) -> Callable[[str], RankingPipeline]:
+    """``training_pipeline(name)``: the pipeline evaluation ranks that model with (every item
+    available, each user's training items seen, no id maps)."""
+    cache: dict[str, RankingPipeline] = {}
+
+    def get(name: str) -> RankingPipeline:
+        if name not in cache:
+            cache[name] = RankingPipeline.for_training(fitted(name), synthetic.user_items)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pipeline_for(
+    bundle_for: Callable[[str], ModelBundle],
+) -> Callable[[str], RankingPipeline]:
+    """``pipeline_for(name)``: the pipeline serving that model's bundle (catalog, id maps)."""
+    cache: dict[str, RankingPipeline] = {}
+
+    def get(name: str) -> RankingPipeline:
+        if name not in cache:
+            cache[name] = RankingPipeline.from_bundle(bundle_for(name))
+        return cache[name]
+
+    return get

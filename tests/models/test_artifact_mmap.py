@@ -16,6 +16,7 @@ import pytest
 from models.artifact import ModelBundle, load_artifact, map_npz, save_artifact
 from models.errors import ArtifactError
 from models.npz import read_npz, write_npz
+from models.ranking import ListKind, ListRequest, RankingPipeline
 
 
 def mapped(array: np.ndarray) -> bool:
@@ -45,12 +46,19 @@ def test_mapped_and_copied_loads_recommend_the_same(
     bundle_for: Callable[[str], ModelBundle], tmp_path: Path
 ) -> None:
     save_artifact(bundle_for("als"), tmp_path)
-    a, b = load_artifact(tmp_path), load_artifact(tmp_path, mapped=False)
-    users = np.arange(a.model.n_users)
-    ids_a, scores_a = a.model.recommend(users, a.seen, N=5)
-    ids_b, scores_b = b.model.recommend(users, b.seen, N=5)
-    np.testing.assert_array_equal(ids_a, ids_b)
-    np.testing.assert_array_equal(scores_a, scores_b)
+    a, b = (
+        RankingPipeline.from_bundle(load_artifact(tmp_path)),
+        RankingPipeline.from_bundle(load_artifact(tmp_path, mapped=False)),
+    )
+    users = np.arange(a.model.n_users)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(a.rank_users(users, 5), b.rank_users(users, 5))
+    for user in range(0, len(users), 20):
+        ranked_a = a.rank(ListRequest(ListKind.USER, 5, user=user))
+        ranked_b = b.rank(ListRequest(ListKind.USER, 5, user=user))
+        np.testing.assert_array_equal(ranked_a.ids, ranked_b.ids)
+        np.testing.assert_array_equal(ranked_a.scores, ranked_b.scores)
+    similar = ListRequest(ListKind.SIMILAR, 5, items=np.array([3, 33]))
+    np.testing.assert_array_equal(a.rank(similar).ids, b.rank(similar).ids)
 
 
 def test_map_npz_reads_what_write_npz_wrote(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """The serving fast paths give the plain float32 answers: block top-k and batched scoring.
 
-``top_k_row`` must return exactly what a full partition returns (ids and order, up to ties),
-and the engine, whose scoring batches concurrent requests into one GEMM, must answer every user
-with the same list as a naive per-user ``item_factors @ user`` ranking, also under concurrency.
+``top_k_row`` must return exactly what a full sort returns (ids and order, ties by item index),
+and the ranking pipeline, whose "more like this" batches concurrent requests into one pass, must
+answer every user with the same list as a naive per-user ``item_factors @ user`` ranking, also
+under concurrency.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import pytest
 import scipy.sparse as sp
 
 from models.artifact import ItemCatalog, ModelBundle
-from models.base import NEG_INF, topk
-from models.engine import Engine, ScoreBatcher
+from models.batching import ScoreBatcher
 from models.factorization import ALS
-from models.search import top_k_row
+from models.ranking import RankingPipeline
+from models.topk import NEG_INF, top_k_row, topk
 from models.vocabulary import Vocabulary
 
 
@@ -36,15 +37,12 @@ def test_block_top_k_equals_full_partition(n: int, k: int) -> None:
         ids, top = top_k_row(scores.copy(), k)
         want_ids, want_top = topk(scores[None, :], k)
         np.testing.assert_array_equal(top, want_top[0])
-        # Above the k-th score the ids are the same, in the same order; at the k-th score any
-        # of the tied items is as right as another (a full argpartition picks arbitrarily too).
-        above = top > top[-1]
-        np.testing.assert_array_equal(ids[above], want_ids[0][above])
-        tied = ids[~above]
-        real = tied >= 0
-        assert len(set(tied[real].tolist())) == real.sum()
-        np.testing.assert_array_equal(scores[tied[real]], top[~above][real])
-        np.testing.assert_array_equal(real, want_ids[0][~above] >= 0)
+        # The same ids in the same order, ties at the k-th place included: a full sort by
+        # (score descending, item index), where -inf items are never returned.
+        np.testing.assert_array_equal(ids, want_ids[0])
+        order = np.lexsort((np.arange(n), -scores))[:k]
+        order = np.where(np.isneginf(scores[order]), -1, order)
+        np.testing.assert_array_equal(ids, order)
 
 
 def test_block_top_k_with_everything_filtered_returns_no_ids() -> None:
@@ -99,7 +97,7 @@ def test_batcher_hands_a_scoring_error_to_every_caller_of_the_batch() -> None:
 
 
 @pytest.fixture(scope="module")
-def big_engine() -> tuple[Engine, ALS, sp.csr_matrix]:
+def big_pipeline() -> tuple[RankingPipeline, ALS, sp.csr_matrix]:
     rng = np.random.default_rng(7)
     n_users, n_items, factors = 300, 6_000, 16
     model = ALS(factors=factors)
@@ -120,7 +118,7 @@ def big_engine() -> tuple[Engine, ALS, sp.csr_matrix]:
         popularity=np.zeros(n_items, np.float32),
         trending=np.zeros(n_items, np.float32),
     )
-    return Engine(bundle), model, seen
+    return RankingPipeline.from_bundle(bundle), model, seen
 
 
 def naive(model: ALS, seen: sp.csr_matrix, user: int, k: int) -> list[int]:
@@ -129,20 +127,24 @@ def naive(model: ALS, seen: sp.csr_matrix, user: int, k: int) -> list[int]:
     return [int(i) for i in np.lexsort((np.arange(len(scores)), -scores))[:k]]
 
 
+def number(item_id: str) -> int:
+    return int(item_id[1:])
+
+
 def recall_at(k: int, got: list[int], want: list[int]) -> float:
     return len(set(got) & set(want)) / k
 
 
 @pytest.mark.parametrize("threads", [1, 8])
-def test_engine_matches_naive_float32_ranking(
-    big_engine: tuple[Engine, ALS, sp.csr_matrix], threads: int
+def test_pipeline_matches_naive_float32_ranking(
+    big_pipeline: tuple[RankingPipeline, ALS, sp.csr_matrix], threads: int
 ) -> None:
-    engine, model, seen = big_engine
+    pipeline, model, seen = big_pipeline
     got: dict[int, list[int]] = {}
 
     def work(users: range) -> None:
         for u in users:
-            got[u] = engine.recommend(f"u{u}", 10).indices.tolist()
+            got[u] = pipeline.recommend(f"u{u}", 10).indices.tolist()
 
     chunks: list[Callable[[], None]] = [
         (lambda r=range(t, model.n_users, threads): work(r)) for t in range(threads)
@@ -158,12 +160,15 @@ def test_engine_matches_naive_float32_ranking(
     assert np.mean(recalls) >= 0.99
     exact = np.mean([got[u] == naive(model, seen, u, 10) for u in range(model.n_users)])
     assert exact >= 0.95
+    # Evaluation's batch search gives every user the very list served.
+    batch = pipeline.rank_users(np.arange(model.n_users), 10)
+    assert [row.tolist() for row in batch] == [got[u] for u in range(model.n_users)]
 
 
 def test_single_user_fold_in_equals_the_sparse_fold_in(
-    big_engine: tuple[Engine, ALS, sp.csr_matrix],
+    big_pipeline: tuple[RankingPipeline, ALS, sp.csr_matrix],
 ) -> None:
-    _, model, _ = big_engine
+    _, model, _ = big_pipeline
     rng = np.random.default_rng(3)
     items = np.sort(rng.choice(model.n_items, size=50, replace=False))
     values = rng.uniform(0.5, 3.0, size=50).astype(np.float32)
@@ -176,13 +181,20 @@ def test_single_user_fold_in_equals_the_sparse_fold_in(
     )
 
 
-def test_engine_fold_in_ranks_like_the_sparse_path(
-    big_engine: tuple[Engine, ALS, sp.csr_matrix],
+def test_pipeline_fold_in_ranks_like_the_sparse_path(
+    big_pipeline: tuple[RankingPipeline, ALS, sp.csr_matrix],
 ) -> None:
-    engine, model, _ = big_engine
+    pipeline, model, seen = big_pipeline
     recent = [f"i{i}" for i in (5, 17, 17, 400, 4000, 5999)]  # a repeat counts twice
-    got = engine.recommend("new-user", 10, recent_item_ids=recent)
-    history = engine._history_row(engine._known_items(recent))
+    got = pipeline.recommend("new-user", 10, recent_item_ids=recent)
+    # Each recent item weighs the median training confidence (1 here); a repeat adds up.
+    weight = float(np.median(seen.data))
+    items = [number(i) for i in recent]
+    history = sp.csr_matrix(
+        (np.full(len(items), weight, np.float32), (np.zeros(len(items), np.int64), items)),
+        shape=(1, model.n_items),
+    )
+    assert history[0, 17] == 2 * weight
     scores = model.score_history(history)[0]
     scores[[5, 17, 400, 4000, 5999]] = -np.inf
     want = np.lexsort((np.arange(len(scores)), -scores))[:10]
@@ -198,16 +210,16 @@ def naive_similar(model: ALS, query: list[int], k: int) -> list[int]:
 
 @pytest.mark.parametrize("threads", [1, 8])
 def test_similar_items_match_a_naive_cosine_ranking(
-    big_engine: tuple[Engine, ALS, sp.csr_matrix], threads: int
+    big_pipeline: tuple[RankingPipeline, ALS, sp.csr_matrix], threads: int
 ) -> None:
-    engine, model, _ = big_engine
+    pipeline, model, _ = big_pipeline
     rng = np.random.default_rng(11)
     queries = [rng.choice(model.n_items, size=1 + i % 3, replace=False).tolist() for i in range(96)]
     got: dict[int, list[int]] = {}
 
     def work(start: int) -> None:
         for i in range(start, len(queries), threads):
-            recs = engine.similar_items([f"i{q}" for q in queries[i]], 10)
+            recs = pipeline.similar_items([f"i{q}" for q in queries[i]], 10)
             got[i] = recs.indices.tolist()
 
     pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]

@@ -26,7 +26,7 @@ def test_warm_up_compiles_every_signature_a_server_calls() -> None:
     index = NormOrderedIndex(factors, first_block=256)
     frozen = np.zeros(3000, dtype=bool)
     frozen[::7] = True
-    frozen.setflags(write=False)  # what Engine._disallowed hands out
+    frozen.setflags(write=False)  # what RankingPipeline._disallowed hands out
     for disallowed in (None, frozen):
         for vector in (rng.standard_normal(16), rng.standard_normal(16).astype(np.float32)):
             blocked = index.positions(np.array([3, 5, 5, 2999]))

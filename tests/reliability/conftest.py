@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tests.service.conftest import artifact_dir, engine, tracking
+from tests.service.conftest import artifact_dir, pipeline, tracking
 
-__all__ = ["artifact_dir", "engine", "tracking"]
+__all__ = ["artifact_dir", "pipeline", "tracking"]

@@ -18,7 +18,7 @@ from bench.reliability import (
     serving,
     stale_responses,
 )
-from models.engine import Engine
+from models.ranking import RankingPipeline
 from service.loader import ModelHolder, ModelMeta, load_directory
 from tests.service.conftest import build_bundle, client_for, running, settings_for
 
@@ -26,20 +26,20 @@ from tests.service.conftest import build_bundle, client_for, running, settings_f
 def test_a_swapped_out_model_is_freed_without_waiting_for_the_garbage_collector(
     artifact_dir: Path, tmp_path: Path
 ) -> None:
-    # A reference cycle would keep every old engine (hundreds of MB in production) until a
+    # A reference cycle would keep every old pipeline (hundreds of MB in production) until a
     # full collection, which a busy server may not run for a long time: memory would grow.
     holder = ModelHolder()
-    old: list[weakref.ref[Engine]] = []
+    old: list[weakref.ref[RankingPipeline]] = []
     gc.disable()
     try:
         with running(settings_for(artifact_dir, tmp_path), holder) as port, client_for(port) as c:
             for version in range(6):
                 meta = ModelMeta("m", str(version), "", "", "test")
                 loaded = load_directory(artifact_dir, meta)
-                old.append(weakref.ref(loaded.engine))
+                old.append(weakref.ref(loaded.pipeline))
                 holder.swap(loaded)
                 del loaded
-                # Exercise the engine's caches (filters) before the next swap.
+                # Exercise the pipeline's caches (filters) before the next swap.
                 assert c.recommend("u01", k=3, item_types=["content"]).model.version == str(version)
                 assert c.popular(k=2, categories=["a"]).items
                 assert sum(ref() is not None for ref in old) == 1

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from models.artifact import ItemCatalog, ModelBundle, load_artifact, save_artifact
-from models.engine import Engine
+from models.ranking import RankingPipeline
 from models.registry import get_algorithm
 from models.vocabulary import Vocabulary
 from service.client import AffinityClient
@@ -91,8 +91,8 @@ def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(artifact_dir: Path) -> Engine:
-    return Engine(load_artifact(artifact_dir))
+def pipeline(artifact_dir: Path) -> RankingPipeline:
+    return RankingPipeline.from_bundle(load_artifact(artifact_dir))
 
 
 def free_port() -> int:
@@ -115,16 +115,16 @@ def settings_for(model_uri: str | Path, tmp_path: Path, **overrides: Any) -> Ser
     return ServeSettings(**values)
 
 
-def loaded_model(engine: Engine, version: str = "") -> LoadedModel:
+def loaded_model(pipeline: RankingPipeline, version: str = "") -> LoadedModel:
     meta = ModelMeta(
         name="affinity-test",
         version=version,
         run_id="",
-        algorithm=engine.model.algorithm,
+        algorithm=pipeline.model.algorithm,
         source_uri="test",
         dataset_fingerprint="synthetic-0",
     )
-    return LoadedModel(engine, meta)
+    return LoadedModel(pipeline, meta)
 
 
 @contextlib.contextmanager
@@ -151,11 +151,11 @@ def status_of(call: Any) -> grpc.StatusCode:
     return info.value.code()  # type: ignore[no-any-return, attr-defined]
 
 
-class GatedEngine(Engine):
-    """An engine whose recommend() waits for a gate, to hold requests in flight on purpose."""
+class GatedPipeline(RankingPipeline):
+    """A pipeline whose recommend() waits for a gate, to hold requests in flight on purpose."""
 
-    def __init__(self, bundle: ModelBundle) -> None:
-        super().__init__(bundle)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.entered = threading.Semaphore(0)
 
@@ -184,7 +184,7 @@ def tracking(
 
 def register(artifact: Path, alias: str | None = "champion") -> str:
     """Register ``artifact`` as a new version of MODEL_NAME (pointing ``alias`` at it)."""
-    from training.registry import log_and_register, set_alias
+    from registry.mlflow_store import log_and_register, set_alias
 
     with mlflow.start_run():
         version = log_and_register(artifact, model_name=MODEL_NAME)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from models.engine import Engine
-from service.cli import SERVE_OPTIONS, main
+from affinity.cli import main
+from models.ranking import RankingPipeline
+from service.cli import SERVE_OPTIONS
 from service.client import AffinityClient
 from service.config import ServeSettings
 from service.cpus import parse_cpu_list
@@ -30,10 +31,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def target(
-    engine: Engine, artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     holder = ModelHolder()
-    holder.swap(loaded_model(engine, version="3"))
+    holder.swap(loaded_model(pipeline, version="3"))
     with running(settings_for(artifact_dir, tmp_path_factory.mktemp("cli")), holder) as port:
         yield f"127.0.0.1:{port}"
 
@@ -50,6 +51,22 @@ def test_serve_help_documents_every_option_and_its_variable(
         assert str(ServeSettings.model_fields[field].validation_alias) in text
     # Every settings field is reachable from the command line.
     assert {field for field, _, _ in SERVE_OPTIONS.values()} == set(ServeSettings.model_fields)
+
+
+def test_one_command_holds_training_and_service_subcommands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out.split()
+    training = ["generate", "train", "batch-recommend"]
+    service = ["serve", "recommend", "similar", "popular", "model-info", "health"]
+    assert all(command in listed for command in training + service)
+    # A user mistake: one line naming the subcommand, exit code 2, no traceback.
+    assert main(["generate", "--out", str(tmp_path), "--users", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("affinity generate: error:")
 
 
 @pytest.mark.parametrize(
@@ -153,7 +170,7 @@ def test_two_workers_share_a_port_and_stop_on_sigterm(artifact_dir: Path, tmp_pa
         "AFFINITY_CACHE_DIR": str(tmp_path / "cache"),
         "PYTHONPATH": str(REPO),
     }
-    command = [sys.executable, "-m", "training.cli", "serve", "--workers", "2"]
+    command = [sys.executable, "-m", "affinity", "serve", "--workers", "2"]
     command += ["--port", str(port), "--host", "127.0.0.1", "--model", str(artifact_dir)]
     command += ["--log-format", "json", "--grace-seconds", "2"]
     metrics_port = free_port()
@@ -251,7 +268,7 @@ def test_corrupt_local_artifact_fails_before_serving(artifact_dir: Path, tmp_pat
     data[-10] ^= 0x01
     (corrupt / "seen.npz").write_bytes(data)
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--model", str(corrupt)]
+    command = [sys.executable, "-m", "affinity", "serve", "--model", str(corrupt)]
     command += ["--workers", "2", "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
     done = subprocess.run(
         command,

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from models.engine import Engine
+from models.ranking import RankingPipeline
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service.loader import ModelHolder
@@ -101,7 +101,9 @@ raw_bodies = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def channel(engine: Engine, artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def channel(
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
     options = [
         ("grpc.max_send_message_length", 8 * MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", 8 * MAX_MESSAGE_BYTES),
@@ -111,7 +113,7 @@ def channel(engine: Engine, artifact_dir: Path, tmp_path_factory: pytest.TempPat
             yield chan
         return
     holder = ModelHolder()
-    holder.swap(loaded_model(engine))
+    holder.swap(loaded_model(pipeline))
     config = settings_for(
         artifact_dir,
         tmp_path_factory.mktemp("fuzz"),

@@ -14,15 +14,15 @@ import pytest
 from grpc_health.v1 import health
 from prometheus_client import REGISTRY
 
-from models.engine import Engine
 from models.errors import ArtifactError
+from models.ranking import RankingPipeline
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service.loader import LoadedModel, ModelHolder, ModelLoader
 from service.memory import malloc_trim
 from tests.service.conftest import (
     MODEL_NAME,
-    GatedEngine,
+    GatedPipeline,
     client_for,
     free_port,
     loaded_model,
@@ -174,13 +174,13 @@ def test_unreachable_registry_without_cache_stays_not_serving(
 
 
 def test_graceful_shutdown_finishes_in_flight_calls(
-    engine: Engine, artifact_dir: Path, tmp_path: Path
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path
 ) -> None:
     from service.server import create_server
 
-    gated = GatedEngine(engine.bundle)
+    gated = GatedPipeline.from_bundle(pipeline.bundle)
     holder = ModelHolder()
-    holder.swap(LoadedModel(gated, loaded_model(engine).meta))
+    holder.swap(LoadedModel(gated, loaded_model(pipeline).meta))
     health_servicer = health.HealthServicer()
     server, port = create_server(
         settings_for(artifact_dir, tmp_path), holder, health_servicer=health_servicer
@@ -204,11 +204,11 @@ def test_graceful_shutdown_finishes_in_flight_calls(
 
 
 def test_requests_past_the_in_flight_limit_are_resource_exhausted(
-    engine: Engine, artifact_dir: Path, tmp_path: Path
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path
 ) -> None:
-    gated = GatedEngine(engine.bundle)
+    gated = GatedPipeline.from_bundle(pipeline.bundle)
     holder = ModelHolder()
-    holder.swap(LoadedModel(gated, loaded_model(engine).meta))
+    holder.swap(LoadedModel(gated, loaded_model(pipeline).meta))
     settings = settings_for(artifact_dir, tmp_path, max_in_flight=2)
     with running(settings, holder) as port, client_for(port) as client:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -11,14 +11,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from models.engine import Engine
+from models.ranking import RankingPipeline
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service.client import AffinityClient
 from service.loader import LoadedModel, ModelHolder
 from tests.service.conftest import (
     CLUSTER_ITEMS,
-    GatedEngine,
+    GatedPipeline,
     client_for,
     cluster_of,
     loaded_model,
@@ -32,10 +32,10 @@ MAX_K, MAX_IDS = 50, 5
 
 @pytest.fixture(scope="module")
 def port(
-    artifact_dir: Path, engine: Engine, tmp_path_factory: pytest.TempPathFactory
+    artifact_dir: Path, pipeline: RankingPipeline, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[int]:
     holder = ModelHolder()
-    holder.swap(loaded_model(engine, version="7"))
+    holder.swap(loaded_model(pipeline, version="7"))
     settings = settings_for(
         artifact_dir, tmp_path_factory.mktemp("rpcs"), max_k=MAX_K, max_ids=MAX_IDS
     )
@@ -50,10 +50,10 @@ def client(port: int) -> Iterator[AffinityClient]:
 
 
 def test_recommend_known_user_gets_own_cluster_unseen_items(
-    client: AffinityClient, engine: Engine
+    client: AffinityClient, pipeline: RankingPipeline
 ) -> None:
     result = client.recommend("u03", k=5)
-    seen = set(engine.bundle.items.decode(engine.bundle.seen[3].indices))
+    seen = set(pipeline.bundle.items.decode(pipeline.bundle.seen[3].indices))
     assert len(result.items) == 5
     assert result.source == "personalized"
     assert not seen & set(result.item_ids)
@@ -77,8 +77,8 @@ def test_recommendation_ids_are_unique(client: AffinityClient) -> None:
     assert len(ids) == 5
 
 
-def test_include_seen_returns_seen_items(client: AffinityClient, engine: Engine) -> None:
-    seen = set(engine.bundle.items.decode(engine.bundle.seen[3].indices))
+def test_include_seen_returns_seen_items(client: AffinityClient, pipeline: RankingPipeline) -> None:
+    seen = set(pipeline.bundle.items.decode(pipeline.bundle.seen[3].indices))
     result = client.recommend("u03", k=8, include_seen=True)
     assert seen & set(result.item_ids)
 
@@ -210,16 +210,18 @@ def test_reflection_lists_the_services(port: int) -> None:
     assert {"affinity.v1.Recommender", "grpc.health.v1.Health"} <= names
 
 
-class _BrokenEngine(Engine):
+class _BrokenPipeline(RankingPipeline):
     def popular(self, *args: object, **kwargs: object) -> object:
         raise RuntimeError("secret internal detail")
 
 
 def test_unexpected_errors_are_internal_with_a_generic_message(
-    engine: Engine, artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     holder = ModelHolder()
-    holder.swap(LoadedModel(_BrokenEngine(engine.bundle), loaded_model(engine).meta))
+    holder.swap(
+        LoadedModel(_BrokenPipeline.from_bundle(pipeline.bundle), loaded_model(pipeline).meta)
+    )
     with running(settings_for(artifact_dir, tmp_path), holder) as port, client_for(port) as c:
         with pytest.raises(grpc.RpcError) as info:
             c.popular(k=3)
@@ -230,7 +232,7 @@ def test_unexpected_errors_are_internal_with_a_generic_message(
 
 
 def test_health_and_unavailable_until_a_model_is_loaded(
-    engine: Engine, artifact_dir: Path, tmp_path: Path
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path
 ) -> None:
     holder = ModelHolder()
     with running(settings_for(artifact_dir, tmp_path), holder) as port, client_for(port) as c:
@@ -238,18 +240,18 @@ def test_health_and_unavailable_until_a_model_is_loaded(
         assert c.health("affinity.v1.Recommender") == "NOT_SERVING"
         assert status_of(lambda: c.recommend("u01", k=3)) == grpc.StatusCode.UNAVAILABLE
         assert status_of(c.model_info) == grpc.StatusCode.UNAVAILABLE
-        holder.swap(loaded_model(engine, version="1"))
+        holder.swap(loaded_model(pipeline, version="1"))
         assert c.health() == "SERVING"
         assert c.health("affinity.v1.Recommender") == "SERVING"
         assert c.recommend("u01", k=3).model.version == "1"
 
 
 def test_expired_deadline_is_deadline_exceeded(
-    engine: Engine, artifact_dir: Path, tmp_path: Path
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path
 ) -> None:
-    gated = GatedEngine(engine.bundle)
+    gated = GatedPipeline.from_bundle(pipeline.bundle)
     holder = ModelHolder()
-    holder.swap(LoadedModel(gated, loaded_model(engine).meta))
+    holder.swap(LoadedModel(gated, loaded_model(pipeline).meta))
     with (
         running(settings_for(artifact_dir, tmp_path), holder) as port,
         grpc.insecure_channel(f"127.0.0.1:{port}") as channel,

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from models.engine import Engine
+from models.ranking import RankingPipeline
 from service.client import AffinityClient
 from service.loader import ModelHolder
 from tests.service.conftest import client_for, loaded_model, running, settings_for, status_of
@@ -57,12 +57,12 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def secure_port(
-    engine: Engine, artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[int, bytes]]:
     tmp = tmp_path_factory.mktemp("tls")
     cert, key = _self_signed(tmp)
     holder = ModelHolder()
-    holder.swap(loaded_model(engine))
+    holder.swap(loaded_model(pipeline))
     settings = settings_for(artifact_dir, tmp, tls_cert=cert, tls_key=key, token=TOKEN)
     with running(settings, holder) as port:
         yield port, cert.read_bytes()
@@ -106,10 +106,10 @@ def test_client_rejects_a_server_certificate_it_does_not_trust(
 
 
 def test_token_is_never_logged(
-    engine: Engine, artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     holder = ModelHolder()
-    holder.swap(loaded_model(engine))
+    holder.swap(loaded_model(pipeline))
     settings = settings_for(artifact_dir, tmp_path, token=TOKEN)
     caplog.set_level("DEBUG")
     with running(settings, holder) as port:
@@ -123,7 +123,7 @@ def test_token_is_never_logged(
 
 
 def test_token_is_compared_in_constant_time(
-    engine: Engine, artifact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A timing measurement would be flaky; instead prove every check goes through
     # hmac.compare_digest (constant time for equal-length inputs, no early exit on a prefix).
@@ -138,7 +138,7 @@ def test_token_is_compared_in_constant_time(
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
     holder = ModelHolder()
-    holder.swap(loaded_model(engine))
+    holder.swap(loaded_model(pipeline))
     settings = settings_for(artifact_dir, tmp_path, token=TOKEN)
     with running(settings, holder) as port:
         with client_for(port, token=TOKEN[:-1] + "X") as near_miss:
@@ -152,9 +152,9 @@ def test_token_is_compared_in_constant_time(
 
 
 @pytest.fixture
-def limited_port(engine: Engine, artifact_dir: Path, tmp_path: Path) -> Iterator[int]:
+def limited_port(pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path) -> Iterator[int]:
     holder = ModelHolder()
-    holder.swap(loaded_model(engine))
+    holder.swap(loaded_model(pipeline))
     settings = settings_for(
         artifact_dir, tmp_path, max_k=20, max_ids=10, max_message_bytes=64 * 1024
     )
@@ -183,16 +183,16 @@ def test_k_and_id_count_limits(limited_port: int) -> None:
 
 
 def test_concurrent_streams_per_connection_are_capped(
-    engine: Engine, artifact_dir: Path, tmp_path: Path
+    pipeline: RankingPipeline, artifact_dir: Path, tmp_path: Path
 ) -> None:
     from protos.affinity.v1 import recommender_pb2 as pb
     from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
     from service.loader import LoadedModel
-    from tests.service.conftest import GatedEngine
+    from tests.service.conftest import GatedPipeline
 
-    gated = GatedEngine(engine.bundle)
+    gated = GatedPipeline.from_bundle(pipeline.bundle)
     holder = ModelHolder()
-    holder.swap(LoadedModel(gated, loaded_model(engine).meta))
+    holder.swap(LoadedModel(gated, loaded_model(pipeline).meta))
     settings = settings_for(artifact_dir, tmp_path, max_concurrent_streams=1)
     # A private subchannel pool gives each channel its own connection.
     options = [("grpc.use_local_subchannel_pool", 1)]

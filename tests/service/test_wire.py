@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from models.artifact import ItemCatalog
-from models.engine import Engine, ItemFilter, Recommendations, Source
+from models.ranking import ItemFilter, RankingPipeline, Recommendations, Source
 from models.vocabulary import Vocabulary
 from protos.affinity.v1 import recommender_pb2 as pb
 from service.servicer import SOURCES
-from service.wire import ListingEncoder, model_ref
+from service.wire import (
+    LISTING_FIELDS,
+    RECOMMEND_FIELDS,
+    SCORED_ITEM_FIELDS,
+    ListingEncoder,
+    model_ref,
+)
 
 from .conftest import build_bundle, loaded_model
 
@@ -32,29 +39,29 @@ def scored_items(recs: Recommendations, catalog: ItemCatalog) -> list[pb.ScoredI
     ]
 
 
-def listings(engine: Engine) -> list[Recommendations]:
+def listings(pipeline: RankingPipeline) -> list[Recommendations]:
     """Every kind of list the service returns: personalized, folded in, popular fallback,
     filtered, similar items, popular and trending."""
     return [
-        engine.recommend("u01", 5),
-        engine.recommend("u50", 10, exclude_item_ids=["i60"]),
-        engine.recommend("nobody", 4, recent_item_ids=["i01", "i02", "i03"]),
-        engine.recommend("nobody", 6),
-        engine.recommend("u02", 8, item_filter=ItemFilter.of(["product"], [])),
-        engine.similar_items(["i05"], 7),
-        engine.popular(9),
-        engine.popular(3, trending=True),
+        pipeline.recommend("u01", 5),
+        pipeline.recommend("u50", 10, exclude_item_ids=["i60"]),
+        pipeline.recommend("nobody", 4, recent_item_ids=["i01", "i02", "i03"]),
+        pipeline.recommend("nobody", 6),
+        pipeline.recommend("u02", 8, item_filter=ItemFilter.of(["product"], [])),
+        pipeline.similar_items(["i05"], 7),
+        pipeline.popular(9),
+        pipeline.popular(3, trending=True),
     ]
 
 
-def test_recommend_bytes_are_the_message_protobuf_builds(engine: Engine) -> None:
-    loaded = loaded_model(engine, version="3")
-    encoder = ListingEncoder(engine, loaded.meta)
-    for number, recs in enumerate(listings(engine)):
+def test_recommend_bytes_are_the_message_protobuf_builds(pipeline: RankingPipeline) -> None:
+    loaded = loaded_model(pipeline, version="3")
+    encoder = ListingEncoder(pipeline, loaded.meta)
+    for number, recs in enumerate(listings(pipeline)):
         assert len(recs) > 0
         rec_id = f"{number:032x}"
         expected = pb.RecommendResponse(
-            items=scored_items(recs, engine.bundle.catalog),
+            items=scored_items(recs, pipeline.bundle.catalog),
             source=SOURCES[recs.source],
             model=model_ref(loaded.meta),
             recommendation_id=rec_id,
@@ -68,13 +75,15 @@ def test_recommend_bytes_are_the_message_protobuf_builds(engine: Engine) -> None
         assert encoder.recommend(recs, SOURCES[recs.source], rec_id) == encoded
 
 
-def test_similar_and_popular_bytes_are_the_messages_protobuf_builds(engine: Engine) -> None:
-    loaded = loaded_model(engine, version="12")
-    encoder = ListingEncoder(engine, loaded.meta)
+def test_similar_and_popular_bytes_are_the_messages_protobuf_builds(
+    pipeline: RankingPipeline,
+) -> None:
+    loaded = loaded_model(pipeline, version="12")
+    encoder = ListingEncoder(pipeline, loaded.meta)
     for message in (pb.SimilarItemsResponse, pb.PopularResponse):
-        for recs in listings(engine):
+        for recs in listings(pipeline):
             expected = message(
-                items=scored_items(recs, engine.bundle.catalog),
+                items=scored_items(recs, pipeline.bundle.catalog),
                 model=model_ref(loaded.meta),
                 recommendation_id="r" * 32,
             )
@@ -95,9 +104,9 @@ def test_unusual_ids_empty_fields_and_zero_scores_round_trip() -> None:
         title=np.array([""] * n),
         available=np.ones(n, dtype=bool),
     )
-    engine = Engine(replace(bundle, items=Vocabulary(ids), catalog=catalog))
-    loaded = loaded_model(engine, version="1")
-    encoder = ListingEncoder(engine, loaded.meta)
+    pipeline = RankingPipeline.from_bundle(replace(bundle, items=Vocabulary(ids), catalog=catalog))
+    loaded = loaded_model(pipeline, version="1")
+    encoder = ListingEncoder(pipeline, loaded.meta)
     indices = np.array([0, n - 1, 1, 2, 30, 3], dtype=np.int64)
     recs = Recommendations(
         item_ids=[ids[i] for i in indices],
@@ -124,8 +133,42 @@ def test_unusual_ids_empty_fields_and_zero_scores_round_trip() -> None:
 
 
 @pytest.mark.parametrize("source", [Source.PERSONALIZED, Source.FOLD_IN, Source.POPULAR])
-def test_every_source_is_written(engine: Engine, source: Source) -> None:
-    recs = replace(engine.popular(2), source=source)
-    loaded = loaded_model(engine)
-    encoded = ListingEncoder(engine, loaded.meta).recommend(recs, SOURCES[source], "id")
+def test_every_source_is_written(pipeline: RankingPipeline, source: Source) -> None:
+    recs = replace(pipeline.popular(2), source=source)
+    loaded = loaded_model(pipeline)
+    encoded = ListingEncoder(pipeline, loaded.meta).recommend(recs, SOURCES[source], "id")
     assert pb.RecommendResponse.FromString(encoded).source == SOURCES[source]
+
+
+@pytest.mark.parametrize(
+    ("message", "written"),
+    [
+        (pb.ScoredItem, SCORED_ITEM_FIELDS),
+        (pb.RecommendResponse, RECOMMEND_FIELDS),
+        (pb.SimilarItemsResponse, LISTING_FIELDS),
+        (pb.PopularResponse, LISTING_FIELDS),
+    ],
+    ids=lambda value: getattr(getattr(value, "DESCRIPTOR", None), "name", ""),
+)
+def test_the_encoder_writes_every_field_of_the_listing_messages(
+    message: Any, written: tuple[str, ...]
+) -> None:
+    """A field added to the .proto must be added to service.wire too, or it is never sent."""
+    declared = set(message.DESCRIPTOR.fields_by_name)
+    missing = sorted(declared - set(written))
+    assert not missing, f"service.wire does not write {message.DESCRIPTOR.name}: {missing}"
+    assert declared == set(written)
+
+
+def test_the_listing_responses_share_their_field_numbers() -> None:
+    """One cached item piece (with the items tag) serves all three responses, and similar and
+    popular share one encoding: their numbering must agree."""
+    fields = {
+        message.DESCRIPTOR.name: message.DESCRIPTOR.fields_by_name
+        for message in (pb.RecommendResponse, pb.SimilarItemsResponse, pb.PopularResponse)
+    }
+    assert len({by_name["items"].number for by_name in fields.values()}) == 1
+    similar, popular = fields["SimilarItemsResponse"], fields["PopularResponse"]
+    assert [similar[name].number for name in LISTING_FIELDS] == [
+        popular[name].number for name in LISTING_FIELDS
+    ]

@@ -12,18 +12,18 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-import training.evaluate as module
-from models.base import ModelConfig, ProgressCallback, Recommender, top_k_ids, topk
+import models.ranking as ranking
+from models.base import ModelConfig, ProgressCallback, Recommender
 from models.errors import InvalidInputError
 from models.metrics import per_user_metrics, relevance_matrix
 from models.popularity import Popularity
+from models.ranking import ListKind, ListRequest, RankingPipeline
+from models.topk import top_k_ids, topk
 from models.vocabulary import Vocabulary
 from tests.training.conftest import interaction_frame
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import (
     Holdout,
-    _masked_top_k,
-    _shared_ranking_ids,
     build_holdout,
     evaluate,
     evaluate_with_baseline,
@@ -300,7 +300,7 @@ def test_top_k_ids_on_a_hand_built_row() -> None:
     np.testing.assert_array_equal(top_k_ids(row, 3), [[299, 5, 64]])
 
 
-def test_fast_ranking_matches_recommend_for_every_user() -> None:
+def test_evaluation_ranks_each_user_as_the_pipeline_ranks_one_request() -> None:
     rng = np.random.default_rng(3)
     n_users, n_items = 60, 700
     table = rng.integers(0, 6, (n_users, n_items)).astype(np.float32)  # many ties
@@ -311,8 +311,13 @@ def test_fast_ranking_matches_recommend_for_every_user() -> None:
     result = evaluate(model, train, test, k=10, batch_size=7)
     assert result.per_user is not None
     users = np.flatnonzero(np.diff(relevance_matrix(test).indptr))
-    expected, _ = model.recommend(users, sp.csr_matrix(train), N=10)
-    np.testing.assert_array_equal(result.per_user.recommended, expected)
+    pipeline = RankingPipeline.for_training(model, sp.csr_matrix(train))
+    expected = [pipeline.rank(ListRequest(ListKind.USER, 10, user=int(u))).ids for u in users]
+    np.testing.assert_array_equal(result.per_user.recommended, np.array(expected))
+    seen = sp.csr_matrix(train)
+    for u, recs in zip(users, result.per_user.recommended, strict=True):
+        assert not set(recs.tolist()) & set(seen[u].indices.tolist())
+        assert 11 not in recs  # a NaN score is never recommended
 
 
 def test_baseline_comparison_equals_two_separate_evaluations() -> None:
@@ -451,8 +456,11 @@ def test_popularity_ranking_shared_by_all_users_matches_the_masked_top_k(
     dense = (rng.random((n_users, n_items)) < density).astype(np.float32)
     dense[3] = 1.0  # a user who has every item: nothing left to recommend
     train = sp.csr_matrix(dense)
-    got = _shared_ranking_ids(row, train, k)
-    expected = _masked_top_k(np.broadcast_to(row, (n_users, n_items)), train, k)
+    mask = np.ones(n_items, dtype=bool)
+    mask[::7] = False  # a filter: never returned either
+    got = ranking._shared_ranking_ids(row, train, mask, k)
+    expected, _ = ranking._masked_best(np.broadcast_to(row, (n_users, n_items)), train, mask, k)
+    assert not np.isin(got, np.flatnonzero(~mask)).any()
     expected = np.pad(expected, ((0, 0), (0, k - expected.shape[1])), constant_values=-1)
     np.testing.assert_array_equal(got, expected)
     assert (got[3] == -1).all()
@@ -462,13 +470,13 @@ def test_evaluation_takes_the_shared_ranking_for_popularity(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[int] = []
-    original = module._shared_ranking_ids
+    original = ranking._shared_ranking_ids
 
-    def counting(row: np.ndarray, rows: sp.csr_matrix, k: int) -> np.ndarray:
+    def counting(row: np.ndarray, rows: sp.csr_matrix, mask: np.ndarray, k: int) -> np.ndarray:
         calls.append(rows.shape[0])
-        return original(row, rows, k)
+        return original(row, rows, mask, k)
 
-    monkeypatch.setattr(module, "_shared_ranking_ids", counting)
+    monkeypatch.setattr(ranking, "_shared_ranking_ids", counting)
     result = evaluate(Popularity().fit(TRAIN), TRAIN, TEST, k=2)
     assert calls == [3]  # one batch: the three users with held-out items
     assert result.metrics["precision_at_2"] == pytest.approx(0.5)  # the hand-computed value

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from affinity.cli import main
 from models.artifact import load_artifact
-from models.engine import Engine
+from models.ranking import RankingPipeline
+from registry.mlflow_store import load_model_uri
 from training import pipeline
-from training.cli import main
 from training.generate import generate
-from training.registry import load_model_uri
 
 MODEL = "affinity"
 
@@ -120,7 +120,7 @@ def test_train_logs_registers_and_promotes(
     # The registered artifact reloads to identical recommendations.
     local = load_artifact(_download(f"runs:/{summary['run_id']}/affinity_model"))
     registered = load_model_uri(f"models:/{MODEL}@champion")
-    a, b = Engine(local), Engine(registered)
+    a, b = RankingPipeline.from_bundle(local), RankingPipeline.from_bundle(registered)
     for user in local.users.ids[:25]:
         ra, rb = a.recommend(str(user), 10), b.recommend(str(user), 10)
         assert ra.item_ids == rb.item_ids

@@ -29,10 +29,10 @@ from bench.quality import (
     update_document,
 )
 from models.popularity import Popularity
+from registry.mlflow_store import configure_tracking
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import build_holdout, evaluate
 from training.split import train_validation_test
-from training.tracking import configure_tracking
 
 
 def _events(pairs: list[tuple[str, str]]) -> pd.DataFrame:

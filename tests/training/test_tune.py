@@ -16,7 +16,7 @@ import pytest
 from models.registry import get_algorithm
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import build_holdout, evaluate
-from training.pipeline import fit_model
+from training.fit import fit_model
 from training.split import split
 from training.tune import MIN_GAIN_Z, SEARCHES, Search, paired_gain, tune
 

@@ -1,0 +1,806 @@
+"""The one ranking pipeline: every list Affinity makes is made here.
+
+Served lists, ``batch-recommend``, the MLflow pyfunc, offline evaluation and the promotion gate
+all call :class:`RankingPipeline`, so a list is the same wherever it is made and the offline
+numbers in MLflow describe what users see. A list goes through five steps:
+
+1. **candidates**: personalized scores of a trained user, fold-in of a user known only by
+   recent items, items similar to query items, or popular / trending items;
+2. **filters**: availability, item type and category, the user's seen items, excluded ids;
+3. **re-ranking stages**: an ordered list of small steps (:class:`RerankStage`) that rescore or
+   reorder the candidates; empty by default;
+4. **exact top-k** by the rule of :mod:`models.topk` (score, then lowest item index);
+5. **backfill** from popular items when the filters left fewer than ``k``.
+
+Steps 1, 2 and 4 are fused where that is faster and gives the same list: a factor model's
+request is one exact search of a norm-ordered index (:mod:`models.search`) that skips filtered
+items as it scans, instead of scoring the whole catalog and masking it. Filter masks are
+computed once per model and cached, never per request.
+
+:meth:`RankingPipeline.rank` makes one list (a request, in model indices);
+:meth:`RankingPipeline.rank_users` makes many at once (evaluation's batches), through the same
+candidate sources, filters, stages, top-k rule and backfill. :meth:`recommend`,
+:meth:`similar_items` and :meth:`popular` take and return external ids.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+from weakref import WeakMethod
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.artifact import ITEM_TYPES, ItemCatalog, ModelBundle
+from models.batching import ScoreBatcher
+from models.errors import InvalidInputError, NotFoundError, NotReadyError
+from models.kernels import warm_up
+from models.metrics import item_popularity
+from models.scoring import Scorer, SharedScorer, VectorScorer
+from models.search import Hits, NormOrderedIndex, Query
+from models.topk import NEG_INF, top_k_ids, top_k_row
+from models.vocabulary import MISSING, Vocabulary
+
+
+class Source(enum.StrEnum):
+    """Where a recommendation list came from."""
+
+    PERSONALIZED = "personalized"
+    FOLD_IN = "fold_in"
+    POPULAR = "popular"
+
+
+class ListKind(enum.Enum):
+    """What a :class:`ListRequest` asks for (the candidate source of step 1)."""
+
+    USER = "user"
+    SIMILAR = "similar"
+    POPULAR = "popular"
+    TRENDING = "trending"
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """Restrict candidates to these item types and categories (empty means no restriction)."""
+
+    item_types: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, item_types: Sequence[str] = (), categories: Sequence[str] = ()) -> ItemFilter:
+        return cls(tuple(sorted(set(item_types))), tuple(sorted(set(categories))))
+
+
+NO_FILTER = ItemFilter()
+_NO_ITEMS = np.empty(0, dtype=np.int64)
+_NO_ITEMS.setflags(write=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ListRequest:
+    """One list to make, in model indices (see :meth:`RankingPipeline.rank`)."""
+
+    kind: ListKind
+    k: int
+    user: int = MISSING
+    """A trained user's index, or ``MISSING`` for a user known only by :attr:`recent`."""
+    recent: np.ndarray = field(default_factory=lambda: _NO_ITEMS)
+    """Items the user acted on that the model has not seen (fold-in)."""
+    items: np.ndarray = field(default_factory=lambda: _NO_ITEMS)
+    """The query items of a :attr:`ListKind.SIMILAR` request."""
+    exclude: np.ndarray = field(default_factory=lambda: _NO_ITEMS)
+    """Items never to return."""
+    item_filter: ItemFilter = NO_FILTER
+    include_seen: bool = False
+    """Allow items the user has already interacted with (and :attr:`recent`)."""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A list in model indices, best first, and where it came from."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    source: Source
+
+
+@dataclass
+class Recommendations:
+    """A ranked list in external ids, best first."""
+
+    item_ids: list[str]
+    scores: list[float]
+    source: Source
+    indices: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+class RerankStage(Protocol):
+    """One re-ranking step (step 3): rescore or reorder the candidates of one list.
+
+    A stage gets the candidates best first (model indices and scores, filters already applied)
+    and returns them rescored or reordered; the pipeline then takes the exact top ``k`` of what
+    the last stage returns, by score. A stage that needs more candidates than places to choose
+    from (diversity, promotions) asks for ``candidates_per_slot`` of them per place.
+    """
+
+    candidates_per_slot: int
+
+    def __call__(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def _cached(method: Callable[..., Any], maxsize: int = 256) -> Callable[..., Any]:
+    """``lru_cache`` of a bound method that holds its instance weakly.
+
+    ``lru_cache(self.method)`` stored on ``self`` is a reference cycle, so a swapped-out pipeline
+    (hundreds of MB) would wait for a full garbage collection instead of being freed at once.
+    """
+    ref = WeakMethod(method)
+
+    @lru_cache(maxsize=maxsize)
+    def call(*args: Any) -> Any:
+        bound = ref()
+        if bound is None:  # pragma: no cover - the pipeline is gone, nobody can call us
+            raise ReferenceError("ranking pipeline was garbage collected")
+        return bound(*args)
+
+    return call
+
+
+class RankingPipeline:
+    """Immutable, thread-safe maker of every list over one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Scorer,
+        *,
+        seen: sp.csr_matrix,
+        popularity: np.ndarray,
+        trending: np.ndarray | None = None,
+        catalog: ItemCatalog | None = None,
+        users: Vocabulary | None = None,
+        items: Vocabulary | None = None,
+        stages: Sequence[RerankStage] = (),
+        bundle: ModelBundle | None = None,
+    ) -> None:
+        """Rank with ``model`` for the users of ``seen`` (their rows: what they already have).
+
+        ``popularity`` (and ``trending``) rank the popular lists and the backfill; ``catalog``
+        holds the items' availability, types and categories (default: every item available,
+        untyped); ``users`` and ``items`` map external ids for :meth:`recommend` and friends.
+        """
+        if not getattr(model, "is_fitted", True):
+            raise NotReadyError("the model is not fitted")
+        self.model = model
+        self.n_items = n_items = int(model.n_items)
+        self.n_users = int(seen.shape[0])
+        self.bundle = bundle
+        self.users = users
+        self.items = items
+        self.stages = tuple(stages)
+        self._per_slot = max((s.candidates_per_slot for s in self.stages), default=1)
+        catalog = catalog if catalog is not None else ItemCatalog.empty(n_items)
+        self.catalog = catalog
+        self.popularity = np.asarray(popularity, dtype=np.float32)
+        self.trending = self.popularity if trending is None else np.asarray(trending, np.float32)
+        self._available = np.asarray(catalog.available, dtype=bool)
+        self._type_masks = {
+            t: np.asarray(catalog.item_type == t) for t in np.unique(catalog.item_type)
+        }
+        self._category_masks = {
+            c: np.asarray(catalog.category == c) for c in np.unique(catalog.category)
+        }
+        self._popular_order = self._order(self.popularity)
+        self._trending_order = self._order(self.trending)
+        self._seen = seen if seen.dtype == np.float32 else sp.csr_matrix(seen, dtype=np.float32)
+        # Weight given to a fresh interaction in fold-in: a typical confidence of the training data.
+        self._recent_weight = float(np.median(self._seen.data)) if self._seen.nnz else 1.0
+        # Factor models are searched in a norm-ordered index of their item vectors; "more like
+        # this" on them ranks cosine similarity, the dot product of unit vectors, where nothing
+        # can be pruned but concurrent requests share one pass over the catalog.
+        self._vectors: VectorScorer | None = None
+        self._index: NormOrderedIndex | None = None
+        self._similar_index: NormOrderedIndex | None = None
+        self._similar_batcher: ScoreBatcher | None = None
+        if isinstance(model, VectorScorer):
+            self._vectors = model
+            self._index = NormOrderedIndex(model.item_factors)
+            self._similar_index = NormOrderedIndex(model.item_unit_vectors(), first_block=n_items)
+            self._similar_batcher = ScoreBatcher(self._similar_index.search)
+            warm_up()  # compiled before the pipeline serves (from numba's disk cache after once)
+        self._shared: SharedScorer | None = model if isinstance(model, SharedScorer) else None
+        self.candidate_mask = _cached(self._candidate_mask)
+        self._masked_out = _cached(self._masked_out_items)
+        self._disallowed = _cached(self._disallowed_positions)
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: ModelBundle, stages: Sequence[RerankStage] = ()
+    ) -> RankingPipeline:
+        """The pipeline serving one trained model artifact."""
+        return cls(
+            bundle.model,
+            seen=bundle.seen,
+            popularity=bundle.popularity,
+            trending=bundle.trending,
+            catalog=bundle.catalog,
+            users=bundle.users,
+            items=bundle.items,
+            stages=stages,
+            bundle=bundle,
+        )
+
+    @classmethod
+    def for_training(
+        cls, model: Scorer, train: sp.csr_matrix, stages: Sequence[RerankStage] = ()
+    ) -> RankingPipeline:
+        """The pipeline of a model evaluated on the matrix it was fitted on: every item
+        available, each user's training items seen, popular items counted from ``train``."""
+        if not getattr(model, "is_fitted", True):
+            raise NotReadyError("the model is not fitted")
+        train = sp.csr_matrix(train)
+        if train.shape[1] != model.n_items:
+            raise InvalidInputError(
+                f"the training matrix has {train.shape[1]} items, the model {model.n_items}"
+            )
+        popularity = item_popularity(train).astype(np.float32)
+        return cls(model, seen=train, popularity=popularity, stages=stages)
+
+    # ------------------------------------------------------------ catalog facts
+    @property
+    def item_types(self) -> list[str]:
+        return sorted(t for t in self._type_masks if t)
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(c for c in self._category_masks if c)
+
+    def _order(self, scores: np.ndarray) -> np.ndarray:
+        order = np.lexsort((np.arange(self.n_items), -np.asarray(scores, dtype=np.float64)))
+        return order[self._available[order]]
+
+    # ----------------------------------------------------------- step 2: filters
+    def _candidate_mask(self, flt: ItemFilter) -> np.ndarray:
+        mask = self._available.copy()
+        if flt.item_types:
+            for t in flt.item_types:
+                if t not in ITEM_TYPES and t not in self._type_masks:
+                    raise InvalidInputError(
+                        f"unknown item_type {t!r}; expected one of {', '.join(ITEM_TYPES)}",
+                        field="item_types",
+                    )
+            mask &= np.logical_or.reduce(
+                [self._type_masks.get(t, np.zeros(self.n_items, bool)) for t in flt.item_types]
+            )
+        if flt.categories:
+            mask &= np.logical_or.reduce(
+                [self._category_masks.get(c, np.zeros(self.n_items, bool)) for c in flt.categories]
+            )
+        mask.setflags(write=False)
+        return mask
+
+    def _masked_out_items(self, flt: ItemFilter) -> np.ndarray:
+        """Indices the filter removes: usually few, so setting them beats a full ``where``."""
+        out = np.flatnonzero(~self.candidate_mask(flt))
+        out.setflags(write=False)
+        return out
+
+    def _disallowed_positions(self, flt: ItemFilter, similar: bool = False) -> np.ndarray | None:
+        """The filter's excluded items as a mask over the positions of the recommendation (or,
+        with ``similar``, the similar-items) index; None when it excludes nothing."""
+        index = self._similar_index if similar else self._index
+        assert index is not None
+        out = ~self.candidate_mask(flt)
+        if not out.any():
+            return None
+        disallowed = out[index.order]
+        disallowed.setflags(write=False)
+        return disallowed
+
+    def _blocked(self, request: ListRequest) -> np.ndarray:
+        """Items the request must not get: excluded ids, query items, and unless
+        ``include_seen`` the user's seen and recent items (repeats are harmless)."""
+        parts = [request.exclude] if len(request.exclude) else []
+        if request.kind is ListKind.SIMILAR:
+            parts.append(request.items)
+        elif request.kind is ListKind.USER and not request.include_seen:
+            if request.user != MISSING:
+                indptr = self._seen.indptr
+                parts.append(self._seen.indices[indptr[request.user] : indptr[request.user + 1]])
+            if len(request.recent):
+                parts.append(request.recent)
+        if not parts:
+            return _NO_ITEMS
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    # ------------------------------------------------------------- one list
+    def rank(self, request: ListRequest) -> Ranked:
+        """The list ``request`` asks for: candidates -> filters -> stages -> top-k -> backfill."""
+        k = request.k
+        if k <= 0:
+            raise InvalidInputError(f"k must be positive, got {k}", field="k")
+        self._check_indices(request)
+        mask = self.candidate_mask(request.item_filter)  # validates the filter before scoring
+        blocked = self._blocked(request)
+        n = k * self._per_slot
+        kind = request.kind
+        if kind is ListKind.USER and (request.user != MISSING or len(request.recent)):
+            source = Source.PERSONALIZED if request.user != MISSING else Source.FOLD_IN
+            ids, scores = self._user_candidates(request, n, blocked)
+        elif kind is ListKind.SIMILAR:
+            source = Source.PERSONALIZED
+            ids, scores = self._similar_candidates(request, n, blocked)
+        else:  # popular, trending, and the cold start of a user nobody knows anything about
+            source = Source.POPULAR
+            ids, scores = self._popular(n, mask, blocked, trending=kind is ListKind.TRENDING)
+        if self.stages:
+            ids, scores = self._rerank(ids, scores, request)
+        if len(ids) < k and source is not Source.POPULAR:
+            ids, scores = self._backfill(ids, scores, k, mask, blocked)
+        return Ranked(ids, scores, source)
+
+    def _check_indices(self, request: ListRequest) -> None:
+        """Model indices out of range are the caller's mistake: a negative one would silently
+        wrap around to the end of the catalog (or of the users)."""
+        user = request.user
+        if user != MISSING and not 0 <= user < self.n_users:
+            raise InvalidInputError(
+                f"user index {user} is outside [0, {self.n_users})", field="user"
+            )
+        for name in ("recent", "items", "exclude"):
+            values = getattr(request, name)
+            if len(values) and (values.min() < 0 or values.max() >= self.n_items):
+                raise InvalidInputError(
+                    f"{name} holds item indices outside [0, {self.n_items})", field=name
+                )
+
+    def _user_candidates(
+        self, request: ListRequest, n: int, blocked: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self._index is not None:
+            query = Query(
+                self._vector(request.user, request.recent),
+                n,
+                self._index.positions(blocked),
+                self._disallowed(request.item_filter),
+            )
+            # One compiled call that keeps the GIL: no batching, which would only add hand-offs
+            # between threads for a search this short.
+            hits = self._index.search([query])[0]
+            return hits.ids, hits.scores
+        scores = self._scores(request.user, request.recent)
+        return self._best(scores, n, request.item_filter, blocked)
+
+    def _similar_candidates(
+        self, request: ListRequest, n: int, blocked: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        query = request.items
+        index, batcher = self._similar_index, self._similar_batcher
+        if index is not None and batcher is not None:
+            # The mean of the query items' unit vectors scores each item by its mean cosine.
+            rows = index.rows(query)
+            vector = rows[0] if len(rows) == 1 else rows.mean(axis=0, dtype=np.float32)
+            hits: Hits = batcher(
+                Query(
+                    vector, n, index.positions(blocked), self._disallowed(request.item_filter, True)
+                )
+            )
+            return hits.ids, hits.scores
+        sims = np.asarray(self.model.score_similar(query), dtype=np.float32)
+        scores = sims[0].copy() if len(query) == 1 else sims.sum(axis=0) / len(query)
+        return self._best(scores, n, request.item_filter, blocked)
+
+    def _vector(self, user: int, recent: np.ndarray) -> np.ndarray:
+        """A factor model's vector for the user (``user`` MISSING: known only by ``recent``)."""
+        vectors = self._vectors
+        assert vectors is not None
+        if user != MISSING:
+            if not len(recent):
+                return vectors.user_vector(user)
+            return vectors.history_vectors(self._seen[user] + self._history_row(recent))[0]
+        # Duplicates add up, as in a CSR row; no sparse matrix is built for one request.
+        items, counts = np.unique(recent, return_counts=True)
+        return vectors.fold_in_items(items, counts * np.float32(self._recent_weight))
+
+    def _scores(self, user: int, recent: np.ndarray) -> np.ndarray:
+        """Every item's score for a model without an index (a private float32 row)."""
+        if user != MISSING and not len(recent):
+            row = self._seen[user]
+            return np.array(self.model.score_users(np.array([user]), row)[0], dtype=np.float32)
+        history = self._history_row(recent)
+        if user != MISSING:
+            history = self._seen[user] + history
+        return np.array(self.model.score_history(history)[0], dtype=np.float32)
+
+    def _history_row(self, items: np.ndarray) -> sp.csr_matrix:
+        data = np.full(len(items), self._recent_weight, dtype=np.float32)
+        row = sp.csr_matrix(
+            (data, (np.zeros(len(items), np.int64), items)), shape=(1, self.n_items)
+        )
+        row.sum_duplicates()
+        return row
+
+    def _best(
+        self, scores: np.ndarray, n: int, item_filter: ItemFilter, blocked: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Filters and exact top ``n`` of a full row of ``scores`` (private, overwritten)."""
+        # One cheap reduction instead of a full isfinite/where pass: the maximum is finite
+        # unless a score is NaN (which max propagates) or +inf.
+        if not np.isfinite(scores.max()):
+            scores[~np.isfinite(scores)] = NEG_INF
+        scores[self._masked_out(item_filter)] = NEG_INF
+        if len(blocked):
+            scores[blocked] = NEG_INF
+        ids, top = top_k_row(scores, n)
+        keep = ids >= 0
+        return ids[keep], top[keep]
+
+    def _rerank(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Steps 3 and 4: every stage in order, then the exact top ``k`` of what they left."""
+        for stage in self.stages:
+            ids, scores = stage(ids, scores, request)
+        ids = np.asarray(ids, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        order = np.lexsort((ids, -scores))[: request.k]
+        return ids[order], scores[order]
+
+    def _popular(
+        self, k: int, mask: np.ndarray, blocked: np.ndarray, *, trending: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        order = self._trending_order if trending else self._popular_order
+        scores = self.trending if trending else self.popularity
+        ok = mask[order]
+        if len(blocked):
+            block = np.zeros(self.n_items, dtype=bool)
+            block[blocked] = True
+            ok &= ~block[order]
+        ids = order[ok][:k]
+        return ids, scores[ids]
+
+    def _backfill(
+        self, ids: np.ndarray, scores: np.ndarray, k: int, mask: np.ndarray, blocked: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Step 5: popular items after ``ids`` when the filters left fewer than ``k``."""
+        extra, extra_scores = self._popular(
+            k - len(ids), mask, np.concatenate([blocked, ids]), trending=False
+        )
+        return np.concatenate([ids, extra]), np.concatenate([scores, extra_scores])
+
+    # ------------------------------------------------------------ many lists
+    def rank_users(
+        self,
+        users: np.ndarray,
+        k: int,
+        *,
+        history: sp.csr_matrix | None = None,
+        exclude: sp.csr_matrix | None = None,
+        include_seen: bool = False,
+        allowed: np.ndarray | None = None,
+        item_filter: ItemFilter = NO_FILTER,
+    ) -> np.ndarray:
+        """The item ids of :meth:`rank` for many users at once, ``(len(users), k)``, ``-1``
+        where nothing is left to recommend: offline evaluation and the promotion gate.
+
+        ``users`` are trained users' indices or ``MISSING``; row ``i`` of ``history`` holds the
+        interactions a ``MISSING`` user is folded in from (rows of trained users are ignored);
+        row ``i`` of ``exclude`` the items user ``i`` must not get; ``allowed`` (a mask over
+        items) restricts the candidates further, like ``item_filter``. A trained user's list is
+        the same as :meth:`rank` gives for that user, whose scores it computes the same way.
+        """
+        if k <= 0:
+            raise InvalidInputError(f"k must be positive, got {k}", field="k")
+        users = np.asarray(users, dtype=np.int64).ravel()
+        n_rows = len(users)
+        known = users != MISSING
+        if known.any() and (users[known].min() < 0 or users[known].max() >= self.n_users):
+            raise InvalidInputError(
+                f"users holds user indices outside [0, {self.n_users})", field="users"
+            )
+        if not known.all() and history is None:
+            raise InvalidInputError(
+                "users unknown to the model need a history to fold in", field="history"
+            )
+        mask = self.candidate_mask(item_filter)
+        if allowed is not None:
+            allowed = np.asarray(allowed, dtype=bool)
+            if allowed.shape != (self.n_items,):
+                raise InvalidInputError(
+                    f"allowed must hold one flag per item ({self.n_items})", field="allowed"
+                )
+            mask = mask & allowed
+        blocked = self._blocked_rows(users, known, history, exclude, include_seen)
+        n = min(k * self._per_slot, self.n_items)
+        if self._index is not None:
+            ids, scores = self._search_users(users, known, history, blocked, mask, n)
+        elif self._shared is not None and history is None:
+            ids = _shared_ranking_ids(self._shared.shared_scores(), blocked, mask, n)
+            scores = _scores_of(self._shared.shared_scores(), ids)
+        else:
+            raw = self._score_users(users, known, history)
+            ids, scores = _masked_best(raw, blocked, mask, n)
+        if history is not None:
+            # Nothing to fold in from: the cold start's popular list, as rank gives it.
+            empty = np.diff(sp.csr_matrix(history).indptr) == 0
+            for row in np.flatnonzero(~known & empty):
+                row_blocked = blocked.indices[blocked.indptr[row] : blocked.indptr[row + 1]]
+                got, got_scores = self._popular(n, mask, row_blocked, trending=False)
+                ids[row], scores[row] = -1, NEG_INF
+                ids[row, : len(got)], scores[row, : len(got)] = got, got_scores
+        if self.stages:
+            ids = self._rerank_rows(ids, scores, users, k)
+        ids = ids[:, :k]
+        if ids.shape[1] < k:
+            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+        short = np.flatnonzero(ids[:, -1] < 0)  # backfill, as rank does for a starved list
+        for row in short:
+            found = ids[row][ids[row] >= 0]
+            row_blocked = blocked.indices[blocked.indptr[row] : blocked.indptr[row + 1]]
+            extra, _ = self._popular(
+                k - len(found), mask, np.concatenate([row_blocked, found]), trending=False
+            )
+            ids[row, len(found) : len(found) + len(extra)] = extra
+        assert ids.shape == (n_rows, k)
+        return ids
+
+    def _blocked_rows(
+        self,
+        users: np.ndarray,
+        known: np.ndarray,
+        history: sp.csr_matrix | None,
+        exclude: sp.csr_matrix | None,
+        include_seen: bool,
+    ) -> sp.csr_matrix:
+        """Per user, the items :meth:`_blocked` would block for the same request."""
+        n_rows = len(users)
+        parts = []
+        if exclude is not None:
+            parts.append(_binary(exclude, n_rows, self.n_items, "exclude"))
+        if not include_seen:
+            rows = np.where(known, users, 0)
+            seen = self._seen[rows]
+            seen = sp.csr_matrix(sp.diags(known.astype(np.float32)) @ seen)
+            parts.append(_binary(seen, n_rows, self.n_items, "seen"))
+            if history is not None:
+                parts.append(
+                    sp.diags(1.0 - known) @ _binary(history, n_rows, self.n_items, "history")
+                )
+        blocked = sum(parts[1:], parts[0]) if parts else sp.csr_matrix((n_rows, self.n_items))
+        blocked = sp.csr_matrix(blocked, dtype=np.float32)
+        blocked.eliminate_zeros()
+        blocked.sort_indices()
+        return blocked
+
+    def _search_users(
+        self,
+        users: np.ndarray,
+        known: np.ndarray,
+        history: sp.csr_matrix | None,
+        blocked: sp.csr_matrix,
+        mask: np.ndarray,
+        n: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's exact search of the index, with the vector :meth:`rank` would use."""
+        vectors, index = self._vectors, self._index
+        assert vectors is not None and index is not None
+        n_rows = len(users)
+        matrix = np.zeros((n_rows, vectors.item_factors.shape[1]), dtype=np.float32)
+        if known.any():
+            matrix[known] = vectors.user_vectors(users[known])
+        if not known.all():
+            assert history is not None  # rank_users checked it
+            matrix[~known] = vectors.history_vectors(sp.csr_matrix(history)[~known])
+        disallowed = None
+        if not mask.all():
+            disallowed = ~mask[index.order]
+        queries = [
+            Query(
+                matrix[row],
+                n,
+                index.positions(blocked.indices[blocked.indptr[row] : blocked.indptr[row + 1]]),
+                disallowed,
+            )
+            for row in range(n_rows)
+        ]
+        ids = np.full((n_rows, n), -1, dtype=np.int64)
+        scores = np.full((n_rows, n), NEG_INF, dtype=np.float32)
+        for row, hits in enumerate(index.search(queries)):
+            ids[row, : len(hits.ids)] = hits.ids
+            scores[row, : len(hits.ids)] = hits.scores
+        return ids, scores
+
+    def _score_users(
+        self, users: np.ndarray, known: np.ndarray, history: sp.csr_matrix | None
+    ) -> np.ndarray:
+        """Dense scores of every user, computed as :meth:`_scores` computes one user's."""
+        if known.all():
+            return self.model.score_users(users, self._seen[users])
+        assert history is not None  # rank_users checked it
+        history = sp.csr_matrix(history, dtype=np.float32)
+        scores = np.empty((len(users), self.n_items), dtype=np.float32)
+        if known.any():
+            scores[known] = self.model.score_users(users[known], self._seen[users[known]])
+        scores[~known] = self.model.score_history(history[~known])
+        return scores
+
+    def _rerank_rows(
+        self, ids: np.ndarray, scores: np.ndarray, users: np.ndarray, k: int
+    ) -> np.ndarray:
+        out = np.full((len(ids), k), -1, dtype=np.int64)
+        for row in range(len(ids)):
+            keep = ids[row] >= 0
+            request = ListRequest(ListKind.USER, k, user=int(users[row]))
+            got, _ = self._rerank(ids[row][keep], scores[row][keep], request)
+            out[row, : len(got)] = got
+        return out
+
+    # ---------------------------------------------------------- external ids
+    def vocabularies(self) -> tuple[Vocabulary, Vocabulary]:
+        """The user and item id maps of :meth:`recommend` and friends."""
+        if self.users is None or self.items is None:
+            raise NotReadyError("this pipeline has no id maps; rank model indices instead")
+        return self.users, self.items
+
+    def _known_items(self, item_ids: Sequence[str]) -> np.ndarray:
+        idx = self.vocabularies()[1].lookup(item_ids)
+        return idx[idx != MISSING]
+
+    def _decode(self, ranked: Ranked) -> Recommendations:
+        items = self.vocabularies()[1]
+        # float32 tolist() gives Python floats of the same values, without a float64 copy.
+        scores = np.asarray(ranked.scores, dtype=np.float32).tolist()
+        return Recommendations(items.decode(ranked.ids), scores, ranked.source, ranked.ids)
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int,
+        *,
+        recent_item_ids: Sequence[str] = (),
+        exclude_item_ids: Sequence[str] = (),
+        item_filter: ItemFilter = NO_FILTER,
+        include_seen: bool = False,
+    ) -> Recommendations:
+        """Personalized top ``k`` for ``user_id``, with fold-in and popular fallbacks."""
+        users, _ = self.vocabularies()
+        request = ListRequest(
+            ListKind.USER,
+            k,
+            user=users.get(user_id),
+            recent=self._known_items(recent_item_ids) if recent_item_ids else _NO_ITEMS,
+            exclude=self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS,
+            item_filter=item_filter,
+            include_seen=include_seen,
+        )
+        return self._decode(self.rank(request))
+
+    def similar_items(
+        self,
+        item_ids: Sequence[str],
+        k: int,
+        *,
+        exclude_item_ids: Sequence[str] = (),
+        item_filter: ItemFilter = NO_FILTER,
+    ) -> Recommendations:
+        """Items most similar to all of ``item_ids`` ("more like this"); never the query items."""
+        if k <= 0:
+            raise InvalidInputError(f"k must be positive, got {k}", field="k")
+        if not item_ids:
+            raise InvalidInputError("item_ids must hold at least one item id", field="item_ids")
+        _, items = self.vocabularies()
+        query = items.lookup(item_ids)
+        unknown = [i for i, q in zip(item_ids, query, strict=True) if q == MISSING]
+        if unknown:
+            raise NotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
+        request = ListRequest(
+            ListKind.SIMILAR,
+            k,
+            items=query,
+            exclude=self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS,
+            item_filter=item_filter,
+        )
+        return self._decode(self.rank(request))
+
+    def popular(
+        self,
+        k: int,
+        *,
+        item_filter: ItemFilter = NO_FILTER,
+        exclude_item_ids: Sequence[str] = (),
+        trending: bool = False,
+    ) -> Recommendations:
+        """Most popular (or trending) available items within the filter."""
+        request = ListRequest(
+            ListKind.TRENDING if trending else ListKind.POPULAR,
+            k,
+            exclude=self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS,
+            item_filter=item_filter,
+        )
+        return self._decode(self.rank(request))
+
+
+# ------------------------------------------------------------ batch helpers
+def _binary(
+    matrix: sp.spmatrix | sp.sparray, n_rows: int, n_items: int, name: str
+) -> sp.csr_matrix:
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    if matrix.shape != (n_rows, n_items):
+        raise InvalidInputError(
+            f"{name} has shape {matrix.shape}, expected one row per user: {(n_rows, n_items)}",
+            field=name,
+        )
+    ones = np.ones(len(matrix.indices), dtype=np.float32)
+    return sp.csr_matrix((ones, matrix.indices, matrix.indptr), shape=matrix.shape)
+
+
+def _masked_best(
+    raw: np.ndarray, blocked: sp.csr_matrix, mask: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Filters and exact top ``n`` of a batch of dense score rows, as :meth:`_best` per row.
+
+    A score block the model has just computed (float32, owning its memory) is masked in place;
+    anything else (a broadcast view, another dtype) is copied first.
+    """
+    fresh = (
+        isinstance(raw, np.ndarray)
+        and raw.dtype == np.float32
+        and raw.base is None
+        and raw.flags.writeable
+        and raw.flags.c_contiguous
+    )
+    scores = raw if fresh else np.array(raw, dtype=np.float32, copy=True)
+    scores[~np.isfinite(scores)] = NEG_INF
+    if not mask.all():
+        scores[:, ~mask] = NEG_INF
+    if blocked.nnz:
+        coo = blocked.tocoo()
+        scores[coo.row, coo.col] = NEG_INF
+    ids = top_k_ids(scores, n)
+    return ids, np.where(ids >= 0, np.take_along_axis(scores, np.maximum(ids, 0), axis=1), NEG_INF)
+
+
+def _scores_of(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.where(ids >= 0, np.asarray(row, dtype=np.float32)[np.maximum(ids, 0)], NEG_INF)
+
+
+def _shared_ranking_ids(
+    row: np.ndarray, blocked: sp.csr_matrix, mask: np.ndarray, k: int
+) -> np.ndarray:
+    """:func:`_masked_best`'s ids for a model that gives every user the same scores ``row``.
+
+    Each user's top ``k`` are the first ``k`` items of one shared ranking that the user may
+    get, so only the best ``k + (most blocked items of a user)`` items are ranked, once,
+    instead of a full row per user.
+    """
+    n_users, n_items = blocked.shape
+    if n_users == 0:
+        return np.empty((0, k), np.int64)
+    scores = np.where(np.isfinite(row) & mask, row, NEG_INF).astype(np.float32)
+    per_user = np.diff(blocked.indptr)
+    m = int(min(n_items, k + per_user.max()))
+    ranking = top_k_ids(scores[None, :], m)[0]  # best first, -1 past the finite scores
+    position = np.full(n_items, -1, dtype=np.int64)
+    ranked = ranking >= 0
+    position[ranking[ranked]] = np.flatnonzero(ranked)
+    taken = np.zeros((n_users, m), dtype=bool)
+    coo = blocked.tocoo()
+    at = position[coo.col]
+    hit = at >= 0
+    taken[coo.row[hit], at[hit]] = True
+    taken[:, ~ranked] = True
+    width = min(k, m)
+    # Stable: the untaken positions come first, in ranking order.
+    first = np.argsort(taken, axis=1, kind="stable")[:, :width]
+    ids = np.where(np.take_along_axis(taken, first, axis=1), -1, ranking[first])
+    if width < k:
+        ids = np.pad(ids, ((0, 0), (0, k - width)), constant_values=-1)
+    return ids.astype(np.int64)

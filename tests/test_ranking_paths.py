@@ -1,0 +1,141 @@
+"""Every list Affinity makes comes from one ranking pipeline.
+
+A model is trained with ``affinity train`` into a real MLflow store; then, for the same users,
+item filter and excluded items, the lists of a live gRPC server following ``@champion``,
+``affinity batch-recommend``, the registered MLflow pyfunc and the batch ranking that offline
+evaluation and the promotion gate use must hold identical ids in identical order.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from affinity.cli import main
+from models.ranking import ItemFilter, RankingPipeline
+from registry.mlflow_store import load_model_uri
+from service.loader import ModelHolder, ModelLoader
+from tests.service.conftest import client_for, running, settings_for
+from training.generate import generate
+
+K = 8
+URI = "models:/affinity@champion"
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, _empty_tracking_db: Path
+) -> Iterator[tuple[Path, str]]:
+    """A working folder with generated logs and a tracking store holding one trained champion."""
+    work = tmp_path_factory.mktemp("one-path")
+    generate(work / "logs", users=400, items=160, interactions=16_000, seed=5)
+    shutil.copyfile(_empty_tracking_db, work / "mlflow.db")
+    uri = f"sqlite:///{work}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(work)
+        args = ["train", "--interactions", str(work / "logs" / "interactions.parquet")]
+        args += ["--items", str(work / "logs" / "items.parquet"), "--param", "factors=8"]
+        assert main([*args, "--json", "--quiet"]) == 0
+        yield work, uri
+    mlflow.set_tracking_uri(previous)
+
+
+def _cases(
+    bundle_items: list[str], item_types: list[str]
+) -> list[tuple[str, list[str], list[str]]]:
+    """(name, item types, excluded ids): no filter, and a type filter with exclusions."""
+    return [
+        ("plain", [], []),
+        ("filtered", [item_types[0]], bundle_items[:6]),
+    ]
+
+
+def test_server_batch_pyfunc_and_evaluation_rank_identically(
+    trained: tuple[Path, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    work, uri = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(work)
+    bundle = load_model_uri(URI)
+    users = [bundle.users.id(u) for u in range(0, len(bundle.users), 37)]
+    # Excluding the most popular items takes out items these users would otherwise get.
+    popular = [bundle.items.id(int(i)) for i in np.argsort(-bundle.popularity, kind="stable")]
+    types = sorted({str(t) for t in bundle.catalog.item_type if t})
+    assert types, "the generated catalog has item types"
+    users_file = tmp_path / "users.txt"
+    users_file.write_text("\n".join(users) + "\n")
+
+    settings = settings_for(URI, tmp_path, tracking_uri=uri)
+    holder = ModelHolder()
+    assert ModelLoader(settings, holder).load_initial()
+    pyfunc = mlflow.pyfunc.load_model(URI)
+    evaluation = RankingPipeline.from_bundle(bundle)
+    user_index = np.array([bundle.users.get(u) for u in users])
+
+    with running(settings, holder) as port, client_for(port) as client:
+        for name, item_types, excluded in _cases(popular, types):
+            served = {
+                u: [
+                    item.item_id
+                    for item in client.recommend(
+                        u, k=K, item_types=item_types, exclude_item_ids=excluded
+                    ).items
+                ]
+                for u in users
+            }
+
+            out = tmp_path / f"{name}.csv"
+            args = ["batch-recommend", "--model", URI, "--users", str(users_file)]
+            args += ["--k", str(K), "--out", str(out), "--quiet"]
+            args += [f"--item-type={t}" for t in item_types]
+            args += [f"--exclude-item={i}" for i in excluded]
+            assert main(args) == 0, capsys.readouterr().err
+            batch_frame = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
+            batch = {u: batch_frame[batch_frame.user_id == u]["item_id"].tolist() for u in users}
+
+            frame = pd.DataFrame({"user_id": users, "exclude_item_ids": [excluded] * len(users)})
+            result = pyfunc.predict(frame, params={"k": K, "item_types": item_types})
+            from_pyfunc = {u: result[result.user_id == u]["item_id"].tolist() for u in users}
+
+            exclude_rows = sp.csr_matrix(
+                (
+                    np.ones(len(users) * len(excluded), dtype=np.float32),
+                    (
+                        np.repeat(np.arange(len(users)), len(excluded)),
+                        np.tile(bundle.items.lookup(excluded), len(users)),
+                    ),
+                ),
+                shape=(len(users), len(bundle.items)),
+            )
+            ids = evaluation.rank_users(
+                user_index, K, exclude=exclude_rows, item_filter=ItemFilter.of(item_types)
+            )
+            evaluated = {
+                u: bundle.items.decode(row[row >= 0]) for u, row in zip(users, ids, strict=True)
+            }
+
+            for user in users:
+                assert len(served[user]) == K, (name, user)
+                assert served[user] == batch[user] == from_pyfunc[user] == evaluated[user], (
+                    name,
+                    user,
+                )
+            if excluded:
+                assert not {i for items in served.values() for i in items} & set(excluded)
+                allowed = {
+                    bundle.items.id(i)
+                    for i in np.flatnonzero(bundle.catalog.item_type == item_types[0])
+                }
+                assert {i for items in served.values() for i in items} <= allowed
