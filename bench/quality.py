@@ -26,7 +26,7 @@ from typing import Any
 import mlflow
 
 from bench.datasets import LOADERS, load_dataset
-from models.registry import get_algorithm
+from models.algorithms import get_algorithm
 from registry.mlflow_store import configure_tracking
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import Holdout, build_holdout, evaluate

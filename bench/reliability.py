@@ -80,8 +80,8 @@ def synthetic_bundle(n_users: int, n_items: int, factors: int, seed: int) -> Any
     """An ALS bundle with random factors: realistic size and shape, no fitting time."""
     import scipy.sparse as sp
 
+    from models.algorithms import get_algorithm
     from models.artifact import ItemCatalog, ModelBundle
-    from models.registry import get_algorithm
     from models.vocabulary import Vocabulary
 
     rng = np.random.default_rng(seed)

@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from models import FORMAT_VERSION
-from models.base import Recommender
-from models.errors import ArtifactError, InvalidInputError, UnsupportedFormatError
-from models.npz import read_npz, write_npz
-from models.registry import get_algorithm
-from models.vocabulary import Vocabulary
+from . import FORMAT_VERSION
+from .algorithms import get_algorithm
+from .base import Recommender
+from .errors import ArtifactError, InvalidInputError, UnsupportedFormatError
+from .npz import read_npz, write_npz
+from .vocabulary import Vocabulary
 
 MANIFEST = "manifest.json"
 FILES = ("model.npz", "vocab.npz", "seen.npz", "items.npz", "popularity.npz")

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from models.errors import ArtifactError, InvalidInputError, NotReadyError
+from .errors import ArtifactError, InvalidInputError, NotReadyError
 
 ProgressCallback = Callable[[int, float | None], None]
 """Called after each training iteration with ``(iteration, loss or None)``."""

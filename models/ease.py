@@ -16,8 +16,8 @@ import scipy.sparse as sp
 from pydantic import PositiveFloat
 from threadpoolctl import threadpool_limits
 
-from models.base import ModelConfig, ProgressCallback, Recommender
-from models.errors import ArtifactError, ModelTooLargeError
+from .base import ModelConfig, ProgressCallback, Recommender
+from .errors import ArtifactError, ModelTooLargeError
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
-from models.base import ModelConfig, ProgressCallback, Recommender
-from models.errors import ArtifactError
+from .base import ModelConfig, ProgressCallback, Recommender
+from .errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 

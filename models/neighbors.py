@@ -22,8 +22,8 @@ from implicit.nearest_neighbours import (
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 from threadpoolctl import threadpool_limits
 
-from models.base import ModelConfig, ProgressCallback, Recommender
-from models.errors import ArtifactError
+from .base import ModelConfig, ProgressCallback, Recommender
+from .errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import ArtifactError
+from .errors import ArtifactError
 
 
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:

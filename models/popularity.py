@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import Field
 
-from models.base import ModelConfig, ProgressCallback, Recommender
+from .base import ModelConfig, ProgressCallback, Recommender
 
 
 class PopularityConfig(ModelConfig):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.kernels import NO_FILTER, PROJECTED, search_one
-from models.topk import NEG_INF, top_k_row
+from .kernels import NO_FILTER, PROJECTED, search_one
+from .topk import NEG_INF, top_k_row
 
 FIRST_BLOCK = 1024
 """Longest items every query scores first, to learn its k-th best score."""

@@ -11,7 +11,7 @@ from itertools import repeat
 
 import numpy as np
 
-from models.errors import InvalidInputError, NotFoundError
+from .errors import InvalidInputError, NotFoundError
 
 MISSING = -1
 """Index returned by :meth:`Vocabulary.lookup` for ids the vocabulary does not hold."""

@@ -3,8 +3,9 @@
 Training logs an Affinity artifact as a pyfunc model, registers it and moves the aliases
 (``champion``, ``challenger``; never the deprecated stages); the service resolves an alias to a
 version and downloads its artifact. The registered pyfunc is built from code
-(``training/pyfunc_model.py``) whose only state is the artifact directory, so ``mlflow models
-serve`` and the gRPC service read the same ``.npz`` files.
+(:mod:`registry.pyfunc_model`) whose state is the artifact directory and a copy of the ``models``
+package's source, so ``mlflow models serve`` and the gRPC service read the same ``.npz`` files
+and rank them with the same pipeline.
 
 ``MLFLOW_TRACKING_URI`` is honoured as is (a server, a database, a file store). Unset, Affinity
 uses the embedded default: a SQLite database ``mlflow.db`` in the working directory, with run
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from importlib import metadata
@@ -36,8 +38,10 @@ logger = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ARTIFACT_KEY = "affinity"
+CODE_KEY = "affinity_models_code"
+"""The pyfunc artifact holding the ``models`` package's source (:mod:`registry.pyfunc_model`)."""
 DEFAULT_DB = "mlflow.db"
-PYFUNC_CODE = Path(__file__).resolve().parents[1] / "training" / "pyfunc_model.py"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 """The pyfunc model's code file, logged by path (MLflow models-from-code)."""
 
 
@@ -127,7 +131,11 @@ def log_and_register(
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_and_register must be called inside an active MLflow run")
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="affinity-code-") as tmp, warnings.catch_warnings():
+        # The model code travels as an artifact, not in code_paths: MLflow would put code_paths
+        # on sys.path as a top-level ``models`` package, which meets (or is shadowed by) any other
+        # project's ``models`` in the environment that loads the pyfunc.
+        code = _copy_sources(Path(models.__file__).parent, Path(tmp) / "models")
         # The signature is given explicitly, so MLflow's hints about type hints and input
         # examples (which would make it run the model while logging) do not apply.
         warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
@@ -135,14 +143,21 @@ def log_and_register(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),
-            artifacts={ARTIFACT_KEY: str(artifact_dir)},
-            code_paths=[str(Path(models.__file__).parent)],
+            artifacts={ARTIFACT_KEY: str(artifact_dir), CODE_KEY: str(code)},
             signature=_signature(),
             pip_requirements=_requirements(),
         )
     version = mlflow.register_model(info.model_uri, model_name, tags=tags or {})
     logger.info("registered %s version %s from %s", model_name, version.version, info.model_uri)
     return version
+
+
+def _copy_sources(package: Path, dst: Path) -> Path:
+    """The package's ``.py`` files (no caches, no compiled files) copied into ``dst``."""
+    dst.mkdir(parents=True)
+    for source in sorted(package.glob("*.py")):
+        shutil.copy2(source, dst / source.name)
+    return dst
 
 
 def set_alias(model_name: str, alias: str, version: str | int) -> None:

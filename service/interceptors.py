@@ -24,7 +24,7 @@ from models.errors import (
     NotFoundError,
     NotReadyError,
 )
-from service import metrics
+from service import telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -181,16 +181,16 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
                 if admitted:
                     self._in_flight += 1
             if not admitted:
-                metrics.REJECTED.inc()
+                telemetry.REJECTED.inc()
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"server busy: {self.limit} requests in flight; retry with backoff",
                 )
-            metrics.IN_FLIGHT.inc()
+            telemetry.IN_FLIGHT.inc()
             try:
                 return behavior(request, context)
             finally:
-                metrics.IN_FLIGHT.dec()
+                telemetry.IN_FLIGHT.dec()
                 with self._lock:
                     self._in_flight -= 1
 
@@ -275,8 +275,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 raise
             finally:
                 elapsed = time.perf_counter() - start
-                metrics.REQUESTS.labels(method=method, code=code.name).inc()
-                metrics.LATENCY.labels(method=method, code=code.name).observe(elapsed)
+                telemetry.REQUESTS.labels(method=method, code=code.name).inc()
+                telemetry.LATENCY.labels(method=method, code=code.name).observe(elapsed)
                 if code != grpc.StatusCode.OK:
                     logger.info(
                         "%s -> %s in %.1f ms",

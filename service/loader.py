@@ -28,8 +28,9 @@ from typing import Any
 from models.artifact import find_artifact_dir, load_artifact, verify_artifact
 from models.errors import NotReadyError
 from models.ranking import RankingPipeline
+from protos.affinity.v1 import recommender_pb2 as pb
 from registry import mlflow_store
-from service import metrics
+from service import telemetry
 from service.config import ServeSettings, parse_registry_uri
 from service.memory import release_freed_memory
 from service.wire import ListingEncoder
@@ -54,6 +55,13 @@ class ModelMeta:
     from_cache: bool = False
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
+    @cached_property
+    def ref(self) -> pb.ModelRef:
+        """The responses' model reference, built once per served model (responses copy it)."""
+        return pb.ModelRef(
+            name=self.name, version=self.version, run_id=self.run_id, algorithm=self.algorithm
+        )
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -65,7 +73,7 @@ class LoadedModel:
     @cached_property
     def encoder(self) -> ListingEncoder:
         """Writes this model's listing responses (built on first use, kept with the model)."""
-        return ListingEncoder(self.pipeline, self.meta)
+        return ListingEncoder(self.pipeline, self.meta.ref)
 
 
 class ModelHolder:
@@ -107,8 +115,8 @@ class ModelHolder:
                 except Exception:
                     logger.exception("model swap listener failed")
         meta = loaded.meta
-        metrics.MODEL_SWAPS.inc()
-        metrics.set_model(meta.name, meta.version, meta.run_id, meta.algorithm, meta.from_cache)
+        telemetry.MODEL_SWAPS.inc()
+        telemetry.set_model(meta.name, meta.version, meta.run_id, meta.algorithm, meta.from_cache)
         logger.info(
             "serving model %s version %s (%s, run %s)%s; previous: %s",
             meta.name,
@@ -135,7 +143,7 @@ def warm_up(pipeline: RankingPipeline) -> None:
 
 
 def _fail(stage: str) -> None:
-    metrics.MODEL_LOAD_FAILURES.labels(stage=stage).inc()
+    telemetry.MODEL_LOAD_FAILURES.labels(stage=stage).inc()
 
 
 def load_directory(directory: Path, meta: ModelMeta) -> LoadedModel:

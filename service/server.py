@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from models.artifact import verify_artifact
 from models.errors import AffinityError
-from service import metrics
+from service import telemetry
 from service.config import ServeSettings, load_settings
 from service.cpus import pin_worker
 from service.interceptors import (
@@ -150,7 +150,7 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
     scheme = "tls" if settings.tls_cert else "plaintext"
     logger.info("listening on %s:%d (%s)", settings.host, port, scheme, extra={"port": port})
     if settings.metrics_port and not worker:
-        metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
+        telemetry.start_metrics_server(settings.metrics_port, settings.metrics_host)
     if settings.is_registry and not stop.is_set():
         loader.load_initial()
     loader.start_polling()
@@ -175,7 +175,7 @@ def supervise(settings: ServeSettings) -> int:
         "AFFINITY_WORKERS": "1",
         WORKERS_ENV: str(settings.workers),
         "AFFINITY_METRICS_PORT": "0",
-        metrics.MULTIPROC_ENV: multiproc_dir,
+        telemetry.MULTIPROC_ENV: multiproc_dir,
     }
     # glibc gives each thread that allocates its own malloc arena; with a thread pool and
     # repeated model swaps those arenas keep freed memory. Two arenas bound the growth.
@@ -201,8 +201,8 @@ def supervise(settings: ServeSettings) -> int:
 
     workers = [spawn(slot) for slot in range(settings.workers)]
     if settings.metrics_port:
-        os.environ[metrics.MULTIPROC_ENV] = multiproc_dir
-        metrics.start_metrics_server(settings.metrics_port, settings.metrics_host)
+        os.environ[telemetry.MULTIPROC_ENV] = multiproc_dir
+        telemetry.start_metrics_server(settings.metrics_port, settings.metrics_host)
     restarts: list[list[float]] = [[] for _ in workers]
     status = 0
     try:
@@ -211,7 +211,7 @@ def supervise(settings: ServeSettings) -> int:
                 code = proc.poll()
                 if code is None:
                     continue
-                metrics.mark_worker_dead(proc.pid)
+                telemetry.mark_worker_dead(proc.pid)
                 now = time.monotonic()
                 restarts[slot] = [t for t in restarts[slot] if now - t < 60] + [now]
                 if len(restarts[slot]) > 5:

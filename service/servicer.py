@@ -20,10 +20,10 @@ from models.errors import InvalidInputError
 from models.ranking import ItemFilter, Recommendations, Source
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
-from service import metrics
+from service import telemetry
 from service.interceptors import SERVICE, DeadlineExceededError
 from service.loader import LoadedModel, ModelHolder
-from service.wire import model_ref, serialize
+from service.wire import serialize
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def new_recommendation_id() -> str:
 @lru_cache(maxsize=64)
 def _source_counter(method: str, source: str) -> Counter:
     """The labelled child of ``RESPONSES_BY_SOURCE``, looked up once per (method, source)."""
-    return metrics.RESPONSES_BY_SOURCE.labels(method=method, source=source)
+    return telemetry.RESPONSES_BY_SOURCE.labels(method=method, source=source)
 
 
 SOURCES = {
@@ -183,7 +183,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         loaded = self.holder.get()
         meta, pipeline = loaded.meta, loaded.pipeline
         info = pb.ModelInfo(
-            model=model_ref(loaded.meta),
+            model=loaded.meta.ref,
             num_users=pipeline.n_users,
             num_items=pipeline.n_items,
             source_uri=meta.source_uri,

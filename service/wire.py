@@ -16,14 +16,10 @@ score of exactly zero is written out, where protobuf leaves a zero scalar out.
 from __future__ import annotations
 
 import struct
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from models.ranking import RankingPipeline, Recommendations
 from protos.affinity.v1 import recommender_pb2 as pb
-
-if TYPE_CHECKING:
-    from service.loader import ModelMeta
 
 SCORED_ITEM_FIELDS = ("item_id", "score", "item_type", "category")
 """The ``ScoredItem`` fields the encoder writes, in the order it writes them."""
@@ -77,26 +73,18 @@ def _string(number: int, value: str) -> bytes:
     return length_delimited(number, value.encode()) if value else b""
 
 
-@lru_cache(maxsize=16)
-def model_ref(meta: ModelMeta) -> pb.ModelRef:
-    """The responses' model reference, built once per served model (responses copy it)."""
-    return pb.ModelRef(
-        name=meta.name, version=meta.version, run_id=meta.run_id, algorithm=meta.algorithm
-    )
-
-
 class ListingEncoder:
-    """Encodes the listing responses of one served model (``pipeline`` described by ``meta``).
+    """Encodes the listing responses of one served model (``pipeline``, named by ``model``).
 
     It caches, per item index, the encoded ``ScoredItem`` around its score: the items field's
     tag and length with the item id before the score, item type and category after it. The
     cache fills as items are served, so a worker holds pieces only for the items it returned.
     """
 
-    def __init__(self, pipeline: RankingPipeline, meta: ModelMeta) -> None:
+    def __init__(self, pipeline: RankingPipeline, model: pb.ModelRef) -> None:
         self._catalog = pipeline.catalog
         self._pieces: list[tuple[bytes, bytes] | None] = [None] * pipeline.n_items
-        encoded = model_ref(meta).SerializeToString()
+        encoded = model.SerializeToString()
         self._recommend_model = length_delimited(_RECOMMEND_MODEL, encoded)
         self._listing_model = length_delimited(_LISTING_MODEL, encoded)
 

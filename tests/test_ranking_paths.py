@@ -8,7 +8,11 @@ evaluation and the promotion gate use must hold identical ids in identical order
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +143,47 @@ def test_server_batch_pyfunc_and_evaluation_rank_identically(
                     for i in np.flatnonzero(bundle.catalog.item_type == item_types[0])
                 }
                 assert {i for items in served.values() for i in items} <= allowed
+
+
+PROBE = """
+import json, sys
+import models
+assert models.UNRELATED == "yes", "the unrelated models package is shadowed"
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(pd.DataFrame({"user_id": sys.argv[2:]}), params={"k": %d})
+import models
+assert models.UNRELATED == "yes", "loading the pyfunc replaced the unrelated models package"
+assert not any(name.startswith("models.") for name in sys.modules), sorted(sys.modules)
+print(json.dumps({u: out[out.user_id == u]["item_id"].tolist() for u in sys.argv[2:]}))
+"""
+
+
+def test_the_pyfunc_loads_beside_an_unrelated_models_package(
+    trained: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The registered pyfunc carries its own copy of the model code under a private name: in a
+    process that already imported another project's top-level ``models``, it loads, ranks as
+    the service does, and leaves that package alone."""
+    _, uri = trained
+    other = tmp_path / "other-project" / "models"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text('UNRELATED = "yes"\n')
+    (other / "artifact.py").write_text('raise ImportError("the wrong models package")\n')
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(other.parent)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        bundle = load_model_uri(URI)
+    users = [bundle.users.id(u) for u in range(0, len(bundle.users), 50)]
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE % K, URI, *users],
+        cwd=tmp_path,  # not the repository, whose own models/ would be found first
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lists = json.loads(done.stdout.strip().splitlines()[-1])
+    pipeline = RankingPipeline.from_bundle(bundle)
+    assert lists == {u: pipeline.recommend(u, K).item_ids for u in users}

@@ -145,7 +145,7 @@ def cmd_batch_recommend(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 def register_cli(subparsers: Any) -> None:
     """Add training's subcommands to an ``argparse`` subparsers object."""
-    from models.registry import algorithm_names
+    from models.algorithms import algorithm_names
 
     gen = subparsers.add_parser(
         "generate",

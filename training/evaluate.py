@@ -23,7 +23,9 @@ import scipy.sparse as sp
 
 from models.base import Recommender
 from models.errors import InvalidInputError
-from models.metrics import (
+from models.popularity import Popularity
+from models.ranking import RankingPipeline
+from models.ranking_metrics import (
     METRIC_NAMES,
     UserMetrics,
     active_users,
@@ -32,9 +34,7 @@ from models.metrics import (
     relevance_matrix,
     unrankable_counts,
 )
-from models.metrics import item_popularity as user_counts
-from models.popularity import Popularity
-from models.ranking import RankingPipeline
+from models.ranking_metrics import item_popularity as user_counts
 from models.vocabulary import Vocabulary
 from training.confidence import ConfidenceConfig, build_matrix, vocabulary_codes
 
@@ -345,7 +345,7 @@ def _evaluate(
 ) -> Evaluation:
     train, test, popularity = prepared.train, prepared.test, prepared.popularity
     users = _holdout_users(test, prepared.unrankable)
-    pipeline = RankingPipeline.for_training(model, train)
+    pipeline = RankingPipeline.for_training(model, train, popularity=popularity)
     # Each batch holds a dense (batch x items) score matrix: keep it near 64 MB so large
     # catalogs stay in cache-friendly, memory-safe chunks.
     batch_size = min(batch_size, max(16, _SCORE_CELLS // max(1, train.shape[1])))

@@ -7,8 +7,8 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
+from models.algorithms import get_algorithm
 from models.base import Recommender
-from models.registry import get_algorithm
 
 
 def fit_model(

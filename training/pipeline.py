@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from models.algorithms import get_algorithm
 from models.artifact import ItemCatalog, ModelBundle, save_artifact
 from models.base import Recommender
 from models.errors import InvalidInputError
-from models.metrics import item_popularity
-from models.registry import get_algorithm
+from models.ranking_metrics import item_popularity
 from models.vocabulary import Vocabulary
 from registry import mlflow_store
 from training import promotion
@@ -480,6 +480,7 @@ def evaluate_model(
         data.matrix.matrix,
         holdout.matrix,
         k=opts.k,
+        item_popularity=prepared.popularity,  # counted once, beside the fit
         unrankable=holdout.unrankable,
         progress=lambda done, total: fitted.ticker(f"  evaluated batch {done}/{total}"),
     )

@@ -19,8 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.artifact import ModelBundle
-from models.metrics import active_users, summarize
 from models.ranking import RankingPipeline
+from models.ranking_metrics import active_users, summarize
 from models.vocabulary import MISSING
 from registry import mlflow_store
 from training.evaluate import Holdout

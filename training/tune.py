@@ -60,7 +60,8 @@ _PER_USER = {
     "mrr": "reciprocal_rank",
     "hit_rate": "hit",
 }
-"""Metric name (before ``_at_k``) -> its per-user array in :class:`models.metrics.UserMetrics`."""
+"""Metric name (before ``_at_k``) -> its per-user array in
+:class:`models.ranking_metrics.UserMetrics`."""
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from models.algorithms import get_algorithm
 from models.artifact import ItemCatalog, ModelBundle
 from models.base import Recommender
 from models.ranking import RankingPipeline
-from models.registry import get_algorithm
 from models.vocabulary import Vocabulary
 
 N_USERS = 200

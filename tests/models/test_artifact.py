@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models import FORMAT_VERSION
+from models.algorithms import algorithm_names
 from models.artifact import (
     FILES,
     MANIFEST,
@@ -22,7 +23,6 @@ from models.artifact import (
 from models.errors import ArtifactError, UnsupportedFormatError
 from models.npz import write_npz
 from models.ranking import ItemFilter, RankingPipeline
-from models.registry import algorithm_names
 
 BundleFor = Callable[[str], ModelBundle]
 

@@ -18,6 +18,7 @@ import pytest
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
+from models.algorithms import algorithm_names, get_algorithm
 from models.base import Recommender
 from models.ease import EASE, estimate_memory_gb
 from models.errors import InvalidInputError, ModelTooLargeError, NotReadyError
@@ -25,7 +26,6 @@ from models.factorization import ALS
 from models.neighbors import ItemKNN
 from models.npz import read_npz, write_npz
 from models.ranking import ItemFilter, ListKind, ListRequest, Ranked, RankingPipeline, Source
-from models.registry import algorithm_names, get_algorithm
 from models.vocabulary import MISSING
 from tests.models.conftest import (
     HALF,

@@ -22,9 +22,9 @@ import pytest
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from models.algorithms import get_algorithm
 from models.artifact import ItemCatalog, ModelBundle, load_artifact, save_artifact
 from models.ranking import RankingPipeline
-from models.registry import get_algorithm
 from models.vocabulary import Vocabulary
 from service.client import AffinityClient
 from service.config import ServeSettings

@@ -18,7 +18,6 @@ from service.wire import (
     RECOMMEND_FIELDS,
     SCORED_ITEM_FIELDS,
     ListingEncoder,
-    model_ref,
 )
 
 from .conftest import build_bundle, loaded_model
@@ -56,14 +55,14 @@ def listings(pipeline: RankingPipeline) -> list[Recommendations]:
 
 def test_recommend_bytes_are_the_message_protobuf_builds(pipeline: RankingPipeline) -> None:
     loaded = loaded_model(pipeline, version="3")
-    encoder = ListingEncoder(pipeline, loaded.meta)
+    encoder = ListingEncoder(pipeline, loaded.meta.ref)
     for number, recs in enumerate(listings(pipeline)):
         assert len(recs) > 0
         rec_id = f"{number:032x}"
         expected = pb.RecommendResponse(
             items=scored_items(recs, pipeline.bundle.catalog),
             source=SOURCES[recs.source],
-            model=model_ref(loaded.meta),
+            model=loaded.meta.ref,
             recommendation_id=rec_id,
         )
         encoded = encoder.recommend(recs, SOURCES[recs.source], rec_id)
@@ -79,12 +78,12 @@ def test_similar_and_popular_bytes_are_the_messages_protobuf_builds(
     pipeline: RankingPipeline,
 ) -> None:
     loaded = loaded_model(pipeline, version="12")
-    encoder = ListingEncoder(pipeline, loaded.meta)
+    encoder = ListingEncoder(pipeline, loaded.meta.ref)
     for message in (pb.SimilarItemsResponse, pb.PopularResponse):
         for recs in listings(pipeline):
             expected = message(
                 items=scored_items(recs, pipeline.bundle.catalog),
-                model=model_ref(loaded.meta),
+                model=loaded.meta.ref,
                 recommendation_id="r" * 32,
             )
             encoded = encoder.listing(recs, "r" * 32)
@@ -106,7 +105,7 @@ def test_unusual_ids_empty_fields_and_zero_scores_round_trip() -> None:
     )
     pipeline = RankingPipeline.from_bundle(replace(bundle, items=Vocabulary(ids), catalog=catalog))
     loaded = loaded_model(pipeline, version="1")
-    encoder = ListingEncoder(pipeline, loaded.meta)
+    encoder = ListingEncoder(pipeline, loaded.meta.ref)
     indices = np.array([0, n - 1, 1, 2, 30, 3], dtype=np.int64)
     recs = Recommendations(
         item_ids=[ids[i] for i in indices],
@@ -118,7 +117,7 @@ def test_unusual_ids_empty_fields_and_zero_scores_round_trip() -> None:
     expected = pb.RecommendResponse(
         items=scored_items(recs, catalog),
         source=pb.SOURCE_POPULAR,
-        model=model_ref(loaded.meta),
+        model=loaded.meta.ref,
         recommendation_id="x",
     )
     decoded = pb.RecommendResponse.FromString(encoder.recommend(recs, pb.SOURCE_POPULAR, "x"))
@@ -128,7 +127,7 @@ def test_unusual_ids_empty_fields_and_zero_scores_round_trip() -> None:
     # An empty list: only the response's own fields.
     empty = Recommendations([], [], Source.PERSONALIZED, np.empty(0, np.int64))
     assert pb.SimilarItemsResponse.FromString(encoder.listing(empty, "")) == (
-        pb.SimilarItemsResponse(model=model_ref(loaded.meta))
+        pb.SimilarItemsResponse(model=loaded.meta.ref)
     )
 
 
@@ -136,7 +135,7 @@ def test_unusual_ids_empty_fields_and_zero_scores_round_trip() -> None:
 def test_every_source_is_written(pipeline: RankingPipeline, source: Source) -> None:
     recs = replace(pipeline.popular(2), source=source)
     loaded = loaded_model(pipeline)
-    encoded = ListingEncoder(pipeline, loaded.meta).recommend(recs, SOURCES[source], "id")
+    encoded = ListingEncoder(pipeline, loaded.meta.ref).recommend(recs, SOURCES[source], "id")
     assert pb.RecommendResponse.FromString(encoded).source == SOURCES[source]
 
 

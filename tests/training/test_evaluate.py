@@ -15,9 +15,9 @@ from threadpoolctl import threadpool_limits
 import models.ranking as ranking
 from models.base import ModelConfig, ProgressCallback, Recommender
 from models.errors import InvalidInputError
-from models.metrics import per_user_metrics, relevance_matrix
 from models.popularity import Popularity
 from models.ranking import ListKind, ListRequest, RankingPipeline
+from models.ranking_metrics import per_user_metrics, relevance_matrix
 from models.topk import top_k_ids, topk
 from models.vocabulary import Vocabulary
 from tests.training.conftest import interaction_frame
@@ -225,7 +225,7 @@ def test_movielens_als_beats_popularity_on_both_protocols() -> None:
     if not ratings.exists():
         pytest.skip("../shared/datasets not present")
     try:
-        from models.registry import get_algorithm
+        from models.algorithms import get_algorithm
 
         als_class = get_algorithm("als")
     except ImportError:

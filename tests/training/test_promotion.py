@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.algorithms import get_algorithm
 from models.artifact import ModelBundle
-from models.registry import get_algorithm
 from tests.training.conftest import interaction_frame
 from training.confidence import ConfidenceConfig, build_matrix
 from training.data import catalog_arrays

@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from models.registry import get_algorithm
+from models.algorithms import get_algorithm
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import build_holdout, evaluate
 from training.fit import fit_model

@@ -1,8 +1,12 @@
 """The MLflow pyfunc flavour of an Affinity model (models-from-code: no pickled Python object).
 
-MLflow loads this file as code; the model's state is the Affinity artifact directory passed as the
-``affinity`` artifact, read with the same checksum-verified, pickle-free loader the service uses,
-and every list comes from the same ranking pipeline as a served one.
+MLflow loads this file as code. The model's state is two artifacts: the Affinity artifact
+directory (``affinity``), read with the same checksum-verified, pickle-free loader the service
+uses, and the source of the ``models`` package it was trained with (``affinity_models_code``).
+That source is imported under a private package name, never as ``models``: an environment that
+loads the pyfunc (MLflow's, an application's) may have another project's ``models`` package, and
+the model neither replaces nor meets it, nor needs Affinity installed. Every list comes from the
+same ranking pipeline as a served one.
 
 Input: a DataFrame with a ``user_id`` column and, optionally, ``recent_item_ids`` (items the user
 acted on since training, folded in) and ``exclude_item_ids`` (items never to return), each a list
@@ -12,6 +16,12 @@ Output: one row per recommendation with ``user_id``, ``rank``, ``item_id``, ``sc
 ``source``.
 """
 
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import mlflow
@@ -19,6 +29,31 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 COLUMNS = ["user_id", "rank", "item_id", "score", "source"]
+
+
+def private_package(source: str) -> ModuleType:
+    """The package in the folder ``source``, imported under a name of its own.
+
+    The name is derived from the folder, so two models loaded into one process each keep their
+    own code, and loading the same model twice reuses the first import.
+    """
+    folder = Path(source).resolve()
+    name = "_affinity_models_" + hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no Python package in {folder}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    try:
+        spec.loader.exec_module(package)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return package
 
 
 def _ids(value: Any) -> list[str]:
@@ -29,21 +64,20 @@ def _ids(value: Any) -> list[str]:
 
 
 class AffinityPyfuncModel(PythonModel):
-    """Serves :class:`models.ranking.RankingPipeline` lists through MLflow's pyfunc API."""
+    """Serves the ranking pipeline's lists through MLflow's pyfunc API."""
 
     def load_context(self, context):  # type: ignore[no-untyped-def]
-        from models.artifact import load_artifact
-        from models.ranking import RankingPipeline
-
-        self.pipeline = RankingPipeline.from_bundle(load_artifact(context.artifacts["affinity"]))
+        package = private_package(context.artifacts["affinity_models_code"]).__name__
+        artifact = importlib.import_module(f"{package}.artifact")
+        self.ranking = importlib.import_module(f"{package}.ranking")
+        bundle = artifact.load_artifact(context.artifacts["affinity"])
+        self.pipeline = self.ranking.RankingPipeline.from_bundle(bundle)
 
     # A DataFrame hint tells MLflow not to derive a schema: the logged signature is explicit.
     def predict(self, context, model_input: pd.DataFrame, params=None):  # type: ignore[no-untyped-def]
-        from models.ranking import ItemFilter
-
         params = params or {}
         k = int(params.get("k", 10))
-        item_filter = ItemFilter.of(
+        item_filter = self.ranking.ItemFilter.of(
             [t for t in params.get("item_types") or [] if t],
             [c for c in params.get("categories") or [] if c],
         )

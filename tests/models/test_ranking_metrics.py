@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from models.errors import InvalidInputError
-from models.metrics import (
+from models.ranking_metrics import (
     METRIC_NAMES,
     active_users,
     average_precision_at_k,

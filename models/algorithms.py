@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import importlib
 
-from models.base import Recommender
-from models.errors import InvalidInputError
+from .base import Recommender
+from .errors import InvalidInputError
 
-# name -> "module:Class"; imported lazily so that importing models stays cheap.
+# name -> "module:Class" (relative to this package); imported lazily so that importing the
+# package stays cheap.
 _ALGORITHMS: dict[str, str] = {
-    "als": "models.factorization:ALS",
-    "bpr": "models.factorization:BPR",
-    "lmf": "models.factorization:LMF",
-    "itemknn": "models.neighbors:ItemKNN",
-    "bm25": "models.neighbors:BM25ItemKNN",
-    "ease": "models.ease:EASE",
-    "popularity": "models.popularity:Popularity",
-    "trending": "models.popularity:Trending",
+    "als": ".factorization:ALS",
+    "bpr": ".factorization:BPR",
+    "lmf": ".factorization:LMF",
+    "itemknn": ".neighbors:ItemKNN",
+    "bm25": ".neighbors:BM25ItemKNN",
+    "ease": ".ease:EASE",
+    "popularity": ".popularity:Popularity",
+    "trending": ".popularity:Trending",
 }
 
 
@@ -34,6 +35,6 @@ def get_algorithm(name: str) -> type[Recommender]:
             f"unknown algorithm {name!r}; choose one of {', '.join(_ALGORITHMS)}", field="algorithm"
         ) from None
     module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = getattr(importlib.import_module(module_name, __package__), class_name)
     assert issubclass(cls, Recommender)
     return cls

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from models.errors import InvalidInputError
+from .errors import InvalidInputError
 
 METRIC_NAMES = (
     "precision",
