@@ -36,9 +36,9 @@ def _spd_inverse(gram: np.ndarray) -> np.ndarray:
 
     A Cholesky factorization and its inverse (LAPACK potrf + potri) take about half the time of
     a general LU inverse; potri fills one triangle, so the other is mirrored afterwards. Single
-    precision is 2.6x faster than double on ml-latest-small's 9,724 items (19.7 vs 52.2 s) and
-    changes no top-10 list there: the L2 term keeps the matrix well conditioned (largest
-    difference in B 7e-7, for entries up to 0.12).
+    precision is several times faster than double on ml-latest-small and changes no top-10 list
+    there: the L2 term keeps the matrix well conditioned (``docs/benchmarks.md``, "Figures behind
+    design choices in the code").
     """
     # The transpose of a C-ordered symmetric matrix is the same matrix in Fortran order, which
     # lets LAPACK work in place.

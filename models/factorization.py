@@ -290,7 +290,8 @@ class ALS(_FactorModel):
         lhs = self._regularized_gram() + (factors.T * (np.abs(confidence) - 1.0)) @ factors
         rhs = np.maximum(confidence, 0.0) @ factors
         # lhs = Σ_other y yᵀ + Σ_history |c| y yᵀ + λI is symmetric positive definite: a Cholesky
-        # solve (LAPACK posv, called directly) costs half of numpy's general solve per request.
+        # solve (LAPACK posv, called directly) costs less than numpy's general solve per request
+        # (docs/benchmarks.md, "Where the time goes": fold-in).
         _, solution, info = lapack.dposv(lhs, rhs)
         if info != 0:  # pragma: no cover - only for a numerically broken model
             solution = np.linalg.solve(lhs, rhs)

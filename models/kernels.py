@@ -1,11 +1,11 @@
 """Compiled (numba) kernel of one exact top-k search in a :class:`models.search.NormOrderedIndex`.
 
 Why compiled: written as numpy calls, one search is some forty calls on arrays of a few thousand
-items. Each costs a microsecond or two of interpreter overhead, and most of them release the GIL
-around their loop. In a threaded gRPC server every release hands the interpreter to another thread
-that is waiting for it (the poller, another handler) and the search then waits to get it back:
-measured on the 20k-item benchmark catalog, that was about 18 extra context switches and 0.35 ms of
-CPU per request, more than the search itself. The kernel runs the whole search in one call that
+items. Each carries interpreter overhead, and most of them release the GIL around their loop. In
+a threaded gRPC server every release hands the interpreter to another thread that is waiting for
+it (the poller, another handler) and the search then waits to get it back: on the benchmark
+catalog those extra context switches cost more CPU per request than the search itself
+(``docs/benchmarks.md``, "Where the time goes"). The kernel runs the whole search in one call that
 keeps the GIL; the dot products still go through the same BLAS ``sgemv`` as ``item_factors @ u``,
 so the scores, and therefore the ranking, are exactly those of the plain float32 computation.
 

@@ -84,7 +84,8 @@ class ListRequest:
     """One list to make, in model indices (see :meth:`RankingPipeline.rank`).
 
     A plain slotted class rather than a dataclass: one is built per served request, and a frozen
-    dataclass's ``__init__`` costs several microseconds more.
+    dataclass's ``__init__`` is measurably slower (``docs/benchmarks.md``, "Figures behind design
+    choices in the code").
     """
 
     __slots__ = ("exclude", "include_seen", "item_filter", "items", "k", "kind", "recent", "user")

@@ -3,12 +3,12 @@
 A factor model scores item ``i`` for user vector ``u`` as ``u · v_i``, and by Cauchy-Schwarz
 ``u · v_i <= |u| |v_i|``. Collaborative-filtering factors have very unequal lengths: an item's
 norm grows with how much evidence the model has for it, so a few thousand items carry most of
-the length (on the 200k-item benchmark catalog the median item norm is 0.02 and the largest
-18.6). :class:`NormOrderedIndex` stores the items sorted by decreasing norm: the longest items
-give a k-th best score ``t`` early, and every item whose bound ``|u| |v_i|`` is below ``t`` can
-be skipped, which is everything after one cut-off in that order. The answer is the exact float32
-ranking (up to score ties), not an approximation: a user whose taste points away from the long
-vectors simply scans further, at worst the whole catalog.
+the length (the spread measured on the benchmark catalog is in ``docs/benchmarks.md``, "Figures
+behind design choices in the code"). :class:`NormOrderedIndex` stores the items sorted by
+decreasing norm: the longest items give a k-th best score ``t`` early, and every item whose bound
+``|u| |v_i|`` is below ``t`` can be skipped, which is everything after one cut-off in that order.
+The answer is the exact float32 ranking (up to score ties), not an approximation: a user whose
+taste points away from the long vectors simply scans further, at worst the whole catalog.
 
 A search runs as one compiled call (:mod:`models.kernels`) that holds the GIL from start to
 end, so a threaded server does not trade the interpreter back and forth around dozens of small
@@ -238,7 +238,7 @@ class NormOrderedIndex:
         """Every item scored for every query: one GEMM for the batch (memory-bound work that a
         batch shares), then each query's row ranked; both in numpy, which releases the GIL."""
         vectors = np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries])
-        # (n, f) @ (f, m), then one transposed copy: OpenBLAS runs this three times faster than
+        # (n, f) @ (f, m), then one transposed copy: OpenBLAS runs this several times faster than
         # (m, f) @ (f, n), and row j of the copy is query j's scores, contiguous for ranking.
         block = np.ascontiguousarray((self._factors @ vectors.T).T)
         hits = []

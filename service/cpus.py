@@ -5,9 +5,9 @@ and gRPC's own threads hand every request and response to them. When the operati
 spreads those threads over several CPUs, each hand-over wakes a thread on another CPU whose
 caches do not hold the request's data (the search's item factors, the interpreter's state).
 Pinned to one CPU, the hand-overs stay local: on the 2-core benchmark machine a pinned worker
-answered 1.8x the requests per second of an unpinned one at concurrency 8, and its p99 fell from
-10.9 to 6.4 ms (``docs/benchmarks.md``). Workers are pinned to different CPUs, so ``--workers N``
-on N CPUs still uses them all.
+answered more requests per second than an unpinned one, with a lower p99 (``docs/benchmarks.md``,
+"Where the time goes": pinning). Workers are pinned to different CPUs, so ``--workers N`` on N
+CPUs still uses them all.
 
 The spec is ``auto``, ``off`` (the OS schedules freely) or a list such as ``2-5,8``. Worker ``i``
 gets the ``i``-th CPU counted from the end of the list, wrapping around when there are more

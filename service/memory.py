@@ -4,9 +4,10 @@ A model swap frees the old model's arrays and its Python objects (the id vocabul
 of millions of strings). Large numpy arrays are separate memory maps and go back to the OS as
 soon as they are freed, but glibc keeps the pages of smaller freed blocks in its arenas for
 reuse, so a worker's resident size after a swap depended on which arena those blocks had landed
-in: measured on the swaps campaign (docs/reliability.md), it settled on one of two levels about
-35 MB apart. :func:`release_freed_memory` asks glibc to return every free page it holds
-(``malloc_trim(0)``); the loader calls it once the requests still using the old model are done.
+in: measured on the swaps campaign (docs/reliability.md, "Model swaps under load"), it settled on
+one of two distinct levels. :func:`release_freed_memory` asks glibc to return every free page it
+holds (``malloc_trim(0)``); the loader calls it once the requests still using the old model are
+done.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 ``Recommend``, ``SimilarItems`` and ``Popular`` answer with a ranked list of ``ScoredItem``.
 Built as protobuf messages, each item costs a Python call with four keyword arguments and its
-strings are copied into the message and then out again when gRPC serializes it: about 15 us per
-ten-item response, a fifth of the servicer's own time on the benchmark catalog. Yet everything
-in a ``ScoredItem`` but its score is fixed while a model serves. :class:`ListingEncoder` encodes
-each item's fixed fields once, the first time the item is returned, and a response is then the
-concatenation of those pieces, each score's four bytes and the response's own fields (about 3 us).
+strings are copied into the message and then out again when gRPC serializes it: a sizeable share
+of the servicer's own time on the benchmark catalog. Yet everything in a ``ScoredItem`` but its
+score is fixed while a model serves. :class:`ListingEncoder` encodes each item's fixed fields
+once, the first time the item is returned, and a response is then the concatenation of those
+pieces, each score's four bytes and the response's own fields, several times cheaper to build
+(``docs/benchmarks.md``, "Where the time goes": building the response).
 
 The bytes decode to the same message the protobuf classes build (``tests/service/test_wire.py``
 checks it field by field against them); the only difference in the bytes themselves is that a

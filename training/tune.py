@@ -83,8 +83,9 @@ def _als(trial: optuna.Trial) -> dict[str, Any]:
     # Performance of iALS on Item Recommendation Benchmarks") with unobserved weight 1/alpha and
     # L2 regularization/alpha, so the search draws alpha and the ratio regularization/alpha, the
     # two axes along which good configurations move independently. On the public sets the
-    # ratio's optimum sits between 5 and 10 and is sharp (half or twice it loses 5-20%), while
-    # alpha above 16 wins validation splits by noise and loses on the test split.
+    # ratio's optimum sits between 5 and 10 and is sharp (half or twice it scores clearly lower),
+    # while alpha above 16 wins validation splits by noise and loses on the test split
+    # (docs/quality.md, "What makes ALS competitive, and what tuning can add").
     alpha = trial.suggest_float("alpha", 1.0, 16.0, log=True)
     per_alpha = trial.suggest_float("regularization_per_alpha", 2.5, 20.0, log=True)
     return {
@@ -106,9 +107,9 @@ def _ease(trial: optuna.Trial) -> dict[str, Any]:
 
 def _bpr(trial: optuna.Trial) -> dict[str, Any]:
     # implicit's BPR over-fits with large steps: at a learning rate of 0.01 the validation score
-    # peaks near 60 epochs and falls after (ML-100k validation NDCG@10: 0.198 at 30 epochs, 0.201
-    # at 60, 0.175 at 100), and rates above about 0.2 diverge. Small steps over many epochs do
-    # best (0.207 at 0.002 x 300 epochs).
+    # peaks early and falls after more epochs, and rates above about 0.2 diverge. Small steps over
+    # many epochs do best (ML-100k validation NDCG@10 by epochs and step size: docs/quality.md,
+    # "Known shortfalls").
     return {
         "factors": trial.suggest_categorical("factors", [64, 128]),
         "learning_rate": trial.suggest_float("learning_rate", 1e-3, 0.03, log=True),
