@@ -56,5 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a one-line reason, the traceback only with --verbose
         if args.verbose:
             logger.exception("unexpected failure")
-        print(f"affinity {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        hint = "" if args.verbose else "; rerun with -v for the traceback"
+        print(
+            f"affinity {args.command}: failed unexpectedly ({type(exc).__name__}: {exc}){hint}",
+            file=sys.stderr,
+        )
         return 1

@@ -28,6 +28,31 @@ METRIC_NAMES = (
 )
 """The averaged metrics, in report order; :func:`mean_metrics` names them ``<name>_at_<k>``."""
 
+TARGET_METRICS = ("ndcg", "recall", "precision", "map", "mrr", "hit_rate")
+"""The metrics a model can be tuned for and gated on: averages of a per-user accuracy."""
+
+
+def metric_key(name: str, k: int) -> str:
+    """The logged name of metric ``name`` at list length ``k``: ``ndcg`` -> ``ndcg_at_<k>``.
+
+    ``name`` is one of :data:`TARGET_METRICS`, alone or already as ``<name>_at_<k>`` with the
+    same ``k``; anything else is refused with the names that would work.
+    """
+    base, sep, at = name.partition("_at_")
+    if base not in TARGET_METRICS or (sep and not at.isdigit()):
+        raise InvalidInputError(
+            f"unknown metric {name!r}; choose one of {', '.join(TARGET_METRICS)} "
+            f"(measured at --k, e.g. ndcg or ndcg_at_{k})",
+            field="metric",
+        )
+    if sep and int(at) != k:
+        raise InvalidInputError(
+            f"metric {name!r} is measured at k={int(at)} but lists have k={k}; "
+            f"use {base} or {base}_at_{k}",
+            field="metric",
+        )
+    return f"{base}_at_{k}"
+
 
 # ------------------------------------------------------------------ inputs
 def _check_recommended(recommended: np.ndarray, n_items: int | None = None) -> np.ndarray:

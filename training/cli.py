@@ -263,9 +263,12 @@ def register_cli(subparsers: Any) -> None:
     )
     tr.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     tr.add_argument(
+        "--metric",
         "--primary-metric",
-        default="ndcg_at_10",
-        help="metric of the promotion gate and tuning (default ndcg_at_10)",
+        dest="primary_metric",
+        default="ndcg",
+        help="what tuning optimises and the promotion gate compares, measured at --k: ndcg, "
+        "recall, precision, map, mrr or hit_rate (default ndcg; ndcg_at_K with K = --k works too)",
     )
     tr.add_argument(
         "--experiment", default="affinity", help="MLflow experiment name (default affinity)"

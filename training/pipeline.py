@@ -28,7 +28,7 @@ from models.algorithms import get_algorithm
 from models.artifact import ItemCatalog, ModelBundle, save_artifact
 from models.base import Recommender
 from models.errors import InvalidInputError
-from models.ranking_metrics import item_popularity
+from models.ranking_metrics import item_popularity, metric_key
 from models.vocabulary import Vocabulary
 from registry import mlflow_store
 from training import promotion
@@ -77,12 +77,19 @@ class TrainOptions:
     confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
     trending_half_life_days: float = 7.0
     seed: int = 42
-    primary_metric: str = "ndcg_at_10"
+    primary_metric: str = "ndcg"
+    """What tuning optimises and the promotion gate compares: a name of
+    :data:`models.ranking_metrics.TARGET_METRICS`, measured at ``k`` (see :attr:`metric`)."""
     experiment: str = "affinity"
     quarantine_path: Path | None = None
     register: bool = True
     eval_users: int = 10_000
     """Evaluate on at most this many held-out users, sampled with ``seed`` (0: all of them)."""
+
+    @property
+    def metric(self) -> str:
+        """The logged name of :attr:`primary_metric` at ``k``, e.g. ``ndcg_at_20``."""
+        return metric_key(self.primary_metric, self.k)
 
 
 @dataclass
@@ -294,6 +301,7 @@ def validate_options(opts: TrainOptions) -> None:
     get_algorithm(opts.algorithm)(**opts.params)
     if opts.k <= 0:
         raise InvalidInputError(f"--k must be positive, got {opts.k}", field="k")
+    metric_key(opts.primary_metric, opts.k)  # an unknown metric fails here, not after the fit
 
 
 def read_inputs(opts: TrainOptions, workdir: Path, progress: Progress) -> Inputs:
@@ -402,7 +410,7 @@ def fit_or_tune(opts: TrainOptions, inputs: Inputs, data: SplitData, progress: P
             k=opts.k,
             base_params=params,
             seed=opts.seed,
-            metric=opts.primary_metric,
+            metric=opts.metric,
             progress=progress,
         )
         params = {**params, **tuning["best_params"]}
@@ -419,7 +427,7 @@ def fit_or_tune(opts: TrainOptions, inputs: Inputs, data: SplitData, progress: P
             "seed": opts.seed,
             "tune_trials": opts.tune,
             "eval_users": opts.eval_users,
-            "primary_metric": opts.primary_metric,
+            "primary_metric": opts.metric,
             **{f"confidence.{k}": v for k, v in opts.confidence.model_dump().items()},
             **{f"event_weight.{k}": v for k, v in inputs.weights.as_dict().items()},
         }
@@ -522,7 +530,7 @@ def package_model(
         info={
             "dataset_fingerprint": prepared.fingerprint,
             "run_id": run_id,
-            "primary_metric": opts.primary_metric,
+            "primary_metric": opts.metric,
             "metrics": {k: float(v) for k, v in evaluated.metrics.items()},
         },
     )
@@ -587,7 +595,7 @@ def register_and_promote(
     """
     if not opts.register:
         return Registered(version=None, promoted=False, decision="not registered", timings={})
-    metric = evaluated.metrics.get(opts.primary_metric, float("nan"))
+    metric = evaluated.metrics.get(opts.metric, float("nan"))
     progress(f"registering a new version of {opts.model_name}")
     started = time.perf_counter()
     mv = mlflow_store.log_and_register(
@@ -596,7 +604,7 @@ def register_and_promote(
         tags={
             "algorithm": opts.algorithm,
             "dataset_fingerprint": evaluated.prepared.fingerprint,
-            opts.primary_metric: f"{metric:.6f}",
+            opts.metric: f"{metric:.6f}",
         },
     )
     version = str(mv.version)
@@ -606,7 +614,7 @@ def register_and_promote(
         model_name=opts.model_name,
         new_version=version,
         new_metric=float(metric),
-        metric_name=opts.primary_metric,
+        metric_name=opts.metric,
         train=data.matrix,
         test=evaluated.prepared.holdout,
         k=opts.k,
@@ -615,7 +623,7 @@ def register_and_promote(
     timings["gate_seconds"] = time.perf_counter() - started
     mlflow.set_tags({"promotion_decision": gate.message, "promoted": str(gate.promoted).lower()})
     if gate.champion_metric is not None:
-        mlflow.log_metric(f"champion_{opts.primary_metric}", gate.champion_metric)
+        mlflow.log_metric(f"champion_{opts.metric}", gate.champion_metric)
     progress(gate.message)
     return Registered(
         version=version, promoted=gate.promoted, decision=gate.message, timings=timings

@@ -52,33 +52,35 @@ def evaluate_bundle_on_split(
     from_bundle = np.full(len(bundle.items), -1, dtype=np.int64)
     known = to_bundle != MISSING
     from_bundle[to_bundle[known]] = np.flatnonzero(known)
-    bundle_users = bundle.users.lookup(train.users.ids[users].tolist())
+    # Each user's items as this run's training part has them, in the bundle's indices: the
+    # champion must not recommend them (as for the new model), a model that scores from a
+    # user's items scores from them, and a user the champion never saw is folded in from them.
+    # The champion's own seen lists would leak this run's held-out items into its scores.
+    run_users = bundle.users.lookup(train.users.ids.tolist())
+    coo = train.matrix.tocoo()
+    keep = known[coo.col] & (run_users[coo.row] != MISSING)
+    seen = sp.csr_matrix(
+        (coo.data[keep], (run_users[coo.row[keep]], to_bundle[coo.col[keep]])),
+        shape=(len(bundle.users), len(bundle.items)),
+        dtype=np.float32,
+    )
     # Ranked as the new model is evaluated: every item of the catalog is a candidate (the
     # availability of the champion's day does not judge this run's holdout).
     pipeline = RankingPipeline(
-        bundle.model, seen=bundle.seen, popularity=bundle.popularity, items=bundle.items
+        bundle.model, seen=seen, popularity=bundle.popularity, items=bundle.items
     )
+    bundle_users = run_users[users]
     recs = np.full((len(users), k), -1, dtype=np.int64)
-    n_bundle_items = len(bundle.items)
     for start in range(0, len(users), batch_size):
         sl = slice(start, start + batch_size)
         rows = train.matrix[users[sl]].tocoo()
-        keep = known[rows.col]
-        # This run's training items, in the bundle's indices: what the champion must not
-        # recommend (as for the new model), and what it folds a user it never saw in from.
+        in_bundle = known[rows.col]
         history = sp.csr_matrix(
-            (rows.data[keep], (rows.row[keep], to_bundle[rows.col[keep]])),
-            shape=(rows.shape[0], n_bundle_items),
+            (rows.data[in_bundle], (rows.row[in_bundle], to_bundle[rows.col[in_bundle]])),
+            shape=(rows.shape[0], len(bundle.items)),
             dtype=np.float32,
         )
-        ids = pipeline.rank_users(
-            bundle_users[sl],
-            k,
-            history=history,
-            exclude=history,
-            include_seen=True,  # the champion's own seen lists belong to another split
-            allowed=from_bundle >= 0,  # items this run cannot judge
-        )
+        ids = pipeline.rank_users(bundle_users[sl], k, history=history, allowed=from_bundle >= 0)
         recs[sl] = np.where(ids >= 0, from_bundle[np.maximum(ids, 0)], -1)
     item_users = np.bincount(train.matrix.indices, minlength=len(train.items))
     return summarize(

@@ -32,6 +32,7 @@ import optuna
 import pandas as pd
 from implicit.recommender_base import ModelFitError
 
+from models.ranking_metrics import metric_key
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import build_holdout, evaluate
 from training.fit import fit_model
@@ -212,14 +213,15 @@ def tune(
     k: int = 10,
     base_params: dict[str, Any] | None = None,
     seed: int = 42,
-    metric: str = "ndcg_at_10",
+    metric: str = "ndcg",
     progress: Callable[[str], None] | None = None,
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Search up to ``n_trials`` configurations; returns the parameters to refit with and more.
 
     The first trials are the algorithm's seeds (:class:`Search`), then TPE proposes. A
-    configuration proposed again is not refitted: its earlier score is reused. ``timeout``
+    configuration proposed again is not refitted: its earlier score is reused. ``metric`` is a
+    name of :data:`models.ranking_metrics.TARGET_METRICS`, measured at ``k``. ``timeout``
     (seconds) stops the search after the trial running when it expires. Parameters in
     ``base_params`` are fixed unless the search space sets them.
 
@@ -234,6 +236,7 @@ def tune(
     trial: ``number``, ``params``, ``value``, ``reused``, and ``failed`` with the reason for a
     diverged fit).
     """
+    metric = metric_key(metric, k)  # "ndcg" or "ndcg_at_<k>": the name evaluation logs at k
     search = SEARCHES.get(algorithm)
     if search is None:
         logger.info("%s has no hyperparameters to tune; skipping", algorithm)

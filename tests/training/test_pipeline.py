@@ -251,6 +251,35 @@ def test_tune_runs_nested_trials_on_validation(
     assert parent.data.params["model.K"] == best.data.params["K"]
 
 
+@pytest.mark.parametrize(("k", "metric"), [(5, "recall"), (20, "ndcg"), (20, "ndcg_at_20")])
+def test_tuning_gating_and_json_follow_k(
+    k: int, metric: str, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lists of any length can be tuned and gated: the metric is the one measured at --k."""
+    name = f"{metric.partition('_at_')[0]}_at_{k}"
+    common = ["--interactions", str(logs / "interactions.parquet"), "--algorithm", "itemknn"]
+    common += ["--k", str(k), "--metric", metric]
+    first = train(capsys, *common, "--tune", "2")
+    assert name in first["metrics"] and name in first["baseline_metrics"]
+    assert not any(key.endswith("_at_10") for key in first["metrics"])
+    assert first["promoted"] and f"{name} new" in first["decision"]
+    client = mlflow.MlflowClient()
+    parent = client.get_run(first["run_id"])
+    assert parent.data.params["primary_metric"] == name
+    assert parent.data.metrics[f"validation_best_{name}"] >= 0
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'",
+    )
+    assert len(children) == 2 and all(f"validation_{name}" in c.data.metrics for c in children)
+    # A second run is gated against the first on the same metric.
+    second = train(capsys, *common, "--param", "K=5")
+    run = client.get_run(second["run_id"]).data
+    assert run.metrics[f"champion_{name}"] == pytest.approx(first["metrics"][name], abs=1e-6)
+    assert second["decision"].startswith(f"version {second['model_version']} -> ")
+    assert f"{name} new {second['metrics'][name]:.4f}" in second["decision"]
+
+
 def test_evaluation_can_be_limited_to_a_seeded_user_sample(
     logs: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -361,6 +390,20 @@ def test_batch_recommend_and_pyfunc_read_the_registered_model(
         (["--interactions", "{logs}/interactions.parquet", "--param", "factors=-2"], "factors"),
         (["--interactions", "{logs}/interactions.parquet", "--param", "nope"], "KEY=VALUE"),
         (["--interactions", "{logs}/interactions.parquet", "--k", "0"], "--k"),
+        (["--interactions", "{logs}/interactions.parquet", "--metric", "auc"], "unknown metric"),
+        (
+            [
+                "--interactions",
+                "{logs}/interactions.parquet",
+                "--k",
+                "20",
+                "--tune",
+                "2",
+                "--metric",
+                "ndcg_at_10",
+            ],
+            "measured at k=10 but lists have k=20",
+        ),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_2(
