@@ -36,7 +36,7 @@ from training.tune import SEARCHES, tune
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = ("als", "ease", "bpr", "lmf", "itemknn", "bm25", "popularity")
+ALGORITHMS = ("als", "ease", "gfcf", "bpr", "lmf", "itemknn", "bm25", "popularity")
 """Algorithms a quality run covers by default, in table order."""
 
 DEFAULT_TRIALS = 30

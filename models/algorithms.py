@@ -16,6 +16,7 @@ _ALGORITHMS: dict[str, str] = {
     "itemknn": ".neighbors:ItemKNN",
     "bm25": ".neighbors:BM25ItemKNN",
     "ease": ".ease:EASE",
+    "gfcf": ".gfcf:GFCF",
     "popularity": ".popularity:Popularity",
     "trending": ".popularity:Trending",
 }

@@ -128,6 +128,17 @@ def _lmf(trial: optuna.Trial) -> dict[str, Any]:
     }
 
 
+def _gfcf(trial: optuna.Trial) -> dict[str, Any]:
+    # The ideal low-pass weight includes 0 (the linear filter alone); the normalization exponent
+    # moves the popularity penalty; the kept spectrum scales with the data's rank.
+    use_ideal = trial.suggest_categorical("ideal", [True, False])
+    return {
+        "alpha": trial.suggest_float("alpha", 0.05, 2.0, log=True) if use_ideal else 0.0,
+        "beta": trial.suggest_float("beta", 0.2, 0.6),
+        "factors": trial.suggest_int("factors", 32, 1024, log=True),
+    }
+
+
 def _knn(trial: optuna.Trial) -> dict[str, Any]:
     return {"K": trial.suggest_int("K", 10, 1000, log=True)}
 
@@ -159,6 +170,14 @@ SEARCHES: dict[str, Search] = {
     "lmf": Search(
         _lmf,
         ({"factors": 30, "learning_rate": 1.0, "regularization": 3.0, "iterations": 100},),
+    ),
+    "gfcf": Search(
+        _gfcf,
+        (
+            {"ideal": True, "alpha": 0.3, "beta": 0.4, "factors": 256},
+            {"ideal": True, "alpha": 0.3, "beta": 0.4, "factors": 128},
+            {"ideal": True, "alpha": 0.3, "beta": 0.5, "factors": 256},
+        ),
     ),
     "itemknn": Search(_knn, ({"K": 20}, {"K": 100})),
     "bm25": Search(_bm25, ({"K": 20, "K1": 1.2, "B": 0.75}, {"K": 100, "K1": 1.2, "B": 0.75})),

@@ -34,6 +34,7 @@ TEST_PARAMS: dict[str, dict[str, Any]] = {
     "itemknn": {"K": 20},
     "bm25": {"K": 20},
     "ease": {"l2": 10.0},
+    "gfcf": {"factors": 8},
 }
 NON_PERSONALIZED = frozenset({"popularity", "trending"})
 

@@ -18,11 +18,14 @@ import pytest
 import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
+import models.gfcf
 from models.algorithms import algorithm_names, get_algorithm
 from models.base import Recommender
 from models.ease import EASE, estimate_memory_gb
 from models.errors import InvalidInputError, ModelTooLargeError, NotReadyError
 from models.factorization import ALS
+from models.gfcf import GFCF, top_right_singular_vectors
+from models.gfcf import estimate_memory_gb as gfcf_memory_gb
 from models.neighbors import ItemKNN
 from models.npz import read_npz, write_npz
 from models.ranking import ItemFilter, ListKind, ListRequest, Ranked, RankingPipeline, Source
@@ -708,3 +711,68 @@ def test_ease_refuses_a_catalog_over_the_memory_budget(synthetic: Synthetic) -> 
     assert f"{needed:.2f} GB" in message
     assert "max_memory_gb=1e-05" in message
     assert not model.is_fitted
+
+
+# --------------------------------------------------------------------------------- GF-CF
+def _at_a_gap(values: np.ndarray, around: int) -> int:
+    """A number of singular vectors near ``around`` after which the spectrum has a clear gap
+    (a subspace cut inside a cluster of equal values is not unique)."""
+    gaps = (values[:-1] - values[1:]) / values[0]
+    candidates = [k for k in range(2, len(values) - 1) if gaps[k - 1] > 1e-3]
+    return min(candidates, key=lambda k: abs(k - around))
+
+
+def test_gfcf_filter_is_the_papers_formula(synthetic: Synthetic) -> None:
+    """R̃ᵀR̃ + alpha D^-beta V Vᵀ D^beta, computed densely with an exact SVD, equals the fit."""
+    binary = (synthetic.user_items.toarray() != 0).astype(np.float64)
+    users, items = binary.sum(axis=1), binary.sum(axis=0)
+    normalized = binary / np.sqrt(users)[:, None] / np.sqrt(items)[None, :]
+    _, values, vt = np.linalg.svd(normalized, full_matrices=False)
+    k = _at_a_gap(values, 6)
+    model = GFCF(alpha=0.7, beta=0.5, factors=k).fit(synthetic.user_items)
+    v = vt[:k].T
+    expected = normalized.T @ normalized
+    expected += 0.7 * (v / np.sqrt(items)[:, None]) @ (v * np.sqrt(items)[:, None]).T
+    np.testing.assert_allclose(model.weights, expected, atol=1e-4)
+    # A user's scores are the sum of the filter's rows of their items (binary, as in the paper).
+    row = synthetic.user_items[3]
+    np.testing.assert_allclose(
+        model.score_users(np.array([3]), row)[0], model.weights[row.indices].sum(axis=0), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("path", ["dense", "lanczos"])
+def test_gfcf_svd_finds_the_leading_subspace(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths (dense for a short side, Lanczos for a large matrix) find the leading right
+    singular vectors: each exact one lies in the found subspace."""
+    if path == "lanczos":  # what a large catalog takes, on a matrix small enough to check
+        monkeypatch.setattr(models.gfcf, "_DENSE_SIDE", 10)
+    rng = np.random.default_rng(1)
+    n_rows, n_cols = 600, 250
+    # Low-rank structure plus sparse noise, as interaction data has: a decaying spectrum.
+    left, right = rng.random((n_rows, 12)), rng.random((12, n_cols))
+    dense = (left @ right) * (rng.random((n_rows, n_cols)) < 0.02)
+    matrix = sp.csr_matrix(dense, dtype=np.float32)
+    _, values, vt = np.linalg.svd(matrix.toarray().astype(np.float64), full_matrices=False)
+    k = _at_a_gap(values, 10)
+    found = top_right_singular_vectors(matrix, k)
+    kept = np.linalg.norm(found.T @ vt[:k].T, axis=0)
+    assert kept.min() > 0.999
+    np.testing.assert_allclose(found.T @ found, np.eye(k), atol=1e-4)
+
+
+def test_gfcf_refuses_a_catalog_over_the_memory_budget(synthetic: Synthetic) -> None:
+    model = GFCF(max_memory_gb=1e-5)
+    needed = gfcf_memory_gb(synthetic.n_items)
+    assert needed == pytest.approx(synthetic.n_items**2 * 4 * 2 / 1e9)
+    with pytest.raises(ModelTooLargeError) as info:
+        model.fit(synthetic.user_items)
+    assert f"{needed:.2f} GB" in str(info.value) and "max_memory_gb=1e-05" in str(info.value)
+    assert not model.is_fitted
+
+
+def test_gfcf_without_the_ideal_filter_is_the_linear_filter(synthetic: Synthetic) -> None:
+    linear = GFCF(alpha=0.0).fit(synthetic.user_items)
+    both = GFCF(alpha=0.3, factors=4).fit(synthetic.user_items)
+    assert not np.allclose(linear.weights, both.weights)
+    np.testing.assert_allclose(linear.weights, linear.weights.T, atol=1e-6)  # R̃ᵀR̃ is symmetric
