@@ -16,19 +16,18 @@ import scipy.sparse as sp
 from pydantic import PositiveFloat
 from threadpoolctl import threadpool_limits
 
-from .base import ModelConfig, ProgressCallback, Recommender
-from .errors import ArtifactError, ModelTooLargeError
+from .base import ModelConfig, ProgressCallback
+from .item_matrix import ItemMatrixModel, dense_items_gb
 
 logger = logging.getLogger(__name__)
 
 _WORKING_COPIES = 3
 """Dense n_items² float32 matrices alive at the peak of a fit (Gram, inverse, LAPACK work)."""
-_BYTES = 4
 
 
 def estimate_memory_gb(n_items: int) -> float:
     """Peak memory in GB (10⁹ bytes) that fitting EASE on ``n_items`` items needs."""
-    return n_items * n_items * _BYTES * _WORKING_COPIES / 1e9
+    return dense_items_gb(n_items, _WORKING_COPIES)
 
 
 def _spd_inverse(gram: np.ndarray) -> np.ndarray:
@@ -64,7 +63,7 @@ class EASEConfig(ModelConfig):
     """Use 0/1 interactions instead of the confidence weights, both to fit and to score."""
 
 
-class EASE(Recommender):
+class EASE(ItemMatrixModel):
     """Embarrassingly shallow autoencoder; ``score_similar`` returns rows of ``B``.
 
     Row ``i`` of ``B`` holds how much an interaction with item ``i`` raises every other item's
@@ -73,30 +72,18 @@ class EASE(Recommender):
 
     algorithm = "ease"
     Config = EASEConfig
-
-    weights: np.ndarray
-    """The ``(n_items, n_items)`` float32 matrix B."""
+    label = "EASE"
+    working_copies = _WORKING_COPIES
 
     def _input(self, rows: sp.csr_matrix) -> sp.csr_matrix:
         cfg = self.config
         assert isinstance(cfg, EASEConfig)
-        rows = sp.csr_matrix(rows, dtype=np.float32)
-        if cfg.binary:
-            rows = sp.csr_matrix(
-                ((rows.data != 0).astype(np.float32), rows.indices, rows.indptr), shape=rows.shape
-            )
-        return rows
+        return super()._input(rows) if cfg.binary else sp.csr_matrix(rows, dtype=np.float32)
 
     def _fit(self, user_items: sp.csr_matrix, progress: ProgressCallback | None) -> None:
         cfg = self.config
         assert isinstance(cfg, EASEConfig)
-        needed = estimate_memory_gb(self.n_items)
-        if needed > cfg.max_memory_gb:
-            raise ModelTooLargeError(
-                f"EASE on {self.n_items} items needs about {needed:.2f} GB "
-                f"(n_items² x {_BYTES} bytes x {_WORKING_COPIES}), over max_memory_gb="
-                f"{cfg.max_memory_gb:g}; raise max_memory_gb or drop rare items"
-            )
+        self._check_budget(cfg.max_memory_gb)
         x = self._input(user_items)
         # float32 holds co-occurrence counts exactly up to 2^24 and confidence sums closely.
         gram = np.asarray((x.T @ x).toarray(), dtype=np.float32)
@@ -112,29 +99,3 @@ class EASE(Recommender):
         logger.debug("EASE fitted on %d items with l2=%g", self.n_items, cfg.l2)
         if progress is not None:
             progress(1, None)
-
-    def score_users(self, userids: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
-        rows = sp.csr_matrix(user_items)
-        if rows.shape[0] != len(userids):
-            rows = rows[np.asarray(userids, dtype=np.int64)]
-        return self.score_history(rows)
-
-    def score_history(self, history: sp.csr_matrix) -> np.ndarray:
-        return np.asarray(self._input(history) @ self.weights, dtype=np.float32)
-
-    def score_similar(self, itemids: np.ndarray) -> np.ndarray:
-        return self.weights[np.asarray(itemids, dtype=np.int64)]
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return {"weights": self.weights}
-
-    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        try:
-            weights = arrays["weights"]
-        except KeyError:
-            raise ArtifactError("ease model lacks array 'weights'") from None
-        if weights.shape != (self.n_items, self.n_items):
-            raise ArtifactError(
-                f"ease weights have shape {weights.shape}, expected {(self.n_items, self.n_items)}"
-            )
-        self.weights = np.ascontiguousarray(weights, dtype=np.float32)

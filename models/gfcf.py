@@ -27,14 +27,13 @@ import scipy.sparse as sp
 from pydantic import Field, PositiveFloat, PositiveInt
 from scipy.sparse.linalg import svds
 
-from .base import ModelConfig, ProgressCallback, Recommender
-from .errors import ArtifactError, ModelTooLargeError
+from .base import ModelConfig, ProgressCallback
+from .item_matrix import ItemMatrixModel, dense_items_gb
 
 logger = logging.getLogger(__name__)
 
 _WORKING_COPIES = 2
 """Dense n_items² float32 matrices alive at the peak of a fit (the filter and one product)."""
-_BYTES = 4
 _DENSE_SIDE = 3000
 """A matrix whose short side is at most this is decomposed densely (see the SVD function)."""
 _DENSE_CELLS = 50_000_000
@@ -45,7 +44,7 @@ _ROW_BLOCK = 2048
 
 def estimate_memory_gb(n_items: int) -> float:
     """Peak memory in GB (10⁹ bytes) that fitting GF-CF on ``n_items`` items needs."""
-    return n_items * n_items * _BYTES * _WORKING_COPIES / 1e9
+    return dense_items_gb(n_items, _WORKING_COPIES)
 
 
 class GFCFConfig(ModelConfig):
@@ -102,7 +101,7 @@ def top_right_singular_vectors(matrix: sp.csr_matrix, k: int, seed: int = 0) -> 
     return np.ascontiguousarray(vt[order].T, dtype=np.float32)
 
 
-class GFCF(Recommender):
+class GFCF(ItemMatrixModel):
     """Graph filter collaborative filtering; ``score_similar`` returns rows of the filter.
 
     Row ``i`` of the filter is how much an interaction with item ``i`` raises every item's score,
@@ -111,20 +110,13 @@ class GFCF(Recommender):
 
     algorithm = "gfcf"
     Config = GFCFConfig
-
-    weights: np.ndarray
-    """The ``(n_items, n_items)`` float32 filter ``R̃ᵀR̃ + alpha D^-1/2 V Vᵀ D^1/2``."""
+    label = "GF-CF"
+    working_copies = _WORKING_COPIES
 
     def _fit(self, user_items: sp.csr_matrix, progress: ProgressCallback | None) -> None:
         cfg = self.config
         assert isinstance(cfg, GFCFConfig)
-        needed = estimate_memory_gb(self.n_items)
-        if needed > cfg.max_memory_gb:
-            raise ModelTooLargeError(
-                f"GF-CF on {self.n_items} items needs about {needed:.2f} GB "
-                f"(n_items² x {_BYTES} bytes x {_WORKING_COPIES}), over max_memory_gb="
-                f"{cfg.max_memory_gb:g}; raise max_memory_gb or drop rare items"
-            )
+        self._check_budget(cfg.max_memory_gb)
         normalized, item_degree = _normalized(user_items, cfg.beta)
         weights = np.asarray((normalized.T @ normalized).toarray(), dtype=np.float32)
         if cfg.alpha > 0:
@@ -140,36 +132,3 @@ class GFCF(Recommender):
         logger.debug("GF-CF fitted on %d items (alpha=%g)", self.n_items, cfg.alpha)
         if progress is not None:
             progress(1, None)
-
-    @staticmethod
-    def _binary(rows: sp.csr_matrix) -> sp.csr_matrix:
-        rows = sp.csr_matrix(rows, dtype=np.float32)
-        return sp.csr_matrix(
-            ((rows.data != 0).astype(np.float32), rows.indices, rows.indptr), shape=rows.shape
-        )
-
-    def score_users(self, userids: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
-        rows = sp.csr_matrix(user_items)
-        if rows.shape[0] != len(userids):
-            rows = rows[np.asarray(userids, dtype=np.int64)]
-        return self.score_history(rows)
-
-    def score_history(self, history: sp.csr_matrix) -> np.ndarray:
-        return np.asarray(self._binary(history) @ self.weights, dtype=np.float32)
-
-    def score_similar(self, itemids: np.ndarray) -> np.ndarray:
-        return self.weights[np.asarray(itemids, dtype=np.int64)]
-
-    def _arrays(self) -> dict[str, np.ndarray]:
-        return {"weights": self.weights}
-
-    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        try:
-            weights = arrays["weights"]
-        except KeyError:
-            raise ArtifactError("gfcf model lacks array 'weights'") from None
-        if weights.shape != (self.n_items, self.n_items):
-            raise ArtifactError(
-                f"gfcf weights have shape {weights.shape}, expected {(self.n_items, self.n_items)}"
-            )
-        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
