@@ -7,7 +7,9 @@
     ├── ArtifactError            a model artifact that cannot be trusted or read
     │   └── UnsupportedFormatError   written by a newer (or unknown) format version
     ├── ModelTooLargeError       a model whose memory need exceeds the configured budget
-    └── NotReadyError            no model is loaded yet
+    ├── NotReadyError            no model is loaded yet
+    └── StoreError               the event store cannot be opened or written
+        └── UnsupportedSchemaError   its database was written by a newer schema version
 
 The service maps these to gRPC status codes in one interceptor; the CLI prints their message as a
 one-line reason and exits non-zero.
@@ -50,3 +52,11 @@ class ModelTooLargeError(AffinityError, MemoryError):
 
 class NotReadyError(AffinityError):
     """The component has no model loaded yet."""
+
+
+class StoreError(AffinityError):
+    """The event store's database cannot be opened, migrated or written."""
+
+
+class UnsupportedSchemaError(StoreError):
+    """The event store's database has a schema newer than this build knows; upgrade Affinity."""

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the server: requests, latency, response sources and the model lifecycle.
+"""Prometheus metrics of the server: requests, latency, response sources, the model lifecycle and
+the events stored.
 
 The metric objects are module-level so every server in a process shares them. With several worker
 processes the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start and serves the
@@ -62,6 +63,16 @@ MODEL_LOAD_FAILURES = Counter(
     "affinity_model_load_failures_total",
     "Attempts to load a model that failed, by stage (resolve, download, verify, load, warmup).",
     ["stage"],
+)
+EVENTS = Counter(
+    "affinity_events_total",
+    "Events offered to the event store, by outcome (accepted, duplicate, rejected).",
+    ["outcome"],
+)
+EVENTS_REJECTED = Counter(
+    "affinity_events_rejected_total",
+    "Events rejected by validation, by the field that failed (event_id, timestamp, value, ...).",
+    ["field"],
 )
 
 _model_labels: dict[str, str] | None = None

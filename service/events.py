@@ -1,0 +1,615 @@
+"""The event store: what users did after Affinity answered, kept durably in a real database.
+
+Events arrive at the service (later through ``LogEvents``), so the store lives here; it imports
+only ``models`` and third-party libraries. It talks to the database through SQLAlchemy: a SQLite
+file by default (``sqlite:///<cwd>/events.db``, as MLflow's embedded store), PostgreSQL for
+deployments with several hosts (``postgresql+psycopg://user:password@host/db``), chosen by
+``AFFINITY_EVENTS_URI``.
+
+- ``append`` validates each event on its own (a bad one is rejected with a reason naming the
+  field and never loses the others), stores the good ones in one transaction and says which were
+  new (``accepted``) and which were already stored (``duplicate``, by ``event_id``). When it
+  returns, the accepted events are committed: SQLite runs in WAL mode with ``synchronous=FULL``,
+  PostgreSQL with its default synchronous commit.
+- Duplicates are told apart by the database itself: a unique constraint on ``event_id`` and
+  ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id``; the ids not returned were already
+  there, even when another process stored them a moment before.
+- The schema is versioned: ``schema_version`` holds one number, ``MIGRATIONS`` is the ordered list
+  of steps, and opening a database applies the missing steps, each in its own transaction. A
+  database from a newer build is refused. A short explicit list rather than Alembic: the store has
+  a handful of tables, the steps read top to bottom in this file, and it needs no migration
+  environment, revision files or command; Alembic can take over from version N if the schema ever
+  grows branches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from models.errors import InvalidInputError, StoreError, UnsupportedSchemaError
+from service import telemetry
+
+logger = logging.getLogger(__name__)
+
+EVENTS_URI_ENV = "AFFINITY_EVENTS_URI"
+DEFAULT_DB = "events.db"
+
+TRAINING_EVENTS = ("view", "click", "like", "share", "add_to_cart", "purchase")
+"""The training vocabulary (the default weights of ``training.data.EventWeights``)."""
+FEEDBACK_EVENTS = ("impression", "dislike")
+"""Events only the store knows: what was shown, and "not interested"."""
+
+MAX_EVENT_ID = 128
+MAX_ID = 256
+MAX_EVENT_NAME = 64
+MAX_SHOWN_ITEMS = 1000
+DEFAULT_MAX_FUTURE_SKEW = timedelta(minutes=5)
+DEFAULT_LIMIT = 1000
+# Rows per INSERT statement: SQLite caps the bound parameters of one statement (32,766).
+_CHUNK = 500
+# Any constant: the key of the PostgreSQL advisory lock that serializes migrations.
+_MIGRATION_LOCK = 0x61666669
+
+
+def default_events_uri(workdir: Path | None = None) -> str:
+    """The embedded store's URI: ``sqlite:///<workdir>/events.db``."""
+    base = (workdir or Path.cwd()).resolve()
+    return f"sqlite:///{base / DEFAULT_DB}"
+
+
+def events_uri() -> str:
+    """``AFFINITY_EVENTS_URI``, or the embedded default in the working directory."""
+    return os.environ.get(EVENTS_URI_ENV) or default_events_uri()
+
+
+# --- the values -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing a user did, as the caller sends it (checked by :meth:`EventRules.check`)."""
+
+    event_id: str
+    """The caller's id of the event: a repeated id is stored once (at most 128 characters)."""
+    user_id: str
+    """Who acted (at most 256 characters)."""
+    item_id: str
+    """On what (at most 256 characters)."""
+    event: str
+    """What: the training vocabulary, ``impression``, ``dislike`` or a configured extra name."""
+    timestamp: datetime | None = None
+    """When, timezone-aware; the server's time when absent."""
+    value: float = 1.0
+    """Multiplies the event's weight (quantity, watch fraction); finite and >= 0."""
+    price: float | None = None
+    """Revenue of a purchase; finite and >= 0."""
+    recommendation_id: str | None = None
+    """The answer this event follows from (attribution)."""
+    shown_item_ids: tuple[str, ...] = ()
+    """For an ``impression``: the item ids that were shown, in order."""
+
+
+class Status(StrEnum):
+    """What the store did with an event."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer for one event of a batch, in the batch's order."""
+
+    event_id: str
+    status: Status
+    reason: str | None = None
+    """Why it was rejected, one line starting with the field's name."""
+    field: str | None = None
+    """The field that failed validation (a metric label)."""
+
+
+class _Rejected(Exception):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class EventRules:
+    """What the store accepts: the event names and how far in the future a timestamp may be."""
+
+    extra_events: frozenset[str] = field(default_factory=frozenset)
+    """Event names accepted beside the training vocabulary, ``impression`` and ``dislike``."""
+    max_future_skew: timedelta = DEFAULT_MAX_FUTURE_SKEW
+    """A timestamp later than the server's clock plus this is rejected."""
+
+    def __post_init__(self) -> None:
+        names = frozenset(name.strip().lower() for name in self.extra_events)
+        for name in names:
+            if not name or len(name) > MAX_EVENT_NAME:
+                raise InvalidInputError(
+                    f"extra event names must have 1 to {MAX_EVENT_NAME} characters, got {name!r}",
+                    field="extra_events",
+                )
+        object.__setattr__(self, "extra_events", names)
+        if self.max_future_skew < timedelta(0):
+            raise InvalidInputError("max_future_skew must be >= 0", field="max_future_skew")
+
+    @property
+    def vocabulary(self) -> frozenset[str]:
+        return frozenset(TRAINING_EVENTS) | frozenset(FEEDBACK_EVENTS) | self.extra_events
+
+    def check(self, ev: Event, now: datetime) -> Event:
+        """The event as stored (timestamp in UTC, name normalized), or ``_Rejected``."""
+        event_id = _identifier("event_id", ev.event_id, MAX_EVENT_ID)
+        user_id = _identifier("user_id", ev.user_id, MAX_ID)
+        item_id = _identifier("item_id", ev.item_id, MAX_ID)
+        if not isinstance(ev.event, str):
+            raise _Rejected("event", "must be a string")
+        name = ev.event.strip().lower()
+        if name not in self.vocabulary:
+            known = ", ".join(sorted(self.vocabulary))
+            raise _Rejected("event", f"unknown event {ev.event[:64]!r}; known: {known}")
+        timestamp = self._timestamp(ev.timestamp, now)
+        value = _amount("value", ev.value)
+        price = None if ev.price is None else _amount("price", ev.price)
+        recommendation_id = (
+            None
+            if ev.recommendation_id is None
+            else _identifier("recommendation_id", ev.recommendation_id, MAX_EVENT_ID)
+        )
+        shown = tuple(ev.shown_item_ids)
+        if shown and name != "impression":
+            raise _Rejected("shown_item_ids", f"only impressions list shown items, not {name!r}")
+        if len(shown) > MAX_SHOWN_ITEMS:
+            raise _Rejected("shown_item_ids", f"at most {MAX_SHOWN_ITEMS} items, got {len(shown)}")
+        for item in shown:
+            _identifier("shown_item_ids", item, MAX_ID)
+        return Event(
+            event_id=event_id,
+            user_id=user_id,
+            item_id=item_id,
+            event=name,
+            timestamp=timestamp,
+            value=value,
+            price=price,
+            recommendation_id=recommendation_id,
+            shown_item_ids=shown,
+        )
+
+    def _timestamp(self, timestamp: datetime | None, now: datetime) -> datetime:
+        if timestamp is None:
+            return now
+        if not isinstance(timestamp, datetime):
+            raise _Rejected("timestamp", "must be a datetime")
+        if timestamp.tzinfo is None or timestamp.utcoffset() is None:
+            raise _Rejected("timestamp", "must be timezone-aware (UTC), got a naive datetime")
+        utc = timestamp.astimezone(UTC)
+        if utc > now + self.max_future_skew:
+            raise _Rejected(
+                "timestamp",
+                f"{utc.isoformat()} is more than {self.max_future_skew} ahead of the server's "
+                f"clock ({now.isoformat()})",
+            )
+        return utc
+
+
+def _identifier(field_name: str, raw: object, limit: int) -> str:
+    if not isinstance(raw, str):
+        raise _Rejected(field_name, f"must be a string, got {type(raw).__name__}")
+    if not raw.strip():
+        raise _Rejected(field_name, "must not be empty")
+    if len(raw) > limit:
+        raise _Rejected(field_name, f"at most {limit} characters, got {len(raw)}")
+    # PostgreSQL text holds neither NUL nor unpaired surrogates; refuse them for both databases
+    # so one such event cannot fail the transaction of the whole batch.
+    if "\x00" in raw:
+        raise _Rejected(field_name, "must not contain NUL characters")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Rejected(field_name, "must be valid Unicode (no unpaired surrogates)") from None
+    return raw
+
+
+def _amount(field_name: str, raw: object) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise _Rejected(field_name, f"must be a number, got {type(raw).__name__}")
+    amount = float(raw)
+    if not math.isfinite(amount) or amount < 0:
+        raise _Rejected(field_name, f"must be finite and >= 0, got {raw!r}")
+    return amount
+
+
+# --- the schema -----------------------------------------------------------------------------
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on both databases.
+
+    PostgreSQL keeps ``timestamptz``; SQLite keeps text without an offset, always in UTC, so the
+    text sorts in time order and the offset is put back on reading.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        utc = value.astimezone(UTC)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# An autoincrementing 64-bit key on PostgreSQL; SQLite autoincrements only INTEGER PRIMARY KEY.
+_RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+_metadata = MetaData()
+SCHEMA_VERSION = Table("schema_version", _metadata, Column("version", Integer, nullable=False))
+EVENTS = Table(
+    "events",
+    _metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("event_id", String(MAX_EVENT_ID), nullable=False, unique=True),
+    Column("user_id", String(MAX_ID), nullable=False),
+    Column("item_id", String(MAX_ID), nullable=False),
+    Column("event", String(MAX_EVENT_NAME), nullable=False),
+    Column("ts", UTCDateTime(), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("price", Float, nullable=True),
+    Column("recommendation_id", String(MAX_EVENT_ID), nullable=True),
+    Column("shown_item_ids", JSON, nullable=True),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Index("ix_events_user_ts", "user_id", "ts"),
+    Index("ix_events_ts", "ts"),
+)
+"""The latest shape of the events table; the queries use it, the migrations build it."""
+
+
+def _migration_1_events(conn: Connection) -> None:
+    """The events table with its unique event_id and its (user, time) and time indexes."""
+    # Built from a copy of the table as it was at version 1: a later migration changes EVENTS
+    # and adds a step, it never edits this one.
+    snapshot = MetaData()
+    Table(
+        "events",
+        snapshot,
+        Column("id", _RowId, primary_key=True, autoincrement=True),
+        Column("event_id", String(MAX_EVENT_ID), nullable=False, unique=True),
+        Column("user_id", String(MAX_ID), nullable=False),
+        Column("item_id", String(MAX_ID), nullable=False),
+        Column("event", String(MAX_EVENT_NAME), nullable=False),
+        Column("ts", UTCDateTime(), nullable=False),
+        Column("value", Float, nullable=False),
+        Column("price", Float, nullable=True),
+        Column("recommendation_id", String(MAX_EVENT_ID), nullable=True),
+        Column("shown_item_ids", JSON, nullable=True),
+        Column("received_at", UTCDateTime(), nullable=False),
+        Index("ix_events_user_ts", "user_id", "ts"),
+        Index("ix_events_ts", "ts"),
+    )
+    snapshot.create_all(conn)
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migration_1_events,)
+"""The schema's history: step ``i`` (from 0) takes a database from version ``i`` to ``i + 1``."""
+LATEST_VERSION = len(MIGRATIONS)
+
+
+# --- the store ------------------------------------------------------------------------------
+
+
+class EventStore:
+    """Events in a SQLite file or a PostgreSQL database; open one with :meth:`open`."""
+
+    def __init__(self, engine: Engine, rules: EventRules) -> None:
+        self._engine = engine
+        self.rules = rules
+
+    @classmethod
+    def open(
+        cls,
+        uri: str | None = None,
+        *,
+        rules: EventRules | None = None,
+        busy_timeout: timedelta = timedelta(seconds=30),
+    ) -> EventStore:
+        """Connect to ``uri`` (default :func:`events_uri`) and bring its schema up to date.
+
+        Raises ``InvalidInputError`` for a URI that is not SQLite or PostgreSQL,
+        ``UnsupportedSchemaError`` for a database written by a newer build.
+        """
+        engine = _create_engine(uri or events_uri(), busy_timeout)
+        try:
+            _migrate(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine, rules or EventRules())
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        with self._engine.connect() as conn:
+            return _read_version(conn)
+
+    def append(self, events: Sequence[Event], *, now: datetime | None = None) -> list[Outcome]:
+        """Validate and store a batch; one outcome per event, in order.
+
+        The accepted events are committed when this returns. A repeated ``event_id`` (already
+        stored, or earlier in the same batch) is a duplicate and stored once.
+        """
+        now = (now or datetime.now(UTC)).astimezone(UTC)
+        outcomes: list[Outcome | None] = [None] * len(events)
+        first: dict[str, int] = {}  # event_id -> index of its first valid occurrence
+        rows: list[dict[str, Any]] = []
+        for i, raw in enumerate(events):
+            try:
+                ev = self.rules.check(raw, now)
+            except _Rejected as rejected:
+                outcomes[i] = Outcome(
+                    _printable_id(raw), Status.REJECTED, str(rejected), rejected.field
+                )
+                continue
+            if ev.event_id in first:
+                outcomes[i] = Outcome(ev.event_id, Status.DUPLICATE)
+                continue
+            first[ev.event_id] = i
+            rows.append(_row(ev, now))
+        inserted = self._insert(rows) if rows else set()
+        for event_id, i in first.items():
+            status = Status.ACCEPTED if event_id in inserted else Status.DUPLICATE
+            outcomes[i] = Outcome(event_id, status)
+        done = [o for o in outcomes if o is not None]
+        _count(done)
+        return done
+
+    def _insert(self, rows: list[dict[str, Any]]) -> set[str]:
+        # One lock order for every writer: two PostgreSQL transactions inserting the same ids in
+        # different orders would otherwise deadlock on the unique index.
+        rows.sort(key=lambda row: row["event_id"])
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        inserted: set[str] = set()
+        with self._write() as conn:
+            for start in range(0, len(rows), _CHUNK):
+                stmt = (
+                    insert(EVENTS)
+                    .values(rows[start : start + _CHUNK])
+                    .on_conflict_do_nothing(index_elements=["event_id"])
+                    .returning(EVENTS.c.event_id)
+                )
+                inserted.update(conn.execute(stmt).scalars())
+        return inserted
+
+    def events_for_user(
+        self, user_id: str, *, since: datetime | None = None, limit: int = DEFAULT_LIMIT
+    ) -> list[Event]:
+        """A user's events, newest first; only those at or after ``since`` when given."""
+        if limit < 1:
+            raise InvalidInputError("limit must be >= 1", field="limit")
+        stmt = select(EVENTS).where(EVENTS.c.user_id == user_id)
+        if since is not None:
+            stmt = stmt.where(EVENTS.c.ts >= _aware("since", since))
+        stmt = stmt.order_by(EVENTS.c.ts.desc(), EVENTS.c.id.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [_event(row) for row in conn.execute(stmt).mappings()]
+
+    def count(self) -> int:
+        """How many events are stored."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(EVENTS)).scalar_one())
+
+    def delete_user(self, user_id: str) -> int:
+        """Erase every event of ``user_id``; returns how many were removed."""
+        with self._write() as conn:
+            return conn.execute(delete(EVENTS).where(EVENTS.c.user_id == user_id)).rowcount
+
+    def prune(self, older_than: datetime) -> int:
+        """Remove events that happened before ``older_than``; returns how many."""
+        cutoff = _aware("older_than", older_than)
+        with self._write() as conn:
+            removed = conn.execute(delete(EVENTS).where(EVENTS.c.ts < cutoff)).rowcount
+        logger.info("pruned %d events older than %s", removed, cutoff.isoformat())
+        return removed
+
+    def _write(self) -> Any:
+        return _write(self._engine)
+
+
+def _write(engine: Engine) -> Any:
+    """A write transaction (``BEGIN IMMEDIATE`` on SQLite: it waits for the lock up front)."""
+    return engine.execution_options(affinity_write=True).begin()
+
+
+def _printable_id(raw: Event) -> str:
+    event_id = raw.event_id
+    return event_id[:MAX_EVENT_ID] if isinstance(event_id, str) else ""
+
+
+def _aware(name: str, when: datetime) -> datetime:
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InvalidInputError(f"{name} must be timezone-aware", field=name)
+    return when.astimezone(UTC)
+
+
+def _row(ev: Event, now: datetime) -> dict[str, Any]:
+    return {
+        "event_id": ev.event_id,
+        "user_id": ev.user_id,
+        "item_id": ev.item_id,
+        "event": ev.event,
+        "ts": ev.timestamp,
+        "value": ev.value,
+        "price": ev.price,
+        "recommendation_id": ev.recommendation_id,
+        "shown_item_ids": list(ev.shown_item_ids) if ev.event == "impression" else None,
+        "received_at": now,
+    }
+
+
+def _event(row: Any) -> Event:
+    shown = row["shown_item_ids"]
+    if isinstance(shown, str):  # a driver that hands JSON back as text
+        shown = json.loads(shown)
+    return Event(
+        event_id=row["event_id"],
+        user_id=row["user_id"],
+        item_id=row["item_id"],
+        event=row["event"],
+        timestamp=row["ts"],
+        value=row["value"],
+        price=row["price"],
+        recommendation_id=row["recommendation_id"],
+        shown_item_ids=tuple(shown or ()),
+    )
+
+
+def _count(outcomes: Iterable[Outcome]) -> None:
+    for outcome in outcomes:
+        telemetry.EVENTS.labels(outcome.status.value).inc()
+        if outcome.status is Status.REJECTED:
+            telemetry.EVENTS_REJECTED.labels(outcome.field or "unknown").inc()
+
+
+# --- connecting and migrating ---------------------------------------------------------------
+
+
+def _create_engine(uri: str, busy_timeout: timedelta) -> Engine:
+    try:
+        url = make_url(uri)
+    except ArgumentError:
+        raise InvalidInputError(
+            f"{EVENTS_URI_ENV}: not a database URI: {uri!r}; use sqlite:///PATH or "
+            "postgresql+psycopg://USER:PASSWORD@HOST/DB",
+            field=EVENTS_URI_ENV,
+        ) from None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(url, busy_timeout)
+    if backend == "postgresql":
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        return create_engine(url, pool_pre_ping=True)
+    raise InvalidInputError(
+        f"{EVENTS_URI_ENV}: unsupported database {backend!r}; use sqlite:///PATH or "
+        "postgresql+psycopg://USER:PASSWORD@HOST/DB",
+        field=EVENTS_URI_ENV,
+    )
+
+
+def _sqlite_engine(url: URL, busy_timeout: timedelta) -> Engine:
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        raise InvalidInputError(
+            f"{EVENTS_URI_ENV}: an in-memory SQLite database would lose acknowledged events; "
+            "give a file: sqlite:///PATH",
+            field=EVENTS_URI_ENV,
+        )
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": busy_timeout.total_seconds()})
+    busy_ms = int(busy_timeout.total_seconds() * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" hook below issue BEGIN, not the sqlite3 module.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL: readers do not block the writer and worker processes share the file;
+        # synchronous=FULL: a commit is on disk when it returns, so an ack survives a crash.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A writer takes the lock at BEGIN, where the busy timeout waits for it; a deferred
+        # transaction that reads first could fail at once when another process wrote meanwhile.
+        immediate = conn.get_execution_options().get("affinity_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _read_version(conn: Connection) -> int:
+    version = conn.execute(select(func.max(SCHEMA_VERSION.c.version))).scalar()
+    return int(version or 0)
+
+
+def _migrate(engine: Engine) -> None:
+    """Apply the missing steps of ``MIGRATIONS``, each in one transaction, or refuse a newer DB."""
+    for _ in range(LATEST_VERSION + 1):
+        with _write(engine) as conn:
+            if conn.dialect.name == "postgresql":
+                # Processes opening the same new database at once: one migrates, the others wait.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            SCHEMA_VERSION.create(conn, checkfirst=True)
+            version = _read_version(conn)
+            if version > LATEST_VERSION:
+                raise UnsupportedSchemaError(
+                    f"the event store {engine.url.render_as_string(hide_password=True)} has "
+                    f"schema version {version}, newer than this build's {LATEST_VERSION}; "
+                    "upgrade Affinity or point AFFINITY_EVENTS_URI at another database"
+                )
+            if version == LATEST_VERSION:
+                return
+            step = MIGRATIONS[version]
+            logger.info(
+                "event store: migrating to schema version %d (%s)", version + 1, step.__doc__
+            )
+            step(conn)
+            conn.execute(SCHEMA_VERSION.delete())
+            conn.execute(SCHEMA_VERSION.insert().values(version=version + 1))
+    raise StoreError("the event store's schema did not converge")  # pragma: no cover
