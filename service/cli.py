@@ -1,7 +1,8 @@
 """The service's subcommands of the ``affinity`` command: ``serve`` and the client commands.
 
-:func:`register_cli` adds ``serve``, ``recommend``, ``similar``, ``popular``, ``model-info`` and
-``health`` to an argparse subparsers object; each sets ``func(args) -> int`` (the exit status).
+:func:`register_cli` adds ``serve``, ``recommend``, ``similar``, ``popular``, ``model-info``,
+``health`` and ``events log`` to an argparse subparsers object; each sets ``func(args) -> int``
+(the exit status).
 Errors print a one-line reason to stderr and return non-zero. The command itself is
 :mod:`affinity.cli`.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 
 from models.errors import AffinityError, InvalidInputError
-from service.client import AffinityClient, Result
+from service.client import AffinityClient, Event, Result
 from service.config import ServeSettings, load_settings
 
 DEFAULT_TARGET = "localhost:50051"
@@ -41,6 +42,8 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--token": ("token", str, {}),
     "--max-k": ("max_k", int, {"metavar": "N"}),
     "--max-ids": ("max_ids", int, {"metavar": "N"}),
+    "--max-events": ("max_events", int, {"metavar": "N"}),
+    "--events-uri": ("events_uri", str, {"metavar": "URI"}),
     "--max-in-flight": ("max_in_flight", int, {"metavar": "N"}),
     "--max-message-bytes": ("max_message_bytes", int, {"metavar": "N"}),
     "--max-concurrent-streams": ("max_concurrent_streams", int, {"metavar": "N"}),
@@ -214,6 +217,60 @@ def _health(client: AffinityClient, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+EVENTS_FILE_UNREADABLE = 2
+
+
+def read_events_file(path: Path) -> list[Event]:
+    """The events of a JSON Lines file (one object per line, blank lines skipped).
+
+    Raises ``OSError`` or :class:`InvalidInputError` naming the line that cannot be read.
+    """
+    events: list[Event] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                if not isinstance(data, dict):
+                    raise InvalidInputError("expected a JSON object")
+                events.append(Event.from_dict(data))
+            except (ValueError, InvalidInputError) as exc:
+                raise InvalidInputError(f"{path}:{number}: {exc}") from None
+    return events
+
+
+def _log_events(client: AffinityClient, args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise InvalidInputError("--batch-size must be >= 1", field="batch_size")
+    try:
+        events = read_events_file(Path(args.file))
+    except (OSError, InvalidInputError) as exc:
+        print(f"error: cannot read events: {exc}", file=sys.stderr)
+        return EVENTS_FILE_UNREADABLE
+    accepted = duplicates = rejected = 0
+    reasons: list[dict[str, str]] = []
+    for start in range(0, len(events), args.batch_size):
+        result = client.log_events(events[start : start + args.batch_size])
+        accepted += result.accepted
+        duplicates += result.duplicates
+        rejected += result.rejected
+        reasons += [
+            {"event_id": o.event_id, "field": o.field, "reason": o.reason}
+            for o in result.outcomes
+            if o.status == "rejected"
+        ]
+    counts = {"events": len(events), "accepted": accepted, "duplicates": duplicates}
+    if args.json:
+        print(json.dumps({**counts, "rejected": rejected, "rejections": reasons}, indent=2))
+    else:
+        print(f"{len(events)} events: {accepted} accepted, ", end="")
+        print(f"{duplicates} duplicate, {rejected} rejected")
+        for entry in reasons:
+            print(f"rejected {entry['event_id']!r}: {entry['reason']}")
+    return 1 if rejected else 0
+
+
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument(
@@ -310,3 +367,25 @@ def register_cli(subparsers: Any) -> None:
     )
     _connection_options(health)
     health.set_defaults(func=_run_client(_health))
+
+    events = subparsers.add_parser("events", help="send events to a server")
+    actions = events.add_subparsers(dest="events_command", metavar="ACTION", required=True)
+    log = actions.add_parser(
+        "log",
+        help="send the events of a JSON Lines file with LogEvents",
+        description="Send events, one JSON object per line (event_id, user_id, item_id, event, "
+        "and optionally timestamp as ISO 8601 with a zone, value, price, recommendation_id, "
+        "shown_item_ids). Prints the counts and why each rejected event was rejected. Exit "
+        "status: 0 all stored (accepted or duplicate), 1 some rejected or the call failed "
+        "(UNAVAILABLE: run it again, duplicates are harmless), 2 the file cannot be read.",
+    )
+    log.add_argument("--file", required=True, metavar="EVENTS.jsonl", help="the events to send")
+    log.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        metavar="N",
+        help="events per request, at most the server's max_events (default 500)",
+    )
+    _connection_options(log)
+    log.set_defaults(func=_run_client(_log_events))

@@ -7,19 +7,23 @@ Example::
         for item in result.items:
             print(item.item_id, item.score)
 
+Events go back with :meth:`AffinityClient.log_events`; an UNAVAILABLE error there means nothing
+was acknowledged, and the same events (same ids) should be sent again.
+
 Errors surface as :class:`grpc.RpcError` with the server's status code and message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from models.errors import InvalidInputError
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -85,6 +89,101 @@ class ModelInfo:
         data = asdict(self)
         data["loaded_at"] = self.loaded_at.isoformat() if self.loaded_at else None
         return data
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing a user did, to send with :meth:`AffinityClient.log_events`."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    event: str
+    timestamp: datetime | None = None
+    """Timezone-aware; ``None``: the server's time on arrival."""
+    value: float | None = None
+    """``None``: 1."""
+    price: float | None = None
+    recommendation_id: str = ""
+    shown_item_ids: Sequence[str] = field(default_factory=tuple)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        """An event from a mapping of the same names; ``timestamp`` may be ISO 8601 text."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown event field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                field=unknown[0],
+            )
+        values = dict(data)
+        timestamp = values.get("timestamp")
+        if isinstance(timestamp, str):
+            try:
+                values["timestamp"] = datetime.fromisoformat(timestamp)
+            except ValueError:
+                raise InvalidInputError(
+                    f"timestamp {timestamp!r} is not ISO 8601", field="timestamp"
+                ) from None
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a required field is missing
+            raise InvalidInputError(f"event: {exc}") from None
+
+    def to_proto(self) -> pb.Event:
+        message = pb.Event(
+            event_id=self.event_id,
+            user_id=self.user_id,
+            item_id=self.item_id,
+            event=self.event,
+            recommendation_id=self.recommendation_id or "",
+            shown_item_ids=list(self.shown_item_ids),
+        )
+        if self.timestamp is not None:
+            if self.timestamp.tzinfo is None:
+                raise InvalidInputError(
+                    f"event {self.event_id!r}: timestamp must be timezone-aware", field="timestamp"
+                )
+            message.timestamp.FromDatetime(self.timestamp.astimezone(UTC))
+        if self.value is not None:
+            message.value = self.value
+        if self.price is not None:
+            message.price = self.price
+        return message
+
+
+_EVENT_STATUS_NAMES = {
+    pb.EVENT_STATUS_UNSPECIFIED: "",
+    pb.EVENT_STATUS_ACCEPTED: "accepted",
+    pb.EVENT_STATUS_DUPLICATE: "duplicate",
+    pb.EVENT_STATUS_REJECTED: "rejected",
+}
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """What the server did with one event."""
+
+    event_id: str
+    status: str
+    """``accepted``, ``duplicate`` or ``rejected``."""
+    reason: str = ""
+    """Why it was rejected (starts with the field's name)."""
+    field: str = ""
+
+
+@dataclass(frozen=True)
+class LogEventsResult:
+    """One outcome per event sent, in order, and their counts."""
+
+    outcomes: list[EventOutcome]
+    accepted: int
+    duplicates: int
+    rejected: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _model(ref: pb.ModelRef) -> ModelRef:
@@ -235,3 +334,27 @@ class AffinityClient:
             timeout=self.timeout if timeout is None else timeout,
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def log_events(
+        self, events: Sequence[Event | Mapping[str, Any]], *, timeout: float | None = None
+    ) -> LogEventsResult:
+        """Send one batch of events (1 to the server's maximum, default 1000).
+
+        OK means every accepted event is committed. On UNAVAILABLE nothing was acknowledged:
+        send the same events again (a retry of a stored id is answered ``duplicate``).
+        """
+        request = pb.LogEventsRequest(
+            events=[
+                (ev if isinstance(ev, Event) else Event.from_dict(ev)).to_proto() for ev in events
+            ]
+        )
+        response = self._call(self._stub.LogEvents, request, timeout)
+        return LogEventsResult(
+            outcomes=[
+                EventOutcome(o.event_id, _EVENT_STATUS_NAMES.get(o.status, ""), o.reason, o.field)
+                for o in response.outcomes
+            ],
+            accepted=int(response.accepted),
+            duplicates=int(response.duplicates),
+            rejected=int(response.rejected),
+        )

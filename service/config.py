@@ -24,6 +24,11 @@ def _embedded_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def _default_events_uri() -> str:
+    # The event store's own default (service/events.py): ./events.db.
+    return f"sqlite:///{Path.cwd().resolve() / 'events.db'}"
+
+
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "affinity"
 
@@ -90,6 +95,15 @@ class ServeSettings(BaseSettings):
     max_ids: int = Field(1000, validation_alias="AFFINITY_MAX_IDS", ge=1)
     """Most ids allowed in any repeated request field (recent, exclude, item_ids, filters)."""
 
+    max_events: int = Field(1000, validation_alias="AFFINITY_MAX_EVENTS", ge=1, le=100_000)
+    """Most events one ``LogEvents`` request may carry."""
+
+    events_uri: str = Field(
+        default_factory=_default_events_uri, validation_alias="AFFINITY_EVENTS_URI", min_length=1
+    )
+    """Event store: ``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST/DB``; unset,
+    the SQLite file ``./events.db``. Each worker opens it at start-up, before the port opens."""
+
     max_message_bytes: int = Field(
         4 * 1024 * 1024, validation_alias="AFFINITY_MAX_MESSAGE_BYTES", ge=1024, le=1 << 30
     )
@@ -145,6 +159,22 @@ class ServeSettings(BaseSettings):
     def _nonblank_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("token must not be blank")
+        return value
+
+    @field_validator("events_uri")
+    @classmethod
+    def _database_uri(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            backend = make_url(value).get_backend_name()
+        except ArgumentError:
+            raise ValueError(
+                "not a database URI; use sqlite:///PATH or postgresql+psycopg://..."
+            ) from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {backend!r}; use SQLite or PostgreSQL")
         return value
 
     @field_validator("model_uri")

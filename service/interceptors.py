@@ -23,6 +23,7 @@ from models.errors import (
     ModelTooLargeError,
     NotFoundError,
     NotReadyError,
+    StoreError,
 )
 from service import telemetry
 
@@ -44,6 +45,8 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    # Nothing of the call was acknowledged: the client retries it with the same event ids.
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )

@@ -26,10 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from models.artifact import verify_artifact
-from models.errors import AffinityError
+from models.errors import AffinityError, InvalidInputError, StoreError
 from service import telemetry
 from service.config import ServeSettings, load_settings
 from service.cpus import pin_worker
+from service.events import EventStore, GroupCommit
 from service.interceptors import (
     SERVICE,
     AuthInterceptor,
@@ -59,11 +60,13 @@ def create_server(
     *,
     health_servicer: health.HealthServicer | None = None,
     reuse_port: bool = False,
+    store: EventStore | None = None,
 ) -> tuple[grpc.Server, int]:
     """A bound, not yet started server for ``holder``'s model; returns it and its port.
 
-    Health reports NOT_SERVING for ``""`` and ``affinity.v1.Recommender`` until the holder
-    receives its first model. Raises :class:`OSError` if the port cannot be bound.
+    ``LogEvents`` writes to ``store`` (the caller opens and closes it); without one it answers
+    UNAVAILABLE. Health reports NOT_SERVING for ``""`` and ``affinity.v1.Recommender`` until the
+    holder receives its first model. Raises :class:`OSError` if the port cannot be bound.
     """
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
     if settings.token is not None:
@@ -85,9 +88,14 @@ def create_server(
             ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ],
     )
-    add_to_server(
-        RecommenderServicer(holder, max_k=settings.max_k, max_ids=settings.max_ids), server
+    servicer = RecommenderServicer(
+        holder,
+        max_k=settings.max_k,
+        max_ids=settings.max_ids,
+        events=GroupCommit(store) if store is not None else None,
+        max_events=settings.max_events,
     )
+    add_to_server(servicer, server)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in HEALTH_SERVICES:
@@ -119,6 +127,14 @@ def _on_signals(handler: signal.Handlers | object) -> None:
         signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
+def open_event_store(settings: ServeSettings) -> EventStore:
+    """The event store of ``settings.events_uri``, or an error naming the setting."""
+    try:
+        return EventStore.open(settings.events_uri)
+    except (InvalidInputError, StoreError) as exc:
+        raise StoreError(f"invalid setting events_uri (AFFINITY_EVENTS_URI): {exc}") from exc
+
+
 def serve(settings: ServeSettings, *, worker: bool = False) -> int:
     """Run one server process until SIGTERM/SIGINT; returns the exit status."""
     from threadpoolctl import threadpool_limits
@@ -130,9 +146,24 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
     loader = ModelLoader(settings, holder)
     if not settings.is_registry:
         loader.load_initial()  # a broken local directory fails before the port opens
+    store = open_event_store(settings)  # a bad URI or an unreachable database fails here
+    try:
+        return _serve_with(settings, holder, loader, store, worker=worker)
+    finally:
+        store.close()
+
+
+def _serve_with(
+    settings: ServeSettings,
+    holder: ModelHolder,
+    loader: ModelLoader,
+    store: EventStore,
+    *,
+    worker: bool,
+) -> int:
     health_servicer = health.HealthServicer()
     server, port = create_server(
-        settings, holder, health_servicer=health_servicer, reuse_port=worker
+        settings, holder, health_servicer=health_servicer, reuse_port=worker, store=store
     )
     stop = threading.Event()
 

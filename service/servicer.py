@@ -10,17 +10,19 @@ import itertools
 import logging
 import uuid
 from collections.abc import Sequence
+from datetime import UTC
 from functools import lru_cache
 
 import grpc
 from prometheus_client import Counter
 
 from models.artifact import ITEM_TYPES
-from models.errors import InvalidInputError
+from models.errors import InvalidInputError, NotReadyError
 from models.ranking import ItemFilter, Recommendations, Source
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import telemetry
+from service.events import MAX_EVENT_ID, Event, GroupCommit, Outcome, Status, count_outcomes
 from service.interceptors import SERVICE, DeadlineExceededError
 from service.loader import LoadedModel, ModelHolder
 from service.wire import serialize
@@ -48,6 +50,67 @@ def _source_counter(method: str, source: str) -> Counter:
     return telemetry.RESPONSES_BY_SOURCE.labels(method=method, source=source)
 
 
+EVENT_STATUSES = {
+    Status.ACCEPTED: pb.EVENT_STATUS_ACCEPTED,
+    Status.DUPLICATE: pb.EVENT_STATUS_DUPLICATE,
+    Status.REJECTED: pb.EVENT_STATUS_REJECTED,
+}
+# The range of google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+class _Unconvertible(Exception):
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def event_from_proto(message: pb.Event) -> Event:
+    """The store's :class:`Event` for a request's event, or ``_Unconvertible`` (a timestamp no
+    datetime can hold); everything else is the store's to check."""
+    timestamp = None
+    if message.HasField("timestamp"):
+        seconds, nanos = message.timestamp.seconds, message.timestamp.nanos
+        if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+            raise _Unconvertible(
+                "timestamp", f"not a valid time (seconds={seconds}, nanos={nanos})"
+            )
+        timestamp = message.timestamp.ToDatetime(tzinfo=UTC)
+    return Event(
+        event_id=message.event_id,
+        user_id=message.user_id,
+        item_id=message.item_id,
+        event=message.event,
+        timestamp=timestamp,
+        value=message.value if message.HasField("value") else 1.0,
+        price=message.price if message.HasField("price") else None,
+        recommendation_id=message.recommendation_id or None,
+        shown_item_ids=tuple(message.shown_item_ids),
+    )
+
+
+def outcomes_to_proto(outcomes: Sequence[Outcome]) -> pb.LogEventsResponse:
+    response = pb.LogEventsResponse(
+        outcomes=[
+            pb.EventOutcome(
+                event_id=o.event_id,
+                status=EVENT_STATUSES[o.status],
+                reason=o.reason or "",
+                field=o.field or "",
+            )
+            for o in outcomes
+        ]
+    )
+    for o in outcomes:
+        if o.status is Status.ACCEPTED:
+            response.accepted += 1
+        elif o.status is Status.DUPLICATE:
+            response.duplicates += 1
+        else:
+            response.rejected += 1
+    return response
+
+
 SOURCES = {
     Source.PERSONALIZED: pb.SOURCE_PERSONALIZED,
     Source.FOLD_IN: pb.SOURCE_FOLD_IN,
@@ -56,12 +119,23 @@ SOURCES = {
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    """Answers the four RPCs from whatever model ``holder`` serves when each request starts."""
+    """Answers the ranking RPCs from whatever model ``holder`` serves when each request starts,
+    and ``LogEvents`` into ``events`` (a group-committing event store; ``None``: UNAVAILABLE)."""
 
-    def __init__(self, holder: ModelHolder, *, max_k: int = 1000, max_ids: int = 1000) -> None:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        *,
+        max_k: int = 1000,
+        max_ids: int = 1000,
+        events: GroupCommit | None = None,
+        max_events: int = 1000,
+    ) -> None:
         self.holder = holder
         self.max_k = max_k
         self.max_ids = max_ids
+        self.events = events
+        self.max_events = max_events
 
     # ------------------------------------------------------------ validation
     def _check_k(self, k: int) -> None:
@@ -193,9 +267,41 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         info.loaded_at.FromDatetime(meta.loaded_at)
         return info
 
+    def LogEvents(
+        self, request: pb.LogEventsRequest, context: grpc.ServicerContext
+    ) -> pb.LogEventsResponse:
+        """One outcome per event, in order; OK means the accepted ones are committed."""
+        self._start(context)
+        n = len(request.events)
+        if n == 0 or n > self.max_events:
+            raise InvalidInputError(
+                f"events must hold 1 to {self.max_events} events, got {n}; "
+                "split a longer batch into several requests",
+                field="events",
+            )
+        if self.events is None:
+            raise NotReadyError("this server has no event store")
+        outcomes: list[Outcome | None] = [None] * n
+        convertible: list[Event] = []
+        positions: list[int] = []
+        for i, message in enumerate(request.events):
+            try:
+                convertible.append(event_from_proto(message))
+            except _Unconvertible as exc:
+                event_id = message.event_id[:MAX_EVENT_ID]
+                outcomes[i] = Outcome(event_id, Status.REJECTED, str(exc), exc.field)
+                continue
+            positions.append(i)
+        unconvertible = [o for o in outcomes if o is not None]
+        if convertible:
+            for i, outcome in zip(positions, self.events.append(convertible), strict=True):
+                outcomes[i] = outcome
+        count_outcomes(unconvertible)
+        return outcomes_to_proto([o for o in outcomes if o is not None])
+
 
 def add_to_server(servicer: RecommenderServicer, server: grpc.Server) -> None:
-    """Register ``servicer``'s four methods on ``server``, as the generated
+    """Register ``servicer``'s methods on ``server``, as the generated
     ``add_RecommenderServicer_to_server`` does, except that the listing methods' responses,
     which the servicer returns already encoded (:mod:`service.wire`), are sent as they are."""
     handlers = {
@@ -219,6 +325,11 @@ def add_to_server(servicer: RecommenderServicer, server: grpc.Server) -> None:
         servicer.GetModelInfo,
         request_deserializer=pb.GetModelInfoRequest.FromString,
         response_serializer=pb.ModelInfo.SerializeToString,
+    )
+    handlers["LogEvents"] = grpc.unary_unary_rpc_method_handler(
+        servicer.LogEvents,
+        request_deserializer=pb.LogEventsRequest.FromString,
+        response_serializer=pb.LogEventsResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     # Looked up by method name without the generic handlers' search (missing from grpc's stubs).

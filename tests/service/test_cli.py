@@ -61,7 +61,7 @@ def test_one_command_holds_training_and_service_subcommands(
     assert exit_info.value.code == 0
     listed = capsys.readouterr().out.split()
     training = ["generate", "train", "batch-recommend"]
-    service = ["serve", "recommend", "similar", "popular", "model-info", "health"]
+    service = ["serve", "recommend", "similar", "popular", "model-info", "health", "events"]
     assert all(command in listed for command in training + service)
     # A user mistake: one line naming the subcommand, exit code 2, no traceback.
     assert main(["generate", "--out", str(tmp_path), "--users", "0", "--quiet"]) == 2
@@ -168,6 +168,7 @@ def test_two_workers_share_a_port_and_stop_on_sigterm(artifact_dir: Path, tmp_pa
     env = {
         **os.environ,
         "AFFINITY_CACHE_DIR": str(tmp_path / "cache"),
+        "AFFINITY_EVENTS_URI": f"sqlite:///{tmp_path / 'events.db'}",
         "PYTHONPATH": str(REPO),
     }
     command = [sys.executable, "-m", "affinity", "serve", "--workers", "2"]

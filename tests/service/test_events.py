@@ -8,14 +8,12 @@ skip locally and fail in CI, where a skip would hide a missing PostgreSQL.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -23,7 +21,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import Column, Connection, Integer, MetaData, Table, create_engine, inspect, text
-from sqlalchemy.engine import make_url
 
 from models.errors import InvalidInputError, UnsupportedSchemaError
 from service import events as events_module
@@ -43,32 +40,10 @@ POSTGRES_ENV = "AFFINITY_TEST_POSTGRES_URI"
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store' / 'events.db'}"
-        return
-    base = os.environ.get(POSTGRES_ENV)
-    if not base:
-        message = (
-            f"{POSTGRES_ENV} is not set: start PostgreSQL with "
-            f'`export {POSTGRES_ENV}="$(bash scripts/postgres.sh)"`'
-        )
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must test the event store on PostgreSQL: {message}")
-        pytest.skip(message)
-    schema = f"events_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
+@pytest.fixture
+def uri(events_db: str) -> str:
+    """A fresh, empty database of each kind (``events_db`` in conftest.py)."""
+    return events_db
 
 
 @pytest.fixture

@@ -16,10 +16,21 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_PERSONALIZED: _ClassVar[Source]
     SOURCE_FOLD_IN: _ClassVar[Source]
     SOURCE_POPULAR: _ClassVar[Source]
+
+class EventStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_STATUS_UNSPECIFIED: _ClassVar[EventStatus]
+    EVENT_STATUS_ACCEPTED: _ClassVar[EventStatus]
+    EVENT_STATUS_DUPLICATE: _ClassVar[EventStatus]
+    EVENT_STATUS_REJECTED: _ClassVar[EventStatus]
 SOURCE_UNSPECIFIED: Source
 SOURCE_PERSONALIZED: Source
 SOURCE_FOLD_IN: Source
 SOURCE_POPULAR: Source
+EVENT_STATUS_UNSPECIFIED: EventStatus
+EVENT_STATUS_ACCEPTED: EventStatus
+EVENT_STATUS_DUPLICATE: EventStatus
+EVENT_STATUS_REJECTED: EventStatus
 
 class ItemFilter(_message.Message):
     __slots__ = ("item_types", "categories")
@@ -146,3 +157,55 @@ class ModelInfo(_message.Message):
     from_cache: bool
     dataset_fingerprint: str
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., source_uri: _Optional[str] = ..., from_cache: _Optional[bool] = ..., dataset_fingerprint: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("event_id", "user_id", "item_id", "event", "timestamp", "value", "price", "recommendation_id", "shown_item_ids")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SHOWN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    user_id: str
+    item_id: str
+    event: str
+    timestamp: _timestamp_pb2.Timestamp
+    value: float
+    price: float
+    recommendation_id: str
+    shown_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., value: _Optional[float] = ..., price: _Optional[float] = ..., recommendation_id: _Optional[str] = ..., shown_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LogEventsRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class EventOutcome(_message.Message):
+    __slots__ = ("event_id", "status", "reason", "field")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    status: EventStatus
+    reason: str
+    field: str
+    def __init__(self, event_id: _Optional[str] = ..., status: _Optional[_Union[EventStatus, str]] = ..., reason: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+
+class LogEventsResponse(_message.Message):
+    __slots__ = ("outcomes", "accepted", "duplicates", "rejected")
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[EventOutcome]
+    accepted: int
+    duplicates: int
+    rejected: int
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[EventOutcome, _Mapping]]] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class RecommenderStub:
                 request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LogEvents = channel.unary_unary(
+                '/affinity.v1.Recommender/LogEvents',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -88,6 +93,14 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogEvents(self, request, context):
+        """Records what users did (impressions, clicks, purchases, ...), one outcome per event. An OK
+        answer means every accepted event is committed to the event store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ModelInfo.SerializeToString,
+            ),
+            'LogEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogEvents,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class Recommender:
             '/affinity.v1.Recommender/GetModelInfo',
             protos_dot_affinity_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_affinity_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/LogEvents',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

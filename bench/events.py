@@ -1,0 +1,219 @@
+"""Ingest benchmark: acknowledged events per second through ``LogEvents``.
+
+Starts ``affinity serve`` with one worker on a tiny model (the model does not matter here) and a
+fresh event store, then ``--processes`` client processes, each with ``--threads`` threads and its
+own channel, send batches of ``--batch`` new events as fast as the answers come back, for
+``--seconds`` after a warm-up. Counted: events answered ``accepted`` (committed). Runs SQLite, and
+PostgreSQL when ``--postgres-uri`` is given (a schema of its own, dropped afterwards). Prints a
+Markdown table and the command, and writes ``<workdir>/events.json``::
+
+    python -m bench.events --postgres-uri postgresql+psycopg://USER:PASSWORD@HOST/DB
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shlex
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import common
+from bench.common import log
+
+WARMUP_SECONDS = 2.0
+
+
+def tiny_artifact(directory: Path) -> Path:
+    """A 50-user, 20-item popularity-backed ALS artifact: enough for the server to start."""
+    import scipy.sparse as sp
+
+    from models.algorithms import get_algorithm
+    from models.artifact import ItemCatalog, ModelBundle, save_artifact
+    from models.vocabulary import Vocabulary
+
+    if (directory / "manifest.json").is_file():
+        return directory
+    users, items = 50, 20
+    rng = np.random.default_rng(0)
+    rows = np.repeat(np.arange(users), 4)
+    cols = rng.integers(0, items, size=rows.size)
+    matrix = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(users, items))
+    model = get_algorithm("als")(factors=4, iterations=2, random_state=0, num_threads=1).fit(matrix)
+    item_ids = [f"i{i}" for i in range(items)]
+    popularity = np.bincount(matrix.indices, minlength=items).astype(np.float32)
+    bundle = ModelBundle(
+        model=model,
+        users=Vocabulary([f"u{u}" for u in range(users)], kind="user"),
+        items=Vocabulary(item_ids),
+        seen=matrix,
+        catalog=ItemCatalog(
+            item_type=np.array(["product"] * items),
+            category=np.array([""] * items),
+            title=np.array(item_ids),
+            available=np.ones(items, dtype=bool),
+        ),
+        popularity=popularity,
+        trending=popularity,
+        info={"dataset_fingerprint": "bench-events"},
+    )
+    save_artifact(bundle, directory)
+    return directory
+
+
+def _client(port: int, batch: int, threads: int, seconds: float, queue: Any) -> None:
+    """One client process: ``threads`` senders; reports (accepted, requests, errors) after the
+    warm-up window."""
+    import grpc
+
+    from protos.affinity.v1 import recommender_pb2 as pb
+    from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
+
+    prefix = uuid.uuid4().hex[:12]
+    start = time.monotonic()
+    measure_from, stop_at = start + WARMUP_SECONDS, start + WARMUP_SECONDS + seconds
+    totals = [0, 0, 0]
+    lock = threading.Lock()
+
+    def sender(t: int) -> None:
+        accepted = requests = errors = 0
+        # The raw stub: the client's dataclass conversion would take CPU from the server.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            n = 0
+            while (now := time.monotonic()) < stop_at:
+                events = []
+                for _ in range(batch):
+                    n += 1
+                    events.append(
+                        pb.Event(
+                            event_id=f"{prefix}-{t}-{n}",
+                            user_id=f"u{n % 1000}",
+                            item_id=f"i{n % 20}",
+                            event="click",
+                        )
+                    )
+                try:
+                    response = stub.LogEvents(pb.LogEventsRequest(events=events), timeout=30)
+                except Exception:
+                    if now >= measure_from:
+                        errors += 1
+                    continue
+                if now >= measure_from and time.monotonic() <= stop_at:
+                    accepted += response.accepted
+                    requests += 1
+        with lock:
+            totals[0] += accepted
+            totals[1] += requests
+            totals[2] += errors
+
+    pool = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    queue.put(tuple(totals))
+
+
+def measure(uri: str, label: str, args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
+    """Serve ``uri`` with one worker and load it; the row of the table."""
+    port = common.free_port()
+    command = [str(common.BIN / "affinity"), "serve", "--model", str(artifact)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--poll-seconds", "0", "--log-level", "WARNING", "--events-uri", uri]
+    command += ["--max-in-flight", str(max(64, args.processes * args.threads))]
+    env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
+    log(f"{label}: serving {uri.split('@')[-1]} on port {port}")
+    with common.running(
+        command, common.grpc_ready(port), env=env, log_path=args.workdir / f"serve-{label}.log"
+    ):
+        queue: Any = mp.get_context("spawn").Queue()
+        procs = [
+            mp.get_context("spawn").Process(
+                target=_client, args=(port, args.batch, args.threads, args.seconds, queue)
+            )
+            for _ in range(args.processes)
+        ]
+        for proc in procs:
+            proc.start()
+        results = [queue.get(timeout=args.seconds + 120) for _ in procs]
+        for proc in procs:
+            proc.join()
+    accepted = sum(r[0] for r in results)
+    requests = sum(r[1] for r in results)
+    errors = sum(r[2] for r in results)
+    return {
+        "database": label,
+        "events_per_s": accepted / args.seconds,
+        "requests_per_s": requests / args.seconds,
+        "mean_batch_ms": 1000 * args.seconds * args.processes * args.threads / max(requests, 1),
+        "errors": errors,
+    }
+
+
+def _postgres_schema(base: str) -> tuple[str, Any]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    schema = f"bench_events_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop() -> None:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False), drop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=common.ROOT / "bench/results/events")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--batch", type=int, default=100, help="events per request")
+    parser.add_argument("--processes", type=int, default=4, help="client processes")
+    parser.add_argument("--threads", type=int, default=4, help="threads per client process")
+    parser.add_argument("--postgres-uri", help="also measure this PostgreSQL database")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    artifact = tiny_artifact(args.workdir / "model")
+    rows = []
+    sqlite_path = args.workdir / f"events-{uuid.uuid4().hex[:8]}.db"
+    try:
+        rows.append(measure(f"sqlite:///{sqlite_path}", "sqlite", args, artifact))
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
+    if args.postgres_uri:
+        uri, drop = _postgres_schema(args.postgres_uri)
+        try:
+            rows.append(measure(uri, "postgresql", args, artifact))
+        finally:
+            drop()
+    shown = [a if not a.startswith("postgresql") else "$POSTGRES_URI" for a in sys.argv[1:]]
+    command = shlex.join(["python", "-m", "bench.events", *shown])
+    print(f"\n`{command}` ({os.cpu_count()} CPUs, 1 worker, batches of {args.batch}, ", end="")
+    print(f"{args.processes} processes x {args.threads} threads)\n")
+    print("| database | acknowledged events/s | requests/s | mean batch latency ms | errors |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['database']} | {row['events_per_s']:,.0f} | {row['requests_per_s']:,.0f} "
+            f"| {row['mean_batch_ms']:.1f} | {row['errors']} |"
+        )
+    common.write_json(args.workdir / "events.json", {"command": command, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
