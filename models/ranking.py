@@ -26,6 +26,7 @@ candidate sources, filters, stages, top-k rule and backfill. :meth:`recommend`,
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -88,7 +89,17 @@ class ListRequest:
     choices in the code").
     """
 
-    __slots__ = ("exclude", "include_seen", "item_filter", "items", "k", "kind", "recent", "user")
+    __slots__ = (
+        "disliked",
+        "exclude",
+        "include_seen",
+        "item_filter",
+        "items",
+        "k",
+        "kind",
+        "recent",
+        "user",
+    )
 
     def __init__(
         self,
@@ -101,6 +112,7 @@ class ListRequest:
         exclude: np.ndarray = _NO_ITEMS,
         item_filter: ItemFilter = NO_FILTER,
         include_seen: bool = False,
+        disliked: np.ndarray = _NO_ITEMS,
     ) -> None:
         self.kind = kind
         self.k = k
@@ -115,6 +127,10 @@ class ListRequest:
         self.item_filter = item_filter
         self.include_seen = include_seen
         """Allow items the user has already interacted with (and :attr:`recent`)."""
+        self.disliked = disliked
+        """Items the user said "not interested" to: never returned (even with
+        :attr:`include_seen`), and their neighbours pushed down when the pipeline has a
+        :class:`DislikeStage`."""
 
 
 class Ranked(NamedTuple):
@@ -154,6 +170,60 @@ class RerankStage(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+class ConditionalStage(RerankStage, Protocol):
+    """A stage with work only for some requests: it runs, and asks for its extra candidates,
+    only where :meth:`applies` says so (the other requests pay nothing for it)."""
+
+    def applies(self, request: ListRequest) -> bool: ...
+
+
+class DislikeStage:
+    """Pushes down the neighbours of the items a user disliked.
+
+    Each candidate loses ``weight`` times its highest similarity (clipped to [0, 1]) to any
+    disliked item, in units of the spread of the candidates' scores: at weight 1 the nearest
+    neighbour of a disliked item (similarity 1) falls from the top of the list to the bottom.
+    ``similarity(ids, disliked)`` gives that highest similarity per candidate
+    (:meth:`RankingPipeline.max_similarity`). The disliked items themselves are never candidates.
+    """
+
+    candidates_per_slot = 3
+
+    def __init__(
+        self, similarity: Callable[[np.ndarray, np.ndarray], np.ndarray], weight: float = 0.5
+    ) -> None:
+        if not (math.isfinite(weight) and weight >= 0):
+            raise InvalidInputError(f"dislike weight must be >= 0, got {weight}", field="weight")
+        self.similarity = similarity
+        self.weight = float(weight)
+
+    def applies(self, request: ListRequest) -> bool:
+        return self.weight > 0 and len(request.disliked) > 0 and request.kind is ListKind.USER
+
+    def __call__(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not len(ids):
+            return ids, scores
+        scores = np.asarray(scores, dtype=np.float32)
+        spread = float(scores.max() - scores.min()) or abs(float(scores.max())) or 1.0
+        closeness = np.clip(self.similarity(ids, request.disliked), 0.0, 1.0)
+        return ids, scores - np.float32(self.weight * spread) * closeness.astype(np.float32)
+
+
+def _weak(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` called through a weak reference to its instance (see :func:`_cached`)."""
+    ref = WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        if bound is None:  # pragma: no cover - the pipeline is gone, nobody can call us
+            raise ReferenceError("ranking pipeline was garbage collected")
+        return bound(*args)
+
+    return call
+
+
 def _cached(method: Callable[..., Any], maxsize: int = 256) -> Callable[..., Any]:
     """``lru_cache`` of a bound method that holds its instance weakly.
 
@@ -187,12 +257,14 @@ class RankingPipeline:
         items: Vocabulary | None = None,
         stages: Sequence[RerankStage] = (),
         bundle: ModelBundle | None = None,
+        dislike_weight: float = 0.0,
     ) -> None:
         """Rank with ``model`` for the users of ``seen`` (their rows: what they already have).
 
         ``popularity`` (and ``trending``) rank the popular lists and the backfill; ``catalog``
         holds the items' availability, types and categories (default: every item available,
         untyped); ``users`` and ``items`` map external ids for :meth:`recommend` and friends.
+        ``dislike_weight`` > 0 appends a :class:`DislikeStage` of that weight to ``stages``.
         """
         if not getattr(model, "is_fitted", True):
             raise NotReadyError("the model is not fitted")
@@ -202,8 +274,14 @@ class RankingPipeline:
         self.bundle = bundle
         self.users = users
         self.items = items
-        self.stages = tuple(stages)
-        self._per_slot = max((s.candidates_per_slot for s in self.stages), default=1)
+        self.stages: tuple[RerankStage, ...] = tuple(stages)
+        if dislike_weight > 0:
+            # Held weakly: a bound method in a stage of its own pipeline would be a reference
+            # cycle, keeping a swapped-out model alive until a full garbage collection.
+            self.stages += (DislikeStage(_weak(self.max_similarity), dislike_weight),)
+        # Stages that run for every request, and those that say per request (ConditionalStage).
+        self._always = tuple(s for s in self.stages if not hasattr(s, "applies"))
+        self._per_slot = max((s.candidates_per_slot for s in self._always), default=1)
         catalog = catalog if catalog is not None else ItemCatalog.empty(n_items)
         self.catalog = catalog
         self.popularity = np.asarray(popularity, dtype=np.float32)
@@ -245,7 +323,11 @@ class RankingPipeline:
 
     @classmethod
     def from_bundle(
-        cls, bundle: ModelBundle, stages: Sequence[RerankStage] = ()
+        cls,
+        bundle: ModelBundle,
+        stages: Sequence[RerankStage] = (),
+        *,
+        dislike_weight: float = 0.0,
     ) -> RankingPipeline:
         """The pipeline serving one trained model artifact."""
         return cls(
@@ -258,6 +340,7 @@ class RankingPipeline:
             items=bundle.items,
             stages=stages,
             bundle=bundle,
+            dislike_weight=dislike_weight,
         )
 
     @classmethod
@@ -338,6 +421,8 @@ class RankingPipeline:
         """Items the request must not get: excluded ids, query items, and unless
         ``include_seen`` the user's seen and recent items (repeats are harmless)."""
         parts = [request.exclude] if len(request.exclude) else []
+        if len(request.disliked):
+            parts.append(request.disliked)
         if request.kind is ListKind.SIMILAR:
             parts.append(request.items)
         elif request.kind is ListKind.USER and not request.include_seen:
@@ -359,7 +444,11 @@ class RankingPipeline:
         self._check_indices(request)
         mask = self.candidate_mask(request.item_filter)  # validates the filter before scoring
         blocked = self._blocked(request)
-        n = k * self._per_slot
+        stages = self._stages_for(request)
+        per_slot = self._per_slot
+        if stages is not self.stages and stages is not self._always:
+            per_slot = max((s.candidates_per_slot for s in stages), default=1)
+        n = k * per_slot
         kind = request.kind
         if kind is ListKind.USER and (request.user != MISSING or len(request.recent)):
             source = Source.PERSONALIZED if request.user != MISSING else Source.FOLD_IN
@@ -370,11 +459,41 @@ class RankingPipeline:
         else:  # popular, trending, and the cold start of a user nobody knows anything about
             source = Source.POPULAR
             ids, scores = self._popular(n, mask, blocked, trending=kind is ListKind.TRENDING)
-        if self.stages:
-            ids, scores = self._rerank(ids, scores, request)
+        if stages:
+            ids, scores = self._rerank(ids, scores, request, stages)
         if len(ids) < k and source is not Source.POPULAR:
             ids, scores = self._backfill(ids, scores, k, mask, blocked)
         return Ranked(ids, scores, source)
+
+    def _stages_for(self, request: ListRequest) -> tuple[RerankStage, ...]:
+        """The stages that run for ``request``: every stage without ``applies`` and the
+        conditional ones that apply (the same tuple object when nothing conditional does)."""
+        if len(self._always) == len(self.stages):
+            return self.stages
+        extra = tuple(s for s in self.stages if hasattr(s, "applies") and s.applies(request))
+        if not extra:
+            return self._always
+        return tuple(s for s in self.stages if s in self._always or s in extra)
+
+    def max_similarity(self, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """For each of ``ids``, its highest similarity to any of ``query`` (items), about 1 for
+        the nearest neighbours: cosine of the item vectors of a factor model, otherwise the
+        model's item-item scores scaled by each query item's largest score to another item."""
+        ids = np.asarray(ids, dtype=np.int64)
+        query = np.unique(np.asarray(query, dtype=np.int64))
+        if not len(ids) or not len(query):
+            return np.zeros(len(ids), dtype=np.float32)
+        if self._vectors is not None:
+            unit = self._vectors.item_unit_vectors()
+            sims = unit[ids] @ unit[query].T
+        else:
+            rows = np.array(self.model.score_similar(query), dtype=np.float32)
+            rows[np.arange(len(query)), query] = NEG_INF  # an item's score to itself
+            rows[~np.isfinite(rows)] = 0.0
+            top = rows.max(axis=1, keepdims=True)
+            top[top <= 0] = 1.0
+            sims = (rows / top)[:, ids].T
+        return np.asarray(sims.max(axis=1), dtype=np.float32)
 
     def _check_indices(self, request: ListRequest) -> None:
         """Model indices out of range are the caller's mistake: a negative one would silently
@@ -388,6 +507,7 @@ class RankingPipeline:
             ("recent", request.recent),
             ("items", request.items),
             ("exclude", request.exclude),
+            ("disliked", request.disliked),
         ):
             if len(values) and (values.min() < 0 or values.max() >= self.n_items):
                 raise InvalidInputError(
@@ -476,10 +596,14 @@ class RankingPipeline:
         return ids[keep], top[keep]
 
     def _rerank(
-        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+        self,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        request: ListRequest,
+        stages: Sequence[RerankStage] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Steps 3 and 4: every stage in order, then the exact top ``k`` of what they left."""
-        for stage in self.stages:
+        for stage in self.stages if stages is None else stages:
             ids, scores = stage(ids, scores, request)
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
@@ -671,7 +795,11 @@ class RankingPipeline:
         for row in range(len(ids)):
             keep = ids[row] >= 0
             request = ListRequest(ListKind.USER, k, user=int(users[row]))
-            got, _ = self._rerank(ids[row][keep], scores[row][keep], request)
+            stages = self._stages_for(request)
+            if not stages:
+                got = ids[row][keep][:k]
+            else:
+                got, _ = self._rerank(ids[row][keep], scores[row][keep], request, stages)
             out[row, : len(got)] = got
         return out
 
@@ -701,17 +829,25 @@ class RankingPipeline:
         exclude_item_ids: Sequence[str] = (),
         item_filter: ItemFilter = NO_FILTER,
         include_seen: bool = False,
+        disliked_item_ids: Sequence[str] = (),
+        as_unknown: bool = False,
     ) -> Recommendations:
-        """Personalized top ``k`` for ``user_id``, with fold-in and popular fallbacks."""
+        """Personalized top ``k`` for ``user_id``, with fold-in and popular fallbacks.
+
+        ``disliked_item_ids`` are never returned (see :class:`DislikeStage` for their
+        neighbours); ``as_unknown`` ranks as if the model had never seen the user (an erased
+        user whose row the model still holds): only ``recent_item_ids`` personalize it.
+        """
         users, _ = self.vocabularies()
         request = ListRequest(
             ListKind.USER,
             k,
-            user=users.get(user_id),
+            user=MISSING if as_unknown else users.get(user_id),
             recent=self._known_items(recent_item_ids) if recent_item_ids else _NO_ITEMS,
             exclude=self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS,
             item_filter=item_filter,
             include_seen=include_seen,
+            disliked=self._known_items(disliked_item_ids) if disliked_item_ids else _NO_ITEMS,
         )
         return self._decode(self.rank(request))
 

@@ -186,6 +186,21 @@ class LogEventsResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class DeleteUserResult:
+    """What an erasure removed, and when it took effect."""
+
+    user_id: str
+    events_deleted: int
+    responses_deleted: int
+    erased_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["erased_at"] = self.erased_at.isoformat()
+        return data
+
+
 def _model(ref: pb.ModelRef) -> ModelRef:
     return ModelRef(ref.name, ref.version, ref.run_id, ref.algorithm)
 
@@ -357,4 +372,25 @@ class AffinityClient:
             accepted=int(response.accepted),
             duplicates=int(response.duplicates),
             rejected=int(response.rejected),
+        )
+
+    def delete_user(
+        self, user_id: str, *, admin_token: str | None = None, timeout: float | None = None
+    ) -> DeleteUserResult:
+        """Erase ``user_id`` (an admin RPC): their events and recorded responses are deleted
+        and the server treats them as unknown from now on. Sends ``admin_token`` as the bearer
+        token when given (else the client's ``token``, which must then be the admin token)."""
+        metadata = (
+            (("authorization", f"Bearer {admin_token}"),) if admin_token else self._metadata
+        )
+        response = self._stub.DeleteUser(
+            pb.DeleteUserRequest(user_id=user_id),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=metadata,
+        )
+        return DeleteUserResult(
+            user_id=user_id,
+            events_deleted=int(response.events_deleted),
+            responses_deleted=int(response.responses_deleted),
+            erased_at=response.erased_at.ToDatetime(tzinfo=UTC),
         )

@@ -104,6 +104,37 @@ class ServeSettings(BaseSettings):
     """Event store: ``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST/DB``; unset,
     the SQLite file ``./events.db``. Each worker opens it at start-up, before the port opens."""
 
+    live: bool = Field(True, validation_alias="AFFINITY_LIVE")
+    """Fold each known user's events since the model's training data into their lists, and
+    apply dislikes and erasures at once (``service/live.py``); off, only what a request carries
+    (``recent_item_ids``) personalizes it."""
+
+    live_poll_seconds: float = Field(
+        0.25, validation_alias="AFFINITY_LIVE_POLL_SECONDS", gt=0, le=60
+    )
+    """How often each worker reads the events and erasures other workers stored."""
+
+    live_window_days: float = Field(7.0, validation_alias="AFFINITY_LIVE_WINDOW_DAYS", gt=0)
+    """Events received this long ago at most are loaded at start-up; retrain at least as often."""
+
+    dislike_weight: float = Field(0.5, validation_alias="AFFINITY_DISLIKE_WEIGHT", ge=0, le=10)
+    """How far a disliked item's neighbours fall in that user's lists (0: only the item itself
+    is removed; 1: its nearest neighbour falls from the top to the bottom of the candidates)."""
+
+    record_responses: bool = Field(True, validation_alias="AFFINITY_RECORD_RESPONSES")
+    """Record every Recommend, SimilarItems and Popular answer (id, user, items, model, time) in
+    the event store, off the request path: the impressions attribution joins events to."""
+
+    response_buffer: int = Field(
+        100_000, validation_alias="AFFINITY_RESPONSE_BUFFER", ge=1, le=10_000_000
+    )
+    """Answers waiting to be recorded; past it new ones are dropped, counted in
+    ``affinity_responses_dropped_total`` and logged."""
+
+    admin_token: SecretStr | None = Field(None, validation_alias="AFFINITY_ADMIN_TOKEN")
+    """Bearer token of the admin RPCs (``DeleteUser``), distinct from ``token``; unset, admin
+    RPCs are refused (PERMISSION_DENIED)."""
+
     max_message_bytes: int = Field(
         4 * 1024 * 1024, validation_alias="AFFINITY_MAX_MESSAGE_BYTES", ge=1024, le=1 << 30
     )
@@ -154,7 +185,7 @@ class ServeSettings(BaseSettings):
     def _cpu_spec(cls, value: str) -> str:
         return validate_spec(value)
 
-    @field_validator("token")
+    @field_validator("token", "admin_token")
     @classmethod
     def _nonblank_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
@@ -192,6 +223,12 @@ class ServeSettings(BaseSettings):
     def _consistent(self) -> ServeSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        if (
+            self.token is not None
+            and self.admin_token is not None
+            and self.token.get_secret_value() == self.admin_token.get_secret_value()
+        ):
+            raise ValueError("admin_token must differ from token (the read token)")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 needs a fixed port (port 0 cannot be shared)")
         return self

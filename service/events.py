@@ -29,12 +29,12 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -141,6 +141,51 @@ class Outcome:
     """Why it was rejected, one line starting with the field's name."""
     field: str | None = None
     """The field that failed validation (a metric label)."""
+
+
+class Activity(NamedTuple):
+    """One stored event as the live view reads it (see :meth:`EventStore.activity`)."""
+
+    row_id: int
+    event_id: str
+    user_id: str
+    item_id: str
+    event: str
+    ts: datetime
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One answer the server gave: what was shown, to whom, by which model."""
+
+    recommendation_id: str
+    method: str
+    """``Recommend``, ``SimilarItems`` or ``Popular``."""
+    user_id: str | None
+    """The user asked about (``Recommend``); ``None`` for the other lists."""
+    item_ids: tuple[str, ...]
+    source: str
+    """``personalized``, ``fold_in`` or ``popular``."""
+    model_name: str
+    model_version: str
+    served_at: datetime
+
+
+class Erasure(NamedTuple):
+    """What :meth:`EventStore.delete_user` removed."""
+
+    user_id: str
+    events: int
+    responses: int
+    erased_at: datetime
+
+
+class Pruned(NamedTuple):
+    """What :meth:`EventStore.prune` removed."""
+
+    events: int
+    responses: int
 
 
 class _Rejected(Exception):
@@ -302,8 +347,35 @@ EVENTS = Table(
     Column("received_at", UTCDateTime(), nullable=False),
     Index("ix_events_user_ts", "user_id", "ts"),
     Index("ix_events_ts", "ts"),
+    Index("ix_events_received", "received_at"),
 )
 """The latest shape of the events table; the queries use it, the migrations build it."""
+RESPONSES = Table(
+    "responses",
+    _metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("recommendation_id", String(MAX_EVENT_ID), nullable=False, unique=True),
+    Column("method", String(32), nullable=False),
+    Column("user_id", String(MAX_ID), nullable=True),
+    Column("item_ids", JSON, nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("model_name", String(MAX_ID), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("served_at", UTCDateTime(), nullable=False),
+    Index("ix_responses_user", "user_id"),
+    Index("ix_responses_served", "served_at"),
+)
+"""Every answer of ``Recommend``, ``SimilarItems`` and ``Popular``: the impressions that
+attribution and click-through rates join events to, by ``recommendation_id``."""
+ERASURES = Table(
+    "erasures",
+    _metadata,
+    Column("user_id", String(MAX_ID), primary_key=True),
+    Column("erased_at", UTCDateTime(), nullable=False),
+    Index("ix_erasures_at", "erased_at"),
+)
+"""Users erased on request (``DeleteUser``) and when: every worker forgets them, and training
+drops their older rows from log files too."""
 
 
 def _migration_1_events(conn: Connection) -> None:
@@ -331,7 +403,39 @@ def _migration_1_events(conn: Connection) -> None:
     snapshot.create_all(conn)
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migration_1_events,)
+def _migration_2_responses_erasures(conn: Connection) -> None:
+    """Recorded responses, erasures, and an index on events.received_at (live tailing)."""
+    snapshot = MetaData()
+    Table(
+        "responses",
+        snapshot,
+        Column("id", _RowId, primary_key=True, autoincrement=True),
+        Column("recommendation_id", String(MAX_EVENT_ID), nullable=False, unique=True),
+        Column("method", String(32), nullable=False),
+        Column("user_id", String(MAX_ID), nullable=True),
+        Column("item_ids", JSON, nullable=False),
+        Column("source", String(32), nullable=False),
+        Column("model_name", String(MAX_ID), nullable=False),
+        Column("model_version", String(64), nullable=False),
+        Column("served_at", UTCDateTime(), nullable=False),
+        Index("ix_responses_user", "user_id"),
+        Index("ix_responses_served", "served_at"),
+    )
+    Table(
+        "erasures",
+        snapshot,
+        Column("user_id", String(MAX_ID), primary_key=True),
+        Column("erased_at", UTCDateTime(), nullable=False),
+        Index("ix_erasures_at", "erased_at"),
+    )
+    snapshot.create_all(conn)
+    conn.execute(text("CREATE INDEX ix_events_received ON events (received_at)"))
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _migration_1_events,
+    _migration_2_responses_erasures,
+)
 """The schema's history: step ``i`` (from 0) takes a database from version ``i`` to ``i + 1``."""
 LATEST_VERSION = len(MIGRATIONS)
 
@@ -468,18 +572,193 @@ class EventStore:
         with self._engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(EVENTS)).scalar_one())
 
-    def delete_user(self, user_id: str) -> int:
-        """Erase every event of ``user_id``; returns how many were removed."""
+    def delete_user(self, user_id: str, *, now: datetime | None = None) -> Erasure:
+        """Erase ``user_id``: their events and recorded responses go, in one transaction, and
+        the erasure is kept (``erasures``) so every worker forgets the user and training drops
+        their older rows from log files. Returns what was removed."""
+        user_id = _checked_user(user_id)
+        erased_at = (now or datetime.now(UTC)).astimezone(UTC)
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        upsert = insert(ERASURES).values(user_id=user_id, erased_at=erased_at)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=["user_id"], set_={"erased_at": upsert.excluded.erased_at}
+        )
         with self._write() as conn:
-            return conn.execute(delete(EVENTS).where(EVENTS.c.user_id == user_id)).rowcount
+            events = conn.execute(delete(EVENTS).where(EVENTS.c.user_id == user_id)).rowcount
+            responses = conn.execute(
+                delete(RESPONSES).where(RESPONSES.c.user_id == user_id)
+            ).rowcount
+            conn.execute(upsert)
+        logger.info(
+            "erased user: %d events and %d responses removed",
+            events,
+            responses,
+            extra={"erased_events": events, "erased_responses": responses},
+        )
+        return Erasure(user_id, events, responses, erased_at)
 
-    def prune(self, older_than: datetime) -> int:
-        """Remove events that happened before ``older_than``; returns how many."""
+    def delete_responses(self, user_id: str, served_before: datetime) -> int:
+        """Remove ``user_id``'s responses served before ``served_before`` (an erasure's second
+        sweep, for answers other workers were still recording); returns how many."""
+        with self._write() as conn:
+            return int(
+                conn.execute(
+                    delete(RESPONSES).where(
+                        (RESPONSES.c.user_id == user_id)
+                        & (RESPONSES.c.served_at <= _aware("served_before", served_before))
+                    )
+                ).rowcount
+            )
+
+    def erasures(self, since: datetime | None = None) -> dict[str, datetime]:
+        """Erased users and when, all of them or those erased at or after ``since``."""
+        stmt = select(ERASURES.c.user_id, ERASURES.c.erased_at)
+        if since is not None:
+            stmt = stmt.where(ERASURES.c.erased_at >= _aware("since", since))
+        with self._engine.connect() as conn:
+            return {row.user_id: row.erased_at for row in conn.execute(stmt)}
+
+    def prune(self, older_than: datetime) -> Pruned:
+        """Remove events that happened, and responses served, before ``older_than``."""
         cutoff = _aware("older_than", older_than)
         with self._write() as conn:
-            removed = conn.execute(delete(EVENTS).where(EVENTS.c.ts < cutoff)).rowcount
-        logger.info("pruned %d events older than %s", removed, cutoff.isoformat())
-        return removed
+            events = conn.execute(delete(EVENTS).where(EVENTS.c.ts < cutoff)).rowcount
+            responses = conn.execute(
+                delete(RESPONSES).where(RESPONSES.c.served_at < cutoff)
+            ).rowcount
+        logger.info(
+            "pruned %d events and %d responses older than %s",
+            events,
+            responses,
+            cutoff.isoformat(),
+        )
+        return Pruned(events, responses)
+
+    def activity(
+        self,
+        *,
+        after_id: int = 0,
+        ids: Sequence[int] = (),
+        received_since: datetime | None = None,
+        limit: int = 50_000,
+    ) -> list[Activity]:
+        """Stored events by row id, oldest first: those after ``after_id`` (received at or after
+        ``received_since`` when given), plus the rows ``ids`` (gaps the live view re-checks).
+
+        At most ``limit`` rows; ask again from the last row's id for more.
+        """
+        cond = EVENTS.c.id > after_id
+        if received_since is not None:
+            cond = cond & (EVENTS.c.received_at >= _aware("received_since", received_since))
+        if ids:
+            cond = cond | EVENTS.c.id.in_(list(ids))
+        stmt = (
+            select(
+                EVENTS.c.id,
+                EVENTS.c.event_id,
+                EVENTS.c.user_id,
+                EVENTS.c.item_id,
+                EVENTS.c.event,
+                EVENTS.c.ts,
+                EVENTS.c.received_at,
+            )
+            .where(cond)
+            .order_by(EVENTS.c.id)
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return [Activity(*row) for row in conn.execute(stmt)]
+
+    def newest_row_id(self) -> int:
+        """The largest row id of the events table (0 when empty): where a tail starts."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.max(EVENTS.c.id))).scalar() or 0)
+
+    def iter_events(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        batch_size: int = 10_000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every stored event with ``since <= ts < until``, in batches of row dicts (the
+        columns of ``events`` but ``id``), in storage order: for export and training.
+
+        Pages by row id, so a large store is read in bounded memory and a batch appended
+        meanwhile is either read whole or not at all.
+        """
+        if batch_size < 1:
+            raise InvalidInputError("batch_size must be >= 1", field="batch_size")
+        columns = [c for c in EVENTS.c if c.name != "id"]
+        after = 0
+        while True:
+            stmt = select(EVENTS.c.id, *columns).where(EVENTS.c.id > after)
+            if since is not None:
+                stmt = stmt.where(EVENTS.c.ts >= _aware("since", since))
+            if until is not None:
+                stmt = stmt.where(EVENTS.c.ts < _aware("until", until))
+            stmt = stmt.order_by(EVENTS.c.id).limit(batch_size)
+            with self._engine.connect() as conn:
+                rows = [dict(row) for row in conn.execute(stmt).mappings()]
+            if not rows:
+                return
+            after = rows[-1]["id"]
+            for row in rows:
+                del row["id"]
+                shown = row["shown_item_ids"]
+                if isinstance(shown, str):
+                    row["shown_item_ids"] = json.loads(shown)
+            yield rows
+
+    def record_responses(self, responses: Sequence[Response]) -> int:
+        """Store answers the server gave; returns how many were new (a repeated
+        ``recommendation_id`` is stored once). Raises :class:`StoreError` when it cannot."""
+        if not responses:
+            return 0
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        rows = sorted(
+            (
+                {
+                    "recommendation_id": r.recommendation_id,
+                    "method": r.method,
+                    "user_id": r.user_id,
+                    "item_ids": list(r.item_ids),
+                    "source": r.source,
+                    "model_name": r.model_name,
+                    "model_version": r.model_version,
+                    "served_at": r.served_at,
+                }
+                for r in responses
+            ),
+            key=lambda row: str(row["recommendation_id"]),
+        )
+        stmt = insert(RESPONSES).on_conflict_do_nothing(index_elements=["recommendation_id"])
+        try:
+            with self._write() as conn:
+                return int(conn.execute(stmt, rows).rowcount or 0)
+        except SQLAlchemyError as exc:
+            logger.warning("event store: recording %d responses failed: %s", len(rows), exc)
+            raise StoreError(
+                f"the event store could not record the responses ({type(exc).__name__})"
+            ) from exc
+
+    def responses_for_user(self, user_id: str, *, limit: int = DEFAULT_LIMIT) -> list[Response]:
+        """The answers recorded for ``user_id``, newest first."""
+        stmt = (
+            select(RESPONSES)
+            .where(RESPONSES.c.user_id == user_id)
+            .order_by(RESPONSES.c.served_at.desc(), RESPONSES.c.id.desc())
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return [_response(row) for row in conn.execute(stmt).mappings()]
+
+    def response(self, recommendation_id: str) -> Response | None:
+        """The recorded answer ``recommendation_id``, if any."""
+        stmt = select(RESPONSES).where(RESPONSES.c.recommendation_id == recommendation_id)
+        with self._engine.connect() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return None if row is None else _response(row)
 
     def _write(self) -> Any:
         return _write(self._engine)
@@ -488,6 +767,29 @@ class EventStore:
 def _write(engine: Engine) -> Any:
     """A write transaction (``BEGIN IMMEDIATE`` on SQLite: it waits for the lock up front)."""
     return engine.execution_options(affinity_write=True).begin()
+
+
+def _checked_user(user_id: object) -> str:
+    try:
+        return _identifier("user_id", user_id, MAX_ID)
+    except _Rejected as exc:
+        raise InvalidInputError(str(exc), field="user_id") from None
+
+
+def _response(row: Any) -> Response:
+    items = row["item_ids"]
+    if isinstance(items, str):
+        items = json.loads(items)
+    return Response(
+        recommendation_id=row["recommendation_id"],
+        method=row["method"],
+        user_id=row["user_id"],
+        item_ids=tuple(items),
+        source=row["source"],
+        model_name=row["model_name"],
+        model_version=row["model_version"],
+        served_at=row["served_at"],
+    )
 
 
 def _printable_id(raw: Event) -> str:

@@ -200,34 +200,78 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
         return _wrap_unary(continuation, handler_call_details, limited)
 
 
+ADMIN_METHODS = frozenset({f"{SERVICE_PREFIX}DeleteUser"})
+"""Methods that need the admin token; the read token is refused on them."""
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every method except health checks."""
+    """Bearer-token auth: ``authorization: Bearer <token>``.
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    Health checks always pass. Admin methods (:data:`ADMIN_METHODS`) need ``admin_token``: the
+    read token gets PERMISSION_DENIED, and without an admin token configured they are refused
+    outright. Every other method needs ``token`` (or ``admin_token``) when ``token`` is set.
+    """
 
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+    def __init__(self, token: str | None, admin_token: str | None = None) -> None:
+        self._expected = f"Bearer {token}".encode() if token is not None else None
+        self._admin = f"Bearer {admin_token}".encode() if admin_token is not None else None
+
+    @staticmethod
+    def _bearer(details: grpc.HandlerCallDetails) -> bytes | None:
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
-        return False
+                return value.encode() if isinstance(value, str) else bytes(value)
+        return None
+
+    def _check(self, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+        """``None`` when the call may go on, else the status and message to refuse it with."""
+        method = details.method
+        if method.startswith(HEALTH_PREFIX):
+            return None
+        if method in ADMIN_METHODS:
+            if self._admin is None:
+                return (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "admin RPCs are disabled on this server: set AFFINITY_ADMIN_TOKEN",
+                )
+            given = self._bearer(details)
+            if given is not None and hmac.compare_digest(given, self._admin):
+                return None
+            if (
+                given is not None
+                and self._expected is not None
+                and hmac.compare_digest(given, self._expected)
+            ):
+                return (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{method_name(method)} needs the admin token, not the read token",
+                )
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid admin bearer token"
+        if self._expected is None:
+            return None
+        given = self._bearer(details)
+        if given is not None and (
+            hmac.compare_digest(given, self._expected)
+            or (self._admin is not None and hmac.compare_digest(given, self._admin))
+        ):
+            return None
+        return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        if handler_call_details.method.startswith(HEALTH_PREFIX) or self._authorized(
-            handler_call_details
-        ):
+        refusal = self._check(handler_call_details)
+        if refusal is None:
             return continuation(handler_call_details)
+        code, message = refusal
         handler = continuation(handler_call_details)
         if handler is None:
             return None
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            context.abort(code, message)
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -54,6 +54,11 @@ class ModelMeta:
     dataset_fingerprint: str = ""
     from_cache: bool = False
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    trained_at: datetime | None = None
+    """When the artifact was written (its manifest's ``created_at``)."""
+    data_until: datetime | None = None
+    """The newest interaction the model was fitted on (``trained_at`` for artifacts that do
+    not say): the live view folds in a user's events after it."""
 
     @cached_property
     def ref(self) -> pb.ModelRef:
@@ -146,8 +151,10 @@ def _fail(stage: str) -> None:
     telemetry.MODEL_LOAD_FAILURES.labels(stage=stage).inc()
 
 
-def load_directory(directory: Path, meta: ModelMeta) -> LoadedModel:
-    """Verify, load and warm up the artifact in ``directory``; counts failures by stage."""
+def load_directory(directory: Path, meta: ModelMeta, *, dislike_weight: float = 0.0) -> LoadedModel:
+    """Verify, load and warm up the artifact in ``directory``; counts failures by stage.
+
+    ``dislike_weight`` > 0 gives the pipeline a :class:`models.ranking.DislikeStage`."""
     try:
         manifest = verify_artifact(directory)
     except Exception:
@@ -155,7 +162,7 @@ def load_directory(directory: Path, meta: ModelMeta) -> LoadedModel:
         raise
     try:
         bundle = load_artifact(directory, verify=False)  # verified just above
-        pipeline = RankingPipeline.from_bundle(bundle)
+        pipeline = RankingPipeline.from_bundle(bundle, dislike_weight=dislike_weight)
     except Exception:
         _fail("load")
         raise
@@ -172,7 +179,21 @@ def load_directory(directory: Path, meta: ModelMeta) -> LoadedModel:
         run_id=meta.run_id or str(info.get("run_id", "")),
         loaded_at=datetime.now(UTC),
     )
+    trained_at = _instant(manifest.get("created_at"))
+    data_until = _instant(info.get("data_until")) or trained_at
+    meta = replace(meta, trained_at=trained_at, data_until=data_until)
     return LoadedModel(pipeline, meta)
+
+
+def _instant(text: object) -> datetime | None:
+    """An ISO 8601 time from a manifest as an aware UTC datetime (``None`` when absent/bad)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def _safe_name(name: str) -> str:
@@ -306,7 +327,7 @@ class ModelLoader:
             source_uri=self.settings.model_uri,
         )
         try:
-            loaded = load_directory(artifact, meta)
+            loaded = load_directory(artifact, meta, dislike_weight=self.settings.dislike_weight)
         except BaseException:
             # Retrying would fetch the same bytes: skip this version until the alias moves.
             self._refused.add(version)
@@ -328,7 +349,11 @@ class ModelLoader:
             meta = ModelMeta(
                 name=self.name, version="", run_id="", algorithm="", source_uri=str(path)
             )
-            self.holder.swap(load_directory(find_artifact_dir(path), meta))
+            self.holder.swap(
+                load_directory(
+                    find_artifact_dir(path), meta, dislike_weight=self.settings.dislike_weight
+                )
+            )
             return True
         try:
             return self.refresh()
@@ -355,7 +380,7 @@ class ModelLoader:
             from_cache=True,
         )
         try:
-            loaded = load_directory(path, meta)
+            loaded = load_directory(path, meta, dislike_weight=self.settings.dislike_weight)
         except Exception as exc:
             logger.error("cached model in %s is unusable: %s", path, _reason(exc))
             return False

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from concurrent import futures
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -38,8 +39,10 @@ from service.interceptors import (
     ErrorInterceptor,
     MetricsInterceptor,
 )
+from service.live import LiveActivity
 from service.loader import ModelHolder, ModelLoader, configure_mlflow_http, find_artifact_dir
 from service.logs import configure_logging
+from service.recorder import ResponseRecorder
 from service.servicer import RecommenderServicer, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -61,16 +64,23 @@ def create_server(
     health_servicer: health.HealthServicer | None = None,
     reuse_port: bool = False,
     store: EventStore | None = None,
+    live: LiveActivity | None = None,
+    recorder: ResponseRecorder | None = None,
 ) -> tuple[grpc.Server, int]:
     """A bound, not yet started server for ``holder``'s model; returns it and its port.
 
-    ``LogEvents`` writes to ``store`` (the caller opens and closes it); without one it answers
-    UNAVAILABLE. Health reports NOT_SERVING for ``""`` and ``affinity.v1.Recommender`` until the
-    holder receives its first model. Raises :class:`OSError` if the port cannot be bound.
+    ``LogEvents`` and ``DeleteUser`` write to ``store`` (the caller opens and closes it); without
+    one they answer UNAVAILABLE. ``live`` and ``recorder`` (started and stopped by the caller)
+    fold users' events into their lists and record every answer. Health reports NOT_SERVING
+    for ``""`` and ``affinity.v1.Recommender`` until the holder receives its first model. Raises :class:`OSError` if the port cannot be bound.
     """
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor()]
-    if settings.token is not None:
-        interceptors.append(AuthInterceptor(settings.token.get_secret_value()))
+    interceptors: list[grpc.ServerInterceptor] = [
+        MetricsInterceptor(),
+        AuthInterceptor(
+            settings.token.get_secret_value() if settings.token is not None else None,
+            settings.admin_token.get_secret_value() if settings.admin_token is not None else None,
+        ),
+    ]
     interceptors += [ConcurrencyLimitInterceptor(settings.max_in_flight), ErrorInterceptor()]
     server = grpc.server(
         futures.ThreadPoolExecutor(
@@ -94,6 +104,10 @@ def create_server(
         max_ids=settings.max_ids,
         events=GroupCommit(store) if store is not None else None,
         max_events=settings.max_events,
+        live=live,
+        recorder=recorder,
+        # Other workers and hosts record answers every fraction of a second: sweep after that.
+        erasure_sweep_seconds=1.0 if store is not None else 0.0,
     )
     add_to_server(servicer, server)
     health_servicer = health_servicer or health.HealthServicer()
@@ -162,9 +176,45 @@ def _serve_with(
     worker: bool,
 ) -> int:
     health_servicer = health.HealthServicer()
-    server, port = create_server(
-        settings, holder, health_servicer=health_servicer, reuse_port=worker, store=store
-    )
+    live = recorder = None
+    if settings.live:
+        live = LiveActivity(
+            store,
+            poll_seconds=settings.live_poll_seconds,
+            window=timedelta(days=settings.live_window_days),
+        )
+        live.start()  # reads the recent events before the port opens
+    if settings.record_responses:
+        recorder = ResponseRecorder(store, capacity=settings.response_buffer)
+        recorder.start()
+    try:
+        server, port = create_server(
+            settings,
+            holder,
+            health_servicer=health_servicer,
+            reuse_port=worker,
+            store=store,
+            live=live,
+            recorder=recorder,
+        )
+        return _run_server(settings, holder, loader, server, port, health_servicer, worker=worker)
+    finally:
+        if recorder is not None:
+            recorder.stop()
+        if live is not None:
+            live.stop()
+
+
+def _run_server(
+    settings: ServeSettings,
+    holder: ModelHolder,
+    loader: ModelLoader,
+    server: grpc.Server,
+    port: int,
+    health_servicer: health.HealthServicer,
+    *,
+    worker: bool,
+) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:

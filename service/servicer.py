@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from functools import lru_cache
 
 import grpc
@@ -22,9 +23,19 @@ from models.ranking import ItemFilter, Recommendations, Source
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import telemetry
-from service.events import MAX_EVENT_ID, Event, GroupCommit, Outcome, Status, count_outcomes
+from service.events import (
+    MAX_EVENT_ID,
+    Event,
+    EventStore,
+    GroupCommit,
+    Outcome,
+    Status,
+    count_outcomes,
+)
 from service.interceptors import SERVICE, DeadlineExceededError
+from service.live import LiveActivity, UserActivity
 from service.loader import LoadedModel, ModelHolder
+from service.recorder import ResponseRecorder
 from service.wire import serialize
 
 logger = logging.getLogger(__name__)
@@ -118,9 +129,17 @@ SOURCES = {
 }
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """Answers the ranking RPCs from whatever model ``holder`` serves when each request starts,
-    and ``LogEvents`` into ``events`` (a group-committing event store; ``None``: UNAVAILABLE)."""
+    and ``LogEvents`` into ``events`` (a group-committing event store; ``None``: UNAVAILABLE).
+
+    With ``live``, a user's events since the model's training data personalize their lists and
+    their dislikes and erasure apply at once; with ``recorder``, every answer is recorded for
+    attribution; ``DeleteUser`` erases a user from ``events``' store.
+    """
 
     def __init__(
         self,
@@ -130,12 +149,22 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         max_ids: int = 1000,
         events: GroupCommit | None = None,
         max_events: int = 1000,
+        live: LiveActivity | None = None,
+        recorder: ResponseRecorder | None = None,
+        erasure_sweep_seconds: float = 1.0,
     ) -> None:
         self.holder = holder
         self.max_k = max_k
         self.max_ids = max_ids
         self.events = events
         self.max_events = max_events
+        self.live = live
+        self.recorder = recorder
+        self.erasure_sweep_seconds = erasure_sweep_seconds
+
+    @property
+    def store(self) -> EventStore | None:
+        return self.events.store if self.events is not None else None
 
     # ------------------------------------------------------------ validation
     def _check_k(self, k: int) -> None:
@@ -173,9 +202,21 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise DeadlineExceededError("deadline passed before the request could be handled")
 
     # ------------------------------------------------------------ responses
-    @staticmethod
-    def _record(method: str, loaded: LoadedModel, recs: Recommendations, rec_id: str) -> None:
+    def _record(
+        self,
+        method: str,
+        loaded: LoadedModel,
+        recs: Recommendations,
+        rec_id: str,
+        user_id: str | None = None,
+    ) -> None:
         _source_counter(method, str(recs.source)).inc()
+        recorder = self.recorder
+        if recorder is not None:
+            meta = loaded.meta
+            recorder.record(
+                rec_id, method, user_id, recs.item_ids, recs.source.value, meta.name, meta.version
+            )
         if not logger.isEnabledFor(logging.INFO):
             return
         logger.info(
@@ -202,16 +243,27 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         loaded = self.holder.get()
         item_filter = self._filter(request.filter, loaded)
+        recent = list(request.recent_item_ids)
+        disliked: list[str] = []
+        as_unknown = False
+        if self.live is not None:
+            activity = self.live.get(request.user_id)
+            if activity is not None:
+                as_unknown = _erased_for(activity, loaded)
+                recent += _fresh_items(activity, loaded, as_unknown)
+                disliked = activity.disliked_items()
         recs = loaded.pipeline.recommend(
             request.user_id,
             request.k,
-            recent_item_ids=list(request.recent_item_ids),
+            recent_item_ids=recent,
             exclude_item_ids=list(request.exclude_item_ids),
             item_filter=item_filter,
             include_seen=request.include_seen,
+            disliked_item_ids=disliked,
+            as_unknown=as_unknown,
         )
         rec_id = new_recommendation_id()
-        self._record("Recommend", loaded, recs, rec_id)
+        self._record("Recommend", loaded, recs, rec_id, request.user_id)
         return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id)
 
     def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext) -> bytes:
@@ -294,10 +346,73 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             positions.append(i)
         unconvertible = [o for o in outcomes if o is not None]
         if convertible:
-            for i, outcome in zip(positions, self.events.append(convertible), strict=True):
+            stored = self.events.append(convertible)
+            for i, outcome in zip(positions, stored, strict=True):
                 outcomes[i] = outcome
+            if self.live is not None:
+                self._apply_live(convertible, stored)
         count_outcomes(unconvertible)
         return outcomes_to_proto([o for o in outcomes if o is not None])
+
+    def _apply_live(self, events: list[Event], outcomes: list[Outcome]) -> None:
+        """This worker's acknowledged events, into its live view at once (the others read
+        them from the store within their poll interval)."""
+        assert self.live is not None
+        now = datetime.now(UTC)
+        self.live.apply(
+            (ev.event_id, ev.user_id, ev.item_id, ev.event.strip().lower(), ev.timestamp or now)
+            for ev, outcome in zip(events, outcomes, strict=True)
+            if outcome.status is Status.ACCEPTED
+        )
+
+    def DeleteUser(
+        self, request: pb.DeleteUserRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteUserResponse:
+        """Erase a user: their events and recorded responses, in the store and in every
+        worker's live view (this one at once, the others within their poll interval)."""
+        self._start(context)
+        store = self.store
+        if store is None:
+            raise NotReadyError("this server has no event store")
+        if self.recorder is not None:
+            self.recorder.flush()  # this worker's answers to the user go with the rest
+        erasure = store.delete_user(request.user_id)
+        if self.live is not None:
+            self.live.forget(erasure.user_id, erasure.erased_at)
+        responses = erasure.responses
+        if self.erasure_sweep_seconds > 0:
+            # Other workers may be recording answers they gave the user just before the erasure
+            # (their recorders write every fraction of a second): sweep once more after that.
+            time.sleep(self.erasure_sweep_seconds)
+            responses += store.delete_responses(erasure.user_id, erasure.erased_at)
+        telemetry.ERASURES.inc()
+        response = pb.DeleteUserResponse(events_deleted=erasure.events, responses_deleted=responses)
+        response.erased_at.FromDatetime(erasure.erased_at)
+        return response
+
+
+def _erased_for(activity: UserActivity, loaded: LoadedModel) -> bool:
+    """Whether the serving model still holds an erased user (trained before the erasure)."""
+    erased_at = activity.erased_at
+    if erased_at is None:
+        return False
+    trained_at = loaded.meta.trained_at
+    if trained_at is None or trained_at <= erased_at:
+        telemetry.LIVE_APPLIED.labels("erased").inc()
+        return True
+    return False
+
+
+def _fresh_items(activity: UserActivity, loaded: LoadedModel, as_unknown: bool) -> list[str]:
+    """The items of the user's events the model was not fitted on: after its data, or every
+    kept event of an erased user the model still holds (those came after the erasure)."""
+    cutoff = _EPOCH if as_unknown else (loaded.meta.data_until or _EPOCH)
+    items = activity.items_after(cutoff)
+    if items:
+        telemetry.LIVE_APPLIED.labels("fold_in").inc()
+    if activity.dislikes:
+        telemetry.LIVE_APPLIED.labels("dislike").inc()
+    return items
 
 
 def add_to_server(servicer: RecommenderServicer, server: grpc.Server) -> None:
@@ -330,6 +445,11 @@ def add_to_server(servicer: RecommenderServicer, server: grpc.Server) -> None:
         servicer.LogEvents,
         request_deserializer=pb.LogEventsRequest.FromString,
         response_serializer=pb.LogEventsResponse.SerializeToString,
+    )
+    handlers["DeleteUser"] = grpc.unary_unary_rpc_method_handler(
+        servicer.DeleteUser,
+        request_deserializer=pb.DeleteUserRequest.FromString,
+        response_serializer=pb.DeleteUserResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     # Looked up by method name without the generic handlers' search (missing from grpc's stubs).

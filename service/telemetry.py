@@ -74,6 +74,21 @@ EVENTS_REJECTED = Counter(
     "Events rejected by validation, by the field that failed (event_id, timestamp, value, ...).",
     ["field"],
 )
+RESPONSES_RECORDED = Counter(
+    "affinity_responses_recorded_total",
+    "Answers (Recommend, SimilarItems, Popular) stored in the event store for attribution.",
+)
+RESPONSES_DROPPED = Counter(
+    "affinity_responses_dropped_total",
+    "Answers not recorded because the recorder's buffer was full (or left at shutdown).",
+)
+LIVE_APPLIED = Counter(
+    "affinity_live_requests_total",
+    "Recommend requests changed by the live view, by what it applied "
+    "(fold_in: events since training; dislike; erased).",
+    ["effect"],
+)
+ERASURES = Counter("affinity_user_erasures_total", "Users erased with DeleteUser.")
 
 _model_labels: dict[str, str] | None = None
 _model_lock = threading.Lock()

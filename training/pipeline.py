@@ -13,9 +13,10 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +62,8 @@ Progress = Callable[[str], None]
 class TrainOptions:
     """Everything ``affinity train`` can set; defaults are the documented ones."""
 
-    interactions: Path
+    interactions: Path | Sequence[Path]
+    """A log file, a directory of logs, or several (``training.data.log_files``)."""
     items: Path | None = None
     test: Path | None = None
     algorithm: str = "als"
@@ -82,6 +84,9 @@ class TrainOptions:
     :data:`models.ranking_metrics.TARGET_METRICS`, measured at ``k`` (see :attr:`metric`)."""
     experiment: str = "affinity"
     quarantine_path: Path | None = None
+    erasures: Mapping[str, datetime] | None = None
+    """Erased users and when: their rows at or before it are dropped from every input (the
+    ``--events`` store's erasures); ``rows`` then counts them as ``erased``."""
     register: bool = True
     eval_users: int = 10_000
     """Evaluate on at most this many held-out users, sampled with ``seed`` (0: all of them)."""
@@ -149,7 +154,7 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
                 {
                     "algorithm": opts.algorithm,
                     "split": _split_name(opts),
-                    "interactions_path": str(opts.interactions),
+                    "interactions_path": _describe(opts.interactions),
                 }
             )
             fitted = fit_or_tune(opts, inputs, data, progress)
@@ -316,11 +321,13 @@ def read_inputs(opts: TrainOptions, workdir: Path, progress: Progress) -> Inputs
         event_weights=weights,
         quarantine_path=opts.quarantine_path or workdir / "quarantine.csv",
         categorical=True,
+        erasures=opts.erasures,
     )
-    rows = _row_counts(loaded)
+    rows = _row_counts(loaded, erasures=opts.erasures is not None)
+    erased = f" + erased {rows['erased']:,}" if "erased" in rows else ""
     progress(
         f"rows read {rows['read']:,} = accepted {rows['accepted']:,} + "
-        f"quarantined {rows['quarantined']:,}"
+        f"quarantined {rows['quarantined']:,}{erased}"
     )
     catalog = load_catalog(opts.items) if opts.items is not None else None
     return Inputs(
@@ -350,6 +357,7 @@ def split_data(opts: TrainOptions, inputs: Inputs, workdir: Path, progress: Prog
             opts.test,
             event_weights=inputs.weights,
             quarantine_path=workdir / "test-quarantine.csv",
+            erasures=opts.erasures,
         )
         train_frame, test_frame = frame, given.frame
         if opts.tune:
@@ -529,6 +537,9 @@ def package_model(
         trending=prepared.trending,
         info={
             "dataset_fingerprint": prepared.fingerprint,
+            # The newest interaction the model was fitted on: the server folds in a user's
+            # events after it (service/live.py).
+            "data_until": _newest(data.train),
             "run_id": run_id,
             "primary_metric": opts.metric,
             "metrics": {k: float(v) for k, v in evaluated.metrics.items()},
@@ -542,6 +553,14 @@ def package_model(
         artifact_dir=artifact_dir,
         timings={"artifact_seconds": time.perf_counter() - started},
     )
+
+
+def _newest(frame: pd.DataFrame) -> str:
+    """The latest ``timestamp`` of ``frame`` as ISO 8601 UTC ("" when empty)."""
+    if frame.empty:
+        return ""
+    newest = int(frame["timestamp"].max())
+    return datetime.fromtimestamp(newest, UTC).isoformat(timespec="seconds")
 
 
 QUARANTINE_LOG_LIMIT = 50 * 1024 * 1024
@@ -572,7 +591,9 @@ def log_reports(
         "quarantine_file": _keep_quarantine(
             loaded.quarantine_path if loaded.rows_quarantined else None, workdir, run_id, progress
         ),
-        "test_rows": _row_counts(given) if given is not None else None,
+        "test_rows": (
+            _row_counts(given, erasures=given.rows_erased > 0) if given is not None else None
+        ),
     }
     if given is not None:
         summary["test_reasons"] = dict(given.reasons)
@@ -734,12 +755,19 @@ def _split_name(opts: TrainOptions) -> str:
     return "given" if opts.test else opts.split
 
 
-def _row_counts(loaded: LoadResult) -> dict[str, int]:
-    return {
+def _row_counts(loaded: LoadResult, *, erasures: bool = False) -> dict[str, int]:
+    rows = {
         "read": loaded.rows_read,
         "accepted": loaded.rows_accepted,
         "quarantined": loaded.rows_quarantined,
     }
+    if erasures:
+        rows["erased"] = loaded.rows_erased
+    return rows
+
+
+def _describe(inputs: Path | Sequence[Path]) -> str:
+    return str(inputs) if isinstance(inputs, str | Path) else ", ".join(map(str, inputs))
 
 
 def _dataset_stats(

@@ -209,3 +209,19 @@ class LogEventsResponse(_message.Message):
     duplicates: int
     rejected: int
     def __init__(self, outcomes: _Optional[_Iterable[_Union[EventOutcome, _Mapping]]] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("events_deleted", "responses_deleted", "erased_at")
+    EVENTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    ERASED_AT_FIELD_NUMBER: _ClassVar[int]
+    events_deleted: int
+    responses_deleted: int
+    erased_at: _timestamp_pb2.Timestamp
+    def __init__(self, events_deleted: _Optional[int] = ..., responses_deleted: _Optional[int] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

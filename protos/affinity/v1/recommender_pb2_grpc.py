@@ -59,6 +59,11 @@ class RecommenderStub:
                 request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsRequest.SerializeToString,
                 response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsResponse.FromString,
                 _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/affinity.v1.Recommender/DeleteUser',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -101,6 +106,15 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUser(self, request, context):
+        """Admin: erases a user on request. Their events and recorded responses are deleted, every
+        worker treats them as unknown from then on, and the next training does not see them. Needs
+        the admin token (AFFINITY_ADMIN_TOKEN), not the read token: PERMISSION_DENIED otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.LogEvents,
                     request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsRequest.FromString,
                     response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +284,33 @@ class Recommender:
             '/affinity.v1.Recommender/LogEvents',
             protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsRequest.SerializeToString,
             protos_dot_affinity_dot_v1_dot_recommender__pb2.LogEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/DeleteUser',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
