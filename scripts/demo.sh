@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The `make demo` walk-through: sample logs -> train -> register -> serve -> query -> stop.
+# The `make demo` walk-through: sample logs -> train -> register -> serve -> query -> events ->
+# stop.
 # Everything stays in this folder: demo-data/ for logs, mlflow.db + mlruns/ for the embedded
-# MLflow store (unless MLFLOW_TRACKING_URI is set).
+# MLflow store (unless MLFLOW_TRACKING_URI is set), events.db for the event store (unless
+# AFFINITY_EVENTS_URI is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -52,7 +54,35 @@ echo "-- trending products"
 $BIN/affinity popular --target "127.0.0.1:$PORT" --item-type product --trending --k 5
 $BIN/affinity model-info --target "127.0.0.1:$PORT"
 
-echo "== 5. Stop the server (SIGTERM, graceful)"
+echo "== 5. What a user does next changes their list (LogEvents, live fold-in)"
+USER1=${USERS%% *}
+$BIN/affinity recommend --target "127.0.0.1:$PORT" --user "$USER1" --k 5 --json > "$DATA/before.json"
+$BIN/python - "$DATA/before.json" "$USER1" > "$DATA/events.jsonl" <<'PY'
+import json, sys, uuid
+answer, user = json.load(open(sys.argv[1])), sys.argv[2]
+shown = [item["item_id"] for item in answer["items"]]
+rec = answer["recommendation_id"]
+run = uuid.uuid4().hex[:8]
+events = [
+    {"event_id": f"demo-{run}-1", "user_id": user, "item_id": shown[0], "event": "impression",
+     "recommendation_id": rec, "shown_item_ids": shown},
+    {"event_id": f"demo-{run}-2", "user_id": user, "item_id": shown[0], "event": "click",
+     "recommendation_id": rec},
+    {"event_id": f"demo-{run}-3", "user_id": user, "item_id": shown[0], "event": "purchase",
+     "recommendation_id": rec, "price": 24.9},
+    {"event_id": f"demo-{run}-4", "user_id": user, "item_id": shown[1], "event": "dislike",
+     "recommendation_id": rec},
+]
+for event in events:
+    print(json.dumps(event))
+print(f"-- {user} was shown {', '.join(shown)}; bought {shown[0]}, "
+      f"said 'not interested' to {shown[1]}", file=sys.stderr)
+PY
+$BIN/affinity events log --target "127.0.0.1:$PORT" --file "$DATA/events.jsonl"
+echo "-- $USER1 right after: neither item comes back, and the list follows the purchase"
+$BIN/affinity recommend --target "127.0.0.1:$PORT" --user "$USER1" --k 5
+
+echo "== 6. Stop the server (SIGTERM, graceful)"
 kill -TERM $SERVER
 wait $SERVER || true
 trap - EXIT

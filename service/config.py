@@ -104,6 +104,16 @@ class ServeSettings(BaseSettings):
     """Event store: ``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST/DB``; unset,
     the SQLite file ``./events.db``. Each worker opens it at start-up, before the port opens."""
 
+    extra_events: str = Field("", validation_alias="AFFINITY_EXTRA_EVENTS")
+    """Event names ``LogEvents`` accepts beside the training vocabulary, ``impression`` and
+    ``dislike``, comma-separated (``wishlist,rate``); they count as interactions in live
+    fold-in. Training weighs them with its own ``--event-weight`` option."""
+
+    max_future_skew_seconds: float = Field(
+        300.0, validation_alias="AFFINITY_MAX_FUTURE_SKEW_SECONDS", ge=0
+    )
+    """An event stamped more than this far ahead of the server's clock is rejected."""
+
     live: bool = Field(True, validation_alias="AFFINITY_LIVE")
     """Fold each known user's events since the model's training data into their lists, and
     apply dislikes and erasures at once (``service/live.py``); off, only what a request carries
@@ -192,6 +202,17 @@ class ServeSettings(BaseSettings):
             raise ValueError("token must not be blank")
         return value
 
+    @field_validator("extra_events")
+    @classmethod
+    def _event_names(cls, value: str) -> str:
+        for name in value.split(","):
+            name = name.strip()
+            if len(name) > 64 or (name and not name.replace("_", "").isalnum()):
+                raise ValueError(
+                    f"event names are letters, digits and underscores, at most 64: {name[:80]!r}"
+                )
+        return value
+
     @field_validator("events_uri")
     @classmethod
     def _database_uri(cls, value: str) -> str:
@@ -232,6 +253,10 @@ class ServeSettings(BaseSettings):
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 needs a fixed port (port 0 cannot be shared)")
         return self
+
+    @property
+    def extra_event_names(self) -> frozenset[str]:
+        return frozenset(n.strip().lower() for n in self.extra_events.split(",") if n.strip())
 
     @property
     def is_registry(self) -> bool:

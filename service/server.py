@@ -31,7 +31,7 @@ from models.errors import AffinityError, InvalidInputError, StoreError
 from service import telemetry
 from service.config import ServeSettings, load_settings
 from service.cpus import pin_worker
-from service.events import EventStore, GroupCommit
+from service.events import EventRules, EventStore, GroupCommit
 from service.interceptors import (
     SERVICE,
     AuthInterceptor,
@@ -144,7 +144,11 @@ def _on_signals(handler: signal.Handlers | object) -> None:
 def open_event_store(settings: ServeSettings) -> EventStore:
     """The event store of ``settings.events_uri``, or an error naming the setting."""
     try:
-        return EventStore.open(settings.events_uri)
+        rules = EventRules(
+            extra_events=settings.extra_event_names,
+            max_future_skew=timedelta(seconds=settings.max_future_skew_seconds),
+        )
+        return EventStore.open(settings.events_uri, rules=rules)
     except (InvalidInputError, StoreError) as exc:
         raise StoreError(f"invalid setting events_uri (AFFINITY_EVENTS_URI): {exc}") from exc
 

@@ -87,7 +87,7 @@ def test_requests_without_dislikes_pay_nothing_and_match(
         b = disliking.recommend(user, 10, recent_item_ids=["i03"])
         assert a.item_ids == b.item_ids and a.scores == b.scores
     request = ListRequest(ListKind.USER, 10, user=0)
-    assert disliking._stages_for(request) == ()  # noqa: SLF001 - the per-request stage choice
+    assert disliking._stages_for(request) == ()
     users = np.arange(10)
     assert np.array_equal(pipeline.rank_users(users, 10), disliking.rank_users(users, 10))
 
@@ -326,3 +326,29 @@ def test_delete_user_is_refused_when_no_admin_token_is_configured(
         code = status_of(lambda: client.delete_user("u01", admin_token="anything"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert client.recommend("u01", k=3).source == "personalized"
+
+
+def test_configured_extra_event_names_are_accepted_and_fold_in(tmp_path: Path) -> None:
+    from service.config import load_settings
+    from service.server import open_event_store
+
+    settings = load_settings(
+        model_uri=str(tmp_path),
+        events_uri=f"sqlite:///{tmp_path / 'events.db'}",
+        extra_events="Wishlist, rate",
+        max_future_skew_seconds=0,
+    )
+    with open_event_store(settings) as store:
+        outcomes = store.append(
+            [
+                _event("w1", "u1", "i1", "wishlist"),
+                _event("w2", "u1", "i2", "unknown_name"),
+                _event("w3", "u1", "i3", "rate", timestamp=_now() + timedelta(seconds=30)),
+            ]
+        )
+        assert [o.status.value for o in outcomes] == ["accepted", "rejected", "rejected"]
+        assert outcomes[1].field == "event" and outcomes[2].field == "timestamp"
+        live = LiveActivity(store)
+        live.bootstrap()
+        activity = live.get("u1")
+        assert activity is not None and activity.items_after(_now() - timedelta(hours=1)) == ["i1"]
