@@ -1,7 +1,8 @@
 """The ``affinity`` command line: generate sample logs, train, batch-recommend, serve and query.
 
 The subcommands come from the packages that own them (:func:`training.cli.register_cli`,
-:func:`service.cli.register_cli`); this module builds the parser, runs the chosen one and turns
+:func:`service.cli.register_cli`; ``train --events``, which needs both, from
+:mod:`affinity.train_events`); this module builds the parser, runs the chosen one and turns
 its errors into exit codes. Every subcommand explains its options in ``--help``. Exit code 0 on
 success; on a user mistake a one-line reason on stderr and exit code 2 (1 for other failures),
 never a traceback.
@@ -15,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from affinity import train_events
 from models.errors import AffinityError
 from service import cli as service_cli
 from training import cli as training_cli
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     training_cli.register_cli(subparsers)
     service_cli.register_cli(subparsers)
+    # train --events reads the service's event store: composed here, where both sides meet.
+    train_events.add_events_option(subparsers.choices["train"])
     return parser
 
 

@@ -1,8 +1,9 @@
 """The service's subcommands of the ``affinity`` command: ``serve`` and the client commands.
 
 :func:`register_cli` adds ``serve``, ``recommend``, ``similar``, ``popular``, ``model-info``,
-``health`` and ``events log`` to an argparse subparsers object; each sets ``func(args) -> int``
-(the exit status).
+``health``, ``events log|export|prune`` and ``users delete`` to an argparse subparsers object;
+each sets ``func(args) -> int`` (the exit status). ``events export`` and ``events prune`` open the
+event store themselves (``--events-uri``); the others call a server.
 Errors print a one-line reason to stderr and return non-zero. The command itself is
 :mod:`affinity.cli`.
 """
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,19 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--tls-cert": ("tls_cert", str, {"metavar": "PEM"}),
     "--tls-key": ("tls_key", str, {"metavar": "PEM"}),
     "--token": ("token", str, {}),
+    "--admin-token": ("admin_token", str, {}),
     "--max-k": ("max_k", int, {"metavar": "N"}),
     "--max-ids": ("max_ids", int, {"metavar": "N"}),
     "--max-events": ("max_events", int, {"metavar": "N"}),
     "--events-uri": ("events_uri", str, {"metavar": "URI"}),
+    "--extra-events": ("extra_events", str, {"metavar": "NAMES"}),
+    "--max-future-skew": ("max_future_skew_seconds", float, {"metavar": "S"}),
+    "--record-responses": ("record_responses", str, {"metavar": "BOOL"}),
+    "--response-buffer": ("response_buffer", int, {"metavar": "N"}),
+    "--live": ("live", str, {"metavar": "BOOL"}),
+    "--live-window-days": ("live_window_days", float, {"metavar": "DAYS"}),
+    "--live-poll-seconds": ("live_poll_seconds", float, {"metavar": "S"}),
+    "--dislike-weight": ("dislike_weight", float, {"metavar": "W"}),
     "--max-in-flight": ("max_in_flight", int, {"metavar": "N"}),
     "--max-message-bytes": ("max_message_bytes", int, {"metavar": "N"}),
     "--max-concurrent-streams": ("max_concurrent_streams", int, {"metavar": "N"}),
@@ -88,7 +99,7 @@ def _add_serve(subparsers: Any) -> None:
         info = fields[field]
         description = (info.description or "").replace("``", "'")
         default = "" if info.default_factory is not None else f"; default {info.default!r}"
-        if field == "token":
+        if field in ("token", "admin_token"):
             default = ""
         parser.add_argument(
             flag,
@@ -271,6 +282,133 @@ def _log_events(client: AffinityClient, args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
+def _delete_user(client: AffinityClient, args: argparse.Namespace) -> int:
+    if not args.admin_token:
+        raise InvalidInputError(
+            "--admin-token (or AFFINITY_ADMIN_TOKEN) is required to erase a user",
+            field="admin_token",
+        )
+    result = client.delete_user(args.user_id, admin_token=args.admin_token)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(
+            f"erased user {args.user_id!r}: {result.events_deleted} events and "
+            f"{result.responses_deleted} recorded responses deleted"
+        )
+    return 0
+
+
+# ------------------------------------------------------------- event store
+def _store_uri(args: argparse.Namespace) -> str:
+    from service.events import events_uri
+
+    return str(args.events_uri or events_uri())
+
+
+def _export_events(args: argparse.Namespace) -> int:
+    from service.events import EventStore
+    from service.export import export_events, parse_when
+
+    since = parse_when(args.since, name="since") if args.since else None
+    until = parse_when(args.until, name="until") if args.until else None
+    with EventStore.open(_store_uri(args)) as store:
+        try:
+            result = export_events(
+                store,
+                args.out,
+                since=since,
+                until=until,
+                overwrite=args.overwrite,
+                batch_size=args.batch_size,
+            )
+        except OSError as exc:
+            return _fail(f"cannot write the export to {args.out}: {exc}")
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(
+            f"exported {result.events:,} events: {len(result.days)} days, {result.files} files "
+            f"in {result.out}, {result.seconds:.2f} s"
+        )
+    return 0
+
+
+def _prune_events(args: argparse.Namespace) -> int:
+    from service.events import EventStore
+    from service.retention import cutoff_of, prune
+
+    cutoff = cutoff_of(args.older_than)
+    with EventStore.open(_store_uri(args)) as store:
+        pruned = prune(store, cutoff, dry_run=args.dry_run)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "dry_run": args.dry_run,
+                    "older_than": cutoff.isoformat(),
+                    "events": pruned.events,
+                    "responses": pruned.responses,
+                },
+                indent=2,
+            )
+        )
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(
+            f"{verb} {pruned.events:,} events and {pruned.responses:,} recorded responses "
+            f"older than {cutoff.isoformat(timespec='seconds')}"
+        )
+    return 0
+
+
+def _report_events(args: argparse.Namespace) -> int:
+    from service.attribution import attribution
+    from service.events import EventStore
+    from service.retention import cutoff_of
+
+    since = cutoff_of(args.since)
+    window = datetime.now(UTC) - cutoff_of(args.window)
+    with EventStore.open(_store_uri(args)) as store:
+        report = attribution(store, since=since, window=window)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(
+        f"answers served since {since.isoformat(timespec='seconds')} and the events credited "
+        f"to them within {report.window} (last touch, by recommendation_id)"
+    )
+    header = ("model", "version", "method", "answers", "engaged", "converted", "revenue")
+    rows = [
+        (
+            v.model_name,
+            v.model_version or "-",
+            v.method,
+            f"{v.answers:,}",
+            f"{v.engagement_rate:.2%}",
+            f"{v.conversion_rate:.2%}",
+            f"{v.revenue:,.2f}",
+        )
+        for v in report.versions
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    lost = ", ".join(f"{n:,} {why}" for why, n in report.uncredited.items())
+    print(f"not credited: {lost}")
+    return 0
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--events-uri",
+        metavar="URI",
+        help="the event store: sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB "
+        "[env AFFINITY_EVENTS_URI; default sqlite:///./events.db]",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a line")
+
+
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument(
@@ -368,7 +506,9 @@ def register_cli(subparsers: Any) -> None:
     _connection_options(health)
     health.set_defaults(func=_run_client(_health))
 
-    events = subparsers.add_parser("events", help="send events to a server")
+    events = subparsers.add_parser(
+        "events", help="send events to a server; export or prune the event store"
+    )
     actions = events.add_subparsers(dest="events_command", metavar="ACTION", required=True)
     log = actions.add_parser(
         "log",
@@ -389,3 +529,99 @@ def register_cli(subparsers: Any) -> None:
     )
     _connection_options(log)
     log.set_defaults(func=_run_client(_log_events))
+
+    export = actions.add_parser(
+        "export",
+        help="write the event store's events as Parquet partitioned by day",
+        description="Write the stored events as Parquet files in hive-style day partitions, "
+        "OUT/day=YYYY-MM-DD/part-*.parquet (the UTC day of each event's timestamp), readable "
+        "by pandas (pd.read_parquet(OUT)), pyarrow.dataset, DuckDB and Spark. Columns: "
+        "event_id, user_id, item_id, event, timestamp, value, price, recommendation_id, "
+        "shown_item_ids, received_at. The store is read in pages, in bounded memory. OUT must "
+        "be empty unless --overwrite, which replaces the day partitions this export writes "
+        "(so re-running never duplicates events).",
+    )
+    export.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    export.add_argument(
+        "--since",
+        metavar="DATE",
+        help="only events at or after this ISO date or date-time (naive: UTC)",
+    )
+    export.add_argument(
+        "--until",
+        metavar="DATE",
+        help="only events before this ISO date or date-time (naive: UTC)",
+    )
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into a non-empty DIR, replacing each day partition written",
+    )
+    export.add_argument(
+        "--batch-size",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="events read from the store per query (default 10000)",
+    )
+    _store_options(export)
+    export.set_defaults(func=_export_events)
+
+    prune_parser = actions.add_parser(
+        "prune",
+        help="remove events and recorded responses older than a cutoff (retention)",
+        description="Remove the events that happened, and the responses served, before now "
+        "minus --older-than, in one transaction; --dry-run only counts them. Run it from a "
+        "scheduler to keep a retention period: the server never deletes on its own.",
+    )
+    prune_parser.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        help="a duration (90d, 12h, 30m, 45s, 2w) or an ISO date/date-time in the past",
+    )
+    prune_parser.add_argument(
+        "--dry-run", action="store_true", help="count what would be removed; remove nothing"
+    )
+    _store_options(prune_parser)
+    prune_parser.set_defaults(func=_prune_events)
+
+    report = actions.add_parser(
+        "report",
+        help="attribution: what each model version's answers earned (clicks, purchases, revenue)",
+        description="Credit the events that name a recommendation_id to the recorded answer "
+        "(last touch, within --window of it) and report, per model version and method, the "
+        "answers served, the share that earned a click-like event or a purchase, and revenue. "
+        "Events not credited are counted by reason.",
+    )
+    report.add_argument(
+        "--since",
+        default="7d",
+        metavar="DURATION",
+        help="report on the last DURATION (7d, 24h) or since an ISO date (default 7d)",
+    )
+    report.add_argument(
+        "--window",
+        default="24h",
+        metavar="DURATION",
+        help="how long after an answer its events are credited to it (default 24h)",
+    )
+    _store_options(report)
+    report.set_defaults(func=_report_events)
+
+    users = subparsers.add_parser("users", help="manage users on a server (erasure)")
+    user_actions = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    delete = user_actions.add_parser(
+        "delete",
+        help="erase a user: delete their events and recorded responses (DeleteUser)",
+        description="Erase a user on the server: their stored events and recorded responses "
+        "are deleted, the server treats them as unknown from then on, and training with "
+        "--events drops their older rows from log files too. Needs the admin token.",
+    )
+    delete.add_argument("--user-id", required=True, metavar="ID", help="the user to erase")
+    delete.add_argument(
+        "--admin-token",
+        default=os.environ.get("AFFINITY_ADMIN_TOKEN"),
+        help="the server's admin token [env AFFINITY_ADMIN_TOKEN]",
+    )
+    _connection_options(delete)
+    delete.set_defaults(func=_run_client(_delete_user))

@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(
+    args: argparse.Namespace,
+    *,
+    interactions: Sequence[Path] | None = None,
+    erasures: Mapping[str, datetime] | None = None,
+    report: Mapping[str, Any] | None = None,
+) -> int:
+    """Run ``affinity train``. A caller composing other inputs (``affinity train --events``)
+    passes the logs to read instead of ``--interactions``, the erasures to apply to them, and
+    ``report``: more entries of the printed summary."""
     from training.confidence import ConfidenceConfig
     from training.pipeline import TrainOptions, run_training
 
+    logs = list(interactions if interactions is not None else args.interactions or [])
+    if not logs:
+        raise InvalidInputError(
+            "give --interactions (interaction logs) or --events (the event store)",
+            field="interactions",
+        )
     progress = _progress_printer(args.quiet)
     params = dict(_parse_param(p) for p in args.param)
     opts = TrainOptions(
-        interactions=args.interactions,
+        interactions=logs[0] if len(logs) == 1 else logs,
         items=args.items,
         test=args.test,
         algorithm=args.algorithm,
@@ -102,9 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         quarantine_path=args.quarantine,
         eval_users=args.eval_users,
+        erasures=erasures,
     )
     result = run_training(opts, progress)
-    summary = result.to_json()
+    summary = {**result.to_json(), **(report or {})}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -117,6 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not name.startswith("cohort_"):
                 print(f"  {name:<22} {m[name]:8.4f}   baseline {b.get(name, float('nan')):8.4f}")
         print(f"  rows: {result.rows}")
+        for key, value in (report or {}).items():
+            print(f"  {key}: {value}")
         print(f"  {result.decision}")
     return 0
 
@@ -169,15 +188,19 @@ def register_cli(subparsers: Any) -> None:
     tr = subparsers.add_parser(
         "train",
         help="train, evaluate, log to MLflow and register a model",
-        description="Train a model on an interaction log, evaluate it against the "
-        "popularity baseline on a holdout, log the run to MLflow, register a new "
-        "version and promote it to 'champion' if it beats the current one.",
+        description="Train a model on interaction logs (--interactions) and/or the event "
+        "store (--events), evaluate it against the popularity baseline on a holdout, log the "
+        "run to MLflow, register a new version and promote it to 'champion' if it beats the "
+        "current one.",
     )
     tr.add_argument(
         "--interactions",
         type=Path,
-        required=True,
-        help="interaction log (.csv or .parquet): user_id, item_id, event, timestamp [, value]",
+        nargs="+",
+        action="extend",
+        metavar="LOG",
+        help="interaction logs (.csv or .parquet: user_id, item_id, event, timestamp [, value]) "
+        "or folders of them, each validated alike; repeatable. Required unless --events",
     )
     tr.add_argument(
         "--items",

@@ -1,9 +1,10 @@
 """Read interaction logs and item catalogs into validated frames, quarantining unusable rows.
 
 A log is Parquet or CSV with ``user_id``, ``item_id``, ``event``, ``timestamp`` and an optional
-``value``. Every row that cannot be used is written to a quarantine CSV with its line number and
-reason, so ``rows_read == rows_accepted + rows_quarantined`` always holds and nothing is lost
-silently.
+``value``; a training run may read several (a directory of them, or a list), each validated alike.
+Every row that cannot be used is written to a quarantine CSV with its line number and reason, so
+``rows_read == rows_accepted + rows_quarantined`` always holds and nothing is lost silently (plus
+``rows_erased`` when erased users' rows are dropped, see :func:`load_interactions`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import logging
 import math
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from pandas.api.types import union_categoricals
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.artifact import ITEM_TYPES, ItemCatalog
@@ -140,6 +143,12 @@ class LoadResult:
     reasons: Counter[str] = field(default_factory=Counter)
     quarantine_path: Path | None = None
     source: Path | None = None
+    """The log read, when it was one file."""
+    rows_erased: int = 0
+    """Rows of erased users dropped (see ``load_interactions(erasures=...)``): with them,
+    ``rows_read == rows_accepted + rows_quarantined + rows_erased``."""
+    sources: tuple[Path, ...] = ()
+    """Every log file read, in order."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,49 +504,119 @@ def _default_quarantine_path(source: Path) -> Path:
     return source.with_name(source.name + ".quarantine.csv")
 
 
-def _write_quarantine(path: Path, rejected: pd.DataFrame) -> Path:
-    rejected = rejected.sort_values("line", kind="stable")
+def _write_quarantine(path: Path, rejected: pd.DataFrame, columns: list[str]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        rejected.to_csv(path, index=False, columns=list(QUARANTINE_COLUMNS))
+        rejected.to_csv(path, index=False, columns=columns)
     except OSError as exc:
         raise DataError(f"cannot write the quarantine file {path}: {exc}") from exc
     return path
 
 
-def load_interactions(
-    path: str | Path,
-    *,
-    event_weights: EventWeights | Mapping[str, float] | None = None,
-    quarantine_path: str | Path | None = None,
-    categorical: bool = False,
-) -> LoadResult:
-    """Read, validate and weight an interaction log.
+InteractionInputs = str | Path | Sequence[str | Path]
+"""What :func:`load_interactions` reads: a log file, a directory of logs, or several of those."""
 
-    ``timestamp`` may be ISO-8601 (naive means UTC) or unix seconds; the result holds int64 unix
-    seconds. Malformed rows go to ``quarantine_path`` (a CSV with ``line``, ``reason``, the
-    original fields as text, and ``raw`` for rows with the wrong number of fields); ``line`` is
-    the 1-based record number in a CSV file (the header is line 1, blank lines count but are not
-    rows) or the 1-based row index in a Parquet file. When ``quarantine_path`` is given the file
-    is always written (header only if nothing was rejected); when it is None a file named
-    ``<log>.quarantine.csv`` is written beside the log (or in the temp directory if that is
-    read-only) only if some row was rejected. A row with several problems is quarantined under
-    the first reason in :data:`REASONS`. Ids and event names are stripped of surrounding
-    whitespace and event names lower-cased; an empty ``value`` means 1.0.
+Erasures = Mapping[str, datetime | float]
+"""Erased users and when (an aware datetime, naive meaning UTC, or unix seconds)."""
 
-    With ``categorical``, ``user_id``, ``item_id`` and ``event`` come back as pandas
-    categoricals of the same text (sorted categories, which may include values of rejected
-    rows), as :func:`with_categorical_ids` would make them; a Parquet log is then read without
-    a Python string per row (each distinct value is parsed once).
 
-    Raises :class:`DataError` for a missing, unreadable or unsupported file, a missing required
-    column, or a log without a single valid row.
+def log_files(inputs: InteractionInputs) -> list[Path]:
+    """The log files ``inputs`` names, in order.
+
+    A file is itself; a directory stands for every log file under it (``.parquet``/``.pq``,
+    ``.csv``/``.csv.gz``/``.tsv``/``.tsv.gz``, sorted by path, so a hive-partitioned export such
+    as ``affinity events export`` writes is one input), skipping names that start with ``.`` or
+    ``_`` (as Spark and pyarrow do) and ``*.quarantine.csv`` files. A file named twice is read
+    once. Raises :class:`DataError` when nothing is named or a directory holds no log.
     """
-    source = Path(path)
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    if not items:
+        raise DataError("no interaction log given")
+    files: dict[Path, Path] = {}
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                f
+                for f in path.rglob("*")
+                if f.is_file() and _is_log_file(f) and not _hidden(f.relative_to(path))
+            )
+            if not found:
+                raise DataError(
+                    f"{path} holds no interaction log (.parquet/.pq or .csv/.csv.gz/.tsv/.tsv.gz)"
+                )
+        else:
+            found = [path]
+        for f in found:
+            files.setdefault(f.resolve(), f)
+    return list(files.values())
+
+
+def _is_log_file(path: Path) -> bool:
+    if path.name.lower().endswith(".quarantine.csv"):
+        return False
+    return _is_parquet(path) or _csv_delimiter(path) is not None
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
+def _erasure_cutoffs(erasures: Erasures | None) -> dict[str, float]:
+    """Each erased user's erasure time in unix seconds."""
+    cutoffs: dict[str, float] = {}
+    for user, when in (erasures or {}).items():
+        if isinstance(when, datetime):
+            aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+            cutoffs[str(user)] = aware.timestamp()
+        else:
+            cutoffs[str(user)] = float(when)
+    return cutoffs
+
+
+def _erased_rows(frame: pd.DataFrame, cutoffs: dict[str, float]) -> np.ndarray:
+    """Rows of an erased user at or before the erasure; a row whose timestamp cannot be read
+    counts as before (it cannot be shown to come after)."""
+    users = frame["user_id"]
+    if isinstance(users.dtype, pd.CategoricalDtype):
+        per_category = np.array(
+            [cutoffs.get(str(name), np.nan) for name in users.cat.categories] + [np.nan]
+        )
+        limit = per_category[users.cat.codes.to_numpy()]  # code -1 (no value) -> NaN
+    else:
+        limit = users.map(cutoffs).to_numpy(dtype=np.float64, na_value=np.nan)
+    # _validate put 0 where the timestamp did not parse, so those rows compare as before.
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(limit) & (frame["timestamp"].to_numpy(dtype=np.float64) <= limit)
+
+
+def _mentions_user(raw: str, delimiter: str, users: dict[str, float]) -> bool:
+    """Whether a row with the wrong field count names an erased user in any field."""
+    fields = next(csv.reader([raw], delimiter=delimiter), [])
+    return any(value.strip() in users for value in fields)
+
+
+@dataclass
+class _Part:
+    """One log file, read and validated (see :func:`_read_log`)."""
+
+    source: Path
+    accepted: pd.DataFrame
+    rejected: pd.DataFrame
+    """The quarantined rows (:data:`QUARANTINE_COLUMNS`), by line."""
+    rows_read: int
+    rows_erased: int
+    reasons: Counter[str]
+
+
+def _read_log(
+    source: Path, weights: EventWeights, *, categorical: bool, cutoffs: dict[str, float]
+) -> _Part:
+    """Read and validate one log file; its erased rows are counted and left out."""
     _check_format(source)
-    weights = EventWeights.from_mapping(event_weights)
     table: pa.Table | None
     ragged: list[tuple[int | None, str]] = []
+    delimiter: str | None = None
     if _is_parquet(source):
         cols, table = _read_parquet(source, categorical=categorical)
         lines = np.arange(1, table.num_rows + 1, dtype=np.int64)
@@ -571,7 +650,16 @@ def load_interactions(
             logger.info("%s: skipped %d blank line(s)", source, int(blank.sum()))
 
     frame, codes = _validate(cols, weights)
-    bad_rows = np.flatnonzero(codes)
+    rows_read = len(frame) + len(ragged)
+    erased = _erased_rows(frame, cutoffs) if cutoffs else np.zeros(len(frame), dtype=bool)
+    if cutoffs and ragged:
+        assert delimiter is not None
+        kept = [row for row in ragged if not _mentions_user(row[1], delimiter, cutoffs)]
+        rows_erased = int(erased.sum()) + len(ragged) - len(kept)
+        ragged = kept
+    else:
+        rows_erased = int(erased.sum())
+    bad_rows = np.flatnonzero((codes != 0) & ~erased)
     rejected = _source_text(cols, table, bad_rows)
     rejected.insert(0, "line", lines[bad_rows])
     rejected.insert(1, "reason", np.asarray(REASONS, dtype=object)[codes[bad_rows] - 1])
@@ -585,8 +673,9 @@ def load_interactions(
             }
         )
         rejected = pd.concat([rejected, extra], ignore_index=True).fillna("")
+    rejected = rejected.sort_values("line", kind="stable").reset_index(drop=True)
 
-    accepted = frame[codes == 0].reset_index(drop=True)
+    accepted = frame[(codes == 0) & ~erased].reset_index(drop=True)
     if categorical:  # a CSV log's columns are still text
         for name in _CATEGORICAL_COLUMNS:
             if not isinstance(accepted[name].dtype, pd.CategoricalDtype):
@@ -594,45 +683,138 @@ def load_interactions(
     reasons: Counter[str] = Counter(
         {str(reason): int(count) for reason, count in rejected["reason"].value_counts().items()}
     )
-    rows_read = len(frame) + len(ragged)
+    part = _Part(source, accepted, rejected, rows_read, rows_erased, reasons)
+    assert part.rows_read == len(accepted) + len(rejected) + part.rows_erased
+    return part
+
+
+def _combined(frames: list[pd.DataFrame], categorical: bool) -> pd.DataFrame:
+    """The accepted rows of several logs, in order; categoricals over the union of values."""
+    if len(frames) == 1:
+        return frames[0]
+    if not categorical:
+        return pd.concat(frames, ignore_index=True)
+    columns: dict[str, Any] = {}
+    for name in FRAME_COLUMNS:
+        if name in _CATEGORICAL_COLUMNS:
+            union = union_categoricals([f[name] for f in frames], sort_categories=True)
+            columns[name] = pd.Series(union)
+        else:
+            columns[name] = np.concatenate([f[name].to_numpy() for f in frames])
+    return pd.DataFrame(columns, copy=False)
+
+
+def _check_rows(part: _Part, written: Path | None) -> None:
+    if part.rows_read == 0:
+        raise DataError(f"{part.source} has a header but no data rows")
+    if len(part.accepted) == 0 and part.rows_erased == 0:
+        top = ", ".join(f"{reason} {count}" for reason, count in part.reasons.most_common(3))
+        raise DataError(
+            f"{part.source} has no valid rows: all {len(part.rejected)} rows were quarantined "
+            f"({top}); see {written}"
+        )
+
+
+def load_interactions(
+    path: InteractionInputs,
+    *,
+    event_weights: EventWeights | Mapping[str, float] | None = None,
+    quarantine_path: str | Path | None = None,
+    categorical: bool = False,
+    erasures: Erasures | None = None,
+) -> LoadResult:
+    """Read, validate and weight an interaction log, or several (see :func:`log_files`).
+
+    ``timestamp`` may be ISO-8601 (naive means UTC) or unix seconds; the result holds int64 unix
+    seconds. Malformed rows go to ``quarantine_path`` (a CSV with ``line``, ``reason``, the
+    original fields as text, and ``raw`` for rows with the wrong number of fields); ``line`` is
+    the 1-based record number in a CSV file (the header is line 1, blank lines count but are not
+    rows) or the 1-based row index in a Parquet file. When ``quarantine_path`` is given the file
+    is always written (header only if nothing was rejected); when it is None a file named
+    ``<log>.quarantine.csv`` is written beside the log (or in the temp directory if that is
+    read-only) only if some row was rejected. A row with several problems is quarantined under
+    the first reason in :data:`REASONS`. Ids and event names are stripped of surrounding
+    whitespace and event names lower-cased; an empty ``value`` means 1.0.
+
+    Several files (a directory, or a list) are each read and validated exactly as one file is,
+    and their accepted rows concatenated in order. Their quarantine is one file with a last
+    column ``file`` naming the log each row came from (``line`` counts within that file); by
+    default it lies beside the first input named. Each file must have a valid row, as a single
+    log must.
+
+    ``erasures`` (user id -> when the user was erased) drops every row of an erased user whose
+    timestamp is at or before the erasure, valid or not (a row whose timestamp cannot be read,
+    and a row with the wrong field count naming the user, are dropped too): they are counted in
+    ``rows_erased`` and written nowhere, the quarantine included.
+
+    With ``categorical``, ``user_id``, ``item_id`` and ``event`` come back as pandas
+    categoricals of the same text (sorted categories, which may include values of rejected
+    rows), as :func:`with_categorical_ids` would make them; a Parquet log is then read without
+    a Python string per row (each distinct value is parsed once).
+
+    Raises :class:`DataError` for a missing, unreadable or unsupported file, a missing required
+    column, or a log without a single valid row.
+    """
+    files = log_files(path)
+    weights = EventWeights.from_mapping(event_weights)
+    cutoffs = _erasure_cutoffs(erasures)
+    parts = [_read_log(f, weights, categorical=categorical, cutoffs=cutoffs) for f in files]
+    several = len(parts) > 1
+    columns = list(QUARANTINE_COLUMNS)
+    if several:
+        for part in parts:
+            part.rejected["file"] = str(part.source)
+        columns.append("file")
+    rejected = pd.concat([p.rejected for p in parts], ignore_index=True) if several else None
+    if rejected is None:
+        rejected = parts[0].rejected
     written: Path | None = None
     if quarantine_path is not None:
-        written = _write_quarantine(Path(quarantine_path), rejected)
+        written = _write_quarantine(Path(quarantine_path), rejected, columns)
     elif len(rejected):
+        first = Path(path) if isinstance(path, str | Path) else Path(next(iter(path)))
+        default = _default_quarantine_path(first if several else parts[0].source)
         try:
-            written = _write_quarantine(_default_quarantine_path(source), rejected)
+            written = _write_quarantine(default, rejected, columns)
         except DataError:
             # Logs often sit in read-only places; losing the rejected rows would be worse.
-            fallback = Path(tempfile.gettempdir()) / _default_quarantine_path(source).name
-            logger.warning("%s is not writable; quarantine goes to %s", source.parent, fallback)
-            written = _write_quarantine(fallback, rejected)
+            fallback = Path(tempfile.gettempdir()) / default.name
+            logger.warning("%s is not writable; quarantine goes to %s", default.parent, fallback)
+            written = _write_quarantine(fallback, rejected, columns)
 
+    reasons: Counter[str] = Counter()
+    for part in parts:
+        reasons.update(part.reasons)
     result = LoadResult(
-        frame=accepted,
-        rows_read=rows_read,
-        rows_accepted=len(accepted),
+        frame=_combined([p.accepted for p in parts], categorical),
+        rows_read=sum(p.rows_read for p in parts),
+        rows_accepted=sum(len(p.accepted) for p in parts),
         rows_quarantined=len(rejected),
         reasons=reasons,
         quarantine_path=written,
-        source=source,
+        source=None if several else parts[0].source,
+        rows_erased=sum(p.rows_erased for p in parts),
+        sources=tuple(files),
     )
-    assert result.rows_read == result.rows_accepted + result.rows_quarantined
-    logger.log(
-        logging.WARNING if result.rows_quarantined else logging.INFO,
-        "%s: read %d rows, accepted %d, quarantined %d%s",
-        source,
-        result.rows_read,
-        result.rows_accepted,
-        result.rows_quarantined,
-        f" ({dict(reasons)}; see {written})" if result.rows_quarantined else "",
-    )
-    if rows_read == 0:
-        raise DataError(f"{source} has a header but no data rows")
+    assert result.rows_read == result.rows_accepted + result.rows_quarantined + result.rows_erased
+    for part in parts:
+        logger.log(
+            logging.WARNING if len(part.rejected) else logging.INFO,
+            "%s: read %d rows, accepted %d, quarantined %d%s%s",
+            part.source,
+            part.rows_read,
+            len(part.accepted),
+            len(part.rejected),
+            f", dropped {part.rows_erased} of erased users" if part.rows_erased else "",
+            f" ({dict(part.reasons)}; see {written})" if len(part.rejected) else "",
+        )
+    for part in parts:
+        _check_rows(part, written)
     if result.rows_accepted == 0:
-        top = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(3))
         raise DataError(
-            f"{source} has no valid rows: all {result.rows_quarantined} rows were quarantined "
-            f"({top}); see {written}"
+            f"no rows left to train on: all {result.rows_read} rows of "
+            f"{', '.join(str(f) for f in files)} were quarantined ({result.rows_quarantined}) "
+            f"or belong to erased users ({result.rows_erased})"
         )
     return result
 

@@ -5,6 +5,7 @@ PostgreSQL when ``AFFINITY_TEST_POSTGRES_URI`` is set)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -352,3 +353,51 @@ def test_configured_extra_event_names_are_accepted_and_fold_in(tmp_path: Path) -
         live.bootstrap()
         activity = live.get("u1")
         assert activity is not None and activity.items_after(_now() - timedelta(hours=1)) == ["i1"]
+
+
+def test_users_delete_and_events_report_from_the_command_line(
+    artifact_dir: Path,
+    tmp_path: Path,
+    pipeline: RankingPipeline,
+    store: EventStore,
+    events_db: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from affinity.cli import main
+
+    with (
+        _worker(artifact_dir, tmp_path, pipeline, store, admin_token=ADMIN) as (port, _, recorder),
+        client_for(port) as client,
+    ):
+        answer = client.recommend("u12", k=3)
+        client.log_events(
+            [
+                {
+                    "event_id": "c1",
+                    "user_id": "u12",
+                    "item_id": answer.item_ids[0],
+                    "event": "click",
+                    "recommendation_id": answer.recommendation_id,
+                },
+                {
+                    "event_id": "c2",
+                    "user_id": "u12",
+                    "item_id": answer.item_ids[0],
+                    "event": "purchase",
+                    "price": 12.5,
+                    "recommendation_id": answer.recommendation_id,
+                },
+            ]
+        )
+        recorder.flush()
+        assert main(["events", "report", "--events-uri", events_db, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        (version,) = [v for v in report["versions"] if v["method"] == "Recommend"]
+        assert version["answers_engaged"] == 1 and version["revenue"] == pytest.approx(12.5)
+        target = ["--target", f"127.0.0.1:{port}"]
+        assert main(["users", "delete", "--user-id", "u12", "--admin-token", "nope", *target]) == 1
+        capsys.readouterr()
+        assert main(["users", "delete", "--user-id", "u12", "--admin-token", ADMIN, *target]) == 0
+        out = capsys.readouterr().out
+        assert "2 events" in out and "u12" in out
+        assert store.events_for_user("u12") == [] and store.responses_for_user("u12") == []
