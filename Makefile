@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock demo test lint proto proto-check bench quality reliability soak audit clean
+.PHONY: install lock demo test lint proto proto-check bench bench-live quality reliability soak audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ demo: $(STAMP)
 ## Serving benchmark (20k items; see docs/benchmarks.md for the large catalog and training runs).
 bench: $(STAMP)
 	$(BIN)/python -m bench.serving
+
+## Live events: freshness of the live view, cost of fold-in and recording (~4 min; PostgreSQL too with AFFINITY_TEST_POSTGRES_URI).
+bench-live: $(STAMP)
+	$(BIN)/python -m bench.live all
 
 ## Accuracy on the public protocols (needs ../shared/datasets; writes docs/quality.md).
 quality: $(STAMP)

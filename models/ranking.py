@@ -483,9 +483,10 @@ class RankingPipeline:
         query = np.unique(np.asarray(query, dtype=np.int64))
         if not len(ids) or not len(query):
             return np.zeros(len(ids), dtype=np.float32)
-        if self._vectors is not None:
-            unit = self._vectors.item_unit_vectors()
-            sims = unit[ids] @ unit[query].T
+        if self._similar_index is not None:
+            # The similar-items index already holds the unit vectors: gather the few rows.
+            index = self._similar_index
+            sims = index.rows(ids) @ index.rows(query).T
         else:
             rows = np.array(self.model.score_similar(query), dtype=np.float32)
             rows[np.arange(len(query)), query] = NEG_INF  # an item's score to itself
@@ -557,7 +558,16 @@ class RankingPipeline:
         if user != MISSING:
             if not len(recent):
                 return vectors.user_vector(user)
-            return vectors.history_vectors(self._seen[user] + self._history_row(recent))[0]
+            # The user's row plus the recent items, duplicates added up as a CSR sum would, in
+            # one gather: no sparse matrices for one request.
+            start, end = self._seen.indptr[user], self._seen.indptr[user + 1]
+            merged = np.concatenate([self._seen.indices[start:end], recent])
+            values = np.concatenate(
+                [self._seen.data[start:end], np.full(len(recent), self._recent_weight, np.float32)]
+            )
+            items, where = np.unique(merged, return_inverse=True)
+            summed = np.bincount(where, weights=values, minlength=len(items))
+            return vectors.fold_in_items(items, summed.astype(np.float32))
         # Duplicates add up, as in a CSR row; no sparse matrix is built for one request.
         items, counts = np.unique(recent, return_counts=True)
         return vectors.fold_in_items(items, counts * np.float32(self._recent_weight))
