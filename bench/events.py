@@ -3,9 +3,14 @@
 Starts ``affinity serve`` with one worker on a tiny model (the model does not matter here) and a
 fresh event store, then ``--processes`` client processes, each with ``--threads`` threads and its
 own channel, send batches of ``--batch`` new events as fast as the answers come back, for
-``--seconds`` after a warm-up. Counted: events answered ``accepted`` (committed). Runs SQLite, and
-PostgreSQL when ``--postgres-uri`` is given (a schema of its own, dropped afterwards). Prints a
-Markdown table and the command, and writes ``<workdir>/events.json``::
+``--seconds`` after a warm-up, all clients over the same window. Counted: events answered
+``accepted`` (committed), and the CPU time the server process and the clients used in that
+window (``/proc``), per 1,000 acknowledged events: the clients share the machine's cores with the
+server, so the rate alone understates what one worker can do. The server runs with its defaults
+(the live view and its tail, the response recorder) unless ``--no-live`` or ``--no-record``.
+Runs SQLite, and PostgreSQL when ``--postgres-uri`` is given (a schema of its own, dropped
+afterwards; the database server's own CPU is not counted). Prints a Markdown table and the
+command, and writes ``<workdir>/events.json``::
 
     python -m bench.events --postgres-uri postgresql+psycopg://USER:PASSWORD@HOST/DB
 """
@@ -68,58 +73,88 @@ def tiny_artifact(directory: Path) -> Path:
     return directory
 
 
-def _client(port: int, batch: int, threads: int, seconds: float, queue: Any) -> None:
-    """One client process: ``threads`` senders; reports (accepted, requests, errors) after the
-    warm-up window."""
+def _client(
+    port: int, batch: int, threads: int, seconds: float, queue: Any, go: Any, start_at: Any
+) -> None:
+    """One client process: ``threads`` senders, started together with the other clients at
+    ``start_at`` (wall clock); reports (accepted, requests, errors, CPU seconds) for the window
+    after the warm-up."""
     import grpc
 
     from protos.affinity.v1 import recommender_pb2 as pb
     from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 
     prefix = uuid.uuid4().hex[:12]
-    start = time.monotonic()
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(threads)]
+    for channel in channels:
+        grpc.channel_ready_future(channel).result(timeout=30)
+    queue.put("ready")
+    go.wait()
+    start = start_at.value
     measure_from, stop_at = start + WARMUP_SECONDS, start + WARMUP_SECONDS + seconds
     totals = [0, 0, 0]
     lock = threading.Lock()
+    cpu: list[float] = []
 
     def sender(t: int) -> None:
         accepted = requests = errors = 0
         # The raw stub: the client's dataclass conversion would take CPU from the server.
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.RecommenderStub(channel)
-            n = 0
-            while (now := time.monotonic()) < stop_at:
-                events = []
-                for _ in range(batch):
-                    n += 1
-                    events.append(
-                        pb.Event(
-                            event_id=f"{prefix}-{t}-{n}",
-                            user_id=f"u{n % 1000}",
-                            item_id=f"i{n % 20}",
-                            event="click",
-                        )
+        stub = pb_grpc.RecommenderStub(channels[t])
+        n = 0
+        time.sleep(max(0.0, start - time.time()))
+        while (now := time.time()) < stop_at:
+            events = []
+            for _ in range(batch):
+                n += 1
+                events.append(
+                    pb.Event(
+                        event_id=f"{prefix}-{t}-{n}",
+                        user_id=f"u{n % 1000}",
+                        item_id=f"i{n % 20}",
+                        event="click",
                     )
-                try:
-                    response = stub.LogEvents(pb.LogEventsRequest(events=events), timeout=30)
-                except Exception:
-                    if now >= measure_from:
-                        errors += 1
-                    continue
-                if now >= measure_from and time.monotonic() <= stop_at:
-                    accepted += response.accepted
-                    requests += 1
+                )
+            try:
+                response = stub.LogEvents(pb.LogEventsRequest(events=events), timeout=30)
+            except Exception:
+                if now >= measure_from:
+                    errors += 1
+                continue
+            if now >= measure_from and time.time() <= stop_at:
+                accepted += response.accepted
+                requests += 1
         with lock:
             totals[0] += accepted
             totals[1] += requests
             totals[2] += errors
 
+    def clock() -> None:
+        time.sleep(max(0.0, measure_from - time.time()))
+        cpu.append(time.process_time())
+        time.sleep(max(0.0, stop_at - time.time()))
+        cpu.append(time.process_time())
+
     pool = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
+    pool.append(threading.Thread(target=clock))
     for thread in pool:
         thread.start()
     for thread in pool:
         thread.join()
-    queue.put(tuple(totals))
+    for channel in channels:
+        channel.close()
+    queue.put((*totals, cpu[1] - cpu[0]))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants so far (``/proc``)."""
+    total = 0
+    for proc in common.process_tree(pid):
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def measure(uri: str, label: str, args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
@@ -130,31 +165,51 @@ def measure(uri: str, label: str, args: argparse.Namespace, artifact: Path) -> d
     command += ["--poll-seconds", "0", "--log-level", "WARNING", "--events-uri", uri]
     command += ["--max-in-flight", str(max(64, args.processes * args.threads))]
     env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
+    if args.no_live:
+        env["AFFINITY_LIVE"] = "false"
+    if args.no_record:
+        env["AFFINITY_RECORD_RESPONSES"] = "false"
     log(f"{label}: serving {uri.split('@')[-1]} on port {port}")
+    spawn = mp.get_context("spawn")
     with common.running(
         command, common.grpc_ready(port), env=env, log_path=args.workdir / f"serve-{label}.log"
-    ):
-        queue: Any = mp.get_context("spawn").Queue()
+    ) as server:
+        queue: Any = spawn.Queue()
+        go, start_at = spawn.Event(), spawn.Value("d", 0.0)
         procs = [
-            mp.get_context("spawn").Process(
-                target=_client, args=(port, args.batch, args.threads, args.seconds, queue)
+            spawn.Process(
+                target=_client,
+                args=(port, args.batch, args.threads, args.seconds, queue, go, start_at),
             )
             for _ in range(args.processes)
         ]
         for proc in procs:
             proc.start()
+        for _ in procs:
+            queue.get(timeout=120)  # "ready": imported and connected
+        start_at.value = time.time() + 0.2
+        go.set()
+        time.sleep(max(0.0, start_at.value + WARMUP_SECONDS - time.time()))
+        server_cpu = cpu_seconds(server.pid)
+        time.sleep(max(0.0, start_at.value + WARMUP_SECONDS + args.seconds - time.time()))
+        server_cpu = cpu_seconds(server.pid) - server_cpu
         results = [queue.get(timeout=args.seconds + 120) for _ in procs]
         for proc in procs:
             proc.join()
     accepted = sum(r[0] for r in results)
     requests = sum(r[1] for r in results)
     errors = sum(r[2] for r in results)
+    client_cpu = sum(r[3] for r in results)
+    per_1000 = 1000 / max(accepted, 1)
     return {
         "database": label,
         "events_per_s": accepted / args.seconds,
         "requests_per_s": requests / args.seconds,
         "mean_batch_ms": 1000 * args.seconds * args.processes * args.threads / max(requests, 1),
         "errors": errors,
+        "server_cpu_ms_per_1000": 1000 * server_cpu * per_1000,
+        "server_cores": server_cpu / args.seconds,
+        "client_cpu_ms_per_1000": 1000 * client_cpu * per_1000,
     }
 
 
@@ -184,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=4, help="client processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per client process")
     parser.add_argument("--postgres-uri", help="also measure this PostgreSQL database")
+    parser.add_argument("--no-live", action="store_true", help="serve without the live view")
+    parser.add_argument(
+        "--no-record", action="store_true", help="serve without the response recorder"
+    )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     artifact = tiny_artifact(args.workdir / "model")
@@ -204,12 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench.events", *shown])
     print(f"\n`{command}` ({os.cpu_count()} CPUs, 1 worker, batches of {args.batch}, ", end="")
     print(f"{args.processes} processes x {args.threads} threads)\n")
-    print("| database | acknowledged events/s | requests/s | mean batch latency ms | errors |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| database | acknowledged events/s | requests/s | mean batch latency ms | errors "
+        "| server CPU ms / 1,000 events | server cores busy | client CPU ms / 1,000 events |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['database']} | {row['events_per_s']:,.0f} | {row['requests_per_s']:,.0f} "
-            f"| {row['mean_batch_ms']:.1f} | {row['errors']} |"
+            f"| {row['mean_batch_ms']:.1f} | {row['errors']} "
+            f"| {row['server_cpu_ms_per_1000']:.1f} | {row['server_cores']:.2f} "
+            f"| {row['client_cpu_ms_per_1000']:.1f} |"
         )
     common.write_json(args.workdir / "events.json", {"command": command, "rows": rows})
     return 0

@@ -380,9 +380,7 @@ class AffinityClient:
         """Erase ``user_id`` (an admin RPC): their events and recorded responses are deleted
         and the server treats them as unknown from now on. Sends ``admin_token`` as the bearer
         token when given (else the client's ``token``, which must then be the admin token)."""
-        metadata = (
-            (("authorization", f"Bearer {admin_token}"),) if admin_token else self._metadata
-        )
+        metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else self._metadata
         response = self._stub.DeleteUser(
             pb.DeleteUserRequest(user_id=user_id),
             timeout=self.timeout if timeout is None else timeout,

@@ -3,8 +3,8 @@
 Every worker keeps its own copy in memory, so a ``Recommend`` reads it with one dictionary lookup
 and no database round trip. It is kept current two ways:
 
-- events this worker acknowledges are applied at once (:meth:`LiveActivity.apply`), so a user's
-  next request to the same worker reflects them;
+- events this worker acknowledges are applied at once (:meth:`LiveActivity.applied`), so a
+  user's next request to the same worker reflects them;
 - a background thread tails the store (:meth:`LiveActivity.poll`) every ``poll_seconds``, so the
   events and erasures other workers (and other hosts) acknowledged arrive within that interval.
 
@@ -13,6 +13,14 @@ ids appear in commit order. PostgreSQL hands out ids before commit: a transactio
 after a later one leaves a gap below the newest id, and ``ON CONFLICT DO NOTHING`` burns ids for
 duplicates. Gaps are re-read on each poll for ``gap_seconds`` and then given up (a transaction
 that slow is still stored and trained on; only its live effect is lost).
+
+Events this worker stored arrive with their row ids: the tail skips those rows instead of
+reading them back (with one worker it reads nothing), so a worker's own events cost it one
+update each. An event is kept once whichever way it comes, by its ``event_id``. An update is a
+few dictionary and list operations (the user's list is changed in place, in time order, its ids
+kept in a set once there are more than a few), whatever the user's number of events; the
+:class:`UserActivity` copy a request reads is made when that user is read after a change, not
+on every event.
 
 Only events received in the last ``window`` are loaded at start-up: retrain at least that often
 (events older than the serving model's training data are folded in; older ones it has seen).
@@ -23,7 +31,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -38,7 +47,8 @@ DISLIKE = "dislike"
 
 @dataclass(frozen=True, slots=True)
 class UserActivity:
-    """One user's recent events; replaced whole on every change, so readers never lock."""
+    """One user's recent events, as a reader gets them: an immutable copy, made when the user
+    is first read after a change (writers change their own lists in place)."""
 
     positives: tuple[tuple[datetime, str, str], ...] = ()
     """``(time, item_id, event_id)`` of interactions, oldest first."""
@@ -53,6 +63,68 @@ class UserActivity:
 
     def disliked_items(self) -> list[str]:
         return [item for _, item, _ in self.dislikes]
+
+
+Entry = tuple[datetime, str, str]
+"""``(time, item_id, event_id)``: one event in a user's activity."""
+
+# Past this many kept events, a user's event ids are also kept in a set (membership in O(1));
+# below it a scan is as quick and the many users with a few events spend no memory on a set.
+_SCAN = 16
+
+
+class _UserLog:
+    """One user's activity as the writers keep it (under the view's lock): lists in time
+    order, changed in place, and the :class:`UserActivity` readers get, built when first read
+    after a change."""
+
+    __slots__ = ("dislikes", "erased_at", "ids", "positives", "view")
+
+    def __init__(self, erased_at: datetime | None = None) -> None:
+        self.positives: list[Entry] = []
+        self.dislikes: list[Entry] = []
+        self.erased_at = erased_at
+        self.ids: set[str] | None = None
+        """The event ids of both lists, once they hold more than ``_SCAN`` entries."""
+        self.view: UserActivity | None = None
+        """The readers' copy; ``None`` when a change made it stale."""
+
+    def has(self, event_id: str) -> bool:
+        ids = self.ids
+        if ids is not None:
+            return event_id in ids
+        if len(self.positives) + len(self.dislikes) <= _SCAN:
+            for entries in (self.positives, self.dislikes):
+                for entry in entries:
+                    if entry[2] == event_id:
+                        return True
+            return False
+        ids = self.ids = {e[2] for e in self.positives}
+        ids.update(e[2] for e in self.dislikes)
+        return event_id in ids
+
+    def add(self, entries: list[Entry], entry: Entry, cap: int) -> None:
+        """``entry`` into ``entries`` in time order, keeping the newest ``cap``."""
+        if not entries or entries[-1][0] <= entry[0]:
+            entries.append(entry)
+        else:
+            entries.insert(bisect_right(entries, entry[0], key=_time), entry)
+        ids = self.ids
+        if ids is not None:
+            ids.add(entry[2])
+        if len(entries) > cap:
+            dropped = entries[: len(entries) - cap]
+            del entries[: len(entries) - cap]
+            if ids is not None:
+                ids.difference_update(e[2] for e in dropped)
+        self.view = None
+
+    def snapshot(self) -> UserActivity:
+        return UserActivity(tuple(self.positives), tuple(self.dislikes), self.erased_at)
+
+
+def _time(entry: Entry) -> datetime:
+    return entry[0]
 
 
 @dataclass
@@ -70,10 +142,12 @@ class LiveActivity:
     max_per_user: int = 200
     gap_seconds: float = 5.0
     page: int = 20_000
-    _users: dict[str, UserActivity] = field(default_factory=dict, init=False)
+    _users: dict[str, _UserLog] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _cursor: int = field(default=0, init=False)
     _gaps: dict[int, _Gap] = field(default_factory=dict, init=False)
+    _own: set[int] = field(default_factory=set, init=False)
+    """Row ids past ``_cursor`` of events this worker applied itself: the tail skips them."""
     _erasures_seen: datetime | None = field(default=None, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -83,7 +157,16 @@ class LiveActivity:
     # ------------------------------------------------------------------ reading
     def get(self, user_id: str) -> UserActivity | None:
         """The user's live activity, or ``None`` when there is none (the common case)."""
-        return self._users.get(user_id)
+        log = self._users.get(user_id)
+        if log is None:
+            return None
+        view = log.view
+        if view is None:
+            with self._lock:
+                view = log.view
+                if view is None:
+                    view = log.view = log.snapshot()
+        return view
 
     @property
     def users(self) -> int:
@@ -97,26 +180,49 @@ class LiveActivity:
             for event_id, user_id, item_id, name, ts in events:
                 self._add(user_id, item_id, name, ts, event_id)
 
+    def applied(self, rows: Sequence[Activity]) -> None:
+        """Add events this worker has just stored, as :meth:`EventStore.append` returned them
+        (``stored``): the tail will not read their rows back."""
+        with self._lock:
+            cursor, own, gaps, users, cap = (
+                self._cursor,
+                self._own,
+                self._gaps,
+                self._users,
+                self.max_per_user,
+            )
+            for row_id, event_id, user_id, item_id, name, ts, _ in rows:
+                if row_id > cursor:
+                    own.add(row_id)
+                elif gaps:
+                    gaps.pop(row_id, None)
+                if name in IGNORED_EVENTS:
+                    continue
+                log = users.get(user_id)  # _add, inlined: this runs once per event stored
+                if log is None:
+                    log = users[user_id] = _UserLog()
+                elif log.has(event_id):
+                    continue
+                log.add(
+                    log.dislikes if name == DISLIKE else log.positives, (ts, item_id, event_id), cap
+                )
+            self._skip_own()
+
     def forget(self, user_id: str, erased_at: datetime) -> None:
         """Drop what is known of ``user_id`` and remember the erasure."""
         with self._lock:
-            self._users[user_id] = UserActivity(erased_at=erased_at)
+            self._users[user_id] = _UserLog(erased_at)
 
     def _add(self, user_id: str, item_id: str, name: str, ts: datetime, event_id: str) -> None:
         if name in IGNORED_EVENTS:
             return
-        current = self._users.get(user_id) or UserActivity()
-        entry = (ts, item_id, event_id)
-        if name == DISLIKE:
-            if any(e[2] == event_id for e in current.dislikes):
-                return
-            dislikes = _insert(current.dislikes, entry, self.max_per_user)
-            self._users[user_id] = UserActivity(current.positives, dislikes, current.erased_at)
-        else:
-            if any(e[2] == event_id for e in current.positives):
-                return
-            positives = _insert(current.positives, entry, self.max_per_user)
-            self._users[user_id] = UserActivity(positives, current.dislikes, current.erased_at)
+        log = self._users.get(user_id)
+        if log is None:
+            log = self._users[user_id] = _UserLog()
+        elif log.has(event_id):
+            return
+        entries = log.dislikes if name == DISLIKE else log.positives
+        log.add(entries, (ts, item_id, event_id), self.max_per_user)
 
     # ------------------------------------------------------------------ tailing
     def bootstrap(self, now: datetime | None = None) -> None:
@@ -125,12 +231,16 @@ class LiveActivity:
         erasures = self.store.erasures()
         with self._lock:
             for user_id, erased_at in erasures.items():
-                self._users[user_id] = UserActivity(erased_at=erased_at)
+                self._users[user_id] = _UserLog(erased_at)
         self._erasures_seen = now
         newest = self.store.newest_row_id()
         since = now - self.window
-        while True:
-            rows = self.store.activity(after_id=self._cursor, received_since=since, limit=self.page)
+        # Up to the newest row of now only: under steady ingestion a loop "until a short page"
+        # would chase the tail for ever; what comes later is the poll's.
+        while self._cursor < newest:
+            rows = self.store.activity(
+                after_id=self._cursor, received_since=since, upto_id=newest, limit=self.page
+            )
             self._take(rows, track_gaps=False)
             if len(rows) < self.page:
                 break
@@ -144,7 +254,9 @@ class LiveActivity:
     def poll(self) -> int:
         """Read what arrived since the last poll; returns how many new rows were read."""
         started = datetime.now(UTC)
-        gaps = list(self._gaps)
+        with self._lock:
+            self._skip_own()
+            gaps = list(self._gaps)
         total = 0
         while True:
             rows = self.store.activity(after_id=self._cursor, ids=gaps, limit=self.page)
@@ -167,37 +279,55 @@ class LiveActivity:
     def _forget_before(self, user_id: str, erased_at: datetime) -> None:
         # Events this worker applied after the erasure (a returning user) stay.
         with self._lock:
-            current = self._users.get(user_id) or UserActivity()
-            self._users[user_id] = UserActivity(
-                tuple(e for e in current.positives if e[0] > erased_at),
-                tuple(e for e in current.dislikes if e[0] > erased_at),
-                erased_at,
-            )
+            current = self._users.get(user_id) or _UserLog()
+            log = self._users[user_id] = _UserLog(erased_at)
+            log.positives = [e for e in current.positives if e[0] > erased_at]
+            log.dislikes = [e for e in current.dislikes if e[0] > erased_at]
+
+    def _skip_own(self) -> None:
+        """Move the cursor over the rows this worker applied right after it (with one worker,
+        every row: the tail then reads nothing); under the lock."""
+        own = self._own
+        cursor = self._cursor
+        while cursor + 1 in own:
+            cursor += 1
+            own.discard(cursor)
+        self._cursor = cursor
 
     def _take(self, rows: list[Activity], *, track_gaps: bool) -> None:
         if not rows:
-            self._expire_gaps()
+            with self._lock:
+                self._skip_own()
+                self._expire_gaps()
             return
         now = time.monotonic()
         with self._lock:
+            own, gaps, users = self._own, self._gaps, self._users
             for row in rows:
-                self._gaps.pop(row.row_id, None)
-                erased = self._users.get(row.user_id)
-                if (
-                    erased is not None
-                    and erased.erased_at is not None
-                    and row.received_at <= erased.erased_at
-                ):
+                row_id = row.row_id
+                if gaps:
+                    gaps.pop(row_id, None)
+                if row_id in own:
+                    continue  # this worker applied it when it stored it
+                log = users.get(row.user_id)
+                erased_at = None if log is None else log.erased_at
+                if erased_at is not None and row.received_at <= erased_at:
                     continue  # deleted meanwhile; the tail read it before the erasure
                 self._add(row.user_id, row.item_id, row.event, row.ts, row.event_id)
-        newest = max(row.row_id for row in rows)
-        if track_gaps and newest > self._cursor:
-            present = {row.row_id for row in rows}
-            missing = [i for i in range(self._cursor + 1, newest) if i not in present]
-            for row_id in missing[-10_000:]:  # bounded: a burst of burnt ids is not worth more
-                self._gaps.setdefault(row_id, _Gap(now))
-        self._cursor = max(self._cursor, newest)
-        self._expire_gaps()
+            newest = max(row.row_id for row in rows)
+            cursor = self._cursor
+            if track_gaps and newest > cursor:
+                present = {row.row_id for row in rows}
+                missing = [
+                    i for i in range(cursor + 1, newest) if i not in present and i not in own
+                ]
+                for row_id in missing[-10_000:]:  # bounded: a burst of burnt ids is not worth more
+                    gaps.setdefault(row_id, _Gap(now))
+            self._cursor = cursor = max(cursor, newest)
+            if own and min(own) <= cursor:
+                self._own = {row_id for row_id in own if row_id > cursor}
+            self._skip_own()
+            self._expire_gaps()
 
     def _expire_gaps(self) -> None:
         if not self._gaps:
@@ -207,10 +337,15 @@ class LiveActivity:
             del self._gaps[row_id]
 
     # ------------------------------------------------------------------- thread
-    def start(self) -> None:
-        """Bootstrap, then poll in a daemon thread until :meth:`stop`."""
-        self.bootstrap()
-        self._thread = threading.Thread(target=self._run, name="affinity-live", daemon=True)
+    def start(self, *, wait: bool = True) -> None:
+        """Bootstrap, then poll in a daemon thread until :meth:`stop`. With ``wait`` false the
+        bootstrap runs in that thread too, so a worker answers while it loads (lists then lack
+        the live events not loaded yet, for the seconds a large window takes)."""
+        if wait:
+            self.bootstrap()
+        self._thread = threading.Thread(
+            target=self._run, args=(not wait,), name="affinity-live", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -218,8 +353,17 @@ class LiveActivity:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def _run(self) -> None:
+    def _run(self, bootstrap: bool = False) -> None:
         failing = False
+        while bootstrap and not self._stop.is_set():
+            try:
+                started = time.monotonic()
+                self.bootstrap()
+                logger.info("live view loaded in %.1f s", time.monotonic() - started)
+                break
+            except Exception as exc:  # the database went away meanwhile: try again
+                logger.warning("live view: cannot load recent events yet: %s", exc)
+                self._stop.wait(2.0)
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.poll()
@@ -232,16 +376,3 @@ class LiveActivity:
             if failing:
                 logger.info("live view: reading the event store again")
             failing = False
-
-
-def _insert(
-    entries: tuple[tuple[datetime, str, str], ...],
-    entry: tuple[datetime, str, str],
-    cap: int,
-) -> tuple[tuple[datetime, str, str], ...]:
-    """``entries`` with ``entry`` in time order, keeping the newest ``cap``."""
-    if not entries or entries[-1][0] <= entry[0]:
-        merged = (*entries, entry)
-    else:
-        merged = tuple(sorted((*entries, entry), key=lambda e: e[0]))
-    return merged[-cap:]

@@ -17,8 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
-from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -27,11 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from models.artifact import verify_artifact
-from models.errors import AffinityError, InvalidInputError, StoreError
+from models.errors import AffinityError
 from service import telemetry
 from service.config import ServeSettings, load_settings
 from service.cpus import pin_worker
-from service.events import EventRules, EventStore, GroupCommit
+from service.event_side import EventSide
+from service.events import EventStore, GroupCommit
 from service.interceptors import (
     SERVICE,
     AuthInterceptor,
@@ -66,13 +67,16 @@ def create_server(
     store: EventStore | None = None,
     live: LiveActivity | None = None,
     recorder: ResponseRecorder | None = None,
+    on_servicer: Callable[[RecommenderServicer], None] | None = None,
 ) -> tuple[grpc.Server, int]:
     """A bound, not yet started server for ``holder``'s model; returns it and its port.
 
     ``LogEvents`` and ``DeleteUser`` write to ``store`` (the caller opens and closes it); without
     one they answer UNAVAILABLE. ``live`` and ``recorder`` (started and stopped by the caller)
-    fold users' events into their lists and record every answer. Health reports NOT_SERVING
-    for ``""`` and ``affinity.v1.Recommender`` until the holder receives its first model. Raises :class:`OSError` if the port cannot be bound.
+    fold users' events into their lists and record every answer; ``on_servicer`` receives the
+    servicer (to attach an event store later: ``service/event_side.py``). Health reports
+    NOT_SERVING for ``""`` and ``affinity.v1.Recommender`` until the holder receives its first
+    model. Raises :class:`OSError` if the port cannot be bound.
     """
     interceptors: list[grpc.ServerInterceptor] = [
         MetricsInterceptor(),
@@ -107,8 +111,10 @@ def create_server(
         live=live,
         recorder=recorder,
         # Other workers and hosts record answers every fraction of a second: sweep after that.
-        erasure_sweep_seconds=1.0 if store is not None else 0.0,
+        erasure_sweep_seconds=1.0,
     )
+    if on_servicer is not None:
+        on_servicer(servicer)
     add_to_server(servicer, server)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -141,18 +147,6 @@ def _on_signals(handler: signal.Handlers | object) -> None:
         signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def open_event_store(settings: ServeSettings) -> EventStore:
-    """The event store of ``settings.events_uri``, or an error naming the setting."""
-    try:
-        rules = EventRules(
-            extra_events=settings.extra_event_names,
-            max_future_skew=timedelta(seconds=settings.max_future_skew_seconds),
-        )
-        return EventStore.open(settings.events_uri, rules=rules)
-    except (InvalidInputError, StoreError) as exc:
-        raise StoreError(f"invalid setting events_uri (AFFINITY_EVENTS_URI): {exc}") from exc
-
-
 def serve(settings: ServeSettings, *, worker: bool = False) -> int:
     """Run one server process until SIGTERM/SIGINT; returns the exit status."""
     from threadpoolctl import threadpool_limits
@@ -164,49 +158,22 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
     loader = ModelLoader(settings, holder)
     if not settings.is_registry:
         loader.load_initial()  # a broken local directory fails before the port opens
-    store = open_event_store(settings)  # a bad URI or an unreachable database fails here
+    side = EventSide(settings)
     try:
-        return _serve_with(settings, holder, loader, store, worker=worker)
-    finally:
-        store.close()
-
-
-def _serve_with(
-    settings: ServeSettings,
-    holder: ModelHolder,
-    loader: ModelLoader,
-    store: EventStore,
-    *,
-    worker: bool,
-) -> int:
-    health_servicer = health.HealthServicer()
-    live = recorder = None
-    if settings.live:
-        live = LiveActivity(
-            store,
-            poll_seconds=settings.live_poll_seconds,
-            window=timedelta(days=settings.live_window_days),
-        )
-        live.start()  # reads the recent events before the port opens
-    if settings.record_responses:
-        recorder = ResponseRecorder(store, capacity=settings.response_buffer)
-        recorder.start()
-    try:
+        health_servicer = health.HealthServicer()
         server, port = create_server(
             settings,
             holder,
             health_servicer=health_servicer,
             reuse_port=worker,
-            store=store,
-            live=live,
-            recorder=recorder,
+            on_servicer=side.bind,
         )
+        # A bad URI fails here, before the port opens; an unreachable database is retried in
+        # the background while the server answers (service/event_side.py).
+        side.open()
         return _run_server(settings, holder, loader, server, port, health_servicer, worker=worker)
     finally:
-        if recorder is not None:
-            recorder.stop()
-        if live is not None:
-            live.stop()
+        side.close()
 
 
 def _run_server(

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import grpc
@@ -25,10 +25,11 @@ from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import telemetry
 from service.events import (
     MAX_EVENT_ID,
-    Event,
+    Activity,
     EventStore,
     GroupCommit,
     Outcome,
+    RawEvent,
     Status,
     count_outcomes,
 )
@@ -68,6 +69,7 @@ EVENT_STATUSES = {
 }
 # The range of google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class _Unconvertible(Exception):
@@ -76,8 +78,8 @@ class _Unconvertible(Exception):
         self.field = field_name
 
 
-def event_from_proto(message: pb.Event) -> Event:
-    """The store's :class:`Event` for a request's event, or ``_Unconvertible`` (a timestamp no
+def event_from_proto(message: pb.Event) -> RawEvent:
+    """The store's :class:`RawEvent` for a request's event, or ``_Unconvertible`` (a timestamp no
     datetime can hold); everything else is the store's to check."""
     timestamp = None
     if message.HasField("timestamp"):
@@ -86,39 +88,49 @@ def event_from_proto(message: pb.Event) -> Event:
             raise _Unconvertible(
                 "timestamp", f"not a valid time (seconds={seconds}, nanos={nanos})"
             )
-        timestamp = message.timestamp.ToDatetime(tzinfo=UTC)
-    return Event(
-        event_id=message.event_id,
-        user_id=message.user_id,
-        item_id=message.item_id,
-        event=message.event,
-        timestamp=timestamp,
-        value=message.value if message.HasField("value") else 1.0,
-        price=message.price if message.HasField("price") else None,
-        recommendation_id=message.recommendation_id or None,
-        shown_item_ids=tuple(message.shown_item_ids),
+        # What Timestamp.ToDatetime(tzinfo=UTC) gives (microseconds, nanoseconds truncated).
+        timestamp = _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+    shown = message.shown_item_ids
+    return RawEvent(
+        message.event_id,
+        message.user_id,
+        message.item_id,
+        message.event,
+        timestamp,
+        message.value if message.HasField("value") else 1.0,
+        message.price if message.HasField("price") else None,
+        message.recommendation_id or None,
+        tuple(shown) if shown else (),
     )
+
+
+_OUTCOME_STATUS = {status: int(value) for status, value in EVENT_STATUSES.items()}
 
 
 def outcomes_to_proto(outcomes: Sequence[Outcome]) -> pb.LogEventsResponse:
-    response = pb.LogEventsResponse(
-        outcomes=[
-            pb.EventOutcome(
+    """The response for ``outcomes``; only a rejection has a reason and a field to send."""
+    response = pb.LogEventsResponse()
+    add = response.outcomes.add
+    status_of = _OUTCOME_STATUS
+    accepted = duplicates = 0
+    for o in outcomes:
+        status = o.status
+        if status is Status.ACCEPTED:
+            accepted += 1
+            add(event_id=o.event_id, status=status_of[status])
+        elif status is Status.DUPLICATE:
+            duplicates += 1
+            add(event_id=o.event_id, status=status_of[status])
+        else:
+            add(
                 event_id=o.event_id,
-                status=EVENT_STATUSES[o.status],
+                status=status_of[status],
                 reason=o.reason or "",
                 field=o.field or "",
             )
-            for o in outcomes
-        ]
-    )
-    for o in outcomes:
-        if o.status is Status.ACCEPTED:
-            response.accepted += 1
-        elif o.status is Status.DUPLICATE:
-            response.duplicates += 1
-        else:
-            response.rejected += 1
+    response.accepted = accepted
+    response.duplicates = duplicates
+    response.rejected = len(outcomes) - accepted - duplicates
     return response
 
 
@@ -127,9 +139,6 @@ SOURCES = {
     Source.FOLD_IN: pb.SOURCE_FOLD_IN,
     Source.POPULAR: pb.SOURCE_POPULAR,
 }
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
@@ -333,10 +342,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             )
         if self.events is None:
             raise NotReadyError("this server has no event store")
-        outcomes: list[Outcome | None] = [None] * n
-        convertible: list[Event] = []
+        messages = request.events
+        try:
+            convertible = [event_from_proto(message) for message in messages]
+        except _Unconvertible:
+            return self._log_some(messages)
+        stored: list[Activity | None] | None = [] if self.live is not None else None
+        outcomes = self.events.append(convertible, stored=stored)
+        if stored:
+            self._apply_live(stored)
+        return outcomes_to_proto(outcomes)
+
+    def _log_some(self, messages: Sequence[pb.Event]) -> pb.LogEventsResponse:
+        """``LogEvents`` for a batch where some events cannot even be converted: those are
+        rejected here, the others stored, the outcomes in request order."""
+        assert self.events is not None
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        convertible: list[RawEvent] = []
         positions: list[int] = []
-        for i, message in enumerate(request.events):
+        for i, message in enumerate(messages):
             try:
                 convertible.append(event_from_proto(message))
             except _Unconvertible as exc:
@@ -346,24 +370,21 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             positions.append(i)
         unconvertible = [o for o in outcomes if o is not None]
         if convertible:
-            stored = self.events.append(convertible)
-            for i, outcome in zip(positions, stored, strict=True):
+            stored: list[Activity | None] | None = [] if self.live is not None else None
+            for i, outcome in zip(
+                positions, self.events.append(convertible, stored=stored), strict=True
+            ):
                 outcomes[i] = outcome
-            if self.live is not None:
-                self._apply_live(convertible, stored)
+            if stored:
+                self._apply_live(stored)
         count_outcomes(unconvertible)
         return outcomes_to_proto([o for o in outcomes if o is not None])
 
-    def _apply_live(self, events: list[Event], outcomes: list[Outcome]) -> None:
-        """This worker's acknowledged events, into its live view at once (the others read
-        them from the store within their poll interval)."""
+    def _apply_live(self, stored: list[Activity | None]) -> None:
+        """This worker's acknowledged events, as stored, into its live view at once (the others
+        read them from the store within their poll interval)."""
         assert self.live is not None
-        now = datetime.now(UTC)
-        self.live.apply(
-            (ev.event_id, ev.user_id, ev.item_id, ev.event.strip().lower(), ev.timestamp or now)
-            for ev, outcome in zip(events, outcomes, strict=True)
-            if outcome.status is Status.ACCEPTED
-        )
+        self.live.applied([row for row in stored if row is not None])
 
     def DeleteUser(
         self, request: pb.DeleteUserRequest, context: grpc.ServicerContext

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -27,9 +28,11 @@ from service import events as events_module
 from service.events import (
     LATEST_VERSION,
     TRAINING_EVENTS,
+    Activity,
     Event,
     EventRules,
     EventStore,
+    RawEvent,
     Status,
     default_events_uri,
     events_uri,
@@ -374,3 +377,170 @@ def test_two_processes_appending_the_same_ids_store_each_once(uri: str, tmp_path
     with EventStore.open(uri) as store:
         assert store.count() == 300
         assert ids_of(store, "u1") == everything
+
+
+# --- the append path's shortcuts ------------------------------------------------------------
+
+NOW = datetime(2026, 5, 1, 10, 0, 0, 5, tzinfo=UTC)
+LATEST = NOW + timedelta(minutes=5)
+CHECKED: list[Event | RawEvent] = [
+    click("plain"),
+    RawEvent("raw", "u1", "i1", "click"),
+    RawEvent("full", "u1", "i1", "purchase", NOW, 2.0, 9.5, "rec-1"),
+    Event("upper", "u1", "i1", " Click "),
+    Event("named", "u1", "i1", "CLICK"),
+    click("paris", timestamp=datetime(2026, 4, 30, 12, tzinfo=timezone(timedelta(hours=2)))),
+    click("future", timestamp=NOW + timedelta(minutes=6)),
+    click("edge", timestamp=LATEST),
+    click("int-value", value=2),
+    click("bool-value", value=True),
+    click("nan", value=float("nan")),
+    click("negative-zero", value=-0.0),
+    click("inf-price", price=float("inf")),
+    click("int-price", price=3),
+    click(" "),
+    click("tab\tinside"),
+    click("nul\x00inside"),
+    click("\u00e9t\u00e9"),
+    click("\ud800"),
+    click("x" * 128),
+    click("x" * 129),
+    click("long-user", user="u" * 257),
+    click("empty-rec", recommendation_id=""),
+    click("space-rec", recommendation_id=" "),
+    click("long-rec", recommendation_id="r" * 129),
+    click("nul-rec", recommendation_id="r\x00"),
+    RawEvent(17, "u1", "i1", "click"),  # type: ignore[arg-type]
+    RawEvent("list-name", "u1", "i1", ["click"]),  # type: ignore[arg-type]
+    RawEvent("naive", "u1", "i1", "click", datetime(2026, 1, 1)),
+    Event("shown", "u1", "i1", "impression", shown_item_ids=("i1", "i2")),
+    Event("shown-click", "u1", "i1", "click", shown_item_ids=("i1",)),
+]
+
+
+@pytest.mark.parametrize("ev", CHECKED, ids=lambda ev: str(ev.event_id)[:20])
+def test_the_quick_check_agrees_with_the_full_one(ev: Event | RawEvent) -> None:
+    rules = EventRules()
+
+    def outcome(check: Any) -> object:
+        try:
+            return check()
+        except events_module._Rejected as rejected:
+            return ("rejected", rejected.field, str(rejected))
+
+    quick = outcome(lambda: rules.fields(ev, NOW, LATEST))
+    full = outcome(lambda: rules._full_check(ev, NOW))
+    assert quick == full
+    if isinstance(quick, RawEvent) and isinstance(full, RawEvent):
+        assert [type(v) for v in quick] == [type(v) for v in full]  # 2.0, not 2
+
+
+def test_a_large_batch_with_stored_repeated_and_bad_events(store: EventStore) -> None:
+    # More than one IN query's worth of ids and every INSERT size, on both databases.
+    before = store.append([click(f"e{i:04d}") for i in range(0, 1300, 3)])
+    assert {o.status for o in before} == {Status.ACCEPTED}
+    batch: list[Event | RawEvent] = []
+    expected: list[Status] = []
+    for i in range(1300):
+        if i % 97 == 0:
+            batch.append(click(f"e{i:04d}", value=-1.0))  # bad: the next copy is the first
+            expected.append(Status.REJECTED)
+        batch.append(RawEvent(f"e{i:04d}", f"u{i % 7}", f"i{i % 11}", "view"))
+        expected.append(Status.DUPLICATE if i % 3 == 0 else Status.ACCEPTED)
+        if i % 50 == 0:
+            batch.append(click(f"e{i:04d}"))  # again in the same batch
+            expected.append(Status.DUPLICATE)
+    stored: list[Activity | None] = []
+    outcomes = store.append(batch, stored=stored)
+
+    assert [o.status for o in outcomes] == expected
+    assert [o.event_id for o in outcomes] == [ev.event_id for ev in batch]
+    assert len(stored) == len(batch)
+    with store._engine.connect() as conn:
+        ids: dict[str, int] = {
+            event_id: row_id
+            for event_id, row_id in conn.execute(text("SELECT event_id, id FROM events"))
+        }
+    assert len(ids) == store.count() == 1300
+    for ev, outcome, row in zip(batch, outcomes, stored, strict=True):
+        if outcome.status is not Status.ACCEPTED:
+            assert row is None
+            continue
+        assert row is not None
+        assert (row.row_id, row.event_id, row.user_id, row.item_id) == (
+            ids[ev.event_id],
+            ev.event_id,
+            ev.user_id,
+            ev.item_id,
+        )
+        assert row.event == "view" and row.ts == row.received_at
+    stored_views = store.events_for_user("u1", limit=10_000)
+    assert {ev.event for ev in stored_views} == {"click", "view"}
+
+
+def test_row_ids_handed_out_of_order_are_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "full.db"
+    with EventStore.open(f"sqlite:///{path}") as store:
+        store.append([click("first")])
+        with store._write() as conn:  # the largest row id there is: SQLite picks new ids at random
+            conn.execute(text("UPDATE events SET id = 9223372036854775807"))
+        stored: list[Activity | None] = []
+        outcomes = store.append([click(f"n{i}") for i in range(70)], stored=stored)
+        assert {o.status for o in outcomes} == {Status.ACCEPTED}
+        with store._engine.connect() as conn:
+            ids: dict[str, int] = {
+                event_id: row_id
+                for event_id, row_id in conn.execute(text("SELECT event_id, id FROM events"))
+            }
+        assert {row.event_id: row.row_id for row in stored if row is not None} == {
+            f"n{i}": ids[f"n{i}"] for i in range(70)
+        }
+
+
+APPEND_OVERLAPPING = textwrap.dedent(
+    """
+    import json, os, random, sys, time
+    from service.events import Event, EventStore
+    uri, seed, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = EventStore.open(uri)
+    rng = random.Random(seed)
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    accepted = []
+    for _ in range(6):
+        ids = rng.sample(range(1500), 400)
+        batch = [Event(f"e{i:04d}", "u1", "i1", "view") for i in ids]
+        batch += batch[:20]  # repeated in the batch too
+        accepted += [o.event_id for o in store.append(batch) if o.status == "accepted"]
+    print(json.dumps(accepted), flush=True)
+    """
+)
+
+
+def test_three_processes_with_overlapping_batches_store_each_id_once(
+    uri: str, tmp_path: Path
+) -> None:
+    EventStore.open(uri).close()
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", APPEND_OVERLAPPING, uri, str(seed), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for seed in (1, 2, 3)
+    ]
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    go.touch()
+    accepted: list[str] = []
+    for child in children:
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == 0
+        accepted += json.loads(out.strip().splitlines()[-1])
+    assert len(accepted) == len(set(accepted))  # no id acknowledged as new twice
+    with EventStore.open(uri) as store:
+        assert store.count() == len(accepted)
+        assert ids_of(store, "u1") == set(accepted)

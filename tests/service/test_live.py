@@ -331,7 +331,7 @@ def test_delete_user_is_refused_when_no_admin_token_is_configured(
 
 def test_configured_extra_event_names_are_accepted_and_fold_in(tmp_path: Path) -> None:
     from service.config import load_settings
-    from service.server import open_event_store
+    from service.event_side import open_event_store
 
     settings = load_settings(
         model_uri=str(tmp_path),
@@ -401,3 +401,127 @@ def test_users_delete_and_events_report_from_the_command_line(
         out = capsys.readouterr().out
         assert "2 events" in out and "u12" in out
         assert store.events_for_user("u12") == [] and store.responses_for_user("u12") == []
+
+
+# ------------------------------------------------------------- this worker's own events
+def _stored(store: EventStore, events: list[Event]) -> list[Activity]:
+    rows: list[Activity | None] = []
+    store.append(events, stored=rows)
+    return [row for row in rows if row is not None]
+
+
+def _kept(live: LiveActivity, user: str) -> list[str]:
+    activity = live.get(user)
+    assert activity is not None
+    return [event_id for _, _, event_id in (*activity.positives, *activity.dislikes)]
+
+
+def test_own_events_are_applied_once_and_not_read_back(store: EventStore) -> None:
+    live = LiveActivity(store, poll_seconds=60)
+    live.bootstrap()
+    mine = [_event("o1", "u1", "i1"), _event("o2", "u1", "i2", "dislike")]
+    live.applied(_stored(store, [*mine, _event("o3", "u2", "i3", "impression")]))
+    assert _kept(live, "u1") == ["o1", "o2"]
+    assert live.poll() == 0  # the tail skips this worker's rows: it reads nothing
+    # Another worker's row between two of ours: read; ours after it skipped.
+    store.append([_event("x1", "u1", "i4")])
+    live.applied(_stored(store, [_event("o4", "u1", "i5")]))
+    live.poll()
+    assert sorted(_kept(live, "u1")) == ["o1", "o2", "o4", "x1"]
+    assert live.poll() == 0
+    # Read by the tail before this worker applied it (the two race): kept once.
+    late = _stored(store, [_event("o5", "u1", "i6")])
+    assert live.poll() == 1
+    live.applied(late)
+    assert sorted(_kept(live, "u1")) == ["o1", "o2", "o4", "o5", "x1"]
+    assert live._cursor == store.newest_row_id()
+
+
+def test_a_busy_user_keeps_the_newest_events_once_each_in_time_order(store: EventStore) -> None:
+    live = LiveActivity(store, poll_seconds=60, max_per_user=50)
+    base = _now() - timedelta(hours=1)
+    events = [(f"b{i}", "u1", f"i{i}", "click", base + timedelta(seconds=i)) for i in range(120)]
+    live.apply(events)
+    live.apply(events[60:])  # again: kept once
+    live.apply([("mid", "u1", "m", "click", base + timedelta(seconds=100.5))])  # out of order
+    live.apply([("old", "u1", "o", "click", base - timedelta(hours=1))])  # older than all kept
+    activity = live.get("u1")
+    assert activity is not None and live.get("u1") is activity  # one copy until a change
+    kept = [event_id for _, _, event_id in activity.positives]
+    assert kept == [*(f"b{i}" for i in range(71, 101)), "mid", *(f"b{i}" for i in range(101, 120))]
+    times = [ts for ts, _, _ in activity.positives]
+    assert times == sorted(times)
+    # An event that fell off the end is not remembered: a later copy of it is kept again.
+    live.apply([("b0", "u1", "i0", "click", base + timedelta(hours=1))])
+    changed = live.get("u1")
+    assert changed is not activity and changed is not None
+    assert [event_id for _, _, event_id in changed.positives][-1] == "b0"
+    assert len(changed.positives) == 50
+
+
+def test_events_logged_on_a_worker_are_in_its_view_at_once_and_once(
+    artifact_dir: Path, tmp_path: Path, pipeline: RankingPipeline, store: EventStore
+) -> None:
+    with (
+        _worker(artifact_dir, tmp_path, pipeline, store) as (port, live, _),
+        client_for(port) as client,
+    ):
+        batch = [
+            {"event_id": f"w{i}", "user_id": "u07", "item_id": f"i{i % 40:02d}", "event": "view"}
+            for i in range(40)
+        ]
+        assert client.log_events(batch).accepted == 40
+        assert sorted(_kept(live, "u07")) == sorted(f"w{i}" for i in range(40))
+        polls = live.polls
+        _wait_for(lambda: live.polls >= polls + 2)
+        assert len(_kept(live, "u07")) == 40
+        assert live._cursor == store.newest_row_id()
+
+
+def test_a_worker_serves_while_its_event_store_is_unreachable_and_attaches_it_later(
+    artifact_dir: Path, tmp_path: Path, pipeline: RankingPipeline
+) -> None:
+    import service.event_side as event_side
+    from service.event_side import EventSide
+    from service.server import create_server
+
+    blocker = tmp_path / "not-yet"
+    blocker.write_text("a file where the store's folder should be")
+    settings = settings_for(artifact_dir, tmp_path, events_uri=f"sqlite:///{blocker / 'events.db'}")
+    holder = ModelHolder()
+    holder.swap(loaded_model(pipeline))
+    side = EventSide(settings)
+    original = event_side.RETRY_SECONDS
+    event_side.RETRY_SECONDS = (0.05,)
+    server, port = create_server(settings, holder, on_servicer=side.bind)
+    try:
+        assert side.open() is False  # unreachable now: retried in the background
+        server.start()
+        with client_for(port) as client:
+            assert client.recommend("u01", k=3).source == "personalized"
+            code = status_of(lambda: client.log_events([_event_dict("q1")]))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            blocker.unlink()  # the database becomes reachable
+            _wait_for(lambda: side.store is not None, timeout=5)
+            assert client.log_events([_event_dict("q1")]).accepted == 1
+            assert side.live is not None and side.recorder is not None
+    finally:
+        event_side.RETRY_SECONDS = original
+        server.stop(None).wait()
+        side.close()
+
+
+def test_a_store_setting_that_can_never_work_still_fails_start_up(
+    artifact_dir: Path, tmp_path: Path
+) -> None:
+    from models.errors import StoreError
+    from service.event_side import EventSide
+
+    side = EventSide(settings_for(artifact_dir, tmp_path, events_uri="sqlite:///:memory:"))
+    with pytest.raises(StoreError, match="invalid setting events_uri"):
+        side.open()
+    side.close()
+
+
+def _event_dict(event_id: str) -> dict[str, str]:
+    return {"event_id": event_id, "user_id": "u01", "item_id": "i01", "event": "click"}

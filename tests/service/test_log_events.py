@@ -23,10 +23,11 @@ from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service.client import AffinityClient, Event
 from service.config import ServeSettings, load_settings
+from service.event_side import open_event_store
 from service.events import Event as StoredEvent
-from service.events import EventStore, GroupCommit, Status
+from service.events import EventStore, GroupCommit, Outcome, RawEvent, Status
 from service.loader import ModelHolder
-from service.server import open_event_store
+from service.servicer import event_from_proto, outcomes_to_proto
 from tests.service.conftest import client_for, loaded_model, running, settings_for, status_of
 
 MAX_EVENTS = 50
@@ -345,3 +346,55 @@ def test_events_log_exits_2_when_the_file_cannot_be_read(
     broken.write_text(json.dumps(click("ok")) + "\n{not json\n")
     assert main(["events", "log", "--target", target, "--file", str(broken)]) == 2
     assert f"{broken}:2:" in capsys.readouterr().err
+
+
+# --- the conversions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(0, 0), (1_767_225_600, 999_999_999), (-62_135_596_800, 0), (253_402_300_799, 1_500), (-1, 1)],
+)
+def test_a_request_timestamp_converts_as_protobuf_converts_it(seconds: int, nanos: int) -> None:
+    message = pb.Event(event_id="t", user_id="u", item_id="i", event="click")
+    message.timestamp.seconds, message.timestamp.nanos = seconds, nanos
+    converted = event_from_proto(message).timestamp
+    assert converted == message.timestamp.ToDatetime(tzinfo=UTC)
+    assert converted is not None and converted.tzinfo is UTC
+
+
+def test_an_event_converts_with_its_defaults() -> None:
+    bare = event_from_proto(pb.Event(event_id="e", user_id="u", item_id="i", event="view"))
+    assert bare == RawEvent("e", "u", "i", "view", None, 1.0, None, None, ())
+    full = pb.Event(event_id="e", user_id="u", item_id="i", event="impression", value=0.0)
+    full.price, full.recommendation_id = 0.0, "r"
+    full.shown_item_ids.extend(["a", "b"])
+    assert event_from_proto(full) == RawEvent(
+        "e", "u", "i", "impression", None, 0.0, 0.0, "r", ("a", "b")
+    )
+
+
+def test_outcomes_convert_in_order_with_counts() -> None:
+    outcomes = [
+        Outcome("a", Status.ACCEPTED),
+        Outcome("b", Status.REJECTED, "value: must be finite and >= 0, got -1.0", "value"),
+        Outcome("a", Status.DUPLICATE),
+        Outcome("c", Status.ACCEPTED),
+    ]
+    expected = pb.LogEventsResponse(
+        outcomes=[
+            pb.EventOutcome(event_id="a", status=pb.EVENT_STATUS_ACCEPTED),
+            pb.EventOutcome(
+                event_id="b",
+                status=pb.EVENT_STATUS_REJECTED,
+                reason="value: must be finite and >= 0, got -1.0",
+                field="value",
+            ),
+            pb.EventOutcome(event_id="a", status=pb.EVENT_STATUS_DUPLICATE),
+            pb.EventOutcome(event_id="c", status=pb.EVENT_STATUS_ACCEPTED),
+        ],
+        accepted=2,
+        duplicates=1,
+        rejected=1,
+    )
+    assert outcomes_to_proto(outcomes) == expected
