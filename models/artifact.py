@@ -7,7 +7,8 @@ Artifacts are data, not code. Layout::
     model.npz         the algorithm's learned arrays (factors, weights, similarity)
     vocab.npz         user_ids, item_ids (fixed-width unicode)
     seen.npz          each user's seen items as CSR (indptr, indices, data)
-    items.npz         item_type, category, title, available (aligned with item_ids)
+    items.npz         item_type, category, title, available, first_seen (aligned with item_ids;
+                      an artifact written before first_seen existed loads with NaN there)
     popularity.npz    popularity and trending scores per item
 
 Every ``.npz`` is read with ``allow_pickle=False``; loading checks the format version, every
@@ -55,6 +56,13 @@ class ItemCatalog:
     category: np.ndarray
     title: np.ndarray
     available: np.ndarray
+    first_seen: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
+    """When each item first appeared (unix seconds, float64; NaN where unknown): its age for
+    exploration (:class:`models.rules.Exploration`). Left out, every item's is unknown."""
+
+    def __post_init__(self) -> None:
+        if len(self.first_seen) == 0 and len(self.available):
+            self.first_seen = np.full(len(self.available), np.nan, dtype=np.float64)
 
     @classmethod
     def empty(cls, n_items: int) -> ItemCatalog:
@@ -92,7 +100,7 @@ class ModelBundle:
             )
         if self.seen.shape != (n_users, n_items):
             problems.append(f"seen matrix shape {self.seen.shape} != {(n_users, n_items)}")
-        for name in ("item_type", "category", "title", "available"):
+        for name in ("item_type", "category", "title", "available", "first_seen"):
             if len(getattr(self.catalog, name)) != n_items:
                 problems.append(
                     f"items.{name} has {len(getattr(self.catalog, name))} rows, expected {n_items}"
@@ -165,6 +173,7 @@ def save_artifact(bundle: ModelBundle, directory: str | Path) -> dict[str, Any]:
             "category": cat.category.astype(str),
             "title": cat.title.astype(str),
             "available": cat.available.astype(bool),
+            "first_seen": np.asarray(cat.first_seen, dtype=np.float64),
         },
     )
     write_npz(
@@ -371,6 +380,8 @@ def load_artifact(
         title=_need(item_arrays, "title", "items.npz"),
         available=_need(item_arrays, "available", "items.npz").astype(bool),
     )
+    if "first_seen" in item_arrays:  # artifacts written before it existed: unknown (NaN)
+        catalog.first_seen = item_arrays["first_seen"].astype(np.float64)
     pop = read_npz(root / "popularity.npz")
     bundle = ModelBundle(
         model=model,

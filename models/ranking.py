@@ -8,8 +8,10 @@ numbers in MLflow describe what users see. A list goes through five steps:
    recent items, items similar to query items, or popular / trending items;
 2. **filters**: availability, item type and category, the user's seen items, excluded ids;
 3. **re-ranking stages**: an ordered list of small steps (:class:`RerankStage`) that rescore or
-   reorder the candidates; empty by default;
-4. **exact top-k** by the rule of :mod:`models.topk` (score, then lowest item index);
+   reorder the candidates; empty by default, plus the ranking rules a request asks for
+   (:mod:`models.rules`: diversity, rotation, boosts, promotions, exploration);
+4. **exact top-k** by the rule of :mod:`models.topk` (score, then lowest item index), or the
+   first ``k`` in the order an ordering stage set;
 5. **backfill** from popular items when the filters left fewer than ``k``.
 
 Steps 1, 2 and 4 are fused where that is faster and gives the same list: a factor model's
@@ -26,11 +28,12 @@ candidate sources, filters, stages, top-k rule and backfill. :meth:`recommend`,
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
 from weakref import WeakMethod
 
 import numpy as np
@@ -46,6 +49,9 @@ from .search import Hits, NormOrderedIndex, Query
 from .topk import NEG_INF, top_k_ids, top_k_row
 from .vocabulary import MISSING, Vocabulary
 
+if TYPE_CHECKING:
+    from .rules import Rules
+
 
 class Source(enum.StrEnum):
     """Where a recommendation list came from."""
@@ -53,6 +59,19 @@ class Source(enum.StrEnum):
     PERSONALIZED = "personalized"
     FOLD_IN = "fold_in"
     POPULAR = "popular"
+
+
+class Reason(enum.IntEnum):
+    """Why an item is in a list (:attr:`Ranked.reasons`, one ``uint8`` code per item)."""
+
+    MODEL = 0
+    """Ranked there by the model's score (after dislikes and rotation, if any)."""
+    BOOSTED = 1
+    """A boost rule raised its score (:class:`models.rules.Boost` with a factor above 1)."""
+    PROMOTED = 2
+    """Placed in a promotion slot (:class:`models.rules.Promotion`)."""
+    EXPLORED = 3
+    """Placed in an exploration slot (:class:`models.rules.Exploration`)."""
 
 
 class ListKind(enum.Enum):
@@ -77,6 +96,8 @@ class ItemFilter:
 
 
 NO_FILTER = ItemFilter()
+FilterKey: TypeAlias = ItemFilter | tuple[ItemFilter, ItemFilter] | np.ndarray
+"""Which items may be candidates: a filter, two filters that must both pass, or a mask."""
 _NO_ITEMS = np.empty(0, dtype=np.int64)
 _NO_ITEMS.setflags(write=False)
 
@@ -98,6 +119,7 @@ class ListRequest:
         "k",
         "kind",
         "recent",
+        "rules",
         "user",
     )
 
@@ -113,6 +135,7 @@ class ListRequest:
         item_filter: ItemFilter = NO_FILTER,
         include_seen: bool = False,
         disliked: np.ndarray = _NO_ITEMS,
+        rules: Rules | None = None,
     ) -> None:
         self.kind = kind
         self.k = k
@@ -131,6 +154,9 @@ class ListRequest:
         """Items the user said "not interested" to: never returned (even with
         :attr:`include_seen`), and their neighbours pushed down when the pipeline has a
         :class:`DislikeStage`."""
+        # An exploration's clock is read once here, so every stage sees the same day and ages.
+        self.rules = rules if rules is None else rules.settled()
+        """The ranking rules of this list (:class:`models.rules.Rules`); None: none."""
 
 
 class Ranked(NamedTuple):
@@ -139,6 +165,15 @@ class Ranked(NamedTuple):
     ids: np.ndarray
     scores: np.ndarray
     source: Source
+    reasons: np.ndarray | None = None
+    """Why each item is there (:class:`Reason` codes, ``uint8``); None: all :attr:`Reason.MODEL`
+    (every list made without rules)."""
+
+    def reason_codes(self) -> np.ndarray:
+        """:attr:`reasons`, or all :attr:`Reason.MODEL` when there are none."""
+        if self.reasons is None:
+            return np.zeros(len(self.ids), dtype=np.uint8)
+        return self.reasons
 
 
 @dataclass
@@ -149,9 +184,17 @@ class Recommendations:
     scores: list[float]
     source: Source
     indices: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
+    reasons: np.ndarray | None = field(repr=False, default=None)
+    """Why each item is there (:class:`Reason` codes); None: all :attr:`Reason.MODEL`."""
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def reason_list(self) -> list[Reason]:
+        """One :class:`Reason` per item."""
+        if self.reasons is None:
+            return [Reason.MODEL] * len(self.item_ids)
+        return [Reason(int(code)) for code in self.reasons]
 
 
 class RerankStage(Protocol):
@@ -161,13 +204,27 @@ class RerankStage(Protocol):
     and returns them rescored or reordered; the pipeline then takes the exact top ``k`` of what
     the last stage returns, by score. A stage that needs more candidates than places to choose
     from (diversity, promotions) asks for ``candidates_per_slot`` of them per place.
+
+    Two optional extras (read with ``getattr``, so a plain stage needs neither):
+
+    - ``orders = True``: the stage sets the order of the list itself (diversity, slots for
+      promotions). The pipeline hands it the candidates sorted by their current scores (the
+      top-k rule), and when it is the last stage to run, keeps the order it returns and takes
+      its first ``k`` instead of ranking by score. A later stage without ``orders`` hands the
+      order back to the scores. An ordering stage makes the whole list: when it runs, step 5
+      appends nothing after the stages. It finds more items where it needs them with
+      :meth:`RankingPipeline.candidates` (the model's next best, then the backfill), and a
+      list it leaves shorter than ``k`` stays short (a diversity cap nothing else can meet).
+    - a third array in the result, aligned with the returned ids: a :class:`Reason` code per
+      item (``Reason.MODEL`` for no claim). Claims follow the item through later stages; a
+      later claim other than ``MODEL`` replaces an earlier one.
     """
 
     candidates_per_slot: int
 
     def __call__(
         self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 class ConditionalStage(RerankStage, Protocol):
@@ -187,7 +244,7 @@ class DislikeStage:
     (:meth:`RankingPipeline.max_similarity`). The disliked items themselves are never candidates.
     """
 
-    candidates_per_slot = 3
+    candidates_per_slot = 2
 
     def __init__(
         self, similarity: Callable[[np.ndarray, np.ndarray], np.ndarray], weight: float = 0.5
@@ -282,6 +339,12 @@ class RankingPipeline:
         # Stages that run for every request, and those that say per request (ConditionalStage).
         self._always = tuple(s for s in self.stages if not hasattr(s, "applies"))
         self._per_slot = max((s.candidates_per_slot for s in self._always), default=1)
+        # The ranking rules' stages, looked at only for requests that carry rules: those that
+        # gather extra candidates run before the stages above, the others after them.
+        from .rules import RuleStages  # models.rules builds on this module
+
+        self._rules = RuleStages(self)
+        self._rules_before, self._rules_after = self._rules.before, self._rules.after
         catalog = catalog if catalog is not None else ItemCatalog.empty(n_items)
         self.catalog = catalog
         self.popularity = np.asarray(popularity, dtype=np.float32)
@@ -320,6 +383,7 @@ class RankingPipeline:
         self.candidate_mask = _cached(self._candidate_mask)
         self._masked_out = _cached(self._masked_out_items)
         self._disallowed = _cached(self._disallowed_positions)
+        self._folded = _cached(self._fold, maxsize=8192)
 
     @classmethod
     def from_bundle(
@@ -380,7 +444,11 @@ class RankingPipeline:
         return order[self._available[order]]
 
     # ----------------------------------------------------------- step 2: filters
-    def _candidate_mask(self, flt: ItemFilter) -> np.ndarray:
+    def _candidate_mask(self, flt: ItemFilter | tuple[ItemFilter, ItemFilter]) -> np.ndarray:
+        if isinstance(flt, tuple):  # both filters (a rule's within the request's)
+            mask = self.candidate_mask(flt[0]) & self.candidate_mask(flt[1])
+            mask.setflags(write=False)
+            return mask
         mask = self._available.copy()
         if flt.item_types:
             for t in flt.item_types:
@@ -399,23 +467,34 @@ class RankingPipeline:
         mask.setflags(write=False)
         return mask
 
-    def _masked_out_items(self, flt: ItemFilter) -> np.ndarray:
+    def _masked_out_items(self, flt: FilterKey) -> np.ndarray:
         """Indices the filter removes: usually few, so setting them beats a full ``where``."""
-        out = np.flatnonzero(~self.candidate_mask(flt))
+        mask = flt if isinstance(flt, np.ndarray) else self.candidate_mask(flt)
+        out = np.flatnonzero(~mask)
         out.setflags(write=False)
         return out
 
-    def _disallowed_positions(self, flt: ItemFilter, similar: bool = False) -> np.ndarray | None:
+    def _disallowed_positions(self, flt: FilterKey, similar: bool = False) -> np.ndarray | None:
         """The filter's excluded items as a mask over the positions of the recommendation (or,
         with ``similar``, the similar-items) index; None when it excludes nothing."""
         index = self._similar_index if similar else self._index
         assert index is not None
-        out = ~self.candidate_mask(flt)
+        out = ~(flt if isinstance(flt, np.ndarray) else self.candidate_mask(flt))
         if not out.any():
             return None
         disallowed = out[index.order]
         disallowed.setflags(write=False)
         return disallowed
+
+    def _filter_out(self, flt: FilterKey) -> np.ndarray:
+        """:meth:`_masked_out_items`, cached unless ``flt`` is a mask (made for one request)."""
+        return self._masked_out_items(flt) if isinstance(flt, np.ndarray) else self._masked_out(flt)
+
+    def _filter_positions(self, flt: FilterKey, similar: bool = False) -> np.ndarray | None:
+        """:meth:`_disallowed_positions`, cached unless ``flt`` is a mask."""
+        if isinstance(flt, np.ndarray):
+            return self._disallowed_positions(flt, similar)
+        return self._disallowed(flt, similar)
 
     def _blocked(self, request: ListRequest) -> np.ndarray:
         """Items the request must not get: excluded ids, query items, and unless
@@ -443,31 +522,149 @@ class RankingPipeline:
             raise InvalidInputError(f"k must be positive, got {k}", field="k")
         self._check_indices(request)
         mask = self.candidate_mask(request.item_filter)  # validates the filter before scoring
+        if request.rules is not None:
+            self._rules.check(request.rules)
         blocked = self._blocked(request)
         stages = self._stages_for(request)
         per_slot = self._per_slot
         if stages is not self.stages and stages is not self._always:
             per_slot = max((s.candidates_per_slot for s in stages), default=1)
         n = k * per_slot
+        ids, scores, source = self._candidates(request, n, request.item_filter, mask, blocked)
+        if not stages:
+            if len(ids) < k and source is not Source.POPULAR:
+                ids, scores = self._backfill(ids, scores, k, mask, blocked)
+            return Ranked(ids, scores, source)
+        ids, scores, reasons = self._rerank(ids, scores, request, stages)
+        # An ordering stage makes the whole list, backfill included (see RerankStage).
+        if not _orders(stages) and len(ids) < k and source is not Source.POPULAR:
+            got = len(ids)
+            ids, scores = self._backfill(ids, scores, k, mask, blocked)
+            if reasons is not None:
+                reasons = np.concatenate([reasons, np.zeros(len(ids) - got, np.uint8)])
+        return Ranked(ids, scores, source, reasons)
+
+    def _candidates(
+        self,
+        request: ListRequest,
+        n: int,
+        flt: FilterKey,
+        mask: np.ndarray,
+        blocked: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, Source]:
+        """Steps 1 and 2: the best ``n`` candidates of ``request`` that pass ``flt`` (whose
+        mask is ``mask``) and are not ``blocked``, and their source."""
         kind = request.kind
         if kind is ListKind.USER and (request.user != MISSING or len(request.recent)):
             source = Source.PERSONALIZED if request.user != MISSING else Source.FOLD_IN
-            ids, scores = self._user_candidates(request, n, blocked)
+            ids, scores = self._user_candidates(request, n, blocked, flt)
         elif kind is ListKind.SIMILAR:
             source = Source.PERSONALIZED
-            ids, scores = self._similar_candidates(request, n, blocked)
+            ids, scores = self._similar_candidates(request, n, blocked, flt)
         else:  # popular, trending, and the cold start of a user nobody knows anything about
             source = Source.POPULAR
             ids, scores = self._popular(n, mask, blocked, trending=kind is ListKind.TRENDING)
-        if stages:
-            ids, scores = self._rerank(ids, scores, request, stages)
-        if len(ids) < k and source is not Source.POPULAR:
-            ids, scores = self._backfill(ids, scores, k, mask, blocked)
-        return Ranked(ids, scores, source)
+        return ids, scores, source
+
+    def candidates(
+        self,
+        request: ListRequest,
+        n: int,
+        *,
+        within: ItemFilter | None = None,
+        also: np.ndarray | None = None,
+        skip: np.ndarray = _NO_ITEMS,
+        backfill: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``n`` items for ``request`` by steps 1 and 2 (its candidates, filters and
+        blocked items), also passing ``within`` and the mask ``also``, never any of ``skip``,
+        and with ``backfill`` topped up from step 5 (popular items, after the model's) when the
+        model gives fewer: where a re-ranking stage finds items beyond the candidates it got (a
+        promotion's, a diversity cap's, the rest of a list an ordering stage makes)."""
+        flt: FilterKey = request.item_filter if within is None else (request.item_filter, within)
+        mask = self.candidate_mask(flt)
+        if also is not None:
+            flt = mask = mask & np.asarray(also, dtype=bool)
+        blocked = self._blocked(request)
+        if len(skip):
+            blocked = np.concatenate([blocked, np.asarray(skip, dtype=np.int64)])
+        ids, scores, source = self._candidates(request, n, flt, mask, blocked)
+        if backfill and len(ids) < n and source is not Source.POPULAR:
+            ids, scores = self._backfill(ids, scores, n, mask, blocked)
+        return ids, scores
+
+    def item_scores(self, request: ListRequest, ids: np.ndarray) -> np.ndarray:
+        """The scores step 1 gives ``ids`` for ``request`` (float32), whether or not they are
+        among its candidates: the popular (or trending) scores where the request has no one to
+        personalize for."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return np.empty(0, dtype=np.float32)
+        kind = request.kind
+        if kind is ListKind.USER and (request.user != MISSING or len(request.recent)):
+            if self._index is not None:
+                vector = self._vector(request.user, request.recent)
+                return np.asarray(self._index.rows(ids) @ vector, dtype=np.float32)
+            return self._scores(request.user, request.recent)[ids]
+        if kind is ListKind.SIMILAR:
+            if self._similar_index is not None:
+                rows = self._similar_index.rows(request.items)
+                vector = rows.mean(axis=0, dtype=np.float32)
+                return np.asarray(self._similar_index.rows(ids) @ vector, dtype=np.float32)
+            sims = np.asarray(self.model.score_similar(request.items), dtype=np.float32)
+            return (sims[:, ids].sum(axis=0) / len(request.items)).astype(np.float32)
+        return (self.trending if kind is ListKind.TRENDING else self.popularity)[ids]
+
+    def pairwise_similarity(self, ids: np.ndarray, *, exact: bool = True) -> np.ndarray:
+        """Similarity of every pair of ``ids`` in [0, 1] (``(n, n)``, float32, 1 on the
+        diagonal), as :meth:`max_similarity` measures it; a model that gives every user the
+        same scores has no item similarity, so there items of one (named) category are alike.
+        ``exact=False`` may leave a factor model's cosines as they are (below 0, a diagonal a
+        rounding away from 1), for a caller that only compares them with values >= 0."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._similar_index is not None:
+            rows = self._similar_index.rows(ids)
+            sims = rows @ rows.T
+            if not exact:
+                return np.asarray(sims, dtype=np.float32)
+        elif self._shared is not None:
+            category = np.asarray(self.catalog.category)[ids]
+            sims = ((category[:, None] == category[None, :]) & (category != "")[:, None]).astype(
+                np.float32
+            )
+        else:
+            rows = np.array(self.model.score_similar(ids), dtype=np.float32)
+            rows[np.arange(len(ids)), ids] = NEG_INF  # an item's score to itself
+            rows[~np.isfinite(rows)] = 0.0
+            top = rows.max(axis=1, keepdims=True) if rows.shape[1] else np.ones((len(ids), 1))
+            top[top <= 0] = 1.0
+            sims = rows[:, ids] / top
+            sims = np.maximum(sims, sims.T)
+        sims = np.clip(np.asarray(sims, dtype=np.float32), 0.0, 1.0)
+        np.fill_diagonal(sims, 1.0)
+        return sims
+
+    def user_key(self, user: int) -> int:
+        """A stable number for a trained user (its external id's hash where the pipeline has id
+        maps, else its index), for rules that draw per user (:class:`models.rules.Exploration`)."""
+        if user == MISSING:
+            return MISSING
+        if self.users is not None:
+            return external_user_key(self.users.id(user))
+        return int(user)
 
     def _stages_for(self, request: ListRequest) -> tuple[RerankStage, ...]:
         """The stages that run for ``request``: every stage without ``applies`` and the
-        conditional ones that apply (the same tuple object when nothing conditional does)."""
+        conditional ones that apply (the same tuple object when nothing conditional does),
+        between the stages of the request's rules, if it has any."""
+        if request.rules is not None:
+            before = tuple(s for s in self._rules_before if s.applies(request))
+            after = tuple(s for s in self._rules_after if s.applies(request))
+            if before or after:
+                return before + self._own_stages_for(request) + after
+        return self._own_stages_for(request)
+
+    def _own_stages_for(self, request: ListRequest) -> tuple[RerankStage, ...]:
         if len(self._always) == len(self.stages):
             return self.stages
         extra = tuple(s for s in self.stages if hasattr(s, "applies") and s.applies(request))
@@ -516,24 +713,24 @@ class RankingPipeline:
                 )
 
     def _user_candidates(
-        self, request: ListRequest, n: int, blocked: np.ndarray
+        self, request: ListRequest, n: int, blocked: np.ndarray, flt: FilterKey
     ) -> tuple[np.ndarray, np.ndarray]:
         if self._index is not None:
             query = Query(
                 self._vector(request.user, request.recent),
                 n,
                 self._index.positions(blocked),
-                self._disallowed(request.item_filter),
+                self._filter_positions(flt),
             )
             # One compiled call that keeps the GIL: no batching, which would only add hand-offs
             # between threads for a search this short.
             hits = self._index.search([query])[0]
             return hits.ids, hits.scores
         scores = self._scores(request.user, request.recent)
-        return self._best(scores, n, request.item_filter, blocked)
+        return self._best(scores, n, flt, blocked)
 
     def _similar_candidates(
-        self, request: ListRequest, n: int, blocked: np.ndarray
+        self, request: ListRequest, n: int, blocked: np.ndarray, flt: FilterKey
     ) -> tuple[np.ndarray, np.ndarray]:
         query = request.items
         index, batcher = self._similar_index, self._similar_batcher
@@ -542,22 +739,36 @@ class RankingPipeline:
             rows = index.rows(query)
             vector = rows[0] if len(rows) == 1 else rows.mean(axis=0, dtype=np.float32)
             hits: Hits = batcher(
-                Query(
-                    vector, n, index.positions(blocked), self._disallowed(request.item_filter, True)
-                )
+                Query(vector, n, index.positions(blocked), self._filter_positions(flt, True))
             )
             return hits.ids, hits.scores
         sims = np.asarray(self.model.score_similar(query), dtype=np.float32)
         scores = sims[0].copy() if len(query) == 1 else sims.sum(axis=0) / len(query)
-        return self._best(scores, n, request.item_filter, blocked)
+        return self._best(scores, n, flt, blocked)
 
     def _vector(self, user: int, recent: np.ndarray) -> np.ndarray:
         """A factor model's vector for the user (``user`` MISSING: known only by ``recent``)."""
         vectors = self._vectors
         assert vectors is not None
+        if not len(recent):
+            return vectors.user_vector(user)
+        # A fold-in is a solve per request; the same user with the same recent items (a
+        # returning visitor between two events, live events in service/live.py) asks again
+        # and again, so the vectors are kept: the key is the items in order of index (a sum
+        # does not depend on their order).
+        return self._folded(user, np.sort(recent.astype(np.int64, copy=False)).tobytes())
+
+    def _fold(self, user: int, recent_key: bytes) -> np.ndarray:
+        """:meth:`_vector` computed (``recent_key``: the sorted recent indices' bytes)."""
+        vectors = self._vectors
+        assert vectors is not None
+        recent = np.frombuffer(recent_key, dtype=np.int64)
+        vector = self._solve(vectors, user, recent)
+        vector.setflags(write=False)
+        return vector
+
+    def _solve(self, vectors: VectorScorer, user: int, recent: np.ndarray) -> np.ndarray:
         if user != MISSING:
-            if not len(recent):
-                return vectors.user_vector(user)
             # The user's row plus the recent items, duplicates added up as a CSR sum would, in
             # one gather: no sparse matrices for one request.
             start, end = self._seen.indptr[user], self._seen.indptr[user + 1]
@@ -570,7 +781,7 @@ class RankingPipeline:
             return vectors.fold_in_items(items, summed.astype(np.float32))
         # Duplicates add up, as in a CSR row; no sparse matrix is built for one request.
         items, counts = np.unique(recent, return_counts=True)
-        return vectors.fold_in_items(items, counts * np.float32(self._recent_weight))
+        return np.array(vectors.fold_in_items(items, counts * np.float32(self._recent_weight)))
 
     def _scores(self, user: int, recent: np.ndarray) -> np.ndarray:
         """Every item's score for a model without an index (a private float32 row)."""
@@ -591,14 +802,14 @@ class RankingPipeline:
         return row
 
     def _best(
-        self, scores: np.ndarray, n: int, item_filter: ItemFilter, blocked: np.ndarray
+        self, scores: np.ndarray, n: int, flt: FilterKey, blocked: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Filters and exact top ``n`` of a full row of ``scores`` (private, overwritten)."""
         # One cheap reduction instead of a full isfinite/where pass: the maximum is finite
         # unless a score is NaN (which max propagates) or +inf.
         if not np.isfinite(scores.max()):
             scores[~np.isfinite(scores)] = NEG_INF
-        scores[self._masked_out(item_filter)] = NEG_INF
+        scores[self._filter_out(flt)] = NEG_INF
         if len(blocked):
             scores[blocked] = NEG_INF
         ids, top = top_k_row(scores, n)
@@ -611,14 +822,39 @@ class RankingPipeline:
         scores: np.ndarray,
         request: ListRequest,
         stages: Sequence[RerankStage] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Steps 3 and 4: every stage in order, then the exact top ``k`` of what they left."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Steps 3 and 4: every stage in order, then the exact top ``k`` of what they left (or
+        the first ``k`` in the order the last stage set, see :class:`RerankStage`), and the
+        :class:`Reason` codes the stages claimed for them (None when they claimed none)."""
+        fresh = True  # the candidates come in the top-k order
+        ordered = False
+        claims: list[tuple[np.ndarray, np.ndarray]] = []
         for stage in self.stages if stages is None else stages:
-            ids, scores = stage(ids, scores, request)
+            orders = getattr(stage, "orders", False)
+            if orders and not ordered and not fresh:  # it starts from the top-k order
+                ids, scores = _by_score(ids, scores, len(ids))
+            fresh = False
+            result = stage(ids, scores, request)
+            ids, scores = result[0], result[1]
+            if len(result) > 2:
+                codes = np.asarray(result[2], dtype=np.uint8)
+                claimed = codes != 0  # Reason.MODEL: no claim
+                if claimed.any():
+                    claims.append((np.asarray(ids, dtype=np.int64)[claimed], codes[claimed]))
+            ordered = orders
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
-        order = np.lexsort((ids, -scores))[: request.k]
-        return ids[order], scores[order]
+        if ordered:
+            ids, scores = ids[: request.k], scores[: request.k]
+        else:
+            ids, scores = _by_score(ids, scores, request.k)
+        if not claims:
+            return ids, scores, None
+        reason: dict[int, int] = {}
+        for claimed_ids, codes in claims:  # later claims win
+            reason.update(zip(claimed_ids.tolist(), codes.tolist(), strict=True))
+        reasons = np.fromiter((reason.get(i, 0) for i in ids.tolist()), np.uint8, len(ids))
+        return ids, scores, reasons
 
     def _popular(
         self, k: int, mask: np.ndarray, blocked: np.ndarray, *, trending: bool
@@ -653,6 +889,7 @@ class RankingPipeline:
         include_seen: bool = False,
         allowed: np.ndarray | None = None,
         item_filter: ItemFilter = NO_FILTER,
+        rules: Rules | None = None,
     ) -> np.ndarray:
         """The item ids of :meth:`rank` for many users at once, ``(len(users), k)``, ``-1``
         where nothing is left to recommend: offline evaluation and the promotion gate.
@@ -660,8 +897,11 @@ class RankingPipeline:
         ``users`` are trained users' indices or ``MISSING``; row ``i`` of ``history`` holds the
         interactions a ``MISSING`` user is folded in from (rows of trained users are ignored);
         row ``i`` of ``exclude`` the items user ``i`` must not get; ``allowed`` (a mask over
-        items) restricts the candidates further, like ``item_filter``. A trained user's list is
-        the same as :meth:`rank` gives for that user, whose scores it computes the same way.
+        items) restricts the candidates further, like ``item_filter``; ``rules`` apply to every
+        row. A trained user's list is the same as :meth:`rank` gives for that user, whose scores
+        it computes the same way. (A rule that looks beyond the candidates, a promotion or an
+        exploration, folds a ``MISSING`` user in from the items of its history row, each with
+        the weight :meth:`rank` gives a recent item.)
         """
         if k <= 0:
             raise InvalidInputError(f"k must be positive, got {k}", field="k")
@@ -685,7 +925,13 @@ class RankingPipeline:
                 )
             mask = mask & allowed
         blocked = self._blocked_rows(users, known, history, exclude, include_seen)
-        n = min(k * self._per_slot, self.n_items)
+        per_slot = self._per_slot
+        if rules is not None:
+            rules = rules.settled()  # one clock for every row
+            self._rules.check(rules)
+            stages = self._stages_for(ListRequest(ListKind.USER, k, rules=rules))
+            per_slot = max((s.candidates_per_slot for s in stages), default=1)
+        n = min(k * per_slot, self.n_items)
         if self._index is not None:
             ids, scores = self._search_users(users, known, history, blocked, mask, n)
         elif self._shared is not None and history is None:
@@ -702,12 +948,17 @@ class RankingPipeline:
                 got, got_scores = self._popular(n, mask, row_blocked, trending=False)
                 ids[row], scores[row] = -1, NEG_INF
                 ids[row, : len(got)], scores[row, : len(got)] = got, got_scores
-        if self.stages:
+        final = np.zeros(n_rows, dtype=bool)  # rows whose stages made the whole list
+        if rules is not None:
+            ids, final = self._rerank_rule_rows(
+                ids, scores, users, k, rules, blocked, history, item_filter, allowed
+            )
+        elif self.stages:
             ids = self._rerank_rows(ids, scores, users, k)
         ids = ids[:, :k]
         if ids.shape[1] < k:
             ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
-        short = np.flatnonzero(ids[:, -1] < 0)  # backfill, as rank does for a starved list
+        short = np.flatnonzero((ids[:, -1] < 0) & ~final)  # backfill, as rank does
         for row in short:
             found = ids[row][ids[row] >= 0]
             row_blocked = blocked.indices[blocked.indptr[row] : blocked.indptr[row + 1]]
@@ -809,9 +1060,57 @@ class RankingPipeline:
             if not stages:
                 got = ids[row][keep][:k]
             else:
-                got, _ = self._rerank(ids[row][keep], scores[row][keep], request, stages)
+                got, _, _ = self._rerank(ids[row][keep], scores[row][keep], request, stages)
             out[row, : len(got)] = got
         return out
+
+    def _rerank_rule_rows(
+        self,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        users: np.ndarray,
+        k: int,
+        rules: Rules,
+        blocked: sp.csr_matrix,
+        history: sp.csr_matrix | None,
+        item_filter: ItemFilter,
+        allowed: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_rerank_rows` for rows ranked with ``rules``: each row's request carries what
+        :meth:`rank` would know of it (its blocked items, its history to fold in), so stages
+        that look beyond the candidates find the same items. Also returns the rows whose stages
+        made the whole list (no backfill after them)."""
+        out = np.full((len(ids), k), -1, dtype=np.int64)
+        final = np.zeros(len(ids), dtype=bool)
+        outside = _NO_ITEMS if allowed is None else np.flatnonzero(~allowed)
+        rows_of = sp.csr_matrix(history) if history is not None else None
+        for row in range(len(ids)):
+            user = int(users[row])
+            row_blocked = blocked.indices[blocked.indptr[row] : blocked.indptr[row + 1]]
+            recent = _NO_ITEMS
+            if user == MISSING and rows_of is not None:
+                recent = rows_of.indices[rows_of.indptr[row] : rows_of.indptr[row + 1]]
+                recent = np.asarray(recent, dtype=np.int64)
+            request = ListRequest(
+                ListKind.USER,
+                k,
+                user=user,
+                recent=recent,
+                exclude=np.concatenate([row_blocked.astype(np.int64), outside]),
+                item_filter=item_filter,
+                include_seen=True,  # the seen items are in the row's blocked items already
+                rules=rules,
+            )
+            keep = ids[row] >= 0
+            row_ids, row_scores = ids[row][keep], scores[row][keep]
+            stages = self._stages_for(request)
+            if not stages:
+                got = row_ids[:k]
+            else:
+                final[row] = _orders(stages)
+                got, _, _ = self._rerank(row_ids, row_scores, request, stages)
+            out[row, : len(got)] = got
+        return out, final
 
     # ---------------------------------------------------------- external ids
     def vocabularies(self) -> tuple[Vocabulary, Vocabulary]:
@@ -828,7 +1127,9 @@ class RankingPipeline:
         items = self.vocabularies()[1]
         # float32 tolist() gives Python floats of the same values, without a float64 copy.
         scores = np.asarray(ranked.scores, dtype=np.float32).tolist()
-        return Recommendations(items.decode(ranked.ids), scores, ranked.source, ranked.ids)
+        return Recommendations(
+            items.decode(ranked.ids), scores, ranked.source, ranked.ids, ranked.reasons
+        )
 
     def recommend(
         self,
@@ -841,14 +1142,19 @@ class RankingPipeline:
         include_seen: bool = False,
         disliked_item_ids: Sequence[str] = (),
         as_unknown: bool = False,
+        rules: Rules | None = None,
     ) -> Recommendations:
         """Personalized top ``k`` for ``user_id``, with fold-in and popular fallbacks.
 
         ``disliked_item_ids`` are never returned (see :class:`DislikeStage` for their
         neighbours); ``as_unknown`` ranks as if the model had never seen the user (an erased
         user whose row the model still holds): only ``recent_item_ids`` personalize it.
+        ``rules`` are the list's ranking rules (:mod:`models.rules`); an exploration draws for
+        ``user_id`` (its :func:`external_user_key`), known to the model or not.
         """
         users, _ = self.vocabularies()
+        if rules is not None and rules.exploration is not None:
+            rules = rules.for_user(external_user_key(user_id))
         request = ListRequest(
             ListKind.USER,
             k,
@@ -858,6 +1164,7 @@ class RankingPipeline:
             item_filter=item_filter,
             include_seen=include_seen,
             disliked=self._known_items(disliked_item_ids) if disliked_item_ids else _NO_ITEMS,
+            rules=rules,
         )
         return self._decode(self.rank(request))
 
@@ -868,8 +1175,10 @@ class RankingPipeline:
         *,
         exclude_item_ids: Sequence[str] = (),
         item_filter: ItemFilter = NO_FILTER,
+        rules: Rules | None = None,
     ) -> Recommendations:
-        """Items most similar to all of ``item_ids`` ("more like this"); never the query items."""
+        """Items most similar to all of ``item_ids`` ("more like this"); never the query items.
+        ``rules``: the list's ranking rules (:mod:`models.rules`), diversity above all."""
         if k <= 0:
             raise InvalidInputError(f"k must be positive, got {k}", field="k")
         if not item_ids:
@@ -885,6 +1194,7 @@ class RankingPipeline:
             items=query,
             exclude=self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS,
             item_filter=item_filter,
+            rules=rules,
         )
         return self._decode(self.rank(request))
 
@@ -895,15 +1205,37 @@ class RankingPipeline:
         item_filter: ItemFilter = NO_FILTER,
         exclude_item_ids: Sequence[str] = (),
         trending: bool = False,
+        rules: Rules | None = None,
     ) -> Recommendations:
-        """Most popular (or trending) available items within the filter."""
+        """Most popular (or trending) available items within the filter, under ``rules``."""
         request = ListRequest(
             ListKind.TRENDING if trending else ListKind.POPULAR,
             k,
             exclude=self._known_items(exclude_item_ids) if exclude_item_ids else _NO_ITEMS,
             item_filter=item_filter,
+            rules=rules,
         )
         return self._decode(self.rank(request))
+
+
+def external_user_key(user_id: str) -> int:
+    """A stable number (63 bits) for an external user id, the same in every process and model
+    version: what an exploration draws with (see :class:`models.rules.Exploration`)."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _orders(stages: Sequence[RerankStage]) -> bool:
+    """Whether any of ``stages`` sets the order of the list itself (see :class:`RerankStage`)."""
+    return any(getattr(s, "orders", False) for s in stages)
+
+
+def _by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` of ``ids`` by the top-k rule (score, then lowest item index)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
 
 
 # ------------------------------------------------------------ batch helpers

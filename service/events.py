@@ -197,6 +197,11 @@ class Response:
     served_at: datetime
 
 
+Answer = tuple[str, str, str | None, Sequence[str], str, str, str, float]
+"""A response as the recorder buffers it: ``(recommendation_id, method, user_id, item_ids,
+source, model_name, model_version, served at in unix seconds)``."""
+
+
 class Erasure(NamedTuple):
     """What :meth:`EventStore.delete_user` removed."""
 
@@ -829,30 +834,46 @@ class EventStore:
     def record_responses(self, responses: Sequence[Response]) -> int:
         """Store answers the server gave; returns how many were new (a repeated
         ``recommendation_id`` is stored once). Raises :class:`StoreError` when it cannot."""
-        if not responses:
-            return 0
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        rows = sorted(
-            (
-                {
-                    "recommendation_id": r.recommendation_id,
-                    "method": r.method,
-                    "user_id": r.user_id,
-                    "item_ids": list(r.item_ids),
-                    "source": r.source,
-                    "model_name": r.model_name,
-                    "model_version": r.model_version,
-                    "served_at": r.served_at,
-                }
+        return self.record_answers(
+            [
+                (
+                    r.recommendation_id,
+                    r.method,
+                    r.user_id,
+                    r.item_ids,
+                    r.source,
+                    r.model_name,
+                    r.model_version,
+                    r.served_at.timestamp(),
+                )
                 for r in responses
-            ),
-            key=lambda row: str(row["recommendation_id"]),
+            ]
         )
-        stmt = insert(RESPONSES).on_conflict_do_nothing(index_elements=["recommendation_id"])
+
+    def record_answers(self, answers: Sequence[Answer]) -> int:
+        """:meth:`record_responses` of plain tuples (the recorder's buffer), without building
+        objects or SQLAlchemy's per-row processing: this runs beside the requests, and every
+        microsecond it holds the interpreter is one they wait. Returns how many were new."""
+        if not answers:
+            return 0
+        rows = sorted(answers, key=_answer_key)  # one lock order for every writer (PostgreSQL)
         try:
-            with self._write() as conn:
-                return int(conn.execute(stmt, rows).rowcount or 0)
-        except SQLAlchemyError as exc:
+            if self.dialect == "postgresql":
+                with self._write() as conn:
+                    return _record_postgresql(conn, rows)
+            with self._writer_lock:
+                writer = self._writer
+                if writer is None:
+                    writer = self._engine.connect().execution_options(affinity_write=True)
+                    self._writer = writer
+                try:
+                    with writer.begin():  # BEGIN IMMEDIATE
+                        return _record_sqlite(writer, rows)
+                except BaseException:
+                    self._writer = None
+                    writer.close()
+                    raise
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             logger.warning("event store: recording %d responses failed: %s", len(rows), exc)
             raise StoreError(
                 f"the event store could not record the responses ({type(exc).__name__})"
@@ -1017,6 +1038,72 @@ def _insert_sqlite(conn: Connection, events: list[RawEvent], now: datetime) -> d
         return stored
     finally:
         cursor.close()
+
+
+_ANSWER_COLUMNS = (
+    "recommendation_id, method, user_id, item_ids, source, model_name, model_version, served_at"
+)
+_ANSWER_ROWS = 100
+"""Answers per multi-row ``INSERT`` on SQLite (8 parameters each)."""
+
+
+def _answer_key(answer: Answer) -> str:
+    return answer[0]
+
+
+def _sqlite_answers(n: int) -> str:
+    one = "(?, ?, ?, ?, ?, ?, ?, ?)"
+    return f"INSERT OR IGNORE INTO responses ({_ANSWER_COLUMNS}) VALUES {', '.join([one] * n)}"
+
+
+def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
+    """The SQLite half of :meth:`EventStore.record_answers`, inside its ``BEGIN IMMEDIATE``."""
+    cursor = conn.connection.cursor()
+    try:
+        changed = 0
+        for start in range(0, len(rows), _ANSWER_ROWS):
+            chunk = rows[start : start + _ANSWER_ROWS]
+            values: list[Any] = []
+            for rec_id, method, user_id, items, source, name, version, at in chunk:
+                served = datetime.fromtimestamp(at, UTC)
+                values += (
+                    rec_id,
+                    method,
+                    user_id,
+                    json.dumps(list(items)),
+                    source,
+                    name,
+                    version,
+                    _sqlite_time(served),
+                )
+            cursor.execute(_sqlite_answers(len(chunk)), values)
+            changed += cursor.rowcount
+        return changed
+    finally:
+        cursor.close()
+
+
+_POSTGRESQL_ANSWERS = (
+    f"INSERT INTO responses ({_ANSWER_COLUMNS}) "
+    "SELECT r, m, u, i::json, s, n, v, t FROM unnest("
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::timestamptz[]) AS x(r, m, u, i, s, n, v, t) "
+    "ON CONFLICT (recommendation_id) DO NOTHING"
+)
+
+
+def _record_postgresql(conn: Connection, rows: list[Answer]) -> int:
+    columns = (
+        [row[0] for row in rows],
+        [row[1] for row in rows],
+        [row[2] for row in rows],
+        [json.dumps(list(row[3])) for row in rows],
+        [row[4] for row in rows],
+        [row[5] for row in rows],
+        [row[6] for row in rows],
+        [datetime.fromtimestamp(row[7], UTC) for row in rows],
+    )
+    return int(conn.exec_driver_sql(_POSTGRESQL_ANSWERS, columns).rowcount or 0)
 
 
 def _insert_postgresql(conn: Connection, events: list[RawEvent], now: datetime) -> dict[str, int]:

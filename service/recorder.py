@@ -15,14 +15,13 @@ import logging
 import threading
 import time
 from collections import deque
-from datetime import UTC, datetime
 
 from service import telemetry
-from service.events import EventStore, Response
+from service.events import Answer, EventStore
 
 logger = logging.getLogger(__name__)
 
-Pending = tuple[str, str, str | None, list[str], str, str, str, float]
+Pending = Answer
 """``(recommendation_id, method, user_id, item_ids, source, model_name, version, unix time)``."""
 
 
@@ -121,21 +120,7 @@ class ResponseRecorder:
         if not taken:
             return 0
         try:
-            self.store.record_responses(
-                [
-                    Response(
-                        recommendation_id=rec_id,
-                        method=method,
-                        user_id=user_id,
-                        item_ids=tuple(items),
-                        source=source,
-                        model_name=name,
-                        model_version=version,
-                        served_at=datetime.fromtimestamp(at, UTC),
-                    )
-                    for rec_id, method, user_id, items, source, name, version, at in taken
-                ]
-            )
+            self.store.record_answers(taken)
         except Exception:
             buffer.extendleft(reversed(taken))  # back in front, in order, for the retry
             raise

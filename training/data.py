@@ -827,7 +827,8 @@ _FALSE = frozenset({"false", "0", "no", "n", "f"})
 
 
 def load_catalog(path: str | Path) -> pd.DataFrame:
-    """Read an item catalog (Parquet or CSV): item_id, item_type, category, title, available.
+    """Read an item catalog (Parquet or CSV): item_id, item_type, category, title, available,
+    and optionally first_seen (or created_at): when the item appeared, ISO-8601 or unix seconds.
 
     ``item_id`` is required and must be unique and non-empty. ``item_type`` must be ``content``,
     ``product`` or empty (unknown), case-insensitive; ``available`` accepts true/false, 1/0,
@@ -897,6 +898,17 @@ def load_catalog(path: str | Path) -> pd.DataFrame:
             "available": ~available_text.isin(_FALSE).to_numpy(dtype=bool),
         }
     )
+    # When an item first appeared (its age for exploration): overrides the log's earliest event.
+    created = next((name for name in ("first_seen", "created_at") if name in raw), None)
+    if created is not None:
+        text = raw[created]
+        seconds = _parse_timestamp(text)
+        fail(
+            f"a {created} that is not a time (ISO-8601 or unix seconds)",
+            np.isnan(seconds) & (text != "").to_numpy(dtype=bool),
+            text,
+        )
+        catalog["first_seen"] = seconds
     logger.info(
         "%s: %d catalog items, %d unavailable", source, n, int((~catalog["available"]).sum())
     )
@@ -925,11 +937,15 @@ def catalog_arrays(item_ids: np.ndarray, catalog_df: pd.DataFrame | None) -> Ite
     available = np.ones(n, dtype=bool)
     if "available" in catalog_df:
         available[found] = catalog_df["available"].to_numpy(dtype=bool)[pos[found]]
+    first_seen = np.full(n, np.nan, dtype=np.float64)
+    if "first_seen" in catalog_df:
+        first_seen[found] = catalog_df["first_seen"].to_numpy(dtype=np.float64)[pos[found]]
     return ItemCatalog(
         item_type=aligned("item_type"),
         category=aligned("category"),
         title=aligned("title"),
         available=available,
+        first_seen=first_seen,
     )
 
 

@@ -718,9 +718,22 @@ def _prepare_beside_fit(
         seen=seen,
         popularity=item_popularity(train.matrix).astype(np.float32),
         trending=_item_sums(train_frame, trending_weights, train.items),
-        catalog=catalog_arrays(train.items.ids, catalog_df),
+        catalog=_with_first_seen(catalog_arrays(train.items.ids, catalog_df), frame, train.items),
         seconds=time.perf_counter() - started,
     )
+
+
+def _with_first_seen(catalog: ItemCatalog, frame: pd.DataFrame, items: Vocabulary) -> ItemCatalog:
+    """``catalog`` with each item's first appearance: the catalog's ``first_seen`` where it
+    gives one, otherwise the item's earliest interaction in the whole log (unix seconds)."""
+    idx = vocabulary_codes(frame["item_id"], items)
+    keep = idx >= 0
+    earliest = np.full(len(items), np.inf)
+    np.minimum.at(earliest, idx[keep], frame["timestamp"].to_numpy(dtype=np.float64)[keep])
+    earliest[np.isinf(earliest)] = np.nan
+    given = np.asarray(catalog.first_seen, dtype=np.float64)
+    catalog.first_seen = np.where(np.isfinite(given), given, earliest)
+    return catalog
 
 
 def _sample_users(holdout: Holdout, limit: int, seed: int) -> Holdout:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from models.algorithms import algorithm_names
 from models.artifact import (
     FILES,
     MANIFEST,
+    ItemCatalog,
     ModelBundle,
     load_artifact,
     save_artifact,
@@ -183,3 +185,43 @@ def test_object_arrays_are_never_written(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="object dtype"):
         write_npz(tmp_path / "x.npz", {"ids": np.array(["a", None], dtype=object)})
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_first_seen_round_trips(bundle_for: BundleFor, tmp_path: Path) -> None:
+    bundle = bundle_for("als")
+    first_seen = np.where(np.arange(len(bundle.items)) % 4 == 0, np.nan, 1.7e9 + np.arange(60))
+    catalog = replace(bundle.catalog, first_seen=first_seen)
+    save_artifact(replace(bundle, catalog=catalog), tmp_path)
+    loaded = load_artifact(tmp_path)
+    assert loaded.catalog.first_seen.dtype == np.float64
+    np.testing.assert_array_equal(loaded.catalog.first_seen, first_seen)  # NaN where unknown
+
+
+def test_an_artifact_without_first_seen_loads_with_it_unknown(artifact: Path) -> None:
+    """Artifacts written before ``first_seen`` existed: every item's age is unknown."""
+    with np.load(artifact / "items.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files if key != "first_seen"}
+    np.savez(artifact / "items.npz", **arrays)  # type: ignore[arg-type]
+    fix_checksum(artifact, "items.npz")
+    verify_artifact(artifact)
+    loaded = load_artifact(artifact)
+    assert loaded.catalog.first_seen.shape == (60,)
+    assert np.isnan(loaded.catalog.first_seen).all()
+
+
+def test_a_catalog_defaults_to_unknown_first_seen() -> None:
+    catalog = ItemCatalog.empty(3)
+    assert np.isnan(catalog.first_seen).all() and len(catalog.first_seen) == 3
+    named = ItemCatalog(
+        item_type=np.array(["", ""]),
+        category=np.array(["a", "b"]),
+        title=np.array(["", ""]),
+        available=np.ones(2, dtype=bool),
+    )
+    assert np.isnan(named.first_seen).all() and len(named.first_seen) == 2
+
+
+def test_first_seen_of_the_wrong_length_is_refused(artifact: Path) -> None:
+    rewrite_npz(artifact, "items.npz", first_seen=np.zeros(59))
+    with pytest.raises(ArtifactError, match=r"items\.first_seen has 59 rows, expected 60"):
+        load_artifact(artifact)

@@ -1,0 +1,901 @@
+"""Ranking rules: diversity, rotation, boosts, promotions and exploration, per request.
+
+A request carries its rules as one :class:`Rules` value (``ListRequest.rules``, or the ``rules``
+argument of :meth:`RankingPipeline.rank_users`, ``recommend``, ``similar_items`` and
+``popular``). Each rule is a re-ranking stage (step 3) of the one ranking pipeline, so a served
+list, ``batch-recommend``, the pyfunc and offline evaluation apply it alike. A stage runs, and
+asks for its extra candidates, only for requests whose rules ask for it: a request without
+rules gets the same ids and scores as a pipeline without rules, from the same candidates.
+
+The rules, in the order they act on a list:
+
+1. **gather** (promotions, exploration): the items the slots may need are added to the
+   candidates, with the scores the model gives them for this request, so the stages after
+   (dislikes, boosts, rotation) treat them like any other candidate.
+2. **boosts** (:class:`Boost`): a candidate matching the filters of boosts whose factors
+   multiply to ``f`` scores ``s * f`` if ``s >= 0`` and ``s / f`` if ``s < 0`` (that is,
+   ``s * f ** sign(s)``). The formula keeps the order of the boosted items among themselves
+   and raises every score for ``f > 1`` (lowers it for ``f < 1``) whatever the sign of the
+   model's scores; a score of 0 stays 0. Several boosts on one item multiply.
+3. **rotation** (:class:`Rotation`): an item shown to this user ``age`` seconds ago (its
+   latest showing) loses ``rate * 2 ** (-age / half_life_seconds) * spread`` where ``spread``
+   is the range (max - min) of the candidates' scores, as :class:`~models.ranking.DislikeStage`
+   measures it: at rate 1 an item shown a moment ago falls from the top to the bottom.
+4. **arrange** (diversity, promotion and exploration slots): the list is laid out place by
+   place. Promotion slots (``share * k`` rounded, at least one, evenly spaced: see
+   :func:`slot_count`, :func:`slot_positions`) take the best candidates matching the
+   promotion's filter; exploration slots take the explorable candidates in the order of a
+   seeded draw (:class:`Exploration`), at the same spacing (moved to the next free place on
+   a clash with a promotion); a slot left without an item goes to the others. Every other
+   place takes the next candidate by score, or with ``mmr > 0`` the one with the best maximal
+   marginal relevance ``(1 - mmr) * relevance - mmr * max_similarity_to_the_items_above``,
+   relevance being the score scaled to [0, 1] over the candidates and similarity that of
+   :meth:`RankingPipeline.pairwise_similarity` (cosine of item vectors). No category (named;
+   items without one are never capped) gets more than ``max_per_category`` items, promoted
+   and explored ones included. When the candidates run out (under the cap, or because the
+   filters left few), the next ones are fetched in the categories still open: the model's
+   next best, then the backfill's popular items, after all the candidates (in MMR their
+   relevance is 0). When none are left the list is shorter than ``k``: a cap is a hard rule,
+   like a filter.
+
+Scores: every item keeps the score the stages above gave it: the model's score for this
+request (popularity for a popular list), changed only by dislikes, boosts and rotation (which
+act on the candidates: the best ``k * candidates_per_slot`` and the gathered items; items the
+arrangement fetches beyond them keep the score they came with). The
+arrangement does not change scores, so with diversity, promotions or exploration a list is no
+longer sorted by score. A promoted or explored item's score is the model's score for it, the
+same way. ``Ranked.reasons`` says why each item is there (:class:`~models.ranking.Reason`):
+``PROMOTED`` / ``EXPLORED`` for items in those slots, ``BOOSTED`` for items a boost raised,
+``MODEL`` otherwise.
+
+Nothing a rule adds escapes the request's filters: a promoted or explored item is never an
+excluded, disliked, seen (unless ``include_seen``), filtered-out or unavailable item, because
+the rules draw only from the request's own candidates (:meth:`RankingPipeline.candidates`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from .errors import InvalidInputError
+from .ranking import ItemFilter, ListRequest, RankingPipeline, Reason
+from .vocabulary import MISSING, Vocabulary
+
+DAY_SECONDS = 86_400.0
+DIVERSITY_CANDIDATES_PER_SLOT = 4
+"""Candidates a diversity rule chooses from per place (MMR and caps need choice)."""
+RESCORE_CANDIDATES_PER_SLOT = 3
+"""Candidates per place for boosts and rotation: a demoted item's place goes to a later one."""
+SLOT_CANDIDATES_PER_SLOT = 2
+"""Candidates per place for promotions and exploration without diversity."""
+GATHERED_PER_SLOT = 2
+"""Items gathered per promotion or exploration slot (spares for caps and dislikes)."""
+DEEPER_ROUNDS = 3
+"""Fetches of items beyond the candidates one arrangement may make (see ``_Layout``)."""
+
+
+# --------------------------------------------------------------------------------- the rules
+def _fail(message: str, name: str) -> InvalidInputError:
+    return InvalidInputError(f"{name}: {message}", field=name)
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise _fail(f"must be a number, got {value!r}", name)
+    number = float(value)
+    if not math.isfinite(number):
+        raise _fail(f"must be finite, got {value!r}", name)
+    return number
+
+
+def _whole(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise _fail(f"must be an integer, got {value!r}", name)
+    return int(value)
+
+
+def _filter(value: Any, name: str) -> ItemFilter:
+    if not isinstance(value, ItemFilter):
+        raise _fail(f"must be an ItemFilter, got {type(value).__name__}", name)
+    if not value.item_types and not value.categories:
+        raise _fail("must name at least one item type or category", name)
+    return value
+
+
+def _share(value: Any, name: str) -> float:
+    share = _real(value, name)
+    if not 0.0 < share <= 1.0:
+        raise _fail(f"must be in (0, 1], got {share}", name)
+    return share
+
+
+@dataclass(frozen=True)
+class Diversity:
+    """Diversity of one list: a cap per category and maximal marginal relevance."""
+
+    max_per_category: int = 0
+    """At most this many items of any one (named) category; 0: no cap."""
+    mmr: float = 0.0
+    """Relevance / diversity trade-off in [0, 1]: 0 ranks by score (off), 1 picks each item
+    as unlike the items above it as possible (ties by score)."""
+
+    def __post_init__(self) -> None:
+        cap = _whole(self.max_per_category, "rules.diversity.max_per_category")
+        if cap < 0:
+            raise _fail(f"must be >= 0, got {cap}", "rules.diversity.max_per_category")
+        mmr = _real(self.mmr, "rules.diversity.mmr")
+        if not 0.0 <= mmr <= 1.0:
+            raise _fail(f"must be in [0, 1], got {mmr}", "rules.diversity.mmr")
+        object.__setattr__(self, "max_per_category", cap)
+        object.__setattr__(self, "mmr", mmr)
+
+    @property
+    def active(self) -> bool:
+        return self.max_per_category > 0 or self.mmr > 0
+
+
+@dataclass(frozen=True)
+class Boost:
+    """Multiply the scores of the items matching ``item_filter`` by ``factor`` (sign-safe:
+    ``s * factor`` for ``s >= 0``, ``s / factor`` for ``s < 0``); a factor below 1 demotes."""
+
+    item_filter: ItemFilter
+    factor: float
+
+    def __post_init__(self) -> None:
+        _filter(self.item_filter, "rules.boosts.item_filter")
+        factor = _real(self.factor, "rules.boosts.factor")
+        if factor <= 0:
+            raise _fail(f"must be > 0, got {factor}", "rules.boosts.factor")
+        object.__setattr__(self, "factor", factor)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Fill a ``share`` of the ``k`` places with the best items for this request that match
+    ``item_filter``, at evenly spaced places (:func:`slot_positions`); when the filter has too
+    few eligible items, the regular candidates take the places left."""
+
+    item_filter: ItemFilter
+    share: float
+
+    def __post_init__(self) -> None:
+        _filter(self.item_filter, "rules.promotion.item_filter")
+        object.__setattr__(self, "share", _share(self.share, "rules.promotion.share"))
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """Give a ``share`` of the places to items the model knows little about.
+
+    Explorable: items that first appeared (``ItemCatalog.first_seen``) at most
+    ``max_age_days`` before ``now`` and, with ``max_interactions``, have at most that many
+    users in the training data (the popularity of the popular list). Among the explorable
+    items the request may get, the places go to those drawn first by a hash of ``(seed,
+    user key, day of now, item)``: reproducible (record ``seed``, the user and ``now``; each
+    item's :class:`~models.ranking.Reason` says which were explored), different per user and
+    per day. ``now`` is read from the clock when the request is made unless given (offline
+    evaluation gives the end of its training data); ``user_key`` is set by
+    :meth:`RankingPipeline.recommend` from the external user id, otherwise the pipeline
+    derives it from the user (:meth:`RankingPipeline.user_key`).
+    """
+
+    share: float
+    max_age_days: float
+    seed: int = 0
+    max_interactions: int | None = None
+    now: float | None = None
+    user_key: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "share", _share(self.share, "rules.exploration.share"))
+        age = _real(self.max_age_days, "rules.exploration.max_age_days")
+        if age <= 0:
+            raise _fail(f"must be > 0, got {age}", "rules.exploration.max_age_days")
+        object.__setattr__(self, "max_age_days", age)
+        object.__setattr__(self, "seed", _whole(self.seed, "rules.exploration.seed"))
+        if self.max_interactions is not None:
+            limit = _whole(self.max_interactions, "rules.exploration.max_interactions")
+            if limit < 0:
+                raise _fail(f"must be >= 0, got {limit}", "rules.exploration.max_interactions")
+            object.__setattr__(self, "max_interactions", limit)
+        if self.now is not None:
+            object.__setattr__(self, "now", _real(self.now, "rules.exploration.now"))
+        if self.user_key is not None:
+            object.__setattr__(
+                self, "user_key", _whole(self.user_key, "rules.exploration.user_key")
+            )
+
+    @property
+    def day(self) -> int:
+        """The day (UTC, days since the epoch) of :attr:`now` that the draw depends on."""
+        return int((time.time() if self.now is None else self.now) // DAY_SECONDS)
+
+
+@dataclass(frozen=True, eq=False)
+class Rotation:
+    """Demote items recently shown to this user: an item shown ``age`` seconds ago (latest
+    showing) loses ``rate * 2 ** (-age / half_life_seconds)`` times the spread of the
+    candidates' scores. ``shown_items`` are model indices (:meth:`from_ids` maps external
+    ids), ``shown_ages_seconds`` their ages."""
+
+    shown_items: np.ndarray
+    shown_ages_seconds: np.ndarray
+    rate: float = 0.5
+    half_life_seconds: float = DAY_SECONDS
+    _items: np.ndarray = field(init=False, repr=False)
+    _weights: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        items = np.asarray(self.shown_items)
+        if items.ndim != 1 or (len(items) and items.dtype.kind not in "iu"):
+            raise _fail("must be a 1-d array of item indices", "rules.rotation.shown_items")
+        ages = np.asarray(self.shown_ages_seconds)
+        if ages.shape != items.shape or (len(ages) and ages.dtype.kind not in "iuf"):
+            raise _fail(
+                "must hold one age (seconds) per shown item", "rules.rotation.shown_ages_seconds"
+            )
+        ages = ages.astype(np.float64)
+        if len(ages) and not (np.isfinite(ages).all() and ages.min() >= 0):
+            raise _fail("must be finite and >= 0", "rules.rotation.shown_ages_seconds")
+        rate = _real(self.rate, "rules.rotation.rate")
+        if not 0.0 <= rate <= 1.0:
+            raise _fail(f"must be in [0, 1], got {rate}", "rules.rotation.rate")
+        half_life = _real(self.half_life_seconds, "rules.rotation.half_life_seconds")
+        if half_life <= 0:
+            raise _fail(f"must be > 0, got {half_life}", "rules.rotation.half_life_seconds")
+        items = items.astype(np.int64)
+        # Each item's latest showing: sort by item, then age, and keep the first of each item.
+        order = np.lexsort((ages, items))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = items[order][1:] != items[order][:-1]
+        kept = order[first]
+        for name, value in (
+            ("shown_items", items),
+            ("shown_ages_seconds", ages),
+            ("rate", rate),
+            ("half_life_seconds", half_life),
+            ("_items", items[kept]),
+            ("_weights", np.exp2(-ages[kept] / half_life)),
+        ):
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_ids(
+        cls,
+        items: Vocabulary,
+        shown_item_ids: Sequence[str],
+        shown_ages_seconds: Sequence[float] | np.ndarray,
+        *,
+        rate: float = 0.5,
+        half_life_seconds: float = DAY_SECONDS,
+    ) -> Rotation:
+        """The rotation of items shown by external id (``items``: the model's item ids, e.g.
+        ``pipeline.vocabularies()[1]``); ids the model does not know are left out."""
+        ages = np.asarray(shown_ages_seconds, dtype=np.float64)
+        if ages.shape != (len(shown_item_ids),):
+            raise _fail(
+                "must hold one age (seconds) per shown item", "rules.rotation.shown_ages_seconds"
+            )
+        index = items.lookup(list(shown_item_ids))
+        known = index != MISSING
+        return cls(index[known], ages[known], rate, half_life_seconds)
+
+    def penalties(self, ids: np.ndarray) -> np.ndarray:
+        """``rate * 2 ** (-age / half_life)`` of each of ``ids`` (0 for items not shown)."""
+        out = np.zeros(len(ids), dtype=np.float64)
+        if not len(self._items) or not len(ids):
+            return out
+        at = np.minimum(np.searchsorted(self._items, ids), len(self._items) - 1)
+        shown = self._items[at] == ids
+        out[shown] = self.rate * self._weights[at[shown]]
+        return out
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The ranking rules of one list; every part is optional (see the module docstring)."""
+
+    diversity: Diversity | None = None
+    boosts: tuple[Boost, ...] = ()
+    promotion: Promotion | None = None
+    exploration: Exploration | None = None
+    rotation: Rotation | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in (
+            ("diversity", Diversity),
+            ("promotion", Promotion),
+            ("exploration", Exploration),
+            ("rotation", Rotation),
+        ):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise _fail(
+                    f"must be a {kind.__name__}, got {type(value).__name__}", f"rules.{name}"
+                )
+        boosts = self.boosts
+        if isinstance(boosts, Boost) or not isinstance(boosts, tuple | list):
+            raise _fail("must be a sequence of Boost", "rules.boosts")
+        for boost in boosts:
+            if not isinstance(boost, Boost):
+                raise _fail(f"must hold Boost values, got {type(boost).__name__}", "rules.boosts")
+        object.__setattr__(self, "boosts", tuple(boosts))
+        if self.promotion is not None and self.exploration is not None:
+            total = self.promotion.share + self.exploration.share
+            if total > 1.0 + 1e-9:
+                raise _fail(
+                    f"promotion and exploration shares add up to {total:g}, more than 1",
+                    "rules.exploration.share",
+                )
+
+    @property
+    def empty(self) -> bool:
+        """Whether no rule would change a list."""
+        return not (
+            (self.diversity is not None and self.diversity.active)
+            or self.boosts
+            or self.promotion is not None
+            or self.exploration is not None
+            or (
+                self.rotation is not None
+                and self.rotation.rate > 0
+                and len(self.rotation.shown_items) > 0
+            )
+        )
+
+    def settled(self, now: float | None = None) -> Rules:
+        """These rules with the exploration's clock read (``now``, default the time now), so
+        that every stage of one list sees the same day; the same object when nothing to do."""
+        exploration = self.exploration
+        if exploration is None or exploration.now is not None:
+            return self
+        at = time.time() if now is None else now
+        return replace(self, exploration=replace(exploration, now=at))
+
+    def for_user(self, key: int) -> Rules:
+        """These rules with the exploration drawing for user ``key`` (unless it names one)."""
+        exploration = self.exploration
+        if exploration is None or exploration.user_key is not None:
+            return self
+        return replace(self, exploration=replace(exploration, user_key=key))
+
+
+# ------------------------------------------------------------------------ helpers
+def slot_count(k: int, share: float) -> int:
+    """Places of ``k`` a rule of ``share`` gets: ``share * k`` rounded half up, at least 1."""
+    return min(k, max(1, math.floor(share * k + 0.5)))
+
+
+def slot_positions(k: int, count: int) -> list[int]:
+    """``count`` evenly spaced places (0-based) of ``k``: ``floor((i + 1/2) * k / count)``,
+    the middle of each of ``count`` equal stretches (one slot of 10: place 5; two: 2 and 7)."""
+    return [math.floor((i + 0.5) * k / count) for i in range(count)]
+
+
+def _free_positions(wanted: list[int], taken: set[int], k: int) -> list[int]:
+    """Each wanted place, or the nearest free one after it (then before it)."""
+    out = []
+    for place in wanted:
+        for candidate in [*range(place, k), *range(place - 1, -1, -1)]:
+            if candidate not in taken:
+                taken.add(candidate)
+                out.append(candidate)
+                break
+    return out
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer over uint64 (wrapping arithmetic): a well spread hash."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def draw_keys(seed: int, user_key: int, day: int, items: np.ndarray) -> np.ndarray:
+    """The exploration draw: a uint64 key per item; items are drawn in increasing key order."""
+
+    def word(value: int) -> np.ndarray:
+        return np.array([value & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+
+    base = _mix(word(seed) ^ _mix(word(user_key) ^ _mix(word(day))))
+    return _mix(np.asarray(items, dtype=np.int64).astype(np.uint64) ^ base)
+
+
+def _spread(scores: np.ndarray) -> float:
+    """The range of the candidates' scores (as :class:`DislikeStage` measures it); candidates'
+    scores are finite."""
+    high = float(scores.max())
+    spread = (high - float(scores.min())) or abs(high) or 1.0
+    return spread if math.isfinite(spread) else 1.0
+
+
+# ------------------------------------------------------------------------ the stages
+class RuleStages:
+    """The stages of the rules for one pipeline, and the catalog facts they share.
+
+    ``before`` run ahead of the pipeline's own stages (gathering candidates), ``after`` behind
+    them (boosts, rotation, the arrangement). The pipeline is held weakly: it holds this.
+    """
+
+    def __init__(self, pipeline: RankingPipeline) -> None:
+        warm_up()
+        self._pipeline = weakref.ref(pipeline)
+        self._codes: np.ndarray | None = None
+        self._newest: tuple[np.ndarray, np.ndarray] | None = None
+        self.before: tuple[Any, ...] = (GatherStage(self),)
+        self.after: tuple[Any, ...] = (
+            BoostStage(self),
+            RotationStage(self),
+            ArrangeStage(self, diversity=True),
+            ArrangeStage(self, diversity=False),
+        )
+
+    @property
+    def pipeline(self) -> RankingPipeline:
+        pipeline = self._pipeline()
+        if pipeline is None:  # pragma: no cover - the pipeline is gone, nobody can call us
+            raise ReferenceError("ranking pipeline was garbage collected")
+        return pipeline
+
+    def check(self, rules: Rules) -> None:
+        """What only the pipeline can check: filters of known item types, shown items in range."""
+        pipeline = self.pipeline
+        named = [("rules.boosts.item_filter", b.item_filter) for b in rules.boosts]
+        if rules.promotion is not None:
+            named.append(("rules.promotion.item_filter", rules.promotion.item_filter))
+        for name, flt in named:
+            try:
+                pipeline.candidate_mask(flt)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{name}: {exc}", field=name) from None
+        shown = rules.rotation.shown_items if rules.rotation is not None else None
+        if (
+            shown is not None
+            and len(shown)
+            and (shown.min() < 0 or shown.max() >= pipeline.n_items)
+        ):
+            raise _fail(
+                f"holds item indices outside [0, {pipeline.n_items})", "rules.rotation.shown_items"
+            )
+
+    def category_codes(self) -> np.ndarray:
+        """Each item's category as a number, ``-1`` for items without one."""
+        if self._codes is None:
+            names, codes = np.unique(self.pipeline.catalog.category, return_inverse=True)
+            codes = codes.astype(np.int64)
+            blank = np.flatnonzero(names == "")
+            if len(blank):
+                codes[codes == blank[0]] = -1
+            self._codes = codes
+        return self._codes
+
+    def _by_age(self) -> tuple[np.ndarray, np.ndarray]:
+        """Items with a known first appearance, oldest first, and those times."""
+        if self._newest is None:
+            first_seen = np.asarray(self.pipeline.catalog.first_seen, dtype=np.float64)
+            known = np.flatnonzero(np.isfinite(first_seen))
+            order = known[np.argsort(first_seen[known], kind="stable")]
+            self._newest = (order, first_seen[order])
+        return self._newest
+
+    def _user_key(self, exploration: Exploration, request: ListRequest) -> int:
+        if exploration.user_key is not None:
+            return exploration.user_key
+        return self.pipeline.user_key(request.user) if request.user != MISSING else MISSING
+
+    def explorable(self, exploration: Exploration, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` are new and little known (a mask)."""
+        pipeline = self.pipeline
+        now = time.time() if exploration.now is None else exploration.now
+        first_seen = np.asarray(pipeline.catalog.first_seen, dtype=np.float64)[ids]
+        with np.errstate(invalid="ignore"):
+            new = first_seen >= now - exploration.max_age_days * DAY_SECONDS
+        if exploration.max_interactions is not None:
+            new &= pipeline.popularity[ids] <= exploration.max_interactions
+        return new
+
+    def draw_order(
+        self, exploration: Exploration, request: ListRequest, ids: np.ndarray
+    ) -> np.ndarray:
+        """The positions of ``ids`` in the order the exploration draws them for this request."""
+        keys = draw_keys(
+            exploration.seed, self._user_key(exploration, request), exploration.day, ids
+        )
+        return np.argsort(keys, kind="stable")
+
+    def exploration_picks(self, request: ListRequest, count: int) -> np.ndarray:
+        """The first ``count`` explorable items the request may get, in draw order."""
+        exploration = request.rules.exploration if request.rules is not None else None
+        if exploration is None or count <= 0:
+            return np.empty(0, dtype=np.int64)
+        pipeline = self.pipeline
+        order, times = self._by_age()
+        now = time.time() if exploration.now is None else exploration.now
+        start = np.searchsorted(times, now - exploration.max_age_days * DAY_SECONDS, "left")
+        items = order[start:]
+        if exploration.max_interactions is not None:
+            items = items[pipeline.popularity[items] <= exploration.max_interactions]
+        items = items[pipeline.candidate_mask(request.item_filter)[items]]
+        blocked = pipeline._blocked(request)
+        if len(blocked) and len(items):
+            items = items[~np.isin(items, blocked)]
+        return items[self.draw_order(exploration, request, items)][:count].astype(np.int64)
+
+
+class _RuleStage:
+    """A rule's stage: a :class:`~models.ranking.ConditionalStage` of a :class:`RuleStages`."""
+
+    candidates_per_slot = 1
+    orders = False
+
+    def __init__(self, rules: RuleStages) -> None:
+        self.rules = rules
+
+
+class GatherStage(_RuleStage):
+    """Adds the items promotions and exploration may place to the candidates, with their
+    scores for this request, best first (step 1 of the module docstring)."""
+
+    def applies(self, request: ListRequest) -> bool:
+        rules = request.rules
+        return rules is not None and (rules.promotion is not None or rules.exploration is not None)
+
+    def __call__(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rules = request.rules
+        assert rules is not None
+        pipeline = self.rules.pipeline
+        ids = np.asarray(ids, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        more_ids, more_scores = [ids], [scores]
+        if rules.promotion is not None:
+            count = GATHERED_PER_SLOT * slot_count(request.k, rules.promotion.share)
+            got, got_scores = pipeline.candidates(
+                request, count, within=rules.promotion.item_filter, skip=ids, backfill=False
+            )
+            more_ids.append(got)
+            more_scores.append(np.asarray(got_scores, dtype=np.float32))
+        if rules.exploration is not None:
+            count = GATHERED_PER_SLOT * slot_count(request.k, rules.exploration.share)
+            picks = self.rules.exploration_picks(request, count)
+            picks = picks[~np.isin(picks, np.concatenate(more_ids))]
+            more_ids.append(picks)
+            more_scores.append(pipeline.item_scores(request, picks))
+        if len(more_ids) == 1 or sum(len(x) for x in more_ids[1:]) == 0:
+            return ids, scores
+        all_ids = np.concatenate(more_ids)
+        all_scores = np.concatenate(more_scores).astype(np.float32)
+        order = np.lexsort((all_ids, -all_scores))
+        return all_ids[order], all_scores[order]
+
+
+class BoostStage(_RuleStage):
+    """Multiplies the scores of the items the request's boosts match (sign-safe, see
+    :class:`Boost`) and claims :attr:`Reason.BOOSTED` for those raised."""
+
+    candidates_per_slot = RESCORE_CANDIDATES_PER_SLOT
+
+    def applies(self, request: ListRequest) -> bool:
+        return request.rules is not None and bool(request.rules.boosts)
+
+    def __call__(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert request.rules is not None
+        pipeline = self.rules.pipeline
+        factor = np.ones(len(ids), dtype=np.float64)
+        for boost in request.rules.boosts:
+            factor[pipeline.candidate_mask(boost.item_filter)[ids]] *= boost.factor
+        values = np.asarray(scores, dtype=np.float64)
+        # s * f for s >= 0, s / f below: the factor to the power of the score's sign.
+        boosted = (values * factor ** np.sign(values)).astype(np.float32)
+        return ids, boosted, (factor > 1).view(np.uint8)  # Reason.BOOSTED is 1
+
+
+class RotationStage(_RuleStage):
+    """Demotes the items recently shown to the user (see :class:`Rotation`)."""
+
+    candidates_per_slot = RESCORE_CANDIDATES_PER_SLOT
+
+    def applies(self, request: ListRequest) -> bool:
+        rotation = request.rules.rotation if request.rules is not None else None
+        return rotation is not None and rotation.rate > 0 and len(rotation.shown_items) > 0
+
+    def __call__(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray]:
+        assert request.rules is not None and request.rules.rotation is not None
+        scores = np.asarray(scores, dtype=np.float32)
+        if not len(ids):
+            return ids, scores
+        penalty = request.rules.rotation.penalties(np.asarray(ids, dtype=np.int64))
+        return ids, (scores - _spread(scores) * penalty).astype(np.float32)
+
+
+class ArrangeStage(_RuleStage):
+    """Lays the list out place by place: promotion and exploration slots, then diversity
+    (category cap, maximal marginal relevance) for the other places (see the module docstring).
+
+    Two instances serve a pipeline: one for requests with a diversity rule (more candidates
+    per place), one for those with only promotions or exploration.
+    """
+
+    orders = True
+
+    def __init__(self, rules: RuleStages, *, diversity: bool) -> None:
+        super().__init__(rules)
+        self.diversity = diversity
+        self.candidates_per_slot = (
+            DIVERSITY_CANDIDATES_PER_SLOT if diversity else SLOT_CANDIDATES_PER_SLOT
+        )
+
+    def applies(self, request: ListRequest) -> bool:
+        rules = request.rules
+        if rules is None:
+            return False
+        diverse = rules.diversity is not None and rules.diversity.active
+        if self.diversity:
+            return diverse
+        return not diverse and (rules.promotion is not None or rules.exploration is not None)
+
+    def __call__(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rules = request.rules
+        assert rules is not None
+        return _Layout(self.rules, request, rules, ids, scores).run()
+
+
+class _Layout:
+    """One list being laid out by :class:`ArrangeStage` (the state of one call).
+
+    Rows index the candidates (best first), extended by any fetched beyond them; ``cats`` are
+    their categories' numbers (-1 for none) and ``taken[r]`` counts the rows already in the
+    list (or pinned for it) of row ``r``'s category. The place by place choice runs compiled
+    (:func:`_lay_out`).
+    """
+
+    def __init__(
+        self,
+        context: RuleStages,
+        request: ListRequest,
+        rules: Rules,
+        ids: np.ndarray,
+        scores: np.ndarray,
+    ) -> None:
+        self.context = context
+        self.pipeline = context.pipeline
+        self.request = request
+        self.rules = rules
+        self.k = request.k
+        diversity = rules.diversity if rules.diversity is not None else Diversity()
+        self.cap = diversity.max_per_category
+        self.mmr = diversity.mmr
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.scores = np.asarray(scores, dtype=np.float32)
+        n = len(self.ids)
+        self.used = np.zeros(n, dtype=np.bool_)
+        self.why = np.zeros(n, dtype=np.uint8)
+        self.cats = context.category_codes()[self.ids]
+        self.taken = np.zeros(n, dtype=np.int64)
+        self.relevance = _NO_RELEVANCE
+        self.sims = _NO_SIMS
+        self.nearest = _NO_RELEVANCE
+        if self.mmr > 0 and n:
+            low, high = float(self.scores.min()), float(self.scores.max())
+            self.relevance = np.zeros(n)
+            if high > low:
+                self.relevance = (self.scores.astype(np.float64) - low) / (high - low)
+            self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
+            self.nearest = np.zeros(n)
+        self.placed = np.empty(self.k, dtype=np.int64)
+        self.n_placed = 0
+        self.deeper = 0
+
+    def _fits(self, row: int) -> bool:
+        return self.cap == 0 or self.cats[row] < 0 or self.taken[row] < self.cap
+
+    def _pick(self, rows: np.ndarray, count: int, why: Reason) -> list[int]:
+        """The first ``count`` of ``rows`` (in order) still free and under the cap, taken."""
+        chosen: list[int] = []
+        for row in rows.tolist():
+            if len(chosen) == count:
+                break
+            if not self.used[row] and self._fits(row):
+                self.used[row] = True
+                self.why[row] = why
+                if self.cats[row] >= 0:
+                    self.taken[self.cats == self.cats[row]] += 1
+                chosen.append(row)
+        return chosen
+
+    def _deeper(self) -> bool:
+        """Fetch the next candidates beyond these (the model's, then the backfill's) in the
+        categories still open; False when none came."""
+        if self.deeper >= DEEPER_ROUNDS:
+            return False
+        self.deeper += 1
+        also = None
+        if self.cap:
+            full = np.unique(self.cats[(self.taken >= self.cap) & (self.cats >= 0)])
+            if len(full):
+                also = ~np.isin(self.context.category_codes(), full)
+        want = DIVERSITY_CANDIDATES_PER_SLOT * self.k
+        got, got_scores = self.pipeline.candidates(self.request, want, also=also, skip=self.ids)
+        if not len(got):
+            self.deeper = DEEPER_ROUNDS
+            return False
+        more = len(got)
+        self.ids = np.concatenate([self.ids, np.asarray(got, dtype=np.int64)])
+        self.scores = np.concatenate([self.scores, np.asarray(got_scores, dtype=np.float32)])
+        self.used = np.concatenate([self.used, np.zeros(more, dtype=np.bool_)])
+        self.why = np.concatenate([self.why, np.zeros(more, dtype=np.uint8)])
+        self.cats = self.context.category_codes()[self.ids]
+        taken = self.cats[self.used]
+        taken = taken[taken >= 0]
+        self.taken = (self.cats[:, None] == taken[None, :]).sum(axis=1).astype(np.int64)
+        if self.mmr > 0:
+            # Items from beyond the candidates come after all of them: no relevance of their
+            # own (their scores may be the backfill's popularity, on another scale).
+            self.relevance = np.concatenate([self.relevance, np.zeros(more)])
+            self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
+            placed = self.placed[: self.n_placed]
+            self.nearest = np.zeros(len(self.ids))
+            if len(placed):
+                self.nearest = np.maximum(self.sims[:, placed].max(axis=1), 0.0).astype(np.float64)
+        return True
+
+    def run(self) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The list: ids, scores and (when anything was pinned) reasons."""
+        k, rules = self.k, self.rules
+        pinned = np.full(k, -1, dtype=np.int64)
+        if rules.promotion is not None:
+            count = slot_count(k, rules.promotion.share)
+            match = self.pipeline.candidate_mask(rules.promotion.item_filter)[self.ids]
+            chosen = self._pick(np.flatnonzero(match), count, Reason.PROMOTED)
+            pinned[slot_positions(k, count)[: len(chosen)]] = chosen
+        if rules.exploration is not None:
+            count = slot_count(k, rules.exploration.share)
+            rows = np.flatnonzero(self.context.explorable(rules.exploration, self.ids))
+            rows = rows[self.context.draw_order(rules.exploration, self.request, self.ids[rows])]
+            chosen = self._pick(rows, count, Reason.EXPLORED)
+            wanted = slot_positions(k, count)[: len(chosen)]
+            places = _free_positions(wanted, set(np.flatnonzero(pinned >= 0).tolist()), k)
+            pinned[places] = chosen
+        place, give_up = 0, False
+        while place < k:
+            self.n_placed, place = _lay_out(
+                self.relevance,
+                self.sims,
+                self.cats,
+                self.taken,
+                self.cap,
+                self.mmr,
+                pinned,
+                self.used,
+                self.nearest,
+                self.placed,
+                self.n_placed,
+                place,
+                give_up,
+            )
+            if place < k and not self._deeper():
+                give_up = True  # nothing more to fetch: leave the free places empty
+        rows = self.placed[: self.n_placed]
+        if rules.promotion is None and rules.exploration is None:
+            return self.ids[rows], self.scores[rows]
+        return self.ids[rows], self.scores[rows], self.why[rows]
+
+
+_NO_SIMS = np.zeros((0, 0), dtype=np.float32)
+_NO_RELEVANCE = np.zeros(0, dtype=np.float64)
+
+
+@njit(cache=True)
+def _lay_out(
+    relevance: np.ndarray,
+    sims: np.ndarray,
+    cats: np.ndarray,
+    taken: np.ndarray,
+    cap: int,
+    mmr: float,
+    pinned: np.ndarray,
+    used: np.ndarray,
+    nearest: np.ndarray,
+    placed: np.ndarray,
+    n_placed: int,
+    place: int,
+    give_up: bool,
+) -> tuple[int, int]:
+    """Fill places ``place..k-1`` (``k = len(pinned)``): a pinned row where ``pinned`` has one,
+    else the free row under the cap that is first in order (``mmr == 0``) or has the best
+    ``(1 - mmr) * relevance - mmr * nearest`` (first of equals). ``used``, ``taken`` (rows
+    of each row's category in the list), ``nearest`` (highest similarity to a placed row, at
+    least 0) and ``placed`` are updated in place.
+    Returns the rows placed and the place reached: short of ``k`` when a free place found no
+    row, unless ``give_up``, which leaves such places empty and goes on."""
+    k = len(pinned)
+    n = len(used)
+    while place < k:
+        row = pinned[place]
+        if row < 0:
+            best = -1
+            best_value = -np.inf
+            for r in range(n):
+                if used[r]:
+                    continue
+                if cap > 0 and cats[r] >= 0 and taken[r] >= cap:
+                    continue
+                if mmr <= 0.0:
+                    best = r
+                    break
+                value = (1.0 - mmr) * relevance[r] - mmr * nearest[r]
+                if value > best_value:
+                    best_value = value
+                    best = r
+            if best < 0:
+                if not give_up:
+                    return n_placed, place
+                place += 1
+                continue
+            row = best
+            used[row] = True
+            code = cats[row]
+            if code >= 0:
+                for r in range(n):
+                    if cats[r] == code:
+                        taken[r] += 1
+        placed[n_placed] = row
+        n_placed += 1
+        if mmr > 0.0:
+            for r in range(n):
+                if sims[r, row] > nearest[r]:
+                    nearest[r] = sims[r, row]
+        place += 1
+    return n_placed, place
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) the arrangement kernel before requests need it;
+    once per process (every pipeline's :class:`RuleStages` asks)."""
+    global _warm
+    if _warm:
+        return
+    _warm = True
+    cats = np.array([0, -1], dtype=np.int64)
+    for sims, mmr in ((_NO_SIMS, 0.0), (np.eye(2, dtype=np.float32), 0.5)):
+        _lay_out(
+            np.zeros(2),
+            sims,
+            cats,
+            np.zeros(2, dtype=np.int64),
+            1,
+            mmr,
+            np.full(2, -1, dtype=np.int64),
+            np.zeros(2, dtype=np.bool_),
+            np.zeros(2),
+            np.empty(2, dtype=np.int64),
+            0,
+            0,
+            False,
+        )
