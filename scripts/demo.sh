@@ -82,6 +82,10 @@ $BIN/affinity events log --target "127.0.0.1:$PORT" --file "$DATA/events.jsonl"
 echo "-- $USER1 right after: neither item comes back, and the list follows the purchase"
 $BIN/affinity recommend --target "127.0.0.1:$PORT" --user "$USER1" --k 5
 
+sleep 0.5  # the recorder writes answers every 0.2 s
+echo "-- what each model version's answers earned (attribution by recommendation_id)"
+$BIN/affinity events report --since 1d
+
 echo "== 6. Stop the server (SIGTERM, graceful)"
 kill -TERM $SERVER
 wait $SERVER || true

@@ -367,8 +367,9 @@ def _report_events(args: argparse.Namespace) -> int:
     from service.events import EventStore
     from service.retention import cutoff_of
 
-    since = cutoff_of(args.since)
-    window = datetime.now(UTC) - cutoff_of(args.window)
+    now = datetime.now(UTC)
+    since = cutoff_of(args.since, now=now)
+    window = now - cutoff_of(args.window, now=now)
     with EventStore.open(_store_uri(args)) as store:
         report = attribution(store, since=since, window=window)
     if args.json:
@@ -393,7 +394,8 @@ def _report_events(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
     lost = ", ".join(f"{n:,} {why}" for why, n in report.uncredited.items())
     print(f"not credited: {lost}")
     return 0
