@@ -4,6 +4,10 @@ Input is a ``(n_users, k)`` array of recommended item indices (``-1`` pads short
 matrix of each user's held-out items, rows aligned; ``docs/metrics.md`` gives every formula.
 :func:`per_user_metrics` also takes, per user, a count of held-out items outside the catalog (items
 unseen in training): they are relevant, so they count in ``|R|``, but no list can hold them.
+
+Beyond accuracy: intra-list diversity (:func:`intra_list_diversity`, per list, over item vectors
+or over categories), catalog coverage (:func:`catalog_coverage`, over all lists together) and
+novelty (:func:`novelty`, per list, from the items' popularity).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ METRIC_NAMES = (
     "map",
     "mrr",
     "hit_rate",
+    "diversity",
     "coverage",
     "novelty",
 )
@@ -299,6 +304,117 @@ def _novelty(rec: np.ndarray, info: np.ndarray) -> np.ndarray:
         return np.where(counts > 0, values.sum(axis=1) / np.maximum(counts, 1), np.nan)
 
 
+def category_codes(categories: np.ndarray) -> np.ndarray:
+    """Each item's category as a number (int64), ``-1`` for an item without one (``""``).
+
+    ``categories`` are names (one per item); integer codes are passed through, any negative
+    one meaning "no category"."""
+    values = np.asarray(categories)
+    if values.ndim != 1:
+        raise InvalidInputError("categories must be a 1-d array with one entry per item")
+    if values.size and np.issubdtype(values.dtype, np.integer):
+        return np.where(values < 0, -1, values).astype(np.int64)
+    names, codes = np.unique(values.astype(str), return_inverse=True)
+    codes = codes.astype(np.int64).ravel()
+    blank = np.flatnonzero(names == "")
+    if len(blank):
+        codes[codes == blank[0]] = -1
+    return codes
+
+
+@dataclass(frozen=True, eq=False)
+class ItemSpace:
+    """How unlike two items are, for :func:`intra_list_diversity`.
+
+    ``basis`` ``"item_vectors"``: ``1 - cos(v_i, v_j)`` of the model's item vectors (in [0, 2];
+    0 for parallel vectors, 1 for orthogonal ones; an all-zero vector is orthogonal to every
+    other). ``basis`` ``"categories"``: 1 when the two items are in different categories, 0 in
+    the same one; a pair where either item has no category is left out.
+    """
+
+    basis: str
+    unit_vectors: np.ndarray | None = None
+    categories: np.ndarray | None = None
+    """Category codes (see :func:`category_codes`), ``-1`` for none."""
+
+    @classmethod
+    def of_vectors(cls, vectors: np.ndarray) -> ItemSpace:
+        """Cosine dissimilarity of ``vectors`` (one row per item)."""
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if matrix.ndim != 2:
+            raise InvalidInputError("item vectors must be a 2-d (n_items, factors) array")
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        unit = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+        return cls("item_vectors", unit_vectors=unit)
+
+    @classmethod
+    def of_unit_vectors(cls, unit_vectors: np.ndarray) -> ItemSpace:
+        """Cosine dissimilarity of rows already scaled to length 1 (or all zero), used as they
+        are (a factor model's ``item_unit_vectors()``, without a second copy)."""
+        unit = np.asarray(unit_vectors, dtype=np.float32)
+        if unit.ndim != 2:
+            raise InvalidInputError("item vectors must be a 2-d (n_items, factors) array")
+        return cls("item_vectors", unit_vectors=unit)
+
+    @classmethod
+    def of_categories(cls, categories: np.ndarray) -> ItemSpace:
+        """Category dissimilarity: ``categories`` are names (``""`` for none) or codes."""
+        return cls("categories", categories=category_codes(categories))
+
+    @property
+    def n_items(self) -> int:
+        if self.unit_vectors is not None:
+            return int(self.unit_vectors.shape[0])
+        assert self.categories is not None
+        return len(self.categories)
+
+
+def intra_list_diversity(
+    recommended: np.ndarray,
+    *,
+    item_vectors: np.ndarray | None = None,
+    categories: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mean pairwise dissimilarity of the items of each list (float64, one value per row).
+
+    Give exactly one of ``item_vectors`` (dissimilarity ``1 - cos``) or ``categories`` (1 for a
+    pair in different categories, 0 for the same; pairs with an uncategorized item, ``""`` or
+    a negative code, left out): see :class:`ItemSpace`. Padding and repeats of an item already
+    listed are left out; a row with no pair left gets NaN.
+    """
+    if (item_vectors is None) == (categories is None):
+        raise InvalidInputError("give exactly one of item_vectors or categories")
+    space = (
+        ItemSpace.of_vectors(item_vectors)
+        if item_vectors is not None
+        else ItemSpace.of_categories(np.asarray(categories))
+    )
+    return _diversity(_check_recommended(recommended, space.n_items), space)
+
+
+def _diversity(rec: np.ndarray, space: ItemSpace) -> np.ndarray:
+    n_rows, k = rec.shape
+    if k < 2 or n_rows == 0:
+        return np.full(n_rows, np.nan)
+    valid = (rec >= 0) & ~_duplicates(rec)
+    safe = np.where(valid, rec, 0)
+    upper = np.triu(np.ones((k, k), dtype=bool), 1)
+    if space.unit_vectors is not None:
+        rows = space.unit_vectors[safe]  # (n_rows, k, factors)
+        unlike = 1.0 - np.einsum("nif,njf->nij", rows, rows).astype(np.float64)
+        counted = valid
+    else:
+        assert space.categories is not None
+        codes = space.categories[safe]
+        unlike = (codes[:, :, None] != codes[:, None, :]).astype(np.float64)
+        counted = valid & (codes >= 0)
+    pairs = counted[:, :, None] & counted[:, None, :] & upper
+    n_pairs = pairs.sum(axis=(1, 2))
+    total = np.where(pairs, unlike, 0.0).sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n_pairs > 0, total / np.maximum(n_pairs, 1), np.nan)
+
+
 def catalog_coverage(recommended: np.ndarray, n_items: int) -> float:
     """Distinct items recommended to anyone (padding excluded) / catalog size."""
     if n_items <= 0:
@@ -328,6 +444,8 @@ class UserMetrics:
     reciprocal_rank: np.ndarray
     hit: np.ndarray
     novelty: np.ndarray
+    diversity: np.ndarray
+    """Intra-list diversity of each list (NaN without an :class:`ItemSpace` or a pair)."""
 
     def __len__(self) -> int:
         return len(self.n_relevant)
@@ -346,6 +464,7 @@ class UserMetrics:
             reciprocal_rank=self.reciprocal_rank[mask],
             hit=self.hit[mask],
             novelty=self.novelty[mask],
+            diversity=self.diversity[mask],
         )
 
     @classmethod
@@ -368,6 +487,7 @@ class UserMetrics:
             reciprocal_rank=np.concatenate([p.reciprocal_rank for p in parts]),
             hit=np.concatenate([p.hit for p in parts]),
             novelty=np.concatenate([p.novelty for p in parts]),
+            diversity=np.concatenate([p.diversity for p in parts]),
         )
 
 
@@ -378,6 +498,7 @@ def per_user_metrics(
     unrankable: np.ndarray | None = None,
     item_popularity: np.ndarray | None = None,
     n_users: int | None = None,
+    item_space: ItemSpace | None = None,
 ) -> UserMetrics:
     """Compute every per-user metric in one pass over the hit matrix.
 
@@ -387,7 +508,7 @@ def per_user_metrics(
     divides by k. A row with only such items is evaluable and scores 0.
 
     Novelty needs ``item_popularity`` (distinct users per item) and ``n_users`` (how many users
-    that counts over); without them it is NaN.
+    that counts over), intra-list diversity an ``item_space``; without them each is NaN.
     """
     rec, rel = _check_pair(recommended, relevant)
     hit = _hits(rec, rel)
@@ -400,6 +521,14 @@ def per_user_metrics(
         nov = _novelty(rec, _self_information(item_popularity, n_users))
     else:
         nov = np.full(len(rec), np.nan)
+    if item_space is not None:
+        if item_space.n_items != rel.shape[1]:
+            raise InvalidInputError(
+                f"the item space has {item_space.n_items} items for {rel.shape[1]} items"
+            )
+        div = _diversity(rec, item_space)
+    else:
+        div = np.full(len(rec), np.nan)
     return UserMetrics(
         k=rec.shape[1],
         n_items=rel.shape[1],
@@ -412,6 +541,7 @@ def per_user_metrics(
         reciprocal_rank=_reciprocal_rank(hit, n_rel),
         hit=_undefined_where_no_relevant(np.asarray(hit.any(axis=1)), n_rel),
         novelty=nov,
+        diversity=div,
     )
 
 
@@ -424,7 +554,8 @@ def mean_metrics(metrics: UserMetrics) -> dict[str, float]:
     """Average over users with at least one held-out item, named ``precision_at_10`` and so on.
 
     Coverage is computed over the lists of those same users; novelty averages the users whose
-    list is not empty. With no evaluable user every value is NaN.
+    list is not empty, diversity those whose list has a pair to compare. With no evaluable user
+    every value is NaN.
     """
     evaluable = metrics.n_relevant > 0
     sub = metrics.select(evaluable)
@@ -437,6 +568,7 @@ def mean_metrics(metrics: UserMetrics) -> dict[str, float]:
         "map": _mean(sub.average_precision),
         "mrr": _mean(sub.reciprocal_rank),
         "hit_rate": _mean(sub.hit),
+        "diversity": _mean(sub.diversity),
         "coverage": coverage,
         "novelty": _mean(sub.novelty),
     }
@@ -452,6 +584,7 @@ def summarize(
     unrankable: np.ndarray | None = None,
     item_popularity: np.ndarray | None = None,
     n_users: int | None = None,
+    item_space: ItemSpace | None = None,
 ) -> dict[str, float]:
     """:func:`per_user_metrics` then :func:`mean_metrics` in one call.
 
@@ -478,5 +611,6 @@ def summarize(
             unrankable=unrankable,
             item_popularity=item_popularity,
             n_users=n_users,
+            item_space=item_space,
         )
     )

@@ -118,6 +118,15 @@ def _signature() -> ModelSignature:
                 ParamSpec("item_types", "string", [], shape=(-1,)),
                 ParamSpec("categories", "string", [], shape=(-1,)),
                 ParamSpec("include_seen", "boolean", False),
+                # Ranking rules (registry/pyfunc_model.py; batch-recommend's flags).
+                ParamSpec("diversity_cap", "long", 0),
+                ParamSpec("mmr", "double", 0.0),
+                ParamSpec("boosts", "string", [], shape=(-1,)),
+                ParamSpec("promote", "string", ""),
+                ParamSpec("explore", "double", 0.0),
+                ParamSpec("explore_max_age_days", "double", 90.0),
+                ParamSpec("explore_seed", "long", 0),
+                ParamSpec("explore_max_interactions", "long", -1),
             ]
         ),
     )

@@ -14,6 +14,14 @@ of item ids per row. Parameters: ``k`` (default 10), ``item_types`` and ``catego
 empty means no restriction) and ``include_seen`` (default false), as in the ``Recommend`` RPC.
 Output: one row per recommendation with ``user_id``, ``rank``, ``item_id``, ``score`` and
 ``source``.
+
+Ranking rules (``models/rules.py``), the parameters named as ``affinity batch-recommend``'s
+flags, applied to every row as ``Recommend`` and ``batch-recommend`` apply them (all off by
+default): ``diversity_cap`` (at most N items per category, 0: off), ``mmr`` (0 to 1),
+``boosts`` (a list of ``"[category:|type:]NAME[,...]=FACTOR"``), ``promote``
+(``"[category:|type:]NAME[,...]=SHARE"``, empty: none), ``explore`` (share of the places for new
+items, 0: off), ``explore_max_age_days`` (default 90), ``explore_seed`` (default 0) and
+``explore_max_interactions`` (-1: no limit). The exploration's clock is read once per call.
 """
 
 import hashlib
@@ -56,6 +64,64 @@ def private_package(source: str) -> ModuleType:
     return package
 
 
+DEFAULT_EXPLORE_MAX_AGE_DAYS = 90.0
+
+
+def _filter_spec(ranking: ModuleType, text: str, field: str) -> tuple[Any, float]:
+    """``"[category:|type:]NAME[,...]=NUMBER"`` as (ItemFilter, number): the syntax of
+    ``batch-recommend``'s ``--boost`` and ``--promote`` (``training.batch.parse_filter_spec``;
+    this file may import nothing of Affinity but the model's own code)."""
+    spec, sep, raw = str(text).rpartition("=")
+    if not sep or not spec.strip():
+        raise ValueError(f"{field}: expected [category:|type:]NAME=NUMBER, got {text!r}")
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ValueError(f"{field}: {raw!r} is not a number") from None
+    types: list[str] = []
+    categories: list[str] = []
+    for part in spec.split(","):
+        kind, colon, name = part.strip().partition(":")
+        if not colon:
+            kind, name = "category", kind
+        name = name.strip()
+        if kind.strip() not in {"category", "type"} or not name:
+            raise ValueError(f"{field}: expected category:NAME or type:NAME, got {part.strip()!r}")
+        (categories if kind.strip() == "category" else types).append(name)
+    return ranking.ItemFilter.of(types, categories), number
+
+
+def rules_from_params(ranking: ModuleType, rules: ModuleType, params: dict[str, Any]) -> Any:
+    """The ``Rules`` (of the model's own ``rules`` module) the parameters ask for, or None."""
+    cap = int(params.get("diversity_cap") or 0)
+    mmr = float(params.get("mmr") or 0.0)
+    diversity = rules.Diversity(max_per_category=cap, mmr=mmr) if cap or mmr else None
+    boosts = []
+    for text in params.get("boosts") or []:
+        if str(text).strip():
+            flt, factor = _filter_spec(ranking, text, "boosts")
+            boosts.append(rules.Boost(flt, factor))
+    promotion = None
+    if str(params.get("promote") or "").strip():
+        flt, share = _filter_spec(ranking, params["promote"], "promote")
+        promotion = rules.Promotion(flt, share)
+    exploration = None
+    explore = float(params.get("explore") or 0.0)
+    if explore:
+        limit = params.get("explore_max_interactions")
+        age = params.get("explore_max_age_days")
+        exploration = rules.Exploration(
+            share=explore,
+            max_age_days=float(DEFAULT_EXPLORE_MAX_AGE_DAYS if age is None else age),
+            seed=int(params.get("explore_seed") or 0),
+            max_interactions=None if limit is None or int(limit) < 0 else int(limit),
+        )
+    made = rules.Rules(
+        diversity=diversity, boosts=tuple(boosts), promotion=promotion, exploration=exploration
+    )
+    return None if made.empty else made.settled()
+
+
 def _ids(value: Any) -> list[str]:
     """A list-of-ids cell (a list, an array, or missing) as a list of strings."""
     if value is None or (isinstance(value, float) and value != value):
@@ -70,6 +136,7 @@ class AffinityPyfuncModel(PythonModel):
         package = private_package(context.artifacts["affinity_models_code"]).__name__
         artifact = importlib.import_module(f"{package}.artifact")
         self.ranking = importlib.import_module(f"{package}.ranking")
+        self.rules = importlib.import_module(f"{package}.rules")
         bundle = artifact.load_artifact(context.artifacts["affinity"])
         self.pipeline = self.ranking.RankingPipeline.from_bundle(bundle)
 
@@ -82,6 +149,7 @@ class AffinityPyfuncModel(PythonModel):
             [c for c in params.get("categories") or [] if c],
         )
         include_seen = bool(params.get("include_seen", False))
+        rules = rules_from_params(self.ranking, self.rules, params)
         frame = pd.DataFrame(model_input)
         if "user_id" not in frame.columns:
             raise ValueError("input must have a 'user_id' column")
@@ -96,6 +164,7 @@ class AffinityPyfuncModel(PythonModel):
                 exclude_item_ids=_ids(exclude.iloc[pos]) if exclude is not None else [],
                 item_filter=item_filter,
                 include_seen=include_seen,
+                rules=rules,
             )
             for rank, (item, score) in enumerate(
                 zip(result.item_ids, result.scores, strict=True), start=1

@@ -13,8 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -24,6 +27,7 @@ import scipy.sparse as sp
 
 from affinity.cli import main
 from models.ranking import ItemFilter, RankingPipeline
+from models.rules import Boost, Diversity, Exploration, Promotion, Rules
 from registry.mlflow_store import load_model_uri
 from service.loader import ModelHolder, ModelLoader
 from tests.service.conftest import client_for, running, settings_for
@@ -187,3 +191,118 @@ def test_the_pyfunc_loads_beside_an_unrelated_models_package(
     lists = json.loads(done.stdout.strip().splitlines()[-1])
     pipeline = RankingPipeline.from_bundle(bundle)
     assert lists == {u: pipeline.recommend(u, K).item_ids for u in users}
+
+
+# ------------------------------------------------------------------------- ranking rules
+def _rule_cases(
+    categories: list[str], excluded: list[str], now: float
+) -> list[tuple[str, list[str], dict[str, Any], Rules, list[str]]]:
+    """(name, batch-recommend flags, pyfunc params, the Rules they stand for, excluded ids)."""
+    boosted, promoted = categories[0], categories[1]
+    return [
+        (
+            "diversity",
+            ["--diversity-cap", "2", "--mmr", "0.3"],
+            {"diversity_cap": 2, "mmr": 0.3},
+            Rules(diversity=Diversity(max_per_category=2, mmr=0.3)),
+            [],
+        ),
+        (
+            "campaign",
+            [
+                f"--boost=category:{boosted}=1.5",
+                f"--promote={promoted}=0.2",
+                "--explore=0.1",
+                "--explore-max-age-days=100000",  # the generated log is in the past
+                "--explore-seed=3",
+                "--diversity-cap=4",
+            ],
+            {
+                "boosts": [f"category:{boosted}=1.5"],
+                "promote": f"{promoted}=0.2",
+                "explore": 0.1,
+                "explore_max_age_days": 100000.0,
+                "explore_seed": 3,
+                "diversity_cap": 4,
+            },
+            Rules(
+                diversity=Diversity(max_per_category=4),
+                boosts=(Boost(ItemFilter.of(categories=[boosted]), 1.5),),
+                promotion=Promotion(ItemFilter.of(categories=[promoted]), 0.2),
+                exploration=Exploration(share=0.1, max_age_days=100000, seed=3, now=now),
+            ),
+            excluded,
+        ),
+    ]
+
+
+def test_batch_pyfunc_and_evaluation_apply_ranking_rules_identically(
+    trained: tuple[Path, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same rules given as batch-recommend flags, as pyfunc parameters and as a Rules value
+    to the batch ranking of offline evaluation make identical lists (the served side of the
+    rules is compared in the test above once the server takes them)."""
+    work, uri = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(work)
+    bundle = load_model_uri(URI)
+    users = [bundle.users.id(u) for u in range(0, len(bundle.users), 37)]
+    popular = [bundle.items.id(int(i)) for i in np.argsort(-bundle.popularity, kind="stable")]
+    categories = sorted({str(c) for c in bundle.catalog.category if c})
+    assert len(categories) >= 2, "the generated catalog has categories"
+    users_file = tmp_path / "users.txt"
+    users_file.write_text("\n".join(users) + "\n")
+    pyfunc = mlflow.pyfunc.load_model(URI)
+    evaluation = RankingPipeline.from_bundle(bundle)
+    user_index = np.array([bundle.users.get(u) for u in users])
+
+    for attempt in range(2):  # an exploration draws per UTC day: retry across midnight
+        now = time.time()
+        lists: dict[str, tuple[dict[str, list[str]], ...]] = {}
+        for name, flags, params, rules, excluded in _rule_cases(categories, popular[:6], now):
+            out = tmp_path / f"rules-{name}.csv"
+            args = ["batch-recommend", "--model", URI, "--users", str(users_file)]
+            args += ["--k", str(K), "--out", str(out), "--quiet", *flags]
+            args += [f"--exclude-item={i}" for i in excluded]
+            assert main(args) == 0, capsys.readouterr().err
+            frame = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
+            batch = {u: frame[frame.user_id == u]["item_id"].tolist() for u in users}
+
+            query = pd.DataFrame({"user_id": users, "exclude_item_ids": [excluded] * len(users)})
+            result = pyfunc.predict(query, params={"k": K, **params})
+            from_pyfunc = {u: result[result.user_id == u]["item_id"].tolist() for u in users}
+
+            exclude_rows = sp.csr_matrix(
+                (
+                    np.ones(len(users) * len(excluded), dtype=np.float32),
+                    (
+                        np.repeat(np.arange(len(users)), len(excluded)),
+                        np.tile(bundle.items.lookup(excluded), len(users)),
+                    ),
+                ),
+                shape=(len(users), len(bundle.items)),
+            )
+            ids = evaluation.rank_users(user_index, K, exclude=exclude_rows, rules=rules)
+            evaluated = {
+                u: bundle.items.decode(row[row >= 0]) for u, row in zip(users, ids, strict=True)
+            }
+            lists[name] = (batch, from_pyfunc, evaluated)
+        if int(now // 86_400) == int(time.time() // 86_400):
+            break
+        assert attempt == 0
+    plain = {u: evaluation.recommend(u, K).item_ids for u in users}
+    for name, (batch, from_pyfunc, evaluated) in lists.items():
+        for user in users:
+            assert batch[user] == from_pyfunc[user] == evaluated[user], (name, user)
+        assert any(batch[u] != plain[u] for u in users), f"{name}: the rules changed nothing"
+    # The rules did what they say: at most 2 per category, the promoted category in every list.
+    category_of = dict(zip(bundle.items.ids, bundle.catalog.category, strict=True))
+    for items in lists["diversity"][0].values():
+        assert max(Counter(category_of[i] for i in items).values()) <= 2
+    promoted = categories[1]
+    for items in lists["campaign"][0].values():
+        assert promoted in {category_of[i] for i in items}
+        assert not set(items) & set(popular[:6])

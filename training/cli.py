@@ -141,13 +141,22 @@ def cmd_train(
 
 
 def cmd_batch_recommend(args: argparse.Namespace) -> int:
+    from models.ranking import ItemFilter
     from registry.mlflow_store import configure_tracking
-    from training.batch import batch_recommend
+    from training.batch import batch_recommend, rules_from_options
 
+    rules = rules_from_options(  # bad rules fail before the model loads
+        diversity_cap=args.diversity_cap,
+        mmr=args.mmr,
+        boosts=args.boost,
+        promote=args.promote,
+        explore=args.explore,
+        explore_max_age_days=args.explore_max_age_days,
+        explore_seed=args.explore_seed,
+        explore_max_interactions=args.explore_max_interactions,
+    )
     configure_tracking()
     progress = _progress_printer(args.quiet)
-    from models.ranking import ItemFilter
-
     n = batch_recommend(
         args.model,
         args.users,
@@ -156,6 +165,7 @@ def cmd_batch_recommend(args: argparse.Namespace) -> int:
         progress,
         item_filter=ItemFilter.of(args.item_type, args.category),
         exclude_item_ids=args.exclude_item,
+        rules=rules,
     )
     progress(f"wrote {n:,} rows to {args.out}")
     return 0
@@ -346,5 +356,73 @@ def register_cli(subparsers: Any) -> None:
         metavar="ITEM_ID",
         help="never recommend this item to anyone; repeat for several",
     )
+    _add_rule_flags(br)
     br.add_argument("--quiet", action="store_true", help="no progress output")
     br.set_defaults(func=cmd_batch_recommend)
+
+
+def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
+    """The ranking-rule flags of ``batch-recommend`` (see ``models/rules.py``); the pyfunc's
+    parameters of the same names (``registry/pyfunc_model.py``) build the same rules."""
+    from training.batch import DEFAULT_EXPLORE_MAX_AGE_DAYS
+
+    rules = parser.add_argument_group(
+        "ranking rules",
+        "applied to every list as Recommend applies them (docs/quality.md, 'Ranking rules'); "
+        "SPEC is [category:|type:]NAME, several joined by commas (no prefix: a category)",
+    )
+    rules.add_argument(
+        "--diversity-cap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N items of any one category per list (0: no cap; a list may come back "
+        "shorter than --k when the categories run out)",
+    )
+    rules.add_argument(
+        "--mmr",
+        type=float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="relevance/diversity trade-off of maximal marginal relevance, 0 (off) to 1",
+    )
+    rules.add_argument(
+        "--boost",
+        action="append",
+        default=[],
+        metavar="SPEC=FACTOR",
+        help="multiply the scores of matching items by FACTOR (> 0; below 1 demotes); "
+        "repeat for several (e.g. --boost category:home=1.5)",
+    )
+    rules.add_argument(
+        "--promote",
+        default=None,
+        metavar="SPEC=SHARE",
+        help="fill SHARE (0 to 1) of the places with the best matching items, spread "
+        "through the list (e.g. --promote category:toys=0.2)",
+    )
+    rules.add_argument(
+        "--explore",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="give SHARE (0 to 1) of the places to new items in a seeded draw (0: off)",
+    )
+    rules.add_argument(
+        "--explore-max-age-days",
+        type=float,
+        default=DEFAULT_EXPLORE_MAX_AGE_DAYS,
+        metavar="DAYS",
+        help="how new an explored item must be: first seen at most DAYS ago "
+        f"(default {DEFAULT_EXPLORE_MAX_AGE_DAYS:g})",
+    )
+    rules.add_argument(
+        "--explore-seed", type=int, default=0, metavar="SEED", help="seed of the draw (default 0)"
+    )
+    rules.add_argument(
+        "--explore-max-interactions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="explore only items with at most N users in the training data",
+    )

@@ -2,7 +2,13 @@
 
 Ranks for every user with held-out items, in batches, through the same ranking pipeline that
 serves requests (:mod:`models.ranking`: training items excluded, backfill from popular items),
-and compares against a popularity baseline fitted on the same training matrix.
+and compares against a popularity baseline fitted on the same training matrix. With ``rules``
+(:class:`models.rules.Rules`) every list is ranked under them, as a served list would be; with a
+``catalog`` the rules see the items' categories and first appearances.
+
+Beside accuracy every evaluation measures intra-list diversity (``diversity_at_k``: over the
+model's item vectors where it has them, else over the catalog's categories; see
+:func:`diversity_space`), catalog coverage and novelty.
 
 :func:`build_holdout` is the one definition of the holdout that ``affinity train``, tuning, the
 promotion gate and ``bench/quality.py`` evaluate on: held-out items the model never saw in
@@ -21,12 +27,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from models.artifact import ItemCatalog
 from models.base import Recommender
 from models.errors import InvalidInputError
 from models.popularity import Popularity
-from models.ranking import RankingPipeline
+from models.ranking import ItemFilter, RankingPipeline
 from models.ranking_metrics import (
     METRIC_NAMES,
+    ItemSpace,
     UserMetrics,
     active_users,
     mean_metrics,
@@ -35,6 +43,8 @@ from models.ranking_metrics import (
     unrankable_counts,
 )
 from models.ranking_metrics import item_popularity as user_counts
+from models.rules import Rules
+from models.scoring import VectorScorer
 from models.vocabulary import Vocabulary
 from training.confidence import ConfidenceConfig, build_matrix, vocabulary_codes
 
@@ -72,6 +82,11 @@ class Evaluation:
     cohorts: dict[str, CohortMetrics]
     seconds: float = 0.0
     per_user: UserMetrics | None = field(default=None, repr=False, compare=False)
+    diversity_basis: str = ""
+    """What ``diversity_at_k`` measured: ``item_vectors``, ``categories`` or ``""`` (not
+    measured: no item vectors and no categories)."""
+    rules: Rules | None = field(default=None, repr=False, compare=False)
+    """The ranking rules every list was made under (None: none)."""
 
     def to_flat_dict(self, prefix: str = "") -> dict[str, float]:
         """Metric name -> value for MLflow: ``ndcg_at_10``, ``cohort_lt5_ndcg_at_10``, ...
@@ -249,6 +264,36 @@ def _aligned(
 _SCORE_CELLS = 16_000_000
 
 
+def diversity_space(model: object, catalog: ItemCatalog | None = None) -> ItemSpace | None:
+    """What intra-list diversity is measured with for ``model``'s lists: the cosine distance of
+    its item vectors where it has them (ALS, BPR, LMF: what MMR measures similarity with),
+    else whether two items are in different categories of ``catalog`` (EASE, item-kNN,
+    popularity); None when neither exists."""
+    if isinstance(model, VectorScorer):
+        return ItemSpace.of_unit_vectors(model.item_unit_vectors())
+    if catalog is not None and (np.asarray(catalog.category) != "").any():
+        return ItemSpace.of_categories(np.asarray(catalog.category))
+    return None
+
+
+def _evaluation_catalog(catalog: ItemCatalog | None, n_items: int) -> ItemCatalog | None:
+    """``catalog`` with every item available: an evaluation measures the model against what
+    users took, whatever is on sale today (as without a catalog)."""
+    if catalog is None:
+        return None
+    if len(catalog) != n_items:
+        raise InvalidInputError(
+            f"the catalog has {len(catalog)} items, the model {n_items}", field="catalog"
+        )
+    return ItemCatalog(
+        item_type=catalog.item_type,
+        category=catalog.category,
+        title=catalog.title,
+        available=np.ones(n_items, dtype=bool),
+        first_seen=catalog.first_seen,
+    )
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """What every evaluation on one (train, test) pair shares, computed once."""
@@ -310,6 +355,9 @@ def evaluate(
     item_popularity: np.ndarray | None = None,
     unrankable: np.ndarray | None = None,
     progress: EvaluationProgress | None = None,
+    rules: Rules | None = None,
+    catalog: ItemCatalog | None = None,
+    item_space: ItemSpace | None = None,
 ) -> Evaluation:
     """Top-``k`` metrics of ``model`` for every user with held-out items in ``test_matrix``.
 
@@ -322,10 +370,26 @@ def evaluate(
     interaction) feeds novelty; by default it is counted from ``train_matrix``. Users are
     cohorted by their number of distinct training items: ``lt5`` (<5), ``5to20`` (5..20) and
     ``gt20`` (>20).
+
+    ``rules`` rank every list under those ranking rules (an exploration should carry ``now``,
+    the end of the training data: otherwise the clock decides which items are new);
+    ``catalog`` (aligned with the model's items) gives the rules the items' categories and
+    first appearances; every item counts as available. ``item_space`` sets what intra-list
+    diversity is measured with (default: :func:`diversity_space` of the model and catalog).
     """
     _check_args(k, batch_size)
     prepared = _prepare(model, train_matrix, test_matrix, item_popularity, unrankable)
-    return _evaluate(model, prepared, k=k, batch_size=batch_size, progress=progress)
+    space = item_space if item_space is not None else diversity_space(model, catalog)
+    return _evaluate(
+        model,
+        prepared,
+        k=k,
+        batch_size=batch_size,
+        progress=progress,
+        rules=rules,
+        catalog=_evaluation_catalog(catalog, prepared.train.shape[1]),
+        item_space=space,
+    )
 
 
 def _check_args(k: int, batch_size: int) -> None:
@@ -342,10 +406,18 @@ def _evaluate(
     k: int,
     batch_size: int,
     progress: EvaluationProgress | None,
+    rules: Rules | None = None,
+    catalog: ItemCatalog | None = None,
+    item_space: ItemSpace | None = None,
 ) -> Evaluation:
     train, test, popularity = prepared.train, prepared.test, prepared.popularity
     users = _holdout_users(test, prepared.unrankable)
-    pipeline = RankingPipeline.for_training(model, train, popularity=popularity)
+    if rules is None or catalog is None:
+        pipeline = RankingPipeline.for_training(model, train, popularity=popularity)
+    else:  # the catalog matters only to rules (categories, first appearances)
+        pipeline = RankingPipeline(model, seen=train, popularity=popularity, catalog=catalog)
+    if rules is not None:
+        rules = rules.settled()  # one clock for every batch
     # Each batch holds a dense (batch x items) score matrix: keep it near 64 MB so large
     # catalogs stay in cache-friendly, memory-safe chunks.
     batch_size = min(batch_size, max(16, _SCORE_CELLS // max(1, train.shape[1])))
@@ -354,7 +426,8 @@ def _evaluate(
     parts: list[UserMetrics] = []
     for batch, start in enumerate(range(0, len(users), batch_size), start=1):
         batch_users = users[start : start + batch_size]
-        ids = pipeline.rank_users(batch_users, k)  # training items are the users' seen items
+        # Training items are the users' seen items.
+        ids = pipeline.rank_users(batch_users, k, rules=rules)
         parts.append(
             per_user_metrics(
                 ids,
@@ -362,6 +435,7 @@ def _evaluate(
                 unrankable=prepared.unrankable[batch_users],
                 item_popularity=popularity,
                 n_users=prepared.n_active or None,
+                item_space=item_space,
             )
         )
         if progress is not None:
@@ -388,6 +462,8 @@ def _evaluate(
         cohorts=cohorts,
         seconds=seconds,
         per_user=per_user,
+        diversity_basis=item_space.basis if item_space is not None else "",
+        rules=rules,
     )
     logger.info(
         "evaluated %s on %d users in %.1fs: ndcg@%d=%.4f",
@@ -410,14 +486,22 @@ def evaluate_with_baseline(
     item_popularity: np.ndarray | None = None,
     unrankable: np.ndarray | None = None,
     progress: EvaluationProgress | None = None,
+    rules: Rules | None = None,
+    catalog: ItemCatalog | None = None,
 ) -> BaselineComparison:
     """:func:`evaluate` ``model`` and a :class:`Popularity` fitted on ``train_matrix``.
 
-    The matrices, item popularity and cohorts are prepared once for both evaluations.
-    ``progress`` counts the batches of both evaluations together.
+    The matrices, item popularity and cohorts are prepared once for both evaluations; both rank
+    under the same ``rules`` and measure diversity alike (the model's :func:`diversity_space`,
+    so the two diversities compare). ``progress`` counts the batches of both evaluations
+    together.
     """
     _check_args(k, batch_size)
     prepared = _prepare(model, train_matrix, test_matrix, item_popularity, unrankable)
+    catalog = _evaluation_catalog(catalog, prepared.train.shape[1])
+    space = diversity_space(model, catalog)
+    if rules is not None:
+        rules = rules.settled()  # the model and the baseline on one clock
     baseline = Popularity().fit(prepared.train)
     model_progress = baseline_progress = None
     if progress is not None:
@@ -430,14 +514,61 @@ def evaluate_with_baseline(
             report(total + done, 2 * total)
 
     return BaselineComparison(
-        model=_evaluate(model, prepared, k=k, batch_size=batch_size, progress=model_progress),
+        model=_evaluate(
+            model,
+            prepared,
+            k=k,
+            batch_size=batch_size,
+            progress=model_progress,
+            rules=rules,
+            catalog=catalog,
+            item_space=space,
+        ),
         baseline=_evaluate(
-            baseline, prepared, k=k, batch_size=batch_size, progress=baseline_progress
+            baseline,
+            prepared,
+            k=k,
+            batch_size=batch_size,
+            progress=baseline_progress,
+            rules=rules,
+            catalog=catalog,
+            item_space=space,
         ),
     )
 
 
 # ----------------------------------------------------------------- report
+def _filter_text(flt: ItemFilter) -> str:
+    parts = [f"type {t}" for t in flt.item_types] + [f"category {c}" for c in flt.categories]
+    return " or ".join(parts)
+
+
+def describe_rules(rules: Rules | None) -> str:
+    """A short human description of ``rules`` (``"none"`` when they change nothing)."""
+    if rules is None or rules.empty:
+        return "none"
+    parts = []
+    diversity = rules.diversity
+    if diversity is not None and diversity.max_per_category:
+        parts.append(f"at most {diversity.max_per_category} per category")
+    if diversity is not None and diversity.mmr:
+        parts.append(f"MMR {diversity.mmr:g}")
+    for boost in rules.boosts:
+        parts.append(f"boost {_filter_text(boost.item_filter)} x{boost.factor:g}")
+    if rules.promotion is not None:
+        promotion = rules.promotion
+        parts.append(f"promote {_filter_text(promotion.item_filter)} {promotion.share:.0%}")
+    if rules.exploration is not None:
+        exploration = rules.exploration
+        parts.append(
+            f"explore {exploration.share:.0%} of items newer than "
+            f"{exploration.max_age_days:g} days (seed {exploration.seed})"
+        )
+    if rules.rotation is not None and len(rules.rotation.shown_items):
+        parts.append(f"rotation rate {rules.rotation.rate:g}")
+    return ", ".join(parts)
+
+
 def _fmt(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
@@ -478,5 +609,13 @@ def _report(columns: list[tuple[str, Evaluation]], k: int) -> str:
         cells += [_fmt(e.cohorts[cohort].metrics[f"ndcg_at_{k}"]) for _, e in columns]
         cells += [_fmt(e.cohorts[cohort].metrics[f"recall_at_{k}"]) for _, e in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    basis = {
+        "item_vectors": "the cosine distance of the model's item vectors",
+        "categories": "the share of pairs in different categories",
+    }.get(first.diversity_basis)
+    if basis:
+        lines += ["", f"`diversity_at_{k}` is the mean over each list's pairs of {basis}."]
+    if first.rules is not None and not first.rules.empty:
+        lines += ["", f"Lists ranked under the rules: {describe_rules(first.rules)}."]
     lines += ["", "Evaluation time: " + ", ".join(f"{n} {e.seconds:.1f}s" for n, e in columns)]
     return "\n".join(lines) + "\n"

@@ -499,8 +499,10 @@ def evaluate_model(
         item_popularity=prepared.popularity,  # counted once, beside the fit
         unrankable=holdout.unrankable,
         progress=lambda done, total: fitted.ticker(f"  evaluated batch {done}/{total}"),
+        catalog=prepared.catalog,  # categories: diversity of models without item vectors
     )
     timings["evaluate_seconds"] = time.perf_counter() - started
+    mlflow.set_tag("diversity_basis", evaluation.diversity_basis or "none")
     mlflow.log_metrics({k: float(v) for k, v in evaluation.to_flat_dict().items()})
     mlflow.log_metrics({f"baseline_{k}": float(v) for k, v in baseline.to_flat_dict().items()})
     return Evaluated(

@@ -11,11 +11,14 @@ import scipy.sparse as sp
 from models.errors import InvalidInputError
 from models.ranking_metrics import (
     METRIC_NAMES,
+    ItemSpace,
     active_users,
     average_precision_at_k,
     catalog_coverage,
+    category_codes,
     hit_rate_at_k,
     hits,
+    intra_list_diversity,
     item_popularity,
     mean_metrics,
     ndcg_at_k,
@@ -165,6 +168,90 @@ def test_novelty_rejects_counts_above_the_user_total() -> None:
         novelty(np.array([[0]]), np.array([0.3, 0.2]) * 100, 10)
     with pytest.raises(InvalidInputError, match="positive number of users"):
         novelty(np.array([[0]]), np.array([0, 0]), 0)
+
+
+def test_category_diversity_is_the_share_of_pairs_in_different_categories() -> None:
+    categories = np.array(["a", "a", "b", "", "c"])
+    rec = np.array(
+        [
+            [0, 1, 2],  # pairs a-a, a-b, a-b -> 2 of 3 differ
+            [0, 2, 4],  # a-b, a-c, b-c -> all differ
+            [0, 1, -1],  # one pair, same category -> 0
+            [0, 3, 2],  # item 3 has no category: its pairs are left out -> a-b only
+            [0, 0, 2],  # the repeat of item 0 is left out -> a-b
+            [3, 0, -1],  # no pair of categorized items -> NaN
+            [2, -1, -1],  # one item -> NaN
+        ]
+    )
+    got = intra_list_diversity(rec, categories=categories)
+    assert got[:5] == pytest.approx([2 / 3, 1.0, 0.0, 1.0, 1.0])
+    assert np.isnan(got[5]) and np.isnan(got[6])
+    # Codes work like names; a negative code is "no category".
+    codes = np.array([7, 7, 8, -1, 9])
+    named = category_codes(categories)
+    assert named[0] == named[1] >= 0 and len({*named[[0, 2, 4]].tolist()}) == 3
+    assert named[3] == -1
+    assert np.array_equal(intra_list_diversity(rec, categories=codes), got, equal_nan=True)
+
+
+def test_vector_diversity_is_the_mean_cosine_distance_of_pairs() -> None:
+    vectors = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 0.0], [0.0, 0.0]])
+    rec = np.array([[0, 1, 2], [0, 3, -1], [2, 4, -1], [1, 1, -1]])
+    got = intra_list_diversity(rec, item_vectors=vectors)
+    c = 1 / math.sqrt(2)  # cos 45 degrees
+    # [0, 1, 2]: orthogonal (1), and twice 45 degrees (1 - c); opposite vectors: 2;
+    # the zero vector is orthogonal to everything: 1; a repeated item leaves no pair: NaN.
+    assert got[:3] == pytest.approx([(1 + 2 * (1 - c)) / 3, 2.0, 1.0])
+    assert np.isnan(got[3])
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30)
+    space = ItemSpace.of_unit_vectors(unit)
+    got_unit = per_user_metrics(rec, _relevant([[0]] * 4, 5), item_space=space).diversity
+    assert np.allclose(got_unit, got, equal_nan=True)
+    with pytest.raises(InvalidInputError, match="exactly one"):
+        intra_list_diversity(rec, item_vectors=vectors, categories=np.array(["a"] * 5))
+    with pytest.raises(InvalidInputError, match="item index"):
+        intra_list_diversity(np.array([[0, 5]]), item_vectors=vectors)
+
+
+def test_diversity_matches_a_pair_by_pair_reference() -> None:
+    rng = np.random.default_rng(3)
+    n_items, k = 25, 6
+    vectors = rng.normal(size=(n_items, 4))
+    categories = rng.choice(["x", "y", "z", ""], size=n_items)
+    rec = rng.integers(-1, n_items, size=(40, k))
+    by_vectors = intra_list_diversity(rec, item_vectors=vectors)
+    by_categories = intra_list_diversity(rec, categories=categories)
+    for row in range(len(rec)):
+        items = list(dict.fromkeys(int(i) for i in rec[row] if i >= 0))
+        pairs = [(a, b) for n, a in enumerate(items) for b in items[n + 1 :]]
+        cos = [
+            vectors[a] @ vectors[b] / np.linalg.norm(vectors[a]) / np.linalg.norm(vectors[b])
+            for a, b in pairs
+        ]
+        named = [(a, b) for a, b in pairs if categories[a] and categories[b]]
+        differ = [categories[a] != categories[b] for a, b in named]
+        want_v = np.mean([1 - c for c in cos]) if pairs else np.nan
+        want_c = np.mean(differ) if named else np.nan
+        assert by_vectors[row] == pytest.approx(want_v, rel=1e-5, nan_ok=True)
+        assert by_categories[row] == pytest.approx(want_c, nan_ok=True)
+
+
+def test_per_user_metrics_average_diversity_over_evaluable_users() -> None:
+    space = ItemSpace.of_categories(np.array(["a", "a", "b", "b", "c", "c", "", "a"]))
+    got = per_user_metrics(RECOMMENDED, RELEVANT, item_space=space)
+    # user 0 [0, 1, 2] a a b: 2/3; user 1 [3, 5] b c: 1; user 2 (not evaluable) [7, 0, 1]: 0;
+    # user 3 [4, 0, 1] c a a: 2/3
+    assert got.diversity == pytest.approx([2 / 3, 1.0, 0.0, 2 / 3])
+    means = mean_metrics(got)
+    assert means["diversity_at_3"] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+    # coverage over the evaluable users' lists: items 0, 1, 2, 3, 4, 5 of 8
+    assert means["coverage_at_3"] == pytest.approx(6 / 8)
+    assert math.isnan(mean_metrics(per_user_metrics(RECOMMENDED, RELEVANT))["diversity_at_3"])
+    with pytest.raises(InvalidInputError, match="item space"):
+        per_user_metrics(RECOMMENDED, RELEVANT, item_space=ItemSpace.of_vectors(np.eye(3)))
+    assert summarize(RECOMMENDED, RELEVANT, item_space=space)["diversity_at_3"] == pytest.approx(
+        means["diversity_at_3"]
+    )
 
 
 def test_summarize_truncates_pads_and_names_by_k() -> None:

@@ -101,6 +101,11 @@ def test_train_logs_registers_and_promotes(
     assert len(run.data.tags["dataset_fingerprint"]) == 64
     for metric in ("ndcg_at_10", "baseline_ndcg_at_10", "data_rows_read", "time_fit_seconds"):
         assert metric in run.data.metrics
+    # Beyond accuracy, the model's and the baseline's, measured alike (ALS: its item vectors).
+    for metric in ("diversity_at_10", "coverage_at_10", "novelty_at_10"):
+        assert metric in run.data.metrics and f"baseline_{metric}" in run.data.metrics
+    assert 0.0 < run.data.metrics["diversity_at_10"] <= 2.0
+    assert run.data.tags["diversity_basis"] == "item_vectors"
     assert any(m.startswith("cohort_") for m in run.data.metrics)
     loss = client.get_metric_history(summary["run_id"], "training_loss")
     assert [m.step for m in loss] == list(range(1, 7))
@@ -140,6 +145,9 @@ def test_gate_keeps_better_champion_and_force_promote_overrides(
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
     run = client.get_run(worse["run_id"])
     assert "not better" in run.data.tags["promotion_decision"]
+    # Popularity has no item vectors and this run no catalog: diversity is not measured.
+    assert run.data.tags["diversity_basis"] == "none"
+    assert "diversity_at_10" not in run.data.metrics and "coverage_at_10" in run.data.metrics
     # Both numbers of the decision are recorded, and the champion's was measured on this holdout.
     assert run.data.metrics["champion_ndcg_at_10"] == pytest.approx(
         first["metrics"]["ndcg_at_10"], rel=0.05
