@@ -142,6 +142,10 @@ class Diversity:
         return self.max_per_category > 0 or self.mmr > 0
 
 
+MIN_BOOST, MAX_BOOST = 1e-6, 1e6
+"""The range of a boost's factor."""
+
+
 @dataclass(frozen=True)
 class Boost:
     """Multiply the scores of the items matching ``item_filter`` by ``factor`` (sign-safe:
@@ -153,8 +157,12 @@ class Boost:
     def __post_init__(self) -> None:
         _filter(self.item_filter, "rules.boosts.item_filter")
         factor = _real(self.factor, "rules.boosts.factor")
-        if factor <= 0:
-            raise _fail(f"must be > 0, got {factor}", "rules.boosts.factor")
+        if not MIN_BOOST <= factor <= MAX_BOOST:
+            # Past these, float32 scores overflow to infinity or collapse to zero.
+            raise _fail(
+                f"must be between {MIN_BOOST:g} and {MAX_BOOST:g}, got {factor}",
+                "rules.boosts.factor",
+            )
         object.__setattr__(self, "factor", factor)
 
 

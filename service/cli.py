@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from models.errors import AffinityError, InvalidInputError
+from protos.affinity.v1 import recommender_pb2 as pb
 from service.client import AffinityClient, Event, Result
 from service.config import ServeSettings, load_settings
 
@@ -55,6 +56,17 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--live-window-days": ("live_window_days", float, {"metavar": "DAYS"}),
     "--live-poll-seconds": ("live_poll_seconds", float, {"metavar": "S"}),
     "--dislike-weight": ("dislike_weight", float, {"metavar": "W"}),
+    "--rules-max-per-category": ("rules_max_per_category", int, {"metavar": "N"}),
+    "--rules-mmr": ("rules_mmr", float, {"metavar": "X"}),
+    "--rules-boosts": ("rules_boosts", str, {"metavar": "FILTER:FACTOR;..."}),
+    "--rules-promotion": ("rules_promotion", str, {"metavar": "FILTER:SHARE"}),
+    "--rules-explore-share": ("rules_explore_share", float, {"metavar": "SHARE"}),
+    "--rules-explore-max-age-days": ("rules_explore_max_age_days", float, {"metavar": "DAYS"}),
+    "--rules-explore-seed": ("rules_explore_seed", int, {"metavar": "N"}),
+    "--rules-explore-max-interactions": ("rules_explore_max_interactions", int, {"metavar": "N"}),
+    "--rules-rotation-rate": ("rules_rotation_rate", float, {"metavar": "R"}),
+    "--rules-rotation-half-life": ("rules_rotation_half_life_seconds", float, {"metavar": "S"}),
+    "--rules-rotation-allowed": ("rules_rotation_allowed", str, {"metavar": "BOOL"}),
     "--max-in-flight": ("max_in_flight", int, {"metavar": "N"}),
     "--max-message-bytes": ("max_message_bytes", int, {"metavar": "N"}),
     "--max-concurrent-streams": ("max_concurrent_streams", int, {"metavar": "N"}),
@@ -134,10 +146,10 @@ def _print_result(result: Result, as_json: bool) -> None:
         head += f"  source {result.source}"
     print(f"{head}  recommendation_id {result.recommendation_id}")
     rows = [
-        (str(rank), item.item_id, f"{item.score:.4f}", item.item_type, item.category)
+        (str(rank), item.item_id, f"{item.score:.4f}", item.item_type, item.category, item.reason)
         for rank, item in enumerate(result.items, start=1)
     ]
-    header = ("#", "item_id", "score", "item_type", "category")
+    header = ("#", "item_id", "score", "item_type", "category", "reason")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -159,6 +171,44 @@ def _run_client(action: Callable[[AffinityClient, argparse.Namespace], int]) -> 
     return handler
 
 
+def rules_of(args: argparse.Namespace) -> pb.RankingRules | None:
+    """The ``RankingRules`` of a client command's rule options; ``None`` when none is given
+    (the server's defaults then apply untouched)."""
+    from service.rules import parse_weighted
+
+    rules = pb.RankingRules()
+    if args.diversity_cap is not None:
+        rules.diversity.max_per_category = args.diversity_cap
+    if args.mmr is not None:
+        rules.diversity.mmr = args.mmr
+    for text in args.boost:
+        flt, factor = parse_weighted(text, "--boost")
+        rules.boosts.add(item_types=flt.item_types, categories=flt.categories, factor=factor)
+    if args.no_boosts:
+        rules.no_boosts = True
+    if args.promote is not None:
+        flt, share = parse_weighted(args.promote, "--promote")
+        rules.promotion.item_types.extend(flt.item_types)
+        rules.promotion.categories.extend(flt.categories)
+        rules.promotion.share = share
+    for option, part, name in _USER_RULES:
+        value = getattr(args, option, None)
+        if value is not None:
+            setattr(getattr(rules, part), name, value)
+    return rules if rules.ListFields() else None
+
+
+_USER_RULES = (
+    ("explore", "exploration", "share"),
+    ("explore_max_age_days", "exploration", "max_age_days"),
+    ("explore_seed", "exploration", "seed"),
+    ("explore_max_interactions", "exploration", "max_interactions"),
+    ("rotation_rate", "rotation", "rate"),
+    ("rotation_half_life", "rotation", "half_life_seconds"),
+)
+"""The rule options of ``recommend`` only: (option, RankingRules part, field)."""
+
+
 def _recommend(client: AffinityClient, args: argparse.Namespace) -> int:
     result = client.recommend(
         args.user,
@@ -168,6 +218,7 @@ def _recommend(client: AffinityClient, args: argparse.Namespace) -> int:
         item_types=args.item_type,
         categories=args.category,
         include_seen=args.include_seen,
+        rules=rules_of(args),
     )
     _print_result(result, args.json)
     return 0
@@ -183,6 +234,7 @@ def _similar(client: AffinityClient, args: argparse.Namespace) -> int:
         exclude_item_ids=args.exclude,
         item_types=args.item_type,
         categories=args.category,
+        rules=rules_of(args),
     )
     _print_result(result, args.json)
     return 0
@@ -195,6 +247,7 @@ def _popular(client: AffinityClient, args: argparse.Namespace) -> int:
         exclude_item_ids=args.exclude,
         item_types=args.item_type,
         categories=args.category,
+        rules=rules_of(args),
     )
     _print_result(result, args.json)
     return 0
@@ -448,6 +501,79 @@ def _filter_options(parser: argparse.ArgumentParser, *, k_help: str) -> None:
     )
 
 
+def _rule_options(parser: argparse.ArgumentParser, *, user: bool) -> None:
+    """The ranking rule options; each one given overrides the server's default of that field."""
+    group = parser.add_argument_group(
+        "ranking rules",
+        "Each option overrides the server's default for that field only (AFFINITY_RULES_*). "
+        "FILTER is category=NAME|NAME and/or item_type=TYPE terms joined by ','.",
+    )
+    group.add_argument(
+        "--diversity-cap",
+        type=int,
+        metavar="N",
+        help="at most N items of one category (0: no cap); the list may come back shorter",
+    )
+    group.add_argument(
+        "--mmr",
+        type=float,
+        metavar="X",
+        help="relevance/diversity trade-off in [0, 1] (maximal marginal relevance; 0: off)",
+    )
+    group.add_argument(
+        "--boost",
+        action="append",
+        default=[],
+        metavar="FILTER:FACTOR",
+        help="multiply the scores of matching items, e.g. category=sale:1.5 (repeatable; "
+        "replaces the server's default boosts)",
+    )
+    group.add_argument(
+        "--no-boosts", action="store_true", help="no boosts, not even the server's defaults"
+    )
+    group.add_argument(
+        "--promote",
+        metavar="FILTER:SHARE",
+        help="give SHARE of the places, spread through the list, to the best matching items, "
+        "e.g. category=new:0.2 (share 0 turns the server's default promotion off)",
+    )
+    if not user:
+        parser.set_defaults(**{option: None for option, _, _ in _USER_RULES})
+        return
+    group.add_argument(
+        "--explore",
+        type=float,
+        metavar="SHARE",
+        help="give SHARE of the places to new, little-known items, by a seeded draw (0: off)",
+    )
+    group.add_argument(
+        "--explore-max-age-days",
+        type=float,
+        metavar="DAYS",
+        help="explorable items first appeared at most DAYS ago",
+    )
+    group.add_argument("--explore-seed", type=int, metavar="N", help="seed of the draw")
+    group.add_argument(
+        "--explore-max-interactions",
+        type=int,
+        metavar="N",
+        help="explorable items have at most N users in the training data",
+    )
+    group.add_argument(
+        "--rotation-rate",
+        type=float,
+        metavar="R",
+        help="demote the items recently shown to the user by R in [0, 1] (0: off; the server "
+        "must keep shown items)",
+    )
+    group.add_argument(
+        "--rotation-half-life",
+        type=float,
+        metavar="S",
+        help="half-life in seconds of the rotation's demotion",
+    )
+
+
 def register_cli(subparsers: Any) -> None:
     """Add the service's subcommands to an ``argparse`` subparsers object."""
     _add_serve(subparsers)
@@ -465,6 +591,7 @@ def register_cli(subparsers: Any) -> None:
     rec.add_argument(
         "--include-seen", action="store_true", help="also return items the user already has"
     )
+    _rule_options(rec, user=True)
     _connection_options(rec)
     rec.set_defaults(func=_run_client(_recommend))
 
@@ -479,12 +606,14 @@ def register_cli(subparsers: Any) -> None:
         help="a query item id (repeatable; same as the positional ITEM)",
     )
     _filter_options(sim, k_help="number of items (default 10)")
+    _rule_options(sim, user=False)
     _connection_options(sim)
     sim.set_defaults(func=_run_client(_similar))
 
     pop = subparsers.add_parser("popular", help="ask a server for the most popular items")
     _filter_options(pop, k_help="number of items (default 10)")
     pop.add_argument("--trending", action="store_true", help="rank by recency-weighted popularity")
+    _rule_options(pop, user=False)
     _connection_options(pop)
     pop.set_defaults(func=_run_client(_popular))
 

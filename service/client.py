@@ -7,6 +7,22 @@ Example::
         for item in result.items:
             print(item.item_id, item.score)
 
+Ranking rules go with a list request as ``rules``: a ``RankingRules`` message, or a mapping of
+its fields (field names as in the ``.proto``)::
+
+    client.recommend(
+        "user-42",
+        k=10,
+        rules={
+            "diversity": {"max_per_category": 3, "mmr": 0.2},
+            "boosts": [{"categories": ["sale"], "factor": 1.5}],
+            "promotion": {"categories": ["new"], "share": 0.2},
+        },
+    )
+
+Each item says why it is there (``Item.reason``: ``model``, ``boosted``, ``promoted`` or
+``explored``).
+
 Events go back with :meth:`AffinityClient.log_events`; an UNAVAILABLE error there means nothing
 was acknowledged, and the same events (same ids) should be sent again.
 
@@ -21,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from models.errors import InvalidInputError
@@ -33,6 +50,16 @@ _SOURCE_NAMES = {
     pb.SOURCE_FOLD_IN: "fold_in",
     pb.SOURCE_POPULAR: "popular",
 }
+_REASON_NAMES = {
+    pb.REASON_MODEL: "model",
+    pb.REASON_BOOSTED: "boosted",
+    pb.REASON_PROMOTED: "promoted",
+    pb.REASON_EXPLORED: "explored",
+}
+
+Rules = pb.RankingRules | Mapping[str, Any]
+"""A list's ranking rules: the message, or a mapping of its fields (``{"diversity":
+{"max_per_category": 3}}``)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,8 @@ class Item:
     score: float
     item_type: str = ""
     category: str = ""
+    reason: str = "model"
+    """Why it is in the list: ``model``, ``boosted``, ``promoted`` or ``explored``."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +235,27 @@ def _model(ref: pb.ModelRef) -> ModelRef:
 
 
 def _items(items: Sequence[pb.ScoredItem]) -> list[Item]:
-    return [Item(i.item_id, float(i.score), i.item_type, i.category) for i in items]
+    return [
+        Item(
+            i.item_id,
+            float(i.score),
+            i.item_type,
+            i.category,
+            _REASON_NAMES.get(i.reason, str(i.reason)),
+        )
+        for i in items
+    ]
+
+
+def ranking_rules(rules: Rules | None) -> pb.RankingRules | None:
+    """``rules`` as a ``RankingRules`` message (a mapping is parsed by field name; an unknown
+    field raises :class:`InvalidInputError` naming it)."""
+    if rules is None or isinstance(rules, pb.RankingRules):
+        return rules
+    try:
+        return json_format.ParseDict(dict(rules), pb.RankingRules())
+    except json_format.ParseError as exc:
+        raise InvalidInputError(f"rules: {exc}", field="rules") from None
 
 
 class AffinityClient:
@@ -269,9 +318,11 @@ class AffinityClient:
         item_types: Sequence[str] = (),
         categories: Sequence[str] = (),
         include_seen: bool = False,
+        rules: Rules | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Personalized top ``k`` for ``user_id`` (popular items for an unknown user)."""
+        """Personalized top ``k`` for ``user_id`` (popular items for an unknown user), under
+        ``rules`` (the server's default rules for whatever they leave unset)."""
         request = pb.RecommendRequest(
             user_id=user_id,
             k=k,
@@ -279,6 +330,7 @@ class AffinityClient:
             exclude_item_ids=list(exclude_item_ids),
             filter=self._filter(item_types, categories),
             include_seen=include_seen,
+            rules=ranking_rules(rules),
         )
         response = self._call(self._stub.Recommend, request, timeout)
         return Result(
@@ -296,14 +348,17 @@ class AffinityClient:
         exclude_item_ids: Sequence[str] = (),
         item_types: Sequence[str] = (),
         categories: Sequence[str] = (),
+        rules: Rules | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Items most similar to all of ``item_ids`` (never the query items themselves)."""
+        """Items most similar to all of ``item_ids`` (never the query items themselves);
+        ``rules``: diversity, boosts and promotion."""
         request = pb.SimilarItemsRequest(
             item_ids=list(item_ids),
             k=k,
             exclude_item_ids=list(exclude_item_ids),
             filter=self._filter(item_types, categories),
+            rules=ranking_rules(rules),
         )
         response = self._call(self._stub.SimilarItems, request, timeout)
         return Result(_items(response.items), _model(response.model), response.recommendation_id)
@@ -316,14 +371,17 @@ class AffinityClient:
         exclude_item_ids: Sequence[str] = (),
         item_types: Sequence[str] = (),
         categories: Sequence[str] = (),
+        rules: Rules | None = None,
         timeout: float | None = None,
     ) -> Result:
-        """Most popular (or trending) items within the filter."""
+        """Most popular (or trending) items within the filter; ``rules``: diversity, boosts and
+        promotion."""
         request = pb.PopularRequest(
             k=k,
             trending=trending,
             exclude_item_ids=list(exclude_item_ids),
             filter=self._filter(item_types, categories),
+            rules=ranking_rules(rules),
         )
         response = self._call(self._stub.Popular, request, timeout)
         return Result(_items(response.items), _model(response.model), response.recommendation_id)

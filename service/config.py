@@ -131,6 +131,61 @@ class ServeSettings(BaseSettings):
     """How far a disliked item's neighbours fall in that user's lists (0: only the item itself
     is removed; 1: its nearest neighbour falls from the top to the bottom of the candidates)."""
 
+    rules_max_per_category: int = Field(0, validation_alias="AFFINITY_RULES_MAX_PER_CATEGORY", ge=0)
+    """Default ranking rule: at most this many items of one category per list; 0: no cap. Every
+    default rule applies to lists whose request leaves that field unset (``RankingRules``)."""
+
+    rules_mmr: float = Field(
+        0.0, validation_alias="AFFINITY_RULES_MMR", ge=0, le=1, allow_inf_nan=False
+    )
+    """Default relevance/diversity trade-off (maximal marginal relevance) in [0, 1]; 0: off."""
+
+    rules_boosts: str = Field("", validation_alias="AFFINITY_RULES_BOOSTS")
+    """Default boosts, ``;``-separated ``FILTER:FACTOR`` such as ``category=sale:1.5`` (a filter
+    is ``category=A|B,item_type=T`` terms); empty: none."""
+
+    rules_promotion: str = Field("", validation_alias="AFFINITY_RULES_PROMOTION")
+    """Default promotion, ``FILTER:SHARE`` (``category=new:0.2``: a fifth of the places, spread
+    through the list, for the best new items); empty: none."""
+
+    rules_explore_share: float = Field(
+        0.0, validation_alias="AFFINITY_RULES_EXPLORE_SHARE", ge=0, le=1, allow_inf_nan=False
+    )
+    """Default exploration: this share of a user's list goes to new, little-known items; 0: off."""
+
+    rules_explore_max_age_days: float = Field(
+        7.0, validation_alias="AFFINITY_RULES_EXPLORE_MAX_AGE_DAYS", gt=0, allow_inf_nan=False
+    )
+    """Explorable items first appeared in the catalog at most this many days ago."""
+
+    rules_explore_seed: int = Field(0, validation_alias="AFFINITY_RULES_EXPLORE_SEED")
+    """Seed of the exploration draw (recorded with each answer)."""
+
+    rules_explore_max_interactions: int | None = Field(
+        None, validation_alias="AFFINITY_RULES_EXPLORE_MAX_INTERACTIONS", ge=0
+    )
+    """Explorable items have at most this many users in the training data; unset: no limit."""
+
+    rules_rotation_rate: float = Field(
+        0.0, validation_alias="AFFINITY_RULES_ROTATION_RATE", ge=0, le=1, allow_inf_nan=False
+    )
+    """Default rotation: an item just shown to the user loses this share of the candidates'
+    score range, decaying with its half-life; 0: off. Above 0 the live view keeps users' shown
+    items, from this worker's answers and the recorded ones of the others."""
+
+    rules_rotation_half_life_seconds: float = Field(
+        86_400.0,
+        validation_alias="AFFINITY_RULES_ROTATION_HALF_LIFE_SECONDS",
+        gt=0,
+        allow_inf_nan=False,
+    )
+    """Half-life of the rotation's demotion; shown items are kept for four of them."""
+
+    rules_rotation_allowed: bool = Field(False, validation_alias="AFFINITY_RULES_ROTATION_ALLOWED")
+    """Keep users' recently shown items so requests may ask for rotation even when the default
+    rate is 0 (the live view then tails the recorded answers); off, a request's rotation is
+    INVALID_ARGUMENT unless the default rate is above 0."""
+
     record_responses: bool = Field(True, validation_alias="AFFINITY_RECORD_RESPONSES")
     """Record every Recommend, SimilarItems and Popular answer (id, user, items, model, time) in
     the event store, off the request path: the impressions attribution joins events to."""
@@ -213,6 +268,28 @@ class ServeSettings(BaseSettings):
                 )
         return value
 
+    @field_validator("rules_boosts")
+    @classmethod
+    def _boosts(cls, value: str) -> str:
+        from service.rules import parse_boosts
+
+        try:
+            parse_boosts(value, "boosts")
+        except InvalidInputError as exc:
+            raise ValueError(str(exc).removeprefix("boosts: ")) from None
+        return value
+
+    @field_validator("rules_promotion")
+    @classmethod
+    def _promotion(cls, value: str) -> str:
+        from service.rules import parse_promotion
+
+        try:
+            parse_promotion(value, "promotion")
+        except InvalidInputError as exc:
+            raise ValueError(str(exc).removeprefix("promotion: ")) from None
+        return value
+
     @field_validator("events_uri")
     @classmethod
     def _database_uri(cls, value: str) -> str:
@@ -252,6 +329,21 @@ class ServeSettings(BaseSettings):
             raise ValueError("admin_token must differ from token (the read token)")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 needs a fixed port (port 0 cannot be shared)")
+        if self.rules_promotion.strip() and self.rules_explore_share > 0:
+            from service.rules import parse_promotion
+
+            promotion = parse_promotion(self.rules_promotion)
+            total = (promotion.share if promotion is not None else 0.0) + self.rules_explore_share
+            if total > 1.0 + 1e-9:
+                raise ValueError(
+                    f"rules_promotion's share and rules_explore_share add up to {total:g}, more "
+                    "than 1"
+                )
+        if (self.rules_rotation_rate > 0 or self.rules_rotation_allowed) and not self.live:
+            raise ValueError(
+                "rotation (rules_rotation_rate > 0 or rules_rotation_allowed) needs live=true: "
+                "the live view keeps the items shown to each user"
+            )
         return self
 
     @property

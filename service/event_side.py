@@ -19,6 +19,7 @@ from service.config import ServeSettings
 from service.events import EventRules, EventStore, GroupCommit
 from service.live import LiveActivity
 from service.recorder import ResponseRecorder
+from service.rules import RuleDefaults
 from service.servicer import RecommenderServicer
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class EventSide:
                     store,
                     poll_seconds=settings.live_poll_seconds,
                     window=timedelta(days=settings.live_window_days),
+                    # Rotation's shown items, and the tail of the recorded answers, only when
+                    # rotation is on by default or allowed to requests.
+                    shown_keep_seconds=RuleDefaults.from_settings(settings).shown_keep_seconds,
                 )
                 # Loaded in its thread: a large window must not hold the port closed (nor a
                 # replacement worker, while the others keep writing).

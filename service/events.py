@@ -55,6 +55,7 @@ from sqlalchemy import (
     String,
     Table,
     TypeDecorator,
+    case,
     create_engine,
     delete,
     event,
@@ -195,11 +196,43 @@ class Response:
     model_name: str
     model_version: str
     served_at: datetime
+    reasons: tuple[int, ...] | None = None
+    """Why each item is there (``models.ranking.Reason`` codes, the proto's ``Reason`` numbers:
+    0 model, 1 boosted, 2 promoted, 3 explored); ``None`` when every item is the model's."""
+    exploration_seed: int | None = None
+    """The seed of the list's exploration rule, when it had one (with :attr:`exploration_day`
+    and the user id, the draw can be made again: ``models.rules.draw_keys``)."""
+    exploration_day: int | None = None
+    """The UTC day (days since the epoch) the exploration drew for."""
 
 
-Answer = tuple[str, str, str | None, Sequence[str], str, str, str, float]
+Answer = tuple[
+    str,
+    str,
+    str | None,
+    Sequence[str],
+    str,
+    str,
+    str,
+    float,
+    Sequence[int] | None,
+    int | None,
+    int | None,
+]
 """A response as the recorder buffers it: ``(recommendation_id, method, user_id, item_ids,
-source, model_name, model_version, served at in unix seconds)``."""
+source, model_name, model_version, served at in unix seconds, reasons, exploration_seed,
+exploration_day)`` (the last three ``None`` when the list had no such rule)."""
+
+
+class Shown(NamedTuple):
+    """One recorded answer as the live view's rotation reads it (:meth:`EventStore.shown`)."""
+
+    row_id: int
+    user_id: str | None
+    """``None`` for answers without a user (``SimilarItems``, ``Popular``)."""
+    item_ids: tuple[str, ...]
+    """Empty for answers without a user."""
+    served_at: datetime
 
 
 class Erasure(NamedTuple):
@@ -440,11 +473,17 @@ RESPONSES = Table(
     Column("model_name", String(MAX_ID), nullable=False),
     Column("model_version", String(64), nullable=False),
     Column("served_at", UTCDateTime(), nullable=False),
+    Column("reasons", JSON, nullable=True),
+    Column("exploration_seed", BigInteger, nullable=True),
+    Column("exploration_day", Integer, nullable=True),
     Index("ix_responses_user", "user_id"),
     Index("ix_responses_served", "served_at"),
 )
 """Every answer of ``Recommend``, ``SimilarItems`` and ``Popular``: the impressions that
-attribution and click-through rates join events to, by ``recommendation_id``."""
+attribution and click-through rates join events to, by ``recommendation_id``. ``reasons`` is a
+JSON list of one ``Reason`` code per item (0 model, 1 boosted, 2 promoted, 3 explored), NULL
+when every item is the model's; ``exploration_seed`` and ``exploration_day`` are set for lists
+made with an exploration rule (see :class:`Response`)."""
 ERASURES = Table(
     "erasures",
     _metadata,
@@ -510,9 +549,20 @@ def _migration_2_responses_erasures(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_events_received ON events (received_at)"))
 
 
+def _migration_3_response_reasons(conn: Connection) -> None:
+    """Each recorded answer's reasons and exploration seed and day (ranking rules)."""
+    for column, kind in (
+        ("reasons", "JSON"),
+        ("exploration_seed", "BIGINT"),
+        ("exploration_day", "INTEGER"),
+    ):
+        conn.execute(text(f"ALTER TABLE responses ADD COLUMN {column} {kind}"))
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _migration_1_events,
     _migration_2_responses_erasures,
+    _migration_3_response_reasons,
 )
 """The schema's history: step ``i`` (from 0) takes a database from version ``i`` to ``i + 1``."""
 LATEST_VERSION = len(MIGRATIONS)
@@ -795,6 +845,46 @@ class EventStore:
         with self._engine.connect() as conn:
             return int(conn.execute(select(func.max(EVENTS.c.id))).scalar() or 0)
 
+    def shown(
+        self,
+        *,
+        after_id: int = 0,
+        ids: Sequence[int] = (),
+        served_since: datetime | None = None,
+        upto_id: int | None = None,
+        limit: int = 50_000,
+    ) -> list[Shown]:
+        """Recorded answers by row id, oldest first, as the live view's rotation tails them
+        (:meth:`activity`'s twin over ``responses``): those after ``after_id`` (up to
+        ``upto_id``, served at or after ``served_since``, when given), plus the rows ``ids``.
+        Answers without a user come back without their items (nothing to parse)."""
+        cond = RESPONSES.c.id > after_id
+        if upto_id is not None:
+            cond = cond & (RESPONSES.c.id <= upto_id)
+        if served_since is not None:
+            cond = cond & (RESPONSES.c.served_at >= _aware("served_since", served_since))
+        if ids:
+            cond = cond | RESPONSES.c.id.in_(list(ids))
+        items = case((RESPONSES.c.user_id.is_(None), None), else_=RESPONSES.c.item_ids)
+        stmt = (
+            select(RESPONSES.c.id, RESPONSES.c.user_id, items, RESPONSES.c.served_at)
+            .where(cond)
+            .order_by(RESPONSES.c.id)
+            .limit(limit)
+        )
+        out: list[Shown] = []
+        with self._engine.connect() as conn:
+            for row_id, user_id, shown, served_at in conn.execute(stmt):
+                if isinstance(shown, str):
+                    shown = json.loads(shown)
+                out.append(Shown(row_id, user_id, tuple(shown or ()), served_at))
+        return out
+
+    def newest_response_id(self) -> int:
+        """The largest row id of the responses table (0 when empty): where its tail starts."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.max(RESPONSES.c.id))).scalar() or 0)
+
     def iter_events(
         self,
         *,
@@ -845,6 +935,9 @@ class EventStore:
                     r.model_name,
                     r.model_version,
                     r.served_at.timestamp(),
+                    r.reasons,
+                    r.exploration_seed,
+                    r.exploration_day,
                 )
                 for r in responses
             ]
@@ -917,6 +1010,9 @@ def _response(row: Any) -> Response:
     items = row["item_ids"]
     if isinstance(items, str):
         items = json.loads(items)
+    reasons = row["reasons"]
+    if isinstance(reasons, str):
+        reasons = json.loads(reasons)
     return Response(
         recommendation_id=row["recommendation_id"],
         method=row["method"],
@@ -926,6 +1022,9 @@ def _response(row: Any) -> Response:
         model_name=row["model_name"],
         model_version=row["model_version"],
         served_at=row["served_at"],
+        reasons=None if reasons is None else tuple(reasons),
+        exploration_seed=row["exploration_seed"],
+        exploration_day=row["exploration_day"],
     )
 
 
@@ -1041,10 +1140,12 @@ def _insert_sqlite(conn: Connection, events: list[RawEvent], now: datetime) -> d
 
 
 _ANSWER_COLUMNS = (
-    "recommendation_id, method, user_id, item_ids, source, model_name, model_version, served_at"
+    "recommendation_id, method, user_id, item_ids, source, model_name, model_version, served_at, "
+    "reasons, exploration_seed, exploration_day"
 )
-_ANSWER_ROWS = 100
-"""Answers per multi-row ``INSERT`` on SQLite (8 parameters each)."""
+_ANSWER_ROWS = 80
+"""Answers per multi-row ``INSERT`` on SQLite (11 parameters each: 880, under the 999 bound
+parameters of the oldest SQLite builds)."""
 
 
 def _answer_key(answer: Answer) -> str:
@@ -1052,7 +1153,7 @@ def _answer_key(answer: Answer) -> str:
 
 
 def _sqlite_answers(n: int) -> str:
-    one = "(?, ?, ?, ?, ?, ?, ?, ?)"
+    one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     return f"INSERT OR IGNORE INTO responses ({_ANSWER_COLUMNS}) VALUES {', '.join([one] * n)}"
 
 
@@ -1064,7 +1165,7 @@ def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
         for start in range(0, len(rows), _ANSWER_ROWS):
             chunk = rows[start : start + _ANSWER_ROWS]
             values: list[Any] = []
-            for rec_id, method, user_id, items, source, name, version, at in chunk:
+            for rec_id, method, user_id, items, source, name, version, at, why, seed, day in chunk:
                 served = datetime.fromtimestamp(at, UTC)
                 values += (
                     rec_id,
@@ -1075,6 +1176,9 @@ def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
                     name,
                     version,
                     _sqlite_time(served),
+                    None if why is None else json.dumps(list(why)),
+                    seed,
+                    day,
                 )
             cursor.execute(_sqlite_answers(len(chunk)), values)
             changed += cursor.rowcount
@@ -1085,9 +1189,9 @@ def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
 
 _POSTGRESQL_ANSWERS = (
     f"INSERT INTO responses ({_ANSWER_COLUMNS}) "
-    "SELECT r, m, u, i::json, s, n, v, t FROM unnest("
+    "SELECT r, m, u, i::json, s, n, v, t, w::json, e, d FROM unnest("
     "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::timestamptz[]) AS x(r, m, u, i, s, n, v, t) "
+    "%s::timestamptz[], %s::text[], %s::bigint[], %s::int[]) AS x(r, m, u, i, s, n, v, t, w, e, d) "
     "ON CONFLICT (recommendation_id) DO NOTHING"
 )
 
@@ -1102,6 +1206,9 @@ def _record_postgresql(conn: Connection, rows: list[Answer]) -> int:
         [row[5] for row in rows],
         [row[6] for row in rows],
         [datetime.fromtimestamp(row[7], UTC) for row in rows],
+        [None if row[8] is None else json.dumps(list(row[8])) for row in rows],
+        [row[9] for row in rows],
+        [row[10] for row in rows],
     )
     return int(conn.exec_driver_sql(_POSTGRESQL_ANSWERS, columns).rowcount or 0)
 

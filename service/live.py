@@ -24,10 +24,21 @@ on every event.
 
 Only events received in the last ``window`` are loaded at start-up: retrain at least that often
 (events older than the serving model's training data are folded in; older ones it has seen).
+
+**Shown items** (for the rotation rule, only with ``shown_keep_seconds > 0``): the items each
+user's recent ``Recommend`` answers showed, each with the time of its latest showing. This
+worker's answers are noted at once (:meth:`LiveActivity.showed`, called by the servicer as it
+answers); the other workers' arrive by tailing the recorded answers (``responses``) by row id,
+with the same gap handling as the events (the recorder writes them every fraction of a second,
+so another worker's answer is seen within that plus ``poll_seconds``). Reading back this
+worker's own answers changes nothing (an item keeps its latest showing). A user keeps at most
+``max_shown_per_user`` items (the oldest showings go first), none older than
+``shown_keep_seconds``; users whose items all expired are dropped every minute.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -36,10 +47,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from service.events import Activity, EventStore
+import numpy as np
+
+from service.events import Activity, EventStore, Shown
 
 logger = logging.getLogger(__name__)
 
+SWEEP_SECONDS = 60.0
+"""How often the poll drops the users whose shown items all expired."""
 IGNORED_EVENTS = frozenset({"impression"})
 """Events that say nothing about the user's taste (what was shown, not what they did)."""
 DISLIKE = "dislike"
@@ -142,6 +157,10 @@ class LiveActivity:
     max_per_user: int = 200
     gap_seconds: float = 5.0
     page: int = 20_000
+    shown_keep_seconds: float = 0.0
+    """Keep each user's shown items this long (rotation); 0: keep none, and leave the recorded
+    answers untailed."""
+    max_shown_per_user: int = 100
     _users: dict[str, _UserLog] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _cursor: int = field(default=0, init=False)
@@ -153,6 +172,11 @@ class LiveActivity:
     _thread: threading.Thread | None = field(default=None, init=False)
     polls: int = field(default=0, init=False)
     failures: int = field(default=0, init=False)
+    _shown: dict[str, dict[str, float]] = field(default_factory=dict, init=False)
+    """user -> {item: unix time of its latest showing}, in (about) showing order."""
+    _answer_cursor: int = field(default=0, init=False)
+    _answer_gaps: dict[int, _Gap] = field(default_factory=dict, init=False)
+    _swept: float = field(default=0.0, init=False)
 
     # ------------------------------------------------------------------ reading
     def get(self, user_id: str) -> UserActivity | None:
@@ -171,6 +195,33 @@ class LiveActivity:
     @property
     def users(self) -> int:
         return len(self._users)
+
+    @property
+    def keeps_shown(self) -> bool:
+        return self.shown_keep_seconds > 0
+
+    def shown(self, user_id: str, now: float | None = None) -> tuple[list[str], np.ndarray] | None:
+        """The items recently shown to ``user_id`` and their ages in seconds (of the latest
+        showing), or ``None`` when there are none (or shown items are not kept)."""
+        log = self._shown.get(user_id)
+        if not log:
+            return None
+        now = time.time() if now is None else now
+        with self._lock:
+            items = list(log)
+            times = np.fromiter(log.values(), np.float64, len(items))
+        ages = np.maximum(now - times, 0.0)
+        fresh = ages <= self.shown_keep_seconds
+        if not fresh.all():
+            if not fresh.any():
+                return None
+            items = [item for item, keep in zip(items, fresh.tolist(), strict=True) if keep]
+            ages = ages[fresh]
+        return items, ages
+
+    @property
+    def shown_users(self) -> int:
+        return len(self._shown)
 
     # ----------------------------------------------------------------- updating
     def apply(self, events: Iterable[tuple[str, str, str, str, datetime]]) -> None:
@@ -208,10 +259,44 @@ class LiveActivity:
                 )
             self._skip_own()
 
+    def showed(self, user_id: str, item_ids: Sequence[str], at: float | None = None) -> None:
+        """Note this worker's answer: ``item_ids`` shown to ``user_id`` at ``at`` (unix
+        seconds, default now). Does nothing unless shown items are kept."""
+        if self.shown_keep_seconds <= 0 or not item_ids:
+            return
+        at = time.time() if at is None else at
+        with self._lock:
+            self._add_shown(user_id, item_ids, at)
+
+    def _add_shown(self, user_id: str, item_ids: Iterable[str], at: float) -> None:
+        """Under the lock: each item's latest showing, the user's oldest past the cap and the
+        expired ones dropped."""
+        log = self._shown.get(user_id)
+        if log is None:
+            log = self._shown[user_id] = {}
+        for item in item_ids:
+            before = log.get(item)
+            if before is None:
+                log[item] = at
+            elif before < at:
+                del log[item]  # to the end: the dict stays in (about) showing order
+                log[item] = at
+        extra = len(log) - self.max_shown_per_user
+        if extra > 0:
+            for item in list(itertools.islice(log, extra)):
+                del log[item]
+        oldest = at - self.shown_keep_seconds
+        while log:
+            first = next(iter(log))
+            if log[first] >= oldest:
+                break
+            del log[first]
+
     def forget(self, user_id: str, erased_at: datetime) -> None:
         """Drop what is known of ``user_id`` and remember the erasure."""
         with self._lock:
             self._users[user_id] = _UserLog(erased_at)
+            self._shown.pop(user_id, None)
 
     def _add(self, user_id: str, item_id: str, name: str, ts: datetime, event_id: str) -> None:
         if name in IGNORED_EVENTS:
@@ -245,11 +330,26 @@ class LiveActivity:
             if len(rows) < self.page:
                 break
         self._cursor = max(self._cursor, newest)
+        if self.keeps_shown:
+            self._bootstrap_shown(now)
         logger.info(
             "live view: %d users with recent activity or erasures",
             len(self._users),
-            extra={"live_users": len(self._users)},
+            extra={"live_users": len(self._users), "shown_users": len(self._shown)},
         )
+
+    def _bootstrap_shown(self, now: datetime) -> None:
+        """Load the answers served within ``shown_keep_seconds``; then tail from there."""
+        newest = self.store.newest_response_id()
+        since = now - timedelta(seconds=self.shown_keep_seconds)
+        while self._answer_cursor < newest:
+            rows = self.store.shown(
+                after_id=self._answer_cursor, served_since=since, upto_id=newest, limit=self.page
+            )
+            self._take_shown(rows, track_gaps=False)
+            if len(rows) < self.page:
+                break
+        self._answer_cursor = max(self._answer_cursor, newest)
 
     def poll(self) -> int:
         """Read what arrived since the last poll; returns how many new rows were read."""
@@ -273,8 +373,71 @@ class LiveActivity:
                 if known is None or known.erased_at is None or known.erased_at < erased_at:
                     self._forget_before(user_id, erased_at)
         self._erasures_seen = started
+        if self.keeps_shown:
+            total += self._poll_shown()
         self.polls += 1
         return total
+
+    def _poll_shown(self) -> int:
+        """Read the answers recorded since the last poll (gaps re-read, as for the events)."""
+        with self._lock:
+            gaps = list(self._answer_gaps)
+        total = 0
+        while True:
+            rows = self.store.shown(after_id=self._answer_cursor, ids=gaps, limit=self.page)
+            gaps = []
+            total += len(rows)
+            self._take_shown(rows, track_gaps=True)
+            if len(rows) < self.page:
+                break
+        now = time.monotonic()
+        if now - self._swept > SWEEP_SECONDS:
+            self._swept = now
+            self._sweep_shown(time.time())
+        return total
+
+    def _take_shown(self, rows: list[Shown], *, track_gaps: bool) -> None:
+        gaps = self._answer_gaps
+        now = time.monotonic()
+        with self._lock:
+            for row in rows:
+                if gaps:
+                    gaps.pop(row.row_id, None)
+                user_id = row.user_id
+                if user_id is None or not row.item_ids:
+                    continue
+                log = self._users.get(user_id)
+                erased_at = None if log is None else log.erased_at
+                if erased_at is not None and row.served_at <= erased_at:
+                    continue  # deleted meanwhile; the tail read it before the erasure
+                self._add_shown(user_id, row.item_ids, row.served_at.timestamp())
+            cursor = self._answer_cursor
+            if rows:
+                newest = max(row.row_id for row in rows)
+                if track_gaps and newest > cursor:
+                    present = {row.row_id for row in rows}
+                    missing = [i for i in range(cursor + 1, newest) if i not in present]
+                    for row_id in missing[-10_000:]:
+                        gaps.setdefault(row_id, _Gap(now))
+                self._answer_cursor = max(cursor, newest)
+            if gaps:
+                limit = time.monotonic() - self.gap_seconds
+                for row_id in [i for i, gap in gaps.items() if gap.first_seen < limit]:
+                    del gaps[row_id]
+
+    def _sweep_shown(self, now: float) -> None:
+        """Drop the users whose shown items all expired (their latest is the last entry)."""
+        oldest = now - self.shown_keep_seconds
+        stale = [
+            user
+            for user, log in list(self._shown.items())
+            if not log or next(reversed(log.values())) < oldest
+        ]
+        with self._lock:
+            for user in stale:
+                log = self._shown.get(user)
+                if log is not None and (not log or next(reversed(log.values())) < oldest):
+                    del self._shown[user]
 
     def _forget_before(self, user_id: str, erased_at: datetime) -> None:
         # Events this worker applied after the erasure (a returning user) stay.
@@ -283,6 +446,14 @@ class LiveActivity:
             log = self._users[user_id] = _UserLog(erased_at)
             log.positives = [e for e in current.positives if e[0] > erased_at]
             log.dislikes = [e for e in current.dislikes if e[0] > erased_at]
+            shown = self._shown.get(user_id)
+            if shown:
+                cutoff = erased_at.timestamp()
+                kept = {item: at for item, at in shown.items() if at > cutoff}
+                if kept:
+                    self._shown[user_id] = kept
+                else:
+                    del self._shown[user_id]
 
     def _skip_own(self) -> None:
         """Move the cursor over the rows this worker applied right after it (with one worker,

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 
 from service import telemetry
 from service.events import Answer, EventStore
@@ -22,7 +23,8 @@ from service.events import Answer, EventStore
 logger = logging.getLogger(__name__)
 
 Pending = Answer
-"""``(recommendation_id, method, user_id, item_ids, source, model_name, version, unix time)``."""
+"""``(recommendation_id, method, user_id, item_ids, source, model_name, version, unix time,
+reasons, exploration_seed, exploration_day)``."""
 
 
 class ResponseRecorder:
@@ -56,8 +58,15 @@ class ResponseRecorder:
         source: str,
         model_name: str,
         model_version: str,
+        *,
+        reasons: Sequence[int] | None = None,
+        exploration_seed: int | None = None,
+        exploration_day: int | None = None,
+        at: float | None = None,
     ) -> None:
-        """Queue one answer (called on the request path: no I/O, no lock)."""
+        """Queue one answer (called on the request path: no I/O, no lock). ``reasons``: one
+        ``Reason`` code per item, ``None`` when all are the model's; the exploration's seed and
+        day when the list had one; ``at``: when it was served (unix seconds; default now)."""
         if len(self._buffer) >= self.capacity:
             self._drop()
             return
@@ -70,7 +79,10 @@ class ResponseRecorder:
                 source,
                 model_name,
                 model_version,
-                time.time(),
+                time.time() if at is None else at,
+                reasons,
+                exploration_seed,
+                exploration_day,
             )
         )
 

@@ -44,6 +44,7 @@ from service.live import LiveActivity
 from service.loader import ModelHolder, ModelLoader, configure_mlflow_http, find_artifact_dir
 from service.logs import configure_logging
 from service.recorder import ResponseRecorder
+from service.rules import RuleDefaults, RuleResolver
 from service.servicer import RecommenderServicer, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def create_server(
         recorder=recorder,
         # Other workers and hosts record answers every fraction of a second: sweep after that.
         erasure_sweep_seconds=1.0,
+        rules=RuleResolver(RuleDefaults.from_settings(settings), max_ids=settings.max_ids),
     )
     if on_servicer is not None:
         on_servicer(servicer)

@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from models.artifact import ITEM_TYPES
 from models.errors import InvalidInputError, NotReadyError
 from models.ranking import ItemFilter, Recommendations, Source
+from models.rules import Rules
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import telemetry
@@ -37,6 +38,7 @@ from service.interceptors import SERVICE, DeadlineExceededError
 from service.live import LiveActivity, UserActivity
 from service.loader import LoadedModel, ModelHolder
 from service.recorder import ResponseRecorder
+from service.rules import RuleResolver, with_rotation
 from service.wire import serialize
 
 logger = logging.getLogger(__name__)
@@ -146,8 +148,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     and ``LogEvents`` into ``events`` (a group-committing event store; ``None``: UNAVAILABLE).
 
     With ``live``, a user's events since the model's training data personalize their lists and
-    their dislikes and erasure apply at once; with ``recorder``, every answer is recorded for
-    attribution; ``DeleteUser`` erases a user from ``events``' store.
+    their dislikes and erasure apply at once (and, when it keeps them, the items each answer
+    showed feed the rotation rule); with ``recorder``, every answer is recorded for attribution,
+    with its items' reasons and its exploration's seed and day; ``DeleteUser`` erases a user from
+    ``events``' store. ``rules`` resolves each list's ranking rules from the server's defaults and
+    the request's ``RankingRules`` (default: none).
     """
 
     def __init__(
@@ -161,8 +166,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         live: LiveActivity | None = None,
         recorder: ResponseRecorder | None = None,
         erasure_sweep_seconds: float = 1.0,
+        rules: RuleResolver | None = None,
     ) -> None:
         self.holder = holder
+        self.rules = rules if rules is not None else RuleResolver(max_ids=max_ids)
         self.max_k = max_k
         self.max_ids = max_ids
         self.events = events
@@ -210,6 +217,41 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("deadline passed before the request could be handled")
 
+    def _user_rules(self, request: pb.RecommendRequest, loaded: LoadedModel) -> Rules | None:
+        """The ranking rules of a user's list: the request's over the server's defaults, with
+        the rotation of the items recently shown to the user (from the live view)."""
+        given = request.HasField("rules")
+        if not given and self.rules.off:
+            return None  # the common case: one attribute check
+        pipeline = loaded.pipeline
+        plan = self.rules.plan(
+            request.rules if given else None,
+            recommend=True,
+            item_types=pipeline.item_types if given else (),
+        )
+        rules = plan.rules
+        if plan.rotation is not None:
+            live = self.live
+            shown = live.shown(request.user_id) if live is not None else None
+            if shown is not None:
+                rules = with_rotation(plan, pipeline.vocabularies()[1], shown)
+        if rules is not None and rules.exploration is not None:
+            rules = rules.settled()  # the day the draw uses, read once and recorded
+        return rules
+
+    def _list_rules(
+        self, request: pb.SimilarItemsRequest | pb.PopularRequest, loaded: LoadedModel
+    ) -> Rules | None:
+        """The ranking rules of an item or popular list (no exploration, no rotation)."""
+        given = request.HasField("rules")
+        if not given and self.rules.off:
+            return None
+        return self.rules.plan(
+            request.rules if given else None,
+            recommend=False,
+            item_types=loaded.pipeline.item_types if given else (),
+        ).rules
+
     # ------------------------------------------------------------ responses
     def _record(
         self,
@@ -218,14 +260,35 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         recs: Recommendations,
         rec_id: str,
         user_id: str | None = None,
+        rules: Rules | None = None,
     ) -> None:
         _source_counter(method, str(recs.source)).inc()
         recorder = self.recorder
-        if recorder is not None:
-            meta = loaded.meta
-            recorder.record(
-                rec_id, method, user_id, recs.item_ids, recs.source.value, meta.name, meta.version
-            )
+        live = self.live
+        keeps_shown = user_id is not None and live is not None and live.keeps_shown
+        if recorder is not None or keeps_shown:
+            at = time.time()
+            if keeps_shown:
+                assert live is not None and user_id is not None
+                live.showed(user_id, recs.item_ids, at)
+            if recorder is not None:
+                meta = loaded.meta
+                reasons = recs.reasons
+                exploration = rules.exploration if rules is not None else None
+                recorder.record(
+                    rec_id,
+                    method,
+                    user_id,
+                    recs.item_ids,
+                    recs.source.value,
+                    meta.name,
+                    meta.version,
+                    # None when every item is the model's: the column stays NULL.
+                    reasons=reasons.tolist() if reasons is not None and reasons.any() else None,
+                    exploration_seed=exploration.seed if exploration is not None else None,
+                    exploration_day=exploration.day if exploration is not None else None,
+                    at=at,
+                )
         if not logger.isEnabledFor(logging.INFO):
             return
         logger.info(
@@ -261,6 +324,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 as_unknown = _erased_for(activity, loaded)
                 recent += _fresh_items(activity, loaded, as_unknown)
                 disliked = activity.disliked_items()
+        rules = self._user_rules(request, loaded)
         recs = loaded.pipeline.recommend(
             request.user_id,
             request.k,
@@ -270,9 +334,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             include_seen=request.include_seen,
             disliked_item_ids=disliked,
             as_unknown=as_unknown,
+            rules=rules,
         )
         rec_id = new_recommendation_id()
-        self._record("Recommend", loaded, recs, rec_id, request.user_id)
+        self._record("Recommend", loaded, recs, rec_id, request.user_id, rules)
         return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id)
 
     def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext) -> bytes:
@@ -289,6 +354,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             request.k,
             exclude_item_ids=list(request.exclude_item_ids),
             item_filter=item_filter,
+            rules=self._list_rules(request, loaded),
         )
         rec_id = new_recommendation_id()
         self._record("SimilarItems", loaded, recs, rec_id)
@@ -306,6 +372,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             item_filter=item_filter,
             exclude_item_ids=list(request.exclude_item_ids),
             trending=request.trending,
+            rules=self._list_rules(request, loaded),
         )
         rec_id = new_recommendation_id()
         self._record("Popular", loaded, recs, rec_id)

@@ -12,6 +12,13 @@ pieces, each score's four bytes and the response's own fields, several times che
 The bytes decode to the same message the protobuf classes build (``tests/service/test_wire.py``
 checks it field by field against them); the only difference in the bytes themselves is that a
 score of exactly zero is written out, where protobuf leaves a zero scalar out.
+
+An item's ``reason`` (ranking rules) is written only when it is not ``REASON_MODEL``, as protobuf
+leaves a zero enum out: a list made without rules (``Recommendations.reasons`` is ``None``, or
+all zero) takes the same path and gives the same bytes as before reasons existed. An item with
+another reason is written from a second cache, keyed by item and reason, whose pieces carry the
+reason's two bytes after the category (field order) and the item's length with them. Nothing
+assumes the scores are sorted: rules that arrange a list leave it out of score order.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import numpy as np
+
 from models.ranking import RankingPipeline, Recommendations
 from protos.affinity.v1 import recommender_pb2 as pb
 
-SCORED_ITEM_FIELDS = ("item_id", "score", "item_type", "category")
+SCORED_ITEM_FIELDS = ("item_id", "score", "item_type", "category", "reason")
 """The ``ScoredItem`` fields the encoder writes, in the order it writes them."""
 RECOMMEND_FIELDS = ("items", "source", "model", "recommendation_id")
 """The ``RecommendResponse`` fields the encoder writes."""
@@ -53,7 +62,9 @@ def _tag(number: int, wire_type: int) -> bytes:
 # The cached item pieces carry the items field's tag, so all three responses must number
 # ``items`` alike, and PopularResponse must number its fields as SimilarItemsResponse does
 # (tests/service/test_wire.py checks both).
-_ITEM_ID, _ITEM_SCORE, _ITEM_TYPE, _ITEM_CATEGORY = _numbers(pb.ScoredItem, SCORED_ITEM_FIELDS)
+_ITEM_ID, _ITEM_SCORE, _ITEM_TYPE, _ITEM_CATEGORY, _ITEM_REASON = _numbers(
+    pb.ScoredItem, SCORED_ITEM_FIELDS
+)
 _ITEMS, _RECOMMEND_SOURCE, _RECOMMEND_MODEL, _RECOMMEND_ID = _numbers(
     pb.RecommendResponse, RECOMMEND_FIELDS
 )
@@ -85,6 +96,8 @@ class ListingEncoder:
     def __init__(self, pipeline: RankingPipeline, model: pb.ModelRef) -> None:
         self._catalog = pipeline.catalog
         self._pieces: list[tuple[bytes, bytes] | None] = [None] * pipeline.n_items
+        self._reasoned: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+        """The pieces of an item with a reason other than REASON_MODEL, by (index, reason)."""
         encoded = model.SerializeToString()
         self._recommend_model = length_delimited(_RECOMMEND_MODEL, encoded)
         self._listing_model = length_delimited(_LISTING_MODEL, encoded)
@@ -102,13 +115,44 @@ class ListingEncoder:
             self._pieces[index] = pieces
         return pieces
 
+    def _reasoned_item(self, index: int, item_id: str, reason: int) -> tuple[bytes, bytes]:
+        key = (index, reason)
+        pieces = self._reasoned.get(key)
+        if pieces is None:
+            head = _string(_ITEM_ID, item_id)
+            tail = _string(_ITEM_TYPE, str(self._catalog.item_type[index]))
+            tail += _string(_ITEM_CATEGORY, str(self._catalog.category[index]))
+            tail += _tag(_ITEM_REASON, 0) + _varint(reason)
+            size = len(head) + _SCORE_BYTES + len(tail)
+            pieces = (_tag(_ITEMS, 2) + _varint(size) + head + _SCORE_TAG, tail)
+            self._reasoned[key] = pieces
+        return pieces
+
     def _items(self, recs: Recommendations) -> list[bytes]:
         parts: list[bytes] = []
         append = parts.append
+        reasons = recs.reasons
+        if reasons is not None and reasons.any():
+            return self._items_with_reasons(recs, reasons)
         for index, item_id, score in zip(
             recs.indices.tolist(), recs.item_ids, recs.scores, strict=True
         ):
             head, tail = self._item(index, item_id)
+            append(head)
+            append(_SCORE(score))
+            append(tail)
+        return parts
+
+    def _items_with_reasons(self, recs: Recommendations, reasons: np.ndarray) -> list[bytes]:
+        parts: list[bytes] = []
+        append = parts.append
+        for index, item_id, score, reason in zip(
+            recs.indices.tolist(), recs.item_ids, recs.scores, reasons.tolist(), strict=True
+        ):
+            if reason:
+                head, tail = self._reasoned_item(index, item_id, reason)
+            else:
+                head, tail = self._item(index, item_id)
             append(head)
             append(_SCORE(score))
             append(tail)

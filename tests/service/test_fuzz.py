@@ -1,5 +1,6 @@
 """Fuzz the running gRPC server with hypothesis: odd strings, extreme k, thousands of ids, random
-filters and raw malformed protobuf bytes. Every answer must be OK or a documented status code,
+filters, random ranking rules (NaN, infinities, extreme integers, odd filters, too many boosts)
+and raw malformed protobuf bytes. Every answer must be OK or a documented status code,
 never INTERNAL, and the server must keep answering.
 
 ``AFFINITY_FUZZ_EXAMPLES`` sets the examples per test (default 60, about 300 cases in all);
@@ -79,6 +80,63 @@ filters = st.builds(
 )
 
 
+# Ranking rules: every field set or not, with values in range, at its edges and far outside.
+odd_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 0.05, 0.1, 0.3, 0.5, 1.0, 1.0000001, 1.5, -1.0, 1e-300, 1e308]),
+)
+int32s = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-2, 5))
+int64s = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-2, 50))
+rule_types = st.lists(st.one_of(st.sampled_from(["content", "product"]), odd_text), max_size=3)
+rule_categories = st.lists(st.one_of(st.sampled_from(["a", "b"]), odd_text), max_size=3)
+
+
+@st.composite
+def ranking_rules(draw: st.DrawFn, *, user: bool = True) -> pb.RankingRules | None:
+    """A random ``RankingRules`` (``None``: no rules field); ``user``: exploration and rotation
+    too (on other lists they are INVALID_ARGUMENT, sometimes sent anyway)."""
+    if draw(st.booleans()):
+        return None
+    rules = pb.RankingRules()
+    maybe = st.booleans()
+    if draw(maybe):
+        rules.diversity.SetInParent()
+        if draw(maybe):
+            rules.diversity.max_per_category = draw(int32s)
+        if draw(maybe):
+            rules.diversity.mmr = draw(odd_floats)
+    for _ in range(draw(st.one_of(st.integers(0, 3), st.sampled_from([32, 33, 40])))):
+        rules.boosts.add(
+            item_types=draw(rule_types), categories=draw(rule_categories), factor=draw(odd_floats)
+        )
+    rules.no_boosts = draw(st.booleans())
+    if draw(maybe):
+        rules.promotion.SetInParent()
+        rules.promotion.item_types.extend(draw(rule_types))
+        rules.promotion.categories.extend(draw(rule_categories))
+        if draw(maybe):
+            rules.promotion.share = draw(odd_floats)
+    if user or draw(st.integers(0, 9)) == 0:
+        if draw(maybe):
+            ex = rules.exploration
+            ex.SetInParent()
+            if draw(maybe):
+                ex.share = draw(odd_floats)
+            if draw(maybe):
+                ex.max_age_days = draw(odd_floats)
+            if draw(maybe):
+                ex.seed = draw(int64s)
+            if draw(maybe):
+                ex.max_interactions = draw(int64s)
+        if draw(maybe):
+            rules.rotation.SetInParent()
+            if draw(maybe):
+                rules.rotation.rate = draw(odd_floats)
+            if draw(maybe):
+                rules.rotation.half_life_seconds = draw(odd_floats)
+    return rules
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (the wire type of strings and messages)."""
     size, out = len(payload), bytearray()
@@ -119,6 +177,7 @@ def channel(
         tmp_path_factory.mktemp("fuzz"),
         max_message_bytes=MAX_MESSAGE_BYTES,
         max_in_flight=64,
+        rules_rotation_allowed=True,  # a request's rotation is resolved, not refused outright
     )
     with running(config, holder) as port, grpc.insecure_channel(f"127.0.0.1:{port}", options) as c:
         yield c
@@ -164,6 +223,7 @@ def _code_of(call: Callable[[], Any]) -> grpc.StatusCode:
     exclude=id_lists,
     item_filter=filters,
     include_seen=st.booleans(),
+    rules=ranking_rules(),
 )
 def test_recommend_fuzz(
     stub: pb_grpc.RecommenderStub,
@@ -173,6 +233,7 @@ def test_recommend_fuzz(
     exclude: list[str],
     item_filter: pb.ItemFilter,
     include_seen: bool,
+    rules: pb.RankingRules | None,
 ) -> None:
     request = pb.RecommendRequest(
         user_id=user_id,
@@ -181,6 +242,7 @@ def test_recommend_fuzz(
         exclude_item_ids=exclude,
         filter=item_filter,
         include_seen=include_seen,
+        rules=rules,
     )
     code = _code_of(lambda: stub.Recommend(request, timeout=30))
     if (
@@ -188,22 +250,30 @@ def test_recommend_fuzz(
         and len(recent) <= 1000
         and len(exclude) <= 1000
         and not item_filter.ListFields()
+        and rules is None
     ):
         # A valid request for any user (known, unknown, odd) gets an answer: fold-in or popular.
         assert code in {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @FUZZ
-@given(items=id_lists, k=k_values, exclude=id_lists, item_filter=filters)
+@given(
+    items=id_lists,
+    k=k_values,
+    exclude=id_lists,
+    item_filter=filters,
+    rules=ranking_rules(user=False),
+)
 def test_similar_items_fuzz(
     stub: pb_grpc.RecommenderStub,
     items: list[str],
     k: int,
     exclude: list[str],
     item_filter: pb.ItemFilter,
+    rules: pb.RankingRules | None,
 ) -> None:
     request = pb.SimilarItemsRequest(
-        item_ids=items, k=k, exclude_item_ids=exclude, filter=item_filter
+        item_ids=items, k=k, exclude_item_ids=exclude, filter=item_filter, rules=rules
     )
     code = _code_of(lambda: stub.SimilarItems(request, timeout=30))
     if not items or not 1 <= k <= 1000:
@@ -211,16 +281,23 @@ def test_similar_items_fuzz(
 
 
 @FUZZ
-@given(k=k_values, exclude=id_lists, item_filter=filters, trending=st.booleans())
+@given(
+    k=k_values,
+    exclude=id_lists,
+    item_filter=filters,
+    trending=st.booleans(),
+    rules=ranking_rules(user=False),
+)
 def test_popular_fuzz(
     stub: pb_grpc.RecommenderStub,
     k: int,
     exclude: list[str],
     item_filter: pb.ItemFilter,
     trending: bool,
+    rules: pb.RankingRules | None,
 ) -> None:
     request = pb.PopularRequest(
-        k=k, exclude_item_ids=exclude, filter=item_filter, trending=trending
+        k=k, exclude_item_ids=exclude, filter=item_filter, trending=trending, rules=rules
     )
     code = _code_of(lambda: stub.Popular(request, timeout=30))
     if not 1 <= k <= 1000:

@@ -171,3 +171,43 @@ def test_the_listing_responses_share_their_field_numbers() -> None:
     assert [similar[name].number for name in LISTING_FIELDS] == [
         popular[name].number for name in LISTING_FIELDS
     ]
+
+
+def test_reasons_are_written_only_when_a_rule_claimed_an_item(pipeline: RankingPipeline) -> None:
+    """A list whose items are all the model's is the same bytes as one made without rules;
+    other reasons are written as protobuf writes them, whatever the order of the scores."""
+    from models.rules import Boost, Promotion, Rules
+
+    loaded = loaded_model(pipeline, version="4")
+    encoder = ListingEncoder(pipeline, loaded.meta.ref)
+    plain = pipeline.recommend("u01", 10)
+    zeros = replace(plain, reasons=np.zeros(len(plain), dtype=np.uint8))
+    source = SOURCES[plain.source]
+    assert encoder.recommend(zeros, source, "z") == encoder.recommend(plain, source, "z")
+    rules = Rules(
+        boosts=(Boost(ItemFilter.of([], ["b"]), 3.0),),
+        promotion=Promotion(ItemFilter.of(["product"], []), 0.3),
+    )
+    for recs in (
+        pipeline.recommend("u01", 10, rules=rules),
+        pipeline.similar_items(["i05"], 7, rules=rules),
+        pipeline.popular(9, rules=rules),
+    ):
+        assert recs.reasons is not None and recs.reasons.any()
+        items = scored_items(recs, pipeline.bundle.catalog)
+        for item, reason in zip(items, recs.reasons.tolist(), strict=True):
+            item.reason = reason
+        expected = pb.RecommendResponse(
+            items=items, source=source, model=loaded.meta.ref, recommendation_id="r"
+        )
+        for _ in range(2):  # the second time from the cached pieces
+            encoded = encoder.recommend(recs, source, "r")
+            assert pb.RecommendResponse.FromString(encoded) == expected
+            assert encoded == expected.SerializeToString()
+        listing = encoder.listing(recs, "r")
+        assert pb.PopularResponse.FromString(listing).items == expected.items
+    # Scores out of order (a rule arranged the list) are written as they are.
+    shuffled = pipeline.recommend("u01", 10, rules=Rules(promotion=rules.promotion))
+    decoded = pb.RecommendResponse.FromString(encoder.recommend(shuffled, source, "s"))
+    assert [item.score for item in decoded.items] == pytest.approx(shuffled.scores)
+    assert [item.reason for item in decoded.items] == shuffled.reasons.tolist()  # type: ignore[union-attr]

@@ -17,6 +17,13 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_FOLD_IN: _ClassVar[Source]
     SOURCE_POPULAR: _ClassVar[Source]
 
+class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REASON_MODEL: _ClassVar[Reason]
+    REASON_BOOSTED: _ClassVar[Reason]
+    REASON_PROMOTED: _ClassVar[Reason]
+    REASON_EXPLORED: _ClassVar[Reason]
+
 class EventStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EVENT_STATUS_UNSPECIFIED: _ClassVar[EventStatus]
@@ -27,6 +34,10 @@ SOURCE_UNSPECIFIED: Source
 SOURCE_PERSONALIZED: Source
 SOURCE_FOLD_IN: Source
 SOURCE_POPULAR: Source
+REASON_MODEL: Reason
+REASON_BOOSTED: Reason
+REASON_PROMOTED: Reason
+REASON_EXPLORED: Reason
 EVENT_STATUS_UNSPECIFIED: EventStatus
 EVENT_STATUS_ACCEPTED: EventStatus
 EVENT_STATUS_DUPLICATE: EventStatus
@@ -41,32 +52,100 @@ class ItemFilter(_message.Message):
     def __init__(self, item_types: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "recent_item_ids", "exclude_item_ids", "filter", "include_seen")
+    __slots__ = ("user_id", "k", "recent_item_ids", "exclude_item_ids", "filter", "include_seen", "rules")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     recent_item_ids: _containers.RepeatedScalarFieldContainer[str]
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     filter: ItemFilter
     include_seen: bool
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., recent_item_ids: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[ItemFilter, _Mapping]] = ..., include_seen: _Optional[bool] = ...) -> None: ...
+    rules: RankingRules
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., recent_item_ids: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[ItemFilter, _Mapping]] = ..., include_seen: _Optional[bool] = ..., rules: _Optional[_Union[RankingRules, _Mapping]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
-    __slots__ = ("item_id", "score", "item_type", "category")
+    __slots__ = ("item_id", "score", "item_type", "category", "reason")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ITEM_TYPE_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     item_type: str
     category: str
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., item_type: _Optional[str] = ..., category: _Optional[str] = ...) -> None: ...
+    reason: Reason
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., item_type: _Optional[str] = ..., category: _Optional[str] = ..., reason: _Optional[_Union[Reason, str]] = ...) -> None: ...
+
+class RankingRules(_message.Message):
+    __slots__ = ("diversity", "boosts", "no_boosts", "promotion", "exploration", "rotation")
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    BOOSTS_FIELD_NUMBER: _ClassVar[int]
+    NO_BOOSTS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_FIELD_NUMBER: _ClassVar[int]
+    diversity: Diversity
+    boosts: _containers.RepeatedCompositeFieldContainer[Boost]
+    no_boosts: bool
+    promotion: Promotion
+    exploration: Exploration
+    rotation: Rotation
+    def __init__(self, diversity: _Optional[_Union[Diversity, _Mapping]] = ..., boosts: _Optional[_Iterable[_Union[Boost, _Mapping]]] = ..., no_boosts: _Optional[bool] = ..., promotion: _Optional[_Union[Promotion, _Mapping]] = ..., exploration: _Optional[_Union[Exploration, _Mapping]] = ..., rotation: _Optional[_Union[Rotation, _Mapping]] = ...) -> None: ...
+
+class Diversity(_message.Message):
+    __slots__ = ("max_per_category", "mmr")
+    MAX_PER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    MMR_FIELD_NUMBER: _ClassVar[int]
+    max_per_category: int
+    mmr: float
+    def __init__(self, max_per_category: _Optional[int] = ..., mmr: _Optional[float] = ...) -> None: ...
+
+class Boost(_message.Message):
+    __slots__ = ("item_types", "categories", "factor")
+    ITEM_TYPES_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    item_types: _containers.RepeatedScalarFieldContainer[str]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    factor: float
+    def __init__(self, item_types: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ..., factor: _Optional[float] = ...) -> None: ...
+
+class Promotion(_message.Message):
+    __slots__ = ("item_types", "categories", "share")
+    ITEM_TYPES_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    item_types: _containers.RepeatedScalarFieldContainer[str]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    share: float
+    def __init__(self, item_types: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ..., share: _Optional[float] = ...) -> None: ...
+
+class Exploration(_message.Message):
+    __slots__ = ("share", "max_age_days", "seed", "max_interactions")
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_DAYS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    share: float
+    max_age_days: float
+    seed: int
+    max_interactions: int
+    def __init__(self, share: _Optional[float] = ..., max_age_days: _Optional[float] = ..., seed: _Optional[int] = ..., max_interactions: _Optional[int] = ...) -> None: ...
+
+class Rotation(_message.Message):
+    __slots__ = ("rate", "half_life_seconds")
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    HALF_LIFE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    rate: float
+    half_life_seconds: float
+    def __init__(self, rate: _Optional[float] = ..., half_life_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version", "run_id", "algorithm")
@@ -93,16 +172,18 @@ class RecommendResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., source: _Optional[_Union[Source, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., recommendation_id: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
-    __slots__ = ("item_ids", "k", "exclude_item_ids", "filter")
+    __slots__ = ("item_ids", "k", "exclude_item_ids", "filter", "rules")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     filter: ItemFilter
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[ItemFilter, _Mapping]] = ...) -> None: ...
+    rules: RankingRules
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[ItemFilter, _Mapping]] = ..., rules: _Optional[_Union[RankingRules, _Mapping]] = ...) -> None: ...
 
 class SimilarItemsResponse(_message.Message):
     __slots__ = ("items", "model", "recommendation_id")
@@ -115,16 +196,18 @@ class SimilarItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., recommendation_id: _Optional[str] = ...) -> None: ...
 
 class PopularRequest(_message.Message):
-    __slots__ = ("k", "filter", "trending", "exclude_item_ids")
+    __slots__ = ("k", "filter", "trending", "exclude_item_ids", "rules")
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     TRENDING_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     k: int
     filter: ItemFilter
     trending: bool
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, k: _Optional[int] = ..., filter: _Optional[_Union[ItemFilter, _Mapping]] = ..., trending: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    rules: RankingRules
+    def __init__(self, k: _Optional[int] = ..., filter: _Optional[_Union[ItemFilter, _Mapping]] = ..., trending: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., rules: _Optional[_Union[RankingRules, _Mapping]] = ...) -> None: ...
 
 class PopularResponse(_message.Message):
     __slots__ = ("items", "model", "recommendation_id")
