@@ -80,6 +80,8 @@ GATHERED_PER_SLOT = 2
 """Items gathered per promotion or exploration slot (spares for caps and dislikes)."""
 DEEPER_ROUNDS = 3
 """Fetches of items beyond the candidates one arrangement may make (see ``_Layout``)."""
+OPEN_CATEGORY_MASKS = 256
+"""Masks of the categories still open kept per pipeline (see :meth:`RuleStages.open_categories`)."""
 
 
 # --------------------------------------------------------------------------------- the rules
@@ -445,6 +447,7 @@ class RuleStages:
         warm_up()
         self._pipeline = weakref.ref(pipeline)
         self._codes: np.ndarray | None = None
+        self._open: dict[bytes, np.ndarray] = {}
         self._newest: tuple[np.ndarray, np.ndarray] | None = None
         self.before: tuple[Any, ...] = (GatherStage(self),)
         self.after: tuple[Any, ...] = (
@@ -490,8 +493,27 @@ class RuleStages:
             blank = np.flatnonzero(names == "")
             if len(blank):
                 codes[codes == blank[0]] = -1
+            codes.setflags(write=False)
             self._codes = codes
         return self._codes
+
+    def open_categories(self, full: np.ndarray) -> np.ndarray:
+        """A mask of the items outside the categories numbered ``full`` (sorted, unique;
+        items without a category are always inside it), kept for the next list that fills
+        the same categories: a table lookup per item instead of a set membership test."""
+        key = full.tobytes()
+        mask = self._open.get(key)
+        if mask is None:
+            codes = self.category_codes()
+            # One entry per category and a last one, never closed, that code -1 indexes.
+            table = np.ones(int(codes.max(initial=-1)) + 2, dtype=np.bool_)
+            table[full] = False
+            mask = table[codes]
+            mask.setflags(write=False)
+            if len(self._open) >= OPEN_CATEGORY_MASKS:
+                self._open.clear()  # a bound on memory; any set is rebuilt in microseconds
+            self._open[key] = mask
+        return mask
 
     def _by_age(self) -> tuple[np.ndarray, np.ndarray]:
         """Items with a known first appearance, oldest first, and those times."""
@@ -744,21 +766,25 @@ class _Layout:
         if self.cap:
             full = np.unique(self.cats[(self.taken >= self.cap) & (self.cats >= 0)])
             if len(full):
-                also = ~np.isin(self.context.category_codes(), full)
+                also = self.context.open_categories(full)
         want = DIVERSITY_CANDIDATES_PER_SLOT * self.k
         got, got_scores = self.pipeline.candidates(self.request, want, also=also, skip=self.ids)
         if not len(got):
             self.deeper = DEEPER_ROUNDS
             return False
         more = len(got)
-        self.ids = np.concatenate([self.ids, np.asarray(got, dtype=np.int64)])
+        got = np.asarray(got, dtype=np.int64)
+        got_cats = self.context.category_codes()[got]
+        # The new rows are free: their counts are those of the rows in the list, by category.
+        in_list = self.cats[self.used]
+        in_list = in_list[in_list >= 0]
+        got_taken = (got_cats[:, None] == in_list[None, :]).sum(axis=1).astype(np.int64)
+        self.ids = np.concatenate([self.ids, got])
         self.scores = np.concatenate([self.scores, np.asarray(got_scores, dtype=np.float32)])
         self.used = np.concatenate([self.used, np.zeros(more, dtype=np.bool_)])
         self.why = np.concatenate([self.why, np.zeros(more, dtype=np.uint8)])
-        self.cats = self.context.category_codes()[self.ids]
-        taken = self.cats[self.used]
-        taken = taken[taken >= 0]
-        self.taken = (self.cats[:, None] == taken[None, :]).sum(axis=1).astype(np.int64)
+        self.cats = np.concatenate([self.cats, got_cats])
+        self.taken = np.concatenate([self.taken, got_taken])
         if self.mmr > 0:
             # Items from beyond the candidates come after all of them: no relevance of their
             # own (their scores may be the backfill's popularity, on another scale).
