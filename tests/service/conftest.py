@@ -8,11 +8,9 @@ i39 is unavailable.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,6 @@ import mlflow
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from threadpoolctl import threadpool_limits
 
 from models.algorithms import get_algorithm
@@ -37,7 +33,6 @@ from service.server import create_server
 
 N_USERS, N_ITEMS, CLUSTER_ITEMS = 60, 40, 20
 MODEL_NAME = "affinity"
-POSTGRES_ENV = "AFFINITY_TEST_POSTGRES_URI"
 
 
 def cluster_of(item_id: str) -> str:
@@ -98,34 +93,6 @@ def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pipeline(artifact_dir: Path) -> RankingPipeline:
     return RankingPipeline.from_bundle(load_artifact(artifact_dir))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def events_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store' / 'events.db'}"
-        return
-    base = os.environ.get(POSTGRES_ENV)
-    if not base:
-        message = (
-            f"{POSTGRES_ENV} is not set: start PostgreSQL with "
-            f'`export {POSTGRES_ENV}="$(bash scripts/postgres.sh)"`'
-        )
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must test the event store on PostgreSQL: {message}")
-        pytest.skip(message)
-    schema = f"events_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
 
 
 def free_port() -> int:

@@ -10,10 +10,8 @@ counted; an erased user's rows at or before the erasure reach training from no i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +19,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from affinity.cli import main
@@ -29,36 +26,7 @@ from registry.mlflow_store import load_model_uri
 from service.events import Event, EventRules, EventStore
 from training.generate import generate
 
-POSTGRES_ENV = "AFFINITY_TEST_POSTGRES_URI"
 ALS = ["--algorithm", "als", "--param", "factors=8", "--param", "iterations=3"]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def events_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty event store of each kind (as tests/service/conftest.py's events_db)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store' / 'events.db'}"
-        return
-    base = os.environ.get(POSTGRES_ENV)
-    if not base:
-        message = (
-            f"{POSTGRES_ENV} is not set: start PostgreSQL with "
-            f'`export {POSTGRES_ENV}="$(bash scripts/postgres.sh)"`'
-        )
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must test the event store on PostgreSQL: {message}")
-        pytest.skip(message)
-    schema = f"train_events_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
 
 
 @pytest.fixture
@@ -119,7 +87,7 @@ def _download(uri: str) -> Path:
 
 
 def test_train_on_the_store_and_logs_with_erasures(
-    events_uri: str,
+    events_db: str,
     generated: pd.DataFrame,
     tracking: str,
     private_tmp: Path,
@@ -132,7 +100,7 @@ def test_train_on_the_store_and_logs_with_erasures(
     in_log.to_csv(log, index=False)
     users = generated["user_id"].value_counts().index
     returning, gone = str(users[0]), str(users[1])
-    with EventStore.open(events_uri) as store:
+    with EventStore.open(events_db) as store:
         store.append(as_events(in_store, "g"))
         store.append(
             [
@@ -160,10 +128,10 @@ def test_train_on_the_store_and_logs_with_erasures(
         store_training = store.count() - 3
     erased_in_log = int(in_log["user_id"].isin([returning, gone]).sum())
 
-    summary = train(capsys, "--events", events_uri, "--interactions", str(log), *ALS)
+    summary = train(capsys, "--events", events_db, "--interactions", str(log), *ALS)
 
     assert summary["events_store"] == {
-        "uri": make_url(events_uri).render_as_string(hide_password=True),
+        "uri": make_url(events_db).render_as_string(hide_password=True),
         "events": store_training + 3,
         "training_events": store_training,
         "skipped": {"dislike": 1, "impression": 2},
@@ -188,14 +156,14 @@ def test_train_on_the_store_and_logs_with_erasures(
 
 
 def test_train_on_the_store_alone_quarantines_as_a_log(
-    events_uri: str,
+    events_db: str,
     generated: pd.DataFrame,
     tracking: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # A configured extra event the training weights do not know is quarantined, as in a log.
-    with EventStore.open(events_uri, rules=EventRules(extra_events=frozenset({"bookmark"}))) as s:
+    with EventStore.open(events_db, rules=EventRules(extra_events=frozenset({"bookmark"}))) as s:
         s.append(as_events(generated, "g"))
         s.append(
             [
@@ -204,7 +172,7 @@ def test_train_on_the_store_alone_quarantines_as_a_log(
                 )
             ]
         )
-    summary = train(capsys, "--events", events_uri, *ALS)
+    summary = train(capsys, "--events", events_db, *ALS)
     assert summary["rows"] == {
         "read": len(generated) + 1,
         "accepted": len(generated),
@@ -217,7 +185,7 @@ def test_train_on_the_store_alone_quarantines_as_a_log(
         ["unknown_event", "u00001", "bookmark"]
     ]
     # Given a weight, the same event trains.
-    summary = train(capsys, "--events", events_uri, "--event-weight", "bookmark=3", *ALS)
+    summary = train(capsys, "--events", events_db, "--event-weight", "bookmark=3", *ALS)
     assert summary["rows"]["accepted"] == len(generated) + 1
 
 
