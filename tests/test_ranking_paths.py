@@ -196,8 +196,9 @@ def test_the_pyfunc_loads_beside_an_unrelated_models_package(
 # ------------------------------------------------------------------------- ranking rules
 def _rule_cases(
     categories: list[str], excluded: list[str], now: float
-) -> list[tuple[str, list[str], dict[str, Any], Rules, list[str]]]:
-    """(name, batch-recommend flags, pyfunc params, the Rules they stand for, excluded ids)."""
+) -> list[tuple[str, list[str], dict[str, Any], Rules, list[str], dict[str, Any]]]:
+    """(name, batch-recommend flags, pyfunc params, the Rules they stand for, excluded ids, the
+    request's RankingRules as a dict)."""
     boosted, promoted = categories[0], categories[1]
     return [
         (
@@ -206,6 +207,7 @@ def _rule_cases(
             {"diversity_cap": 2, "mmr": 0.3},
             Rules(diversity=Diversity(max_per_category=2, mmr=0.3)),
             [],
+            {"diversity": {"max_per_category": 2, "mmr": 0.3}},
         ),
         (
             "campaign",
@@ -232,6 +234,12 @@ def _rule_cases(
                 exploration=Exploration(share=0.1, max_age_days=100000, seed=3, now=now),
             ),
             excluded,
+            {
+                "diversity": {"max_per_category": 4},
+                "boosts": [{"categories": [boosted], "factor": 1.5}],
+                "promotion": {"categories": [promoted], "share": 0.2},
+                "exploration": {"share": 0.1, "max_age_days": 100000, "seed": 3},
+            },
         ),
     ]
 
@@ -242,9 +250,9 @@ def test_batch_pyfunc_and_evaluation_apply_ranking_rules_identically(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The same rules given as batch-recommend flags, as pyfunc parameters and as a Rules value
-    to the batch ranking of offline evaluation make identical lists (the served side of the
-    rules is compared in the test above once the server takes them)."""
+    """The same rules given as a gRPC request's RankingRules, as batch-recommend flags, as pyfunc
+    parameters and as a Rules value to the batch ranking of offline evaluation make identical
+    lists."""
     work, uri = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(work)
@@ -259,44 +267,89 @@ def test_batch_pyfunc_and_evaluation_apply_ranking_rules_identically(
     evaluation = RankingPipeline.from_bundle(bundle)
     user_index = np.array([bundle.users.get(u) for u in users])
 
-    for attempt in range(2):  # an exploration draws per UTC day: retry across midnight
-        now = time.time()
-        lists: dict[str, tuple[dict[str, list[str]], ...]] = {}
-        for name, flags, params, rules, excluded in _rule_cases(categories, popular[:6], now):
-            out = tmp_path / f"rules-{name}.csv"
-            args = ["batch-recommend", "--model", URI, "--users", str(users_file)]
-            args += ["--k", str(K), "--out", str(out), "--quiet", *flags]
-            args += [f"--exclude-item={i}" for i in excluded]
-            assert main(args) == 0, capsys.readouterr().err
-            frame = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
-            batch = {u: frame[frame.user_id == u]["item_id"].tolist() for u in users}
+    settings = settings_for(URI, tmp_path, tracking_uri=uri)
+    holder = ModelHolder()
+    assert ModelLoader(settings, holder).load_initial()
+    with running(settings, holder) as port, client_for(port) as client:
+        for _ in range(2):  # an exploration draws per UTC day: retry across midnight
+            if _rules_agree(
+                client,
+                users,
+                users_file,
+                tmp_path,
+                capsys,
+                pyfunc,
+                evaluation,
+                bundle,
+                user_index,
+                categories,
+                popular,
+            ):
+                return
+    pytest.fail("the paths disagreed on two days in a row")
 
-            query = pd.DataFrame({"user_id": users, "exclude_item_ids": [excluded] * len(users)})
-            result = pyfunc.predict(query, params={"k": K, **params})
-            from_pyfunc = {u: result[result.user_id == u]["item_id"].tolist() for u in users}
 
-            exclude_rows = sp.csr_matrix(
+def _rules_agree(
+    client: Any,
+    users: list[str],
+    users_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pyfunc: Any,
+    evaluation: RankingPipeline,
+    bundle: Any,
+    user_index: np.ndarray,
+    categories: list[str],
+    popular: list[str],
+) -> bool:
+    """Whether the lists were compared within one UTC day (the exploration draws per day; a
+    comparison that crossed midnight returns ``False`` and is tried again); every path must make
+    the same lists for every rule case."""
+    now = time.time()
+    lists: dict[str, tuple[dict[str, list[str]], ...]] = {}
+    for name, flags, params, rules, excluded, request_rules in _rule_cases(
+        categories, popular[:6], now
+    ):
+        served = {
+            u: client.recommend(u, k=K, exclude_item_ids=excluded, rules=request_rules).item_ids
+            for u in users
+        }
+        out = tmp_path / f"rules-{name}.csv"
+        args = ["batch-recommend", "--model", URI, "--users", str(users_file)]
+        args += ["--k", str(K), "--out", str(out), "--quiet", *flags]
+        args += [f"--exclude-item={i}" for i in excluded]
+        assert main(args) == 0, capsys.readouterr().err
+        frame = pd.read_csv(out, dtype={"user_id": str, "item_id": str})
+        batch = {u: frame[frame.user_id == u]["item_id"].tolist() for u in users}
+
+        query = pd.DataFrame({"user_id": users, "exclude_item_ids": [excluded] * len(users)})
+        result = pyfunc.predict(query, params={"k": K, **params})
+        from_pyfunc = {u: result[result.user_id == u]["item_id"].tolist() for u in users}
+
+        exclude_rows = sp.csr_matrix(
+            (
+                np.ones(len(users) * len(excluded), dtype=np.float32),
                 (
-                    np.ones(len(users) * len(excluded), dtype=np.float32),
-                    (
-                        np.repeat(np.arange(len(users)), len(excluded)),
-                        np.tile(bundle.items.lookup(excluded), len(users)),
-                    ),
+                    np.repeat(np.arange(len(users)), len(excluded)),
+                    np.tile(bundle.items.lookup(excluded), len(users)),
                 ),
-                shape=(len(users), len(bundle.items)),
-            )
-            ids = evaluation.rank_users(user_index, K, exclude=exclude_rows, rules=rules)
-            evaluated = {
-                u: bundle.items.decode(row[row >= 0]) for u, row in zip(users, ids, strict=True)
-            }
-            lists[name] = (batch, from_pyfunc, evaluated)
-        if int(now // 86_400) == int(time.time() // 86_400):
-            break
-        assert attempt == 0
+            ),
+            shape=(len(users), len(bundle.items)),
+        )
+        ids = evaluation.rank_users(user_index, K, exclude=exclude_rows, rules=rules)
+        evaluated = {
+            u: bundle.items.decode(row[row >= 0]) for u, row in zip(users, ids, strict=True)
+        }
+        lists[name] = (served, batch, from_pyfunc, evaluated)
+    if int(now // 86_400) != int(time.time() // 86_400):
+        return False
     plain = {u: evaluation.recommend(u, K).item_ids for u in users}
-    for name, (batch, from_pyfunc, evaluated) in lists.items():
+    for name, (served, batch, from_pyfunc, evaluated) in lists.items():
         for user in users:
-            assert batch[user] == from_pyfunc[user] == evaluated[user], (name, user)
+            assert served[user] == batch[user] == from_pyfunc[user] == evaluated[user], (
+                name,
+                user,
+            )
         assert any(batch[u] != plain[u] for u in users), f"{name}: the rules changed nothing"
     # The rules did what they say: at most 2 per category, the promoted category in every list.
     category_of = dict(zip(bundle.items.ids, bundle.catalog.category, strict=True))
@@ -306,3 +359,4 @@ def test_batch_pyfunc_and_evaluation_apply_ranking_rules_identically(
     for items in lists["campaign"][0].values():
         assert promoted in {category_of[i] for i in items}
         assert not set(items) & set(popular[:6])
+    return True
