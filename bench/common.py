@@ -278,3 +278,47 @@ def reregister(workdir: Path) -> None:
         version = registry.log_and_register(workdir / "artifact", model_name=MODEL_NAME)
     registry.set_alias(MODEL_NAME, registry.CHAMPION, version.version)
     shutil.rmtree(workdir / "champion", ignore_errors=True)
+
+
+def tiny_artifact(directory: Path, users: int = 400, items: int = 120) -> Path:
+    """A small synthetic ALS artifact (seconds to build) in ``directory``, kept once built: for
+    the benchmarks and campaigns where the model hardly matters (ingest, smoke runs). Users are
+    ``u0``.., items ``i0``.., untyped and uncategorized, with skewed popularity."""
+    import scipy.sparse as sp
+    from threadpoolctl import threadpool_limits
+
+    from models.algorithms import get_algorithm
+    from models.artifact import ItemCatalog, ModelBundle, save_artifact
+    from models.vocabulary import Vocabulary
+
+    if (directory / "manifest.json").is_file():
+        return directory
+    rng = np.random.default_rng(0)
+    rows = np.repeat(np.arange(users), 8)
+    # Skewed item popularity, so lists differ by user but are not flat.
+    cols = np.minimum(rng.zipf(1.3, size=rows.size) - 1, items - 1)
+    matrix = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(users, items))
+    matrix.sum_duplicates()
+    with threadpool_limits(1, "blas"):
+        model = get_algorithm("als")(
+            factors=8, iterations=4, random_state=0, num_threads=1, calculate_training_loss=False
+        ).fit(matrix)
+    item_ids = [f"i{i}" for i in range(items)]
+    popularity = np.bincount(matrix.indices, minlength=items).astype(np.float32)
+    bundle = ModelBundle(
+        model=model,
+        users=Vocabulary([f"u{u}" for u in range(users)], kind="user"),
+        items=Vocabulary(item_ids),
+        seen=matrix,
+        catalog=ItemCatalog(
+            item_type=np.array(["product"] * items),
+            category=np.array([""] * items),
+            title=np.array(item_ids),
+            available=np.ones(items, dtype=bool),
+        ),
+        popularity=popularity,
+        trending=popularity,
+        info={"dataset_fingerprint": "bench-tiny"},
+    )
+    save_artifact(bundle, directory)
+    return directory

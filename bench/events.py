@@ -28,49 +28,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench import common
-from bench.common import log
+from bench.common import log, tiny_artifact
 
 WARMUP_SECONDS = 2.0
-
-
-def tiny_artifact(directory: Path) -> Path:
-    """A 50-user, 20-item popularity-backed ALS artifact: enough for the server to start."""
-    import scipy.sparse as sp
-
-    from models.algorithms import get_algorithm
-    from models.artifact import ItemCatalog, ModelBundle, save_artifact
-    from models.vocabulary import Vocabulary
-
-    if (directory / "manifest.json").is_file():
-        return directory
-    users, items = 50, 20
-    rng = np.random.default_rng(0)
-    rows = np.repeat(np.arange(users), 4)
-    cols = rng.integers(0, items, size=rows.size)
-    matrix = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(users, items))
-    model = get_algorithm("als")(factors=4, iterations=2, random_state=0, num_threads=1).fit(matrix)
-    item_ids = [f"i{i}" for i in range(items)]
-    popularity = np.bincount(matrix.indices, minlength=items).astype(np.float32)
-    bundle = ModelBundle(
-        model=model,
-        users=Vocabulary([f"u{u}" for u in range(users)], kind="user"),
-        items=Vocabulary(item_ids),
-        seen=matrix,
-        catalog=ItemCatalog(
-            item_type=np.array(["product"] * items),
-            category=np.array([""] * items),
-            title=np.array(item_ids),
-            available=np.ones(items, dtype=bool),
-        ),
-        popularity=popularity,
-        trending=popularity,
-        info={"dataset_fingerprint": "bench-events"},
-    )
-    save_artifact(bundle, directory)
-    return directory
 
 
 def _client(

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from bench import common
-from bench.common import SIZES, log
+from bench.common import SIZES, log, tiny_artifact
 from bench.loadgen import WARMUP_SECONDS, LoadResult, LoadSpec, format_table, merge, run_load
 from service.cpus import available_cpus, format_cpu_list
 
@@ -66,46 +66,6 @@ PREFIX = 16
 
 
 # ------------------------------------------------------------------ models
-def tiny_artifact(directory: Path, users: int = 400, items: int = 120) -> Path:
-    """A small synthetic ALS artifact (seconds to build): for smoke runs of this benchmark."""
-    import scipy.sparse as sp
-    from threadpoolctl import threadpool_limits
-
-    from models.algorithms import get_algorithm
-    from models.artifact import ItemCatalog, ModelBundle, save_artifact
-    from models.vocabulary import Vocabulary
-
-    if (directory / "manifest.json").is_file():
-        return directory
-    rng = np.random.default_rng(0)
-    rows = np.repeat(np.arange(users), 8)
-    # Skewed item popularity, so lists differ by user but are not flat.
-    cols = np.minimum(rng.zipf(1.3, size=rows.size) - 1, items - 1)
-    matrix = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(users, items))
-    matrix.sum_duplicates()
-    with threadpool_limits(1, "blas"):
-        model = get_algorithm("als")(
-            factors=8, iterations=4, random_state=0, num_threads=1, calculate_training_loss=False
-        ).fit(matrix)
-    item_ids = [f"i{i}" for i in range(items)]
-    popularity = np.bincount(matrix.indices, minlength=items).astype(np.float32)
-    bundle = ModelBundle(
-        model=model,
-        users=Vocabulary([f"u{u}" for u in range(users)], kind="user"),
-        items=Vocabulary(item_ids),
-        seen=matrix,
-        catalog=ItemCatalog(
-            item_type=np.array(["product"] * items),
-            category=np.array([""] * items),
-            title=np.array(item_ids),
-            available=np.ones(items, dtype=bool),
-        ),
-        popularity=popularity,
-        trending=popularity,
-        info={"dataset_fingerprint": "bench-live"},
-    )
-    save_artifact(bundle, directory)
-    return directory
 
 
 def model_artifact(args: argparse.Namespace) -> Path:
