@@ -107,13 +107,93 @@ def load_online_retail(root: Path | None = None) -> pd.DataFrame:
     return _frame(customers, description[keep.to_numpy()], "purchase", seconds)
 
 
+def _adjacency_lists(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """LightGCN's ``user item item ...`` lines as parallel (user, item) arrays."""
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                row = np.asarray(fields, dtype=np.int64)
+            except ValueError:
+                raise DataError(f"{path}:{number}: not a line of integer ids") from None
+            users.append(np.full(len(row) - 1, row[0], dtype=np.int64))
+            items.append(row[1:])
+    if not users:
+        raise DataError(f"{path} holds no interactions")
+    return np.concatenate(users), np.concatenate(items)
+
+
+def _graph_training_pairs(folder: Path, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training pairs from ``train.txt``, else from ``s_adj_mat.npz`` (the bipartite graph).
+
+    The LightGCN-PyTorch repository ships Gowalla's training part as the unnormalized adjacency
+    matrix ``[[0, R], [Rᵀ, 0]]`` of the user-item graph; its upper-right block is ``R``.
+    """
+    text = folder / "train.txt"
+    if text.is_file():
+        return _adjacency_lists(text)
+    graph = folder / "s_adj_mat.npz"
+    if not graph.is_file():
+        raise DataError(
+            f"{folder} has neither train.txt nor s_adj_mat.npz: see docs/quality.md for where "
+            "to get the LightGCN splits"
+        )
+    import scipy.sparse as sp
+
+    adjacency = sp.load_npz(graph).tocsr()
+    users_block = adjacency[:n_users, n_users:].tocoo()
+    if adjacency[:n_users, :n_users].nnz:
+        raise DataError(f"{graph} is not a user-item graph (its user-user block is not empty)")
+    return users_block.row.astype(np.int64), users_block.col.astype(np.int64)
+
+
+def load_graph_benchmark_split(
+    name: str, root: Path | None = None
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """A LightGCN-protocol data set (Gowalla, Yelp2018, Amazon-book) and its published split.
+
+    Returns the frame of every interaction (train and test parts; one event of weight 1 per pair,
+    no timestamps) and a mask of the test rows. These are the splits of He et al. (SIGIR 2020)
+    that LightGCN, GF-CF and later graph models report recall@20 and NDCG@20 on; they are not
+    shipped with Affinity (docs/quality.md says where to get them).
+    """
+    folder = (root or DATASETS_DIR) / name
+    test_path = folder / "test.txt"
+    if not test_path.is_file():
+        raise DataError(f"{test_path} not found: see docs/quality.md for the LightGCN splits")
+    test_users, test_items = _adjacency_lists(test_path)
+    n_users = int(test_users.max()) + 1
+    train_users, train_items = _graph_training_pairs(folder, n_users)
+    users = np.concatenate([train_users, test_users])
+    items = np.concatenate([train_items, test_items])
+    is_test = np.zeros(len(users), dtype=bool)
+    is_test[len(train_users) :] = True
+    frame = _frame(pd.Series(users), pd.Series(items), "checkin", np.zeros(len(users)))
+    return frame, is_test
+
+
+def load_gowalla(root: Path | None = None) -> pd.DataFrame:
+    """Gowalla check-ins as LightGCN published them (29,858 users, 40,981 places, 0.08% dense)."""
+    return load_graph_benchmark_split("gowalla", root)[0]
+
+
 LOADERS: dict[str, Callable[[Path | None], pd.DataFrame]] = {
     "ml-latest-small": load_movielens,
     "ml-latest-small-dense": load_movielens_dense,
     "uci-online-retail": load_online_retail,
     "ml-100k": load_movielens_100k,
+    "gowalla": load_gowalla,
 }
 """Data set name -> loader taking the datasets folder (None: :data:`DATASETS_DIR`)."""
+
+PUBLISHED_SPLITS: dict[str, Callable[[Path | None], tuple[pd.DataFrame, np.ndarray]]] = {
+    "gowalla": lambda root: load_graph_benchmark_split("gowalla", root),
+}
+"""Data sets with a published train/test split (the ``given`` protocol): frame and test mask."""
 
 
 def load_dataset(name: str, root: Path | None = None) -> pd.DataFrame:

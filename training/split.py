@@ -400,6 +400,26 @@ def random_split(
     return _finish(frame, pairs, pair_test, train_rows, "random", 0)
 
 
+def given_split(frame: pd.DataFrame, is_test: np.ndarray | pd.Series) -> Split:
+    """Hold out the rows ``is_test`` marks: a split published with a data set, kept as given.
+
+    A pair with any marked row is a test pair (published splits never put one pair on both
+    sides); cold users and items are handled as by the other splits.
+    """
+    _check_frame(frame, ("user_id", "item_id"))
+    marked = np.asarray(is_test, dtype=bool)
+    if marked.shape != (len(frame),):
+        raise InvalidInputError(
+            f"is_test has {marked.shape[0] if marked.ndim else 0} values for {len(frame)} rows",
+            field="is_test",
+        )
+    pairs = _pairs(frame)
+    pair_test = np.zeros(len(pairs), dtype=bool)
+    pair_test[pairs.row_pair[marked]] = True
+    train_rows = ~pair_test[pairs.row_pair]
+    return _finish(frame, pairs, pair_test, train_rows, "given", 0)
+
+
 def split(
     frame: pd.DataFrame,
     method: Method,

@@ -17,9 +17,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 import bench.quality
-from bench.datasets import DATASETS_DIR
+from bench.datasets import DATASETS_DIR, PUBLISHED_SPLITS, load_graph_benchmark_split
 from bench.quality import (
     PROTOCOLS,
     ProtocolReport,
@@ -28,6 +29,7 @@ from bench.quality import (
     run_protocol,
     update_document,
 )
+from models.errors import DataError
 from models.popularity import Popularity
 from registry.mlflow_store import configure_tracking
 from training.confidence import ConfidenceConfig, build_matrix
@@ -90,6 +92,86 @@ def test_the_bench_evaluates_on_the_holdout_affinity_train_uses(
         result.metrics["recall_at_10"]
         < evaluate(model, train.matrix, holdout.matrix).metrics["recall_at_10"]
     )
+
+
+def _lightgcn_folder(folder: Path, train: dict[int, list[int]], test: dict[int, list[int]]) -> None:
+    """A data set in LightGCN's files: ``user item item ...`` lines for both parts."""
+    folder.mkdir(parents=True)
+    for name, part in (("train.txt", train), ("test.txt", test)):
+        lines = (" ".join(str(x) for x in [user, *items]) for user, items in part.items())
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _graph(train: dict[int, list[int]], n_users: int, n_items: int) -> sp.csr_matrix:
+    """The unnormalized user-item graph ``[[0, R], [Rᵀ, 0]]`` LightGCN-PyTorch ships."""
+    rows = [u for u, items in train.items() for _ in items]
+    cols = [i for items in train.values() for i in items]
+    r = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
+    return sp.bmat([[None, r], [r.T, None]]).tocsr()
+
+
+def test_a_published_split_loads_from_text_or_from_the_graph(tmp_path: Path) -> None:
+    train = {0: [0, 1, 2], 1: [2, 3], 2: [0, 4]}
+    test = {0: [3], 1: [0, 4], 2: [1]}
+    _lightgcn_folder(tmp_path / "text" / "gowalla", train, test)
+    frame, is_test = load_graph_benchmark_split("gowalla", tmp_path / "text")
+    assert len(frame) == 7 + 4 and int(is_test.sum()) == 4
+    got = set(zip(frame["user_id"][is_test], frame["item_id"][is_test], strict=True))
+    assert got == {("0", "3"), ("1", "0"), ("1", "4"), ("2", "1")}
+    # The same split from the adjacency matrix instead of train.txt.
+    graph_folder = tmp_path / "graph" / "gowalla"
+    graph_folder.mkdir(parents=True)
+    shutil.copyfile(tmp_path / "text" / "gowalla" / "test.txt", graph_folder / "test.txt")
+    sp.save_npz(graph_folder / "s_adj_mat.npz", _graph(train, 3, 5))
+    other, other_test = load_graph_benchmark_split("gowalla", tmp_path / "graph")
+    key = ["user_id", "item_id"]
+    pd.testing.assert_frame_equal(
+        frame.sort_values(key).reset_index(drop=True),
+        other.sort_values(key).reset_index(drop=True),
+    )
+    assert int(other_test.sum()) == 4
+
+
+def test_a_missing_or_malformed_published_split_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"test\.txt not found"):
+        load_graph_benchmark_split("gowalla", tmp_path)
+    _lightgcn_folder(tmp_path / "gowalla", {0: [1]}, {0: [2]})
+    (tmp_path / "gowalla" / "train.txt").write_text("0 1 x\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.txt:1: not a line of integer ids"):
+        load_graph_benchmark_split("gowalla", tmp_path)
+
+
+def test_the_given_protocol_evaluates_on_the_published_test_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    train = {u: sorted(rng.choice(30, size=8, replace=False).tolist()) for u in range(40)}
+    test = {u: [i for i in range(30) if i not in train[u]][:2] for u in range(40)}
+    _lightgcn_folder(tmp_path / "data" / "gowalla", train, test)
+    assert "gowalla" in PUBLISHED_SPLITS
+    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        report = run_protocol(
+            "gowalla",
+            "given",
+            algorithms=("popularity",),
+            trials=0,
+            k=20,
+            data_root=tmp_path / "data",
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert report.stats["train_pairs"] == 40 * 8
+    assert report.stats["test_pairs"] == 40 * 2
+    # Validation is carved from the training part only: of each user's 8 pairs, round(8 x 0.8)
+    # stay to fit on and 2 validate.
+    assert report.stats["validation_pairs"] == 40 * 2
+    result = report.get("popularity", "default")
+    assert result is not None and 0.0 <= result.metrics["recall_at_20"] <= 1.0
+    assert "published with the data set" in render_section(report)
 
 
 def _report(ndcg: float) -> ProtocolReport:

@@ -11,6 +11,7 @@ from training.data import with_categorical_ids
 from training.split import (
     Split,
     _lexsort,
+    given_split,
     random_split,
     split,
     temporal_split,
@@ -304,3 +305,34 @@ def test_packed_sort_keys_order_like_lexsort() -> None:
     np.testing.assert_array_equal(_lexsort((item, wide, user)), np.lexsort((item, wide, user)))
     draw = rng.random(n)
     np.testing.assert_array_equal(_lexsort((draw, user)), np.lexsort((draw, user)))
+
+
+def test_given_split_keeps_a_published_split_as_it_is(log: pd.DataFrame) -> None:
+    # Mark each user's first pair as the published test part; every row of a pair goes with it.
+    first = log.groupby("user_id", sort=False)["item_id"].transform("first")
+    marked = (log["item_id"] == first).to_numpy()
+    result = given_split(log, marked)
+    assert result.stats.method == "given"
+    assert _pairs(result.test) == _pairs(log[marked])
+    assert _pairs(result.train) == _pairs(log[~marked])
+    assert len(result.train) + len(result.test) == len(log)
+
+
+def test_given_split_drops_cold_users_and_keeps_cold_items() -> None:
+    frame = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "b", "c"],
+            "item_id": ["x", "new", "x", "x"],
+            "event": "view",
+            "timestamp": [1, 2, 3, 4],
+        }
+    )
+    # a's "new" item was never trained on (kept, a miss); c has no training row (dropped).
+    result = given_split(frame, np.array([False, True, False, True]))
+    assert _pairs(result.test) == {("a", "new")}
+    assert result.stats.cold_user_pairs == 1 and result.stats.cold_item_pairs == 1
+
+
+def test_given_split_refuses_a_mask_of_the_wrong_length(log: pd.DataFrame) -> None:
+    with pytest.raises(InvalidInputError, match="is_test has 3 values"):
+        given_split(log, np.zeros(3, dtype=bool))
