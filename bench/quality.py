@@ -27,6 +27,7 @@ import mlflow
 
 from bench.datasets import LOADERS, PUBLISHED_SPLITS, load_dataset
 from models.algorithms import get_algorithm
+from models.errors import ModelTooLargeError
 from registry.mlflow_store import configure_tracking
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import Holdout, build_holdout, evaluate
@@ -117,6 +118,8 @@ class Result:
     failed: int = 0
     decision: str = ""
     """How tuning chose its parameters (``training.tune.tune``'s ``decision``)."""
+    refused: str = ""
+    """Why the model could not be fitted on this data (its memory estimate), if it could not."""
 
     @property
     def kept_defaults(self) -> bool:
@@ -138,7 +141,7 @@ class ProtocolReport:
 
     def best(self, variant: str = "tuned") -> Result | None:
         """The result with the highest NDCG among ``variant`` runs."""
-        candidates = [r for r in self.results if r.variant == variant]
+        candidates = [r for r in self.results if r.variant == variant and not r.refused]
         key = f"ndcg_at_{self.k}"
         return max(candidates, key=lambda r: r.metrics[key], default=None)
 
@@ -215,13 +218,16 @@ def run_protocol(
     data_root: Path | None = None,
     tune_timeout: float | None = None,
     progress: Callable[[str], None] = _noop,
+    fixed: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> ProtocolReport:
     """Run ``protocol`` on ``dataset`` for each of ``algorithms``; MLflow must be configured.
 
     Each algorithm gets a ``default`` run and, when it has a search space and ``trials`` > 0, a
     ``tuned`` run whose Optuna trials are nested runs. Tuning fits on the training part minus a
     validation part carved from it by the same protocol; the final model is refitted on the
-    whole training part and evaluated once on the test part.
+    whole training part and evaluated once on the test part. Each ``fixed`` (algorithm, params)
+    pair adds a ``fixed`` run with exactly those parameters (a published setting, say). A model
+    that refuses the data (over its memory budget) gets a ``refused`` row with the reason.
     """
     spec = PROTOCOLS[protocol]
     parts = _split(dataset, spec, data_root, seed)
@@ -244,11 +250,26 @@ def run_protocol(
     report = ProtocolReport(spec, dataset, k, trials, stats)
     mlflow.set_experiment(f"quality-{protocol}")
     tags = {"dataset": dataset, "protocol": protocol, "seed": str(seed)}
+    for algorithm, params in fixed:
+        cls = get_algorithm(algorithm)
+        with mlflow.start_run(run_name=f"{dataset}/{algorithm}/fixed") as run:
+            mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "fixed"})
+            metrics, seconds = _fit_and_evaluate(algorithm, params, train.matrix, test, k)
+            result = Result(algorithm, "fixed", metrics, params, seconds, run_id=run.info.run_id)
+            _log_result(result, cls(**params).config.model_dump(mode="json"))
+        report.results.append(result)
+        progress(_summary(result, k))
     for algorithm in algorithms:
         cls = get_algorithm(algorithm)
         with mlflow.start_run(run_name=f"{dataset}/{algorithm}/default") as run:
             mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "default"})
-            metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test, k)
+            try:
+                metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test, k)
+            except ModelTooLargeError as exc:
+                mlflow.set_tag("refused", str(exc))
+                report.results.append(Result(algorithm, "default", {}, {}, 0.0, refused=str(exc)))
+                progress(f"{algorithm}: refused: {exc}")
+                continue
             result = Result(algorithm, "default", metrics, {}, seconds, run_id=run.info.run_id)
             _log_result(result, cls.Config().model_dump(mode="json"))
         report.results.append(result)
@@ -337,6 +358,11 @@ def render_section(report: ProtocolReport) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in report.results:
+        if result.refused:
+            lines.append(
+                f"| {result.algorithm} | refused: {result.refused} |" + " n/a |" * 6 + "  |  |"
+            )
+            continue
         params = "" if result.variant == "default" else _params_text(result.params)
         if result.variant == "tuned" and result.kept_defaults:
             params = "defaults kept (no gain beyond noise)"
@@ -421,7 +447,38 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=Path, default=None, help="the shared datasets folder")
     parser.add_argument("--output", type=Path, default=DOC_PATH, help="markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="do not touch the markdown file")
+    parser.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="ALGO:NAME=VALUE,...",
+        help="also run this exact configuration (repeatable), e.g. a paper's setting: "
+        "gfcf:alpha=0.3,beta=0.5,factors=256",
+    )
     return parser
+
+
+def _value(text: str) -> Any:
+    """A command-line value as the model's config wants it: int, float, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_fixed(text: str) -> tuple[str, dict[str, Any]]:
+    """``gfcf:alpha=0.3,factors=256`` -> ``("gfcf", {"alpha": 0.3, "factors": 256})``."""
+    algorithm, _, assignments = text.partition(":")
+    params: dict[str, Any] = {}
+    for assignment in filter(None, assignments.split(",")):
+        name, sep, value = assignment.partition("=")
+        if not sep:
+            raise SystemExit(f"--fixed {text!r}: {assignment!r} is not NAME=VALUE")
+        params[name.strip()] = _value(value.strip())
+    get_algorithm(algorithm.strip())(**params)  # unknown algorithm or parameter: fail now
+    return algorithm.strip(), params
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data_root=args.data_root,
                 tune_timeout=args.tune_timeout,
                 progress=say,
+                fixed=[parse_fixed(text) for text in args.fixed],
             )
             report.command = command
             section = render_section(report)

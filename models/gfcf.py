@@ -11,6 +11,12 @@ strongest frequencies: ``V`` holds the top right singular vectors of ``R̃``. Bo
 closed-form: fitting is one sparse product and one truncated SVD, no epochs and no learning
 rate.
 
+Later work refines the filter. With ``sharpen`` > 0 the leading spectrum of the linear term is
+sharpened as BSPM (Choi et al., SIGIR 2023) does with one Runge-Kutta step: each of its ``factors``
+largest eigenvalues ``λ`` becomes ``λ p(Tλ)`` (``p``: the Taylor polynomial of ``e^-x`` to the
+fourth order), one more thin term ``V diag(λ (p(Tλ) - 1)) Vᵀ`` beside the ideal filter. On Gowalla
+this lifts recall@20 from the paper's 0.1849 to about 0.192 (docs/quality.md).
+
 The filter is kept in one of two forms, which score identically:
 
 - **dense** (catalogs up to ``dense_max_items``): like EASE, one ``n_items x n_items`` matrix (the
@@ -82,7 +88,14 @@ class GFCFConfig(ModelConfig):
     alpha: float = Field(0.3, ge=0.0)
     """Weight of the ideal low-pass filter against the linear one (0: the linear filter alone)."""
     factors: PositiveInt = 256
-    """Singular vectors the ideal low-pass filter keeps (capped by the matrix's rank)."""
+    """Singular vectors the ideal low-pass filter (and the sharpening) keep (capped by the
+    matrix's rank)."""
+    sharpen: float = Field(0.0, ge=0.0, le=10.0)
+    """Strength ``T`` of the sharpening of the linear filter's leading spectrum (0: off, the
+    paper's GF-CF). Each of the ``factors`` leading eigenvalues ``λ`` of ``R̃ᵀR̃`` becomes
+    ``λ p(Tλ)`` with ``p`` the fourth-order Taylor polynomial of ``e^-x``: what one Runge-Kutta
+    step of the sharpening process of BSPM (Choi et al., SIGIR 2023) does to it. Strong, broad
+    co-occurrence is damped so that the rarer, more specific neighbours rank higher."""
     form: Literal["auto", "dense", "factored"] = "auto"
     """How the filter is kept (the lists are the same): ``dense``, one n_items² matrix;
     ``factored``, the sparse normalized interactions and the thin ideal filter, linear in size;
@@ -116,8 +129,11 @@ def _normalized(matrix: sp.csr_matrix, beta: float) -> tuple[sp.csr_matrix, np.n
     return sp.csr_matrix(normalized, dtype=np.float32), item_degree
 
 
-def top_right_singular_vectors(matrix: sp.csr_matrix, k: int, seed: int = 0) -> np.ndarray:
-    """The ``k`` leading right singular vectors of the sparse ``matrix``, as ``(n_cols, k)``.
+def top_right_singular_pairs(
+    matrix: sp.csr_matrix, k: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest singular values of the sparse ``matrix`` (descending) and their right
+    singular vectors as ``(n_cols, k)``.
 
     A matrix with a short side is decomposed densely (exact, and fast when one side is small);
     otherwise ARPACK's Lanczos iteration finds the ``k`` leading triplets without densifying it.
@@ -127,11 +143,27 @@ def top_right_singular_vectors(matrix: sp.csr_matrix, k: int, seed: int = 0) -> 
     if k >= min(n_rows, n_cols) - 1 or (
         min(n_rows, n_cols) <= _DENSE_SIDE and n_rows * n_cols <= _DENSE_CELLS
     ):
-        _, _, vt = np.linalg.svd(matrix.toarray().astype(np.float64), full_matrices=False)
-        return np.ascontiguousarray(vt[:k].T, dtype=np.float32)
+        _, values, vt = np.linalg.svd(matrix.toarray().astype(np.float64), full_matrices=False)
+        return values[:k], np.ascontiguousarray(vt[:k].T, dtype=np.float32)
     _, values, vt = svds(matrix.astype(np.float64), k=k, random_state=seed)
     order = np.argsort(-values, kind="stable")
-    return np.ascontiguousarray(vt[order].T, dtype=np.float32)
+    return values[order], np.ascontiguousarray(vt[order].T, dtype=np.float32)
+
+
+def top_right_singular_vectors(matrix: sp.csr_matrix, k: int, seed: int = 0) -> np.ndarray:
+    """The ``k`` leading right singular vectors of the sparse ``matrix``, as ``(n_cols, k)``."""
+    return top_right_singular_pairs(matrix, k, seed)[1]
+
+
+def sharpening(eigenvalues: np.ndarray, strength: float) -> np.ndarray:
+    """What sharpening adds to each eigenvalue ``λ`` of ``R̃ᵀR̃``: ``λ (p(Tλ) - 1)``.
+
+    ``p(x) = 1 - x + x²/2 - x³/6 + x⁴/24`` (one fourth-order Runge-Kutta step of ``dy/dt = -y P``
+    over ``T``), so the filter's eigenvalue becomes ``λ p(Tλ)``.
+    """
+    x = strength * np.asarray(eigenvalues, dtype=np.float64)
+    taylor = 1.0 - x + x**2 / 2.0 - x**3 / 6.0 + x**4 / 24.0
+    return eigenvalues * (taylor - 1.0)
 
 
 class GFCF(ItemMatrixModel):
@@ -153,9 +185,10 @@ class GFCF(ItemMatrixModel):
     _graph_t: sp.csr_matrix | None = None
     """Factored form: ``R̃ᵀ`` (items x users), for the first hop from a user's items."""
     _left: np.ndarray | None = None
-    """``alpha D^-β V``, (n_items, factors); all zeros-width when alpha is 0."""
+    """Left halves of the spectral terms, (n_items, f): ``alpha D^-β V`` and the sharpening's
+    ``V diag(...)`` side by side; zero columns when both are off."""
     _right: np.ndarray | None = None
-    """``Vᵀ D^β``, (factors, n_items)."""
+    """Their right halves, (f, n_items): ``Vᵀ D^β`` and ``Vᵀ``."""
 
     @property
     def factored(self) -> bool:
@@ -209,17 +242,28 @@ class GFCF(ItemMatrixModel):
     def _ideal_halves(
         self, normalized: sp.csr_matrix, item_degree: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``alpha D^-β V`` and ``Vᵀ D^β``: the ideal low-pass filter as two thin factors."""
+        """The spectral terms as two thin factors ``left @ right``: the ideal low-pass filter
+        ``alpha D^-β V Vᵀ D^β`` and the sharpening ``V diag(λ (p(Tλ) - 1)) Vᵀ``, side by side."""
         cfg = self.config
         assert isinstance(cfg, GFCFConfig)
-        if cfg.alpha <= 0:
+        lefts: list[np.ndarray] = []
+        rights: list[np.ndarray] = []
+        if cfg.alpha > 0 or cfg.sharpen > 0:
+            values, vectors = top_right_singular_pairs(normalized, cfg.factors, cfg.random_state)
+            if cfg.alpha > 0:
+                root = (item_degree**cfg.beta).astype(np.float32)
+                inv_root = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
+                lefts.append(vectors * (np.float32(cfg.alpha) * inv_root)[:, None])
+                rights.append(vectors * root[:, None])
+            if cfg.sharpen > 0:
+                change = sharpening(values**2, cfg.sharpen).astype(np.float32)
+                lefts.append(vectors * change[None, :])
+                rights.append(vectors)
+        if not lefts:
             empty = np.zeros((self.n_items, 0), dtype=np.float32)
             return empty, np.ascontiguousarray(empty.T)
-        vectors = top_right_singular_vectors(normalized, cfg.factors, cfg.random_state)
-        root = (item_degree**cfg.beta).astype(np.float32)
-        inv_root = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
-        left = np.ascontiguousarray(vectors * (np.float32(cfg.alpha) * inv_root)[:, None])
-        right = np.ascontiguousarray((vectors * root[:, None]).T)
+        left = np.ascontiguousarray(np.hstack(lefts), dtype=np.float32)
+        right = np.ascontiguousarray(np.hstack(rights).T, dtype=np.float32)
         return left, right
 
     # ------------------------------------------------------------------ scoring

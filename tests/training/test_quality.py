@@ -29,7 +29,7 @@ from bench.quality import (
     run_protocol,
     update_document,
 )
-from models.errors import DataError
+from models.errors import DataError, InvalidInputError
 from models.popularity import Popularity
 from registry.mlflow_store import configure_tracking
 from training.confidence import ConfidenceConfig, build_matrix
@@ -246,3 +246,27 @@ def test_tuned_als_and_ease_beat_popularity_by_a_wide_margin(
     loss = client.get_metric_history(als_tuned.info.run_id, "training_loss")
     assert len(loss) == int(als_tuned.data.params["model.iterations"])
     assert "ndcg_at_10" in by_name["ml-latest-small-dense/popularity/default"].data.metrics
+
+
+def test_fixed_configurations_parse_and_unknown_ones_fail_before_any_work() -> None:
+    assert bench.quality.parse_fixed("gfcf:alpha=0.3,factors=256,form=factored") == (
+        "gfcf",
+        {"alpha": 0.3, "factors": 256, "form": "factored"},
+    )
+    with pytest.raises(SystemExit, match="not NAME=VALUE"):
+        bench.quality.parse_fixed("gfcf:alpha")
+    with pytest.raises(InvalidInputError, match="nonsense"):
+        bench.quality.parse_fixed("gfcf:nonsense=1")
+
+
+def test_a_model_that_refuses_the_data_gets_a_row_with_the_reason() -> None:
+    report = _report(0.3)
+    reason = "EASE on 40981 items needs about 20.15 GB, over max_memory_gb=8"
+    report.results.append(Result("ease", "default", {}, {}, 0.0, refused=reason))
+    text = render_section(report)
+    row = next(line for line in text.splitlines() if line.startswith("| ease | refused"))
+    assert reason in row
+    header = next(line for line in text.splitlines() if line.startswith("| algorithm"))
+    assert row.count("|") == header.count("|")
+    assert report.best() is not None and report.best().algorithm == "ease"  # the tuned one
+    assert not report.best().refused
