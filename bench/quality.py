@@ -29,6 +29,7 @@ from bench.datasets import LOADERS, PUBLISHED_SPLITS, load_dataset
 from models.algorithms import get_algorithm
 from models.errors import ModelTooLargeError
 from registry.mlflow_store import configure_tracking
+from training.auto import AUTO, choose_algorithm
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import Holdout, build_holdout, evaluate
 from training.fit import fit_model
@@ -187,6 +188,42 @@ def _log_result(result: Result, full_params: dict[str, Any]) -> None:
     mlflow.log_metrics(metrics)
 
 
+def _auto_result(
+    parts: TrainValidationTest,
+    confidence: ConfidenceConfig,
+    train: Any,
+    test: Holdout,
+    k: int,
+    seed: int,
+    tags: dict[str, str],
+    progress: Callable[[str], None],
+) -> Result:
+    """What ``affinity train`` does by default: choose on the validation split, refit, test."""
+    with mlflow.start_run(run_name=f"{tags['dataset']}/auto/default") as run:
+        start = time.perf_counter()
+        choice = choose_algorithm(
+            parts.train, parts.validation, confidence=confidence, k=k, seed=seed, progress=progress
+        )
+        choose_seconds = time.perf_counter() - start
+        mlflow.set_tags({**tags, "algorithm": choice.chosen, "variant": "auto"})
+        metrics, seconds = _fit_and_evaluate(choice.chosen, {}, train, test, k)
+        result = Result(
+            f"auto: {choice.chosen}",
+            "default",
+            metrics,
+            {},
+            seconds,
+            tune_seconds=choose_seconds,
+            run_id=run.info.run_id,
+            fits=sum(1 for c in choice.candidates if c.value is not None),
+            decision=choice.summary(),
+        )
+        mlflow.log_param("auto.candidates", choice.summary())
+        _log_result(result, get_algorithm(choice.chosen).Config().model_dump(mode="json"))
+    progress(_summary(result, k))
+    return result
+
+
 def _split(dataset: str, spec: Protocol, data_root: Path | None, seed: int) -> TrainValidationTest:
     if spec.method != "given":
         return train_validation_test(
@@ -260,6 +297,11 @@ def run_protocol(
         report.results.append(result)
         progress(_summary(result, k))
     for algorithm in algorithms:
+        if algorithm == AUTO:
+            report.results.append(
+                _auto_result(parts, confidence, train.matrix, test, k, seed, tags, progress)
+            )
+            continue
         cls = get_algorithm(algorithm)
         with mlflow.start_run(run_name=f"{dataset}/{algorithm}/default") as run:
             mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "default"})
@@ -364,6 +406,8 @@ def render_section(report: ProtocolReport) -> str:
             )
             continue
         params = "" if result.variant == "default" else _params_text(result.params)
+        if result.algorithm.startswith(f"{AUTO}:"):
+            params = f"validation NDCG@{k}: {result.decision}"
         if result.variant == "tuned" and result.kept_defaults:
             params = "defaults kept (no gain beyond noise)"
         cells = [f"{result.algorithm} ({result.variant})", params]

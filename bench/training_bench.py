@@ -131,6 +131,8 @@ def bench_size(events: int, root: Path, factors: int | None) -> dict[str, Any]:
         [
             str(common.BIN / "affinity"),
             "train",
+            "--algorithm",
+            "als",
             "--interactions",
             str(data / "interactions.parquet"),
             "--items",

@@ -12,14 +12,20 @@ DATA=demo-data
 echo "== 1. Generate sample interaction logs"
 $BIN/affinity generate --out "$DATA" --users 3000 --items 800 --interactions 120000 --seed 7
 
-echo "== 2. Train ALS, evaluate against popularity, log to MLflow, register"
+echo "== 2. Train: choose the algorithm on a validation split, evaluate against popularity, log to MLflow, register"
 $BIN/affinity train --interactions "$DATA/interactions.parquet" --items "$DATA/items.parquet" \
-    --algorithm als --json | tail -n 1 > "$DATA/train-summary.json"
+    --json | tail -n 1 > "$DATA/train-summary.json"
 $BIN/python - "$DATA/train-summary.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"run {s['run_id']} registered {s['model_name']} v{s['model_version']} "
       f"(promoted: {s['promoted']})")
+auto = s["auto"]
+tried = ", ".join(
+    f"{name} {'skipped' if c['value'] is None else format(c['value'], '.4f')}"
+    for name, c in auto["candidates"].items()
+)
+print(f"  algorithm {s['algorithm']}, the best on validation {auto['metric']} ({tried})")
 for name in ("ndcg_at_10", "recall_at_10", "precision_at_10", "map_at_10"):
     print(f"  {name:<16} model {s['metrics'][name]:.4f}  popularity {s['baseline_metrics'][name]:.4f}")
 print(f"  rows {s['rows']}")

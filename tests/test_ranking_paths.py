@@ -51,7 +51,8 @@ def trained(
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(work)
         args = ["train", "--interactions", str(work / "logs" / "interactions.parquet")]
-        args += ["--items", str(work / "logs" / "items.parquet"), "--param", "factors=8"]
+        args += ["--items", str(work / "logs" / "items.parquet"), "--algorithm", "als"]
+        args += ["--param", "factors=8"]
         assert main([*args, "--json", "--quiet"]) == 0
         yield work, uri
     mlflow.set_tracking_uri(previous)

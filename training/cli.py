@@ -130,6 +130,9 @@ def cmd_train(
             f"run {result.run_id}: {result.model_name} v{result.model_version} "
             f"({'promoted to champion' if result.promoted else 'challenger'})"
         )
+        auto = result.auto
+        how = f" (chosen by auto on validation {auto.metric}: {auto.summary()})" if auto else ""
+        print(f"  algorithm: {result.algorithm}{how}")
         for name in sorted(m):
             if not name.startswith("cohort_"):
                 print(f"  {name:<22} {m[name]:8.4f}   baseline {b.get(name, float('nan')):8.4f}")
@@ -224,14 +227,20 @@ def register_cli(subparsers: Any) -> None:
         "splitting; training then uses all of --interactions",
     )
     tr.add_argument(
-        "--algorithm", default="als", choices=algorithm_names(), help="algorithm (default als)"
+        "--algorithm",
+        default="auto",
+        choices=["auto", *algorithm_names()],
+        help="algorithm (default auto: fit als, ease, gfcf and bm25 with their defaults on a "
+        "validation split carved from the training part, keep the best on --metric, and go on "
+        "as if it had been named; a candidate too large for the data is skipped)",
     )
     tr.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="hyperparameter, repeatable (e.g. --param factors=128)",
+        help="hyperparameter of the named --algorithm, repeatable (e.g. --algorithm als "
+        "--param factors=128)",
     )
     tr.add_argument(
         "--split",
@@ -252,7 +261,8 @@ def register_cli(subparsers: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="run N hyperparameter-search trials on a validation split first",
+        help="run N hyperparameter-search trials on a validation split first (with --algorithm "
+        "auto: of the algorithm it chooses)",
     )
     tr.add_argument(
         "--model-name", default="affinity", help="registered model name (default affinity)"

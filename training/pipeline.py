@@ -1,10 +1,11 @@
 """One training run, end to end, as a sequence of named stages with typed hand-offs.
 
-:func:`run_training` (what ``affinity train`` calls) reads -> splits -> fits or tunes ->
-evaluates -> packages -> logs, registers and promotes, recording in one MLflow run what an
-experimenter compares (parameters, dataset statistics and fingerprint, metrics of the model, the
-popularity baseline and each user cohort, the training loss, timings, the evaluation report and
-the quarantine summary); the gate of :mod:`training.promotion` decides the new version's alias.
+:func:`run_training` (what ``affinity train`` calls) reads -> splits -> chooses the algorithm
+(``auto`` only) -> fits or tunes -> evaluates -> packages -> logs, registers and promotes,
+recording in one MLflow run what an experimenter compares (parameters, dataset statistics and
+fingerprint, metrics of the model, the popularity baseline and each user cohort, the training
+loss, timings, the evaluation report and the quarantine summary); the gate of
+:mod:`training.promotion` decides the new version's alias.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from models.ranking_metrics import item_popularity, metric_key
 from models.vocabulary import Vocabulary
 from registry import mlflow_store
 from training import promotion
+from training.auto import AUTO, AutoChoice, DataSize, choose_algorithm
 from training.confidence import (
     ConfidenceConfig,
     InteractionMatrix,
@@ -48,7 +50,13 @@ from training.data import (
     load_catalog,
     load_interactions,
 )
-from training.evaluate import Evaluation, Holdout, build_holdout, evaluate_with_baseline
+from training.evaluate import (
+    Evaluation,
+    Holdout,
+    build_holdout,
+    evaluate_with_baseline,
+    sample_users,
+)
 from training.fit import fit_model
 from training.split import SplitStats, split, train_validation_test
 from training.tune import tune
@@ -66,8 +74,11 @@ class TrainOptions:
     """A log file, a directory of logs, or several (``training.data.log_files``)."""
     items: Path | None = None
     test: Path | None = None
-    algorithm: str = "als"
+    algorithm: str = AUTO
+    """A name of :mod:`models.algorithms`, or ``auto``: the best of
+    :data:`training.auto.AUTO_CANDIDATES` with their defaults on the validation split."""
     params: dict[str, Any] = field(default_factory=dict)
+    """Hyperparameters of ``algorithm`` (none with ``auto``: each candidate uses its defaults)."""
     split: Literal["temporal", "random"] = "temporal"
     test_fraction: float = 0.2
     validation_fraction: float = 0.2
@@ -110,6 +121,10 @@ class TrainResult:
     rows: dict[str, int]
     decision: str = ""
     best_params: dict[str, Any] = field(default_factory=dict)
+    algorithm: str = ""
+    """The algorithm fitted: the one named, or the one ``auto`` chose."""
+    auto: AutoChoice | None = None
+    """How ``auto`` chose :attr:`algorithm`; ``None`` when it was named."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -121,7 +136,9 @@ class TrainResult:
             "baseline_metrics": self.baseline_metrics,
             "rows": self.rows,
             "decision": self.decision,
+            "algorithm": self.algorithm,
             "params": self.best_params,
+            "auto": None if self.auto is None else self.auto.to_json(),
         }
 
 
@@ -157,6 +174,9 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
                     "interactions_path": _describe(opts.interactions),
                 }
             )
+            chosen = choose(opts, data, progress)
+            # From here on the run is the one of --algorithm <chosen>.
+            opts = replace(opts, algorithm=chosen.algorithm)
             fitted = fit_or_tune(opts, inputs, data, progress)
             evaluated = evaluate_model(opts, inputs, data, fitted, beside_fit, progress)
             packaged = package_model(opts, data, fitted, evaluated, run_id, workdir)
@@ -165,13 +185,14 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
             timings = {
                 **inputs.timings,
                 **data.timings,
+                **chosen.timings,
                 **fitted.timings,
                 **evaluated.timings,
                 **packaged.timings,
                 **registered.timings,
                 "total_seconds": time.perf_counter() - inputs.started,
             }
-            log_summary(fitted, evaluated, timings)
+            log_summary(chosen, fitted, evaluated, timings)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return TrainResult(
@@ -184,6 +205,8 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
         rows=inputs.rows,
         decision=registered.decision,
         best_params=fitted.params,
+        algorithm=opts.algorithm,
+        auto=chosen.auto,
     )
 
 
@@ -217,13 +240,23 @@ class SplitData:
     matrix: InteractionMatrix
     """``train`` as a confidence matrix: what the model is fitted on, and its id maps."""
     tune_fit: pd.DataFrame | None
-    """The fit part of the tuning split (``None`` without ``--tune``)."""
+    """The fit part of the tuning split (``None`` without ``--tune`` or ``auto``)."""
     validation: pd.DataFrame | None
-    """The validation part of the tuning split (``None`` without ``--tune``)."""
+    """The validation part of the tuning split (``None`` without ``--tune`` or ``auto``)."""
     stats: SplitStats | None
     """Statistics of the test split; ``None`` for a holdout given with ``--test``."""
     given: LoadResult | None
     """The holdout given with ``--test``, with its quarantine; ``None`` when split off the log."""
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What :func:`choose` hands on: the algorithm to fit, and how ``auto`` chose it."""
+
+    algorithm: str
+    auto: AutoChoice | None
+    """Each candidate's validation result; ``None`` when the algorithm was named."""
     timings: dict[str, float]
 
 
@@ -303,7 +336,15 @@ class Registered:
 
 def validate_options(opts: TrainOptions) -> None:
     """Fail on an unknown algorithm, bad hyperparameters or a bad ``k`` before any work."""
-    get_algorithm(opts.algorithm)(**opts.params)
+    if opts.algorithm != AUTO:
+        get_algorithm(opts.algorithm)(**opts.params)
+    elif opts.params:
+        raise InvalidInputError(
+            f"--param {', '.join(opts.params)}: hyperparameters belong to one algorithm, and "
+            "--algorithm auto fits each candidate with its defaults; name the algorithm "
+            "(e.g. --algorithm als) to set them",
+            field="param",
+        )
     if opts.k <= 0:
         raise InvalidInputError(f"--k must be positive, got {opts.k}", field="k")
     metric_key(opts.primary_metric, opts.k)  # an unknown metric fails here, not after the fit
@@ -343,8 +384,8 @@ def read_inputs(opts: TrainOptions, workdir: Path, progress: Progress) -> Inputs
 def split_data(opts: TrainOptions, inputs: Inputs, workdir: Path, progress: Progress) -> SplitData:
     """Split the log into training and held-out parts (or read the ``--test`` holdout).
 
-    With ``--tune``, the training part is split again into a fit part and a validation part that
-    the search scores on, so that tuning never sees the test part.
+    With ``--tune`` or ``auto``, the training part is split again into a fit part and a
+    validation part that the search and the choice score on, so they never see the test part.
     """
     frame = inputs.loaded.frame
     given: LoadResult | None = None
@@ -360,12 +401,12 @@ def split_data(opts: TrainOptions, inputs: Inputs, workdir: Path, progress: Prog
             erasures=opts.erasures,
         )
         train_frame, test_frame = frame, given.frame
-        if opts.tune:
+        if _wants_validation(opts):
             tuning = split(frame, opts.split, fraction=opts.validation_fraction, seed=opts.seed + 1)
             tune_fit, validation = tuning.train, tuning.test
     else:
         progress(f"splitting ({opts.split}, test fraction {opts.test_fraction})")
-        if opts.tune or opts.test_fraction == 0:
+        if _wants_validation(opts) or opts.test_fraction == 0:
             parts = train_validation_test(
                 frame,
                 method=opts.split,
@@ -395,6 +436,52 @@ def split_data(opts: TrainOptions, inputs: Inputs, workdir: Path, progress: Prog
         stats=stats,
         given=given,
         timings=timings,
+    )
+
+
+def choose(opts: TrainOptions, data: SplitData, progress: Progress) -> Chosen:
+    """The algorithm to fit: the one named, or with ``auto`` the best of
+    :data:`training.auto.AUTO_CANDIDATES` with their defaults on the validation split.
+
+    ``auto`` logs the candidates (param ``auto.candidates``), each one's validation value and fit
+    seconds (metrics ``auto_validation.<alg>``, ``auto_fit_seconds.<alg>``), each skip's reason
+    (tag ``auto_skipped.<alg>``) and the tags ``algorithm_choice=auto`` and ``algorithm``.
+    """
+    if opts.algorithm != AUTO:
+        return Chosen(algorithm=opts.algorithm, auto=None, timings={})
+    assert data.tune_fit is not None and data.validation is not None  # split_data made them
+    started = time.perf_counter()
+    n_users, n_items = data.matrix.matrix.shape
+    auto = choose_algorithm(
+        data.tune_fit,
+        data.validation,
+        confidence=opts.confidence,
+        k=opts.k,
+        metric=opts.metric,
+        eval_users=opts.eval_users,
+        seed=opts.seed,
+        refit_size=DataSize(n_users, n_items, int(data.matrix.matrix.nnz)),
+        progress=progress,
+    )
+    mlflow.log_param("auto.candidates", ",".join(c.algorithm for c in auto.candidates))
+    mlflow.log_metrics(
+        {
+            f"auto_{name}.{c.algorithm}": value
+            for c in auto.candidates
+            for name, value in (("validation", c.value), ("fit_seconds", c.seconds))
+            if value is not None
+        }
+    )
+    skipped = {f"auto_skipped.{c.algorithm}": c.skipped for c in auto.candidates if c.skipped}
+    mlflow.set_tags(
+        {
+            "algorithm_choice": AUTO,
+            "algorithm": auto.chosen,
+            **{name: reason[:5000] for name, reason in skipped.items()},  # MLflow's tag limit
+        }
+    )
+    return Chosen(
+        algorithm=auto.chosen, auto=auto, timings={"auto_seconds": time.perf_counter() - started}
     )
 
 
@@ -653,7 +740,9 @@ def register_and_promote(
     )
 
 
-def log_summary(fitted: Fitted, evaluated: Evaluated, timings: dict[str, float]) -> None:
+def log_summary(
+    chosen: Chosen, fitted: Fitted, evaluated: Evaluated, timings: dict[str, float]
+) -> None:
     """Log the timings as ``time_<key>`` metrics and ``evaluation/report.json``.
 
     Logged last so that its timings cover the registry and the promotion gate too.
@@ -666,6 +755,7 @@ def log_summary(fitted: Fitted, evaluated: Evaluated, timings: dict[str, float])
         "dataset": evaluated.stats,
         "timings": timings,
         "tuning": fitted.tuning,
+        "auto": None if chosen.auto is None else chosen.auto.to_json(),
     }
     mlflow.log_dict(report, "evaluation/report.json")
 
@@ -706,7 +796,7 @@ def _prepare_beside_fit(
     started = time.perf_counter()
     # Held-out items unseen in training stay relevant (misses); unseen users are left out.
     full_holdout = build_holdout(test_frame, train.users, train.items)
-    holdout = _sample_users(full_holdout, opts.eval_users, opts.seed)
+    holdout = sample_users(full_holdout, opts.eval_users, opts.seed)
     trending_weights = recency_weights(train_frame, opts.trending_half_life_days)
     # Serving must never re-recommend what a user already has, so the seen lists cover the
     # whole log (training part and holdout), not only the pairs the model was fitted on.
@@ -738,22 +828,6 @@ def _with_first_seen(catalog: ItemCatalog, frame: pd.DataFrame, items: Vocabular
     return catalog
 
 
-def _sample_users(holdout: Holdout, limit: int, seed: int) -> Holdout:
-    """Keep the held-out items of at most ``limit`` users (seeded sample); others become empty.
-
-    Scoring every user of a million-user log costs more than the fit itself, and a sample of
-    some thousands of users measures the averages closely enough to compare models evaluated on
-    the same sample. A user whose held-out items are all unseen in training is part of the
-    draw: it is evaluated, with nothing it could hit.
-    """
-    users = holdout.users
-    if limit <= 0 or len(users) <= limit:
-        return holdout
-    keep = np.zeros(holdout.matrix.shape[0], dtype=bool)
-    keep[np.random.default_rng(seed).choice(users, size=limit, replace=False)] = True
-    return holdout.restrict(keep)
-
-
 def _item_sums(frame: pd.DataFrame, weights: np.ndarray, items: Vocabulary) -> np.ndarray:
     idx = vocabulary_codes(frame["item_id"], items)
     keep = idx >= 0
@@ -764,6 +838,11 @@ def _item_sums(frame: pd.DataFrame, weights: np.ndarray, items: Vocabulary) -> n
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _wants_validation(opts: TrainOptions) -> bool:
+    """Whether the run needs the validation split: to tune, or to choose the algorithm."""
+    return bool(opts.tune) or opts.algorithm == AUTO
 
 
 def _split_name(opts: TrainOptions) -> str:

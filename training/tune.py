@@ -30,11 +30,13 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+import scipy.sparse as sp
 from implicit.recommender_base import ModelFitError
 
+from models.base import Recommender
 from models.ranking_metrics import metric_key
 from training.confidence import ConfidenceConfig, build_matrix
-from training.evaluate import build_holdout, evaluate
+from training.evaluate import Evaluation, Holdout, build_holdout, evaluate
 from training.fit import fit_model
 
 logger = logging.getLogger(__name__)
@@ -131,11 +133,14 @@ def _lmf(trial: optuna.Trial) -> dict[str, Any]:
 def _gfcf(trial: optuna.Trial) -> dict[str, Any]:
     # The ideal low-pass weight includes 0 (the linear filter alone); the normalization exponent
     # moves the popularity penalty; the kept spectrum scales with the data's rank.
+    # Sharpening damps the leading spectrum (BSPM's sharpening step), on or off.
     use_ideal = trial.suggest_categorical("ideal", [True, False])
+    use_sharpening = trial.suggest_categorical("sharpened", [True, False])
     return {
         "alpha": trial.suggest_float("alpha", 0.05, 2.0, log=True) if use_ideal else 0.0,
         "beta": trial.suggest_float("beta", 0.2, 0.6),
         "factors": trial.suggest_int("factors", 32, 1024, log=True),
+        "sharpen": trial.suggest_float("sharpen", 0.5, 4.0) if use_sharpening else 0.0,
     }
 
 
@@ -174,9 +179,17 @@ SEARCHES: dict[str, Search] = {
     "gfcf": Search(
         _gfcf,
         (
-            {"ideal": True, "alpha": 0.3, "beta": 0.4, "factors": 256},
-            {"ideal": True, "alpha": 0.3, "beta": 0.4, "factors": 128},
-            {"ideal": True, "alpha": 0.3, "beta": 0.5, "factors": 256},
+            {"ideal": True, "alpha": 0.3, "beta": 0.4, "factors": 256, "sharpened": False},
+            {"ideal": True, "alpha": 0.3, "beta": 0.4, "factors": 128, "sharpened": False},
+            {"ideal": True, "alpha": 0.3, "beta": 0.5, "factors": 256, "sharpened": False},
+            {
+                "ideal": True,
+                "alpha": 0.3,
+                "beta": 0.5,
+                "factors": 448,
+                "sharpened": True,
+                "sharpen": 2.5,
+            },
         ),
     ),
     "itemknn": Search(_knn, ({"K": 20}, {"K": 100})),
@@ -220,6 +233,17 @@ def paired_gain(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, fl
     if diff.size < 2:
         return (float(diff.mean()) if diff.size else 0.0), math.inf
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(diff.size))
+
+
+def validation_value(
+    model: Recommender, train: sp.csr_matrix, valid: Holdout, *, k: int, metric: str
+) -> tuple[float, Evaluation]:
+    """``metric`` (a logged name such as ``ndcg_at_10``) of ``model`` fitted on ``train``,
+    measured on the validation holdout, and the whole evaluation; an undefined value (no
+    validation user) counts as 0. How a tuning trial and ``--algorithm auto`` score a fit."""
+    result = evaluate(model, train, valid.matrix, k=k, unrankable=valid.unrankable)
+    value = float(result.metrics[metric])
+    return (0.0 if math.isnan(value) else value), result
 
 
 def tune(
@@ -318,12 +342,7 @@ def tune(
                     # Leaving the run with an exception marks it FAILED in MLflow.
                     raise _TrialFailed(reason) from exc
                 fit_seconds = time.perf_counter() - start
-                result = evaluate(
-                    model, train.matrix, valid.matrix, k=k, unrankable=valid.unrankable
-                )
-                value = float(result.metrics[metric])
-                if math.isnan(value):
-                    value = 0.0
+                value, result = validation_value(model, train.matrix, valid, k=k, metric=metric)
                 if per_user_name is not None and result.per_user is not None:
                     per_user[key] = np.asarray(getattr(result.per_user, per_user_name))
                 mlflow.set_tag("trial_state", "complete")

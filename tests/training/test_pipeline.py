@@ -70,6 +70,8 @@ def test_train_logs_registers_and_promotes(
         str(logs / "interactions.parquet"),
         "--items",
         str(logs / "items.parquet"),
+        "--algorithm",
+        "als",
         "--param",
         "factors=16",
         "--param",
@@ -136,7 +138,8 @@ def test_gate_keeps_better_champion_and_force_promote_overrides(
     logs: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     common = ["--interactions", str(logs / "interactions.parquet")]
-    first = train(capsys, *common, "--param", "factors=16", "--param", "iterations=6")
+    als = ["--algorithm", "als", "--param", "factors=16", "--param", "iterations=6"]
+    first = train(capsys, *common, *als)
     assert first["promoted"] is True
     worse = train(capsys, *common, "--algorithm", "popularity")
     assert worse["promoted"] is False
@@ -363,7 +366,8 @@ def test_items_unseen_in_training_stay_in_the_holdout_as_misses(
 def test_batch_recommend_and_pyfunc_read_the_registered_model(
     tmp_path: Path, logs: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    train(capsys, "--interactions", str(logs / "interactions.parquet"), "--param", "factors=8")
+    log = str(logs / "interactions.parquet")
+    train(capsys, "--interactions", log, "--algorithm", "als", "--param", "factors=8")
     users = tmp_path / "users.txt"
     frame = pd.read_parquet(logs / "interactions.parquet")
     known = sorted(frame["user_id"].unique())[:5]
@@ -395,7 +399,17 @@ def test_batch_recommend_and_pyfunc_read_the_registered_model(
     ("args", "message"),
     [
         (["--interactions", "nowhere.parquet"], "does not exist"),
-        (["--interactions", "{logs}/interactions.parquet", "--param", "factors=-2"], "factors"),
+        (
+            [
+                "--interactions",
+                "{logs}/interactions.parquet",
+                "--algorithm",
+                "als",
+                "--param",
+                "factors=-2",
+            ],
+            "factors",
+        ),
         (["--interactions", "{logs}/interactions.parquet", "--param", "nope"], "KEY=VALUE"),
         (["--interactions", "{logs}/interactions.parquet", "--k", "0"], "--k"),
         (["--interactions", "{logs}/interactions.parquet", "--metric", "auc"], "unknown metric"),
