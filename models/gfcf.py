@@ -225,7 +225,9 @@ class GFCF(ItemMatrixModel):
             self._graph_t = sp.csr_matrix(normalized.T)
             self._left, self._right = left, right
         else:
-            weights = np.asarray((normalized.T @ normalized).toarray(), dtype=np.float32)
+            # C order: scipy's toarray() may give Fortran order here, and every sparse-row
+            # product against a Fortran matrix copies it first (hundreds of ms per list).
+            weights = np.ascontiguousarray((normalized.T @ normalized).toarray(), dtype=np.float32)
             for start in range(0, self.n_items, _ROW_BLOCK):
                 rows = slice(start, start + _ROW_BLOCK)
                 weights[rows] += left[rows] @ right

@@ -273,6 +273,17 @@ def test_similar_items_honours_exclusions_and_filters(
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
+def test_fitted_arrays_are_c_ordered_as_loaded_ones_are(name: str, fitted: Fitted) -> None:
+    """A model scores in the process that fitted it (evaluation, tuning, the quality bench) as
+    well as after loading; a Fortran-ordered matrix there makes every sparse-row product copy it
+    first (GF-CF's dense filter once cost 400 ms a list that way instead of 0.4 ms)."""
+    model = fitted(name)
+    for key, array in model.to_arrays().items():
+        if array.ndim == 2 and array.size > 1:
+            assert array.flags.c_contiguous, f"{name}: {key} is not C-ordered"
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_arrays_round_trip_gives_identical_lists(
     name: str, fitted: Fitted, synthetic: Synthetic, tmp_path: Path
 ) -> None:
