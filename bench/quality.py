@@ -32,7 +32,7 @@ from registry.mlflow_store import configure_tracking
 from training.auto import AUTO, choose_algorithm
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import Holdout, build_holdout, evaluate
-from training.fit import fit_model
+from training.fit import LOCAL, Engine, fit_model
 from training.split import (
     Method,
     TrainValidationTest,
@@ -162,6 +162,7 @@ def _fit_and_evaluate(
     train: Any,
     test: Holdout,
     k: int,
+    engine: Engine = LOCAL,
 ) -> tuple[dict[str, float], float]:
     """Fit on ``train``, log the loss curve to the active run, evaluate on ``test``.
 
@@ -173,7 +174,7 @@ def _fit_and_evaluate(
             mlflow.log_metric("training_loss", float(loss), step=iteration)
 
     start = time.perf_counter()
-    model = fit_model(algorithm, params, train, on_iteration)
+    model = fit_model(algorithm, params, train, on_iteration, engine=engine)
     seconds = time.perf_counter() - start
     metrics = evaluate(model, train, test.matrix, k=k, unrankable=test.unrankable).metrics
     return metrics, seconds
@@ -256,6 +257,7 @@ def run_protocol(
     tune_timeout: float | None = None,
     progress: Callable[[str], None] = _noop,
     fixed: Sequence[tuple[str, dict[str, Any]]] = (),
+    spark_master: str = "local[*]",
 ) -> ProtocolReport:
     """Run ``protocol`` on ``dataset`` for each of ``algorithms``; MLflow must be configured.
 
@@ -297,32 +299,37 @@ def run_protocol(
         report.results.append(result)
         progress(_summary(result, k))
     for algorithm in algorithms:
+        # "als-spark": ALS fitted on Spark (training.spark), tuned with Spark's own search.
+        base = algorithm.removesuffix("-spark")
+        engine = Engine("spark", spark_master) if algorithm.endswith("-spark") else LOCAL
         if algorithm == AUTO:
             report.results.append(
                 _auto_result(parts, confidence, train.matrix, test, k, seed, tags, progress)
             )
             continue
-        cls = get_algorithm(algorithm)
+        cls = get_algorithm(base)
         with mlflow.start_run(run_name=f"{dataset}/{algorithm}/default") as run:
             mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "default"})
+            mlflow.log_params(engine.describe())
             try:
-                metrics, seconds = _fit_and_evaluate(algorithm, {}, train.matrix, test, k)
+                metrics, seconds = _fit_and_evaluate(base, {}, train.matrix, test, k, engine)
             except ModelTooLargeError as exc:
                 mlflow.set_tag("refused", str(exc))
                 report.results.append(Result(algorithm, "default", {}, {}, 0.0, refused=str(exc)))
                 progress(f"{algorithm}: refused: {exc}")
                 continue
             result = Result(algorithm, "default", metrics, {}, seconds, run_id=run.info.run_id)
-            _log_result(result, cls.Config().model_dump(mode="json"))
+            _log_result(result, cls.Config(**engine.params(base, {})).model_dump(mode="json"))
         report.results.append(result)
         progress(_summary(result, k))
-        if trials <= 0 or algorithm not in SEARCHES:
+        if trials <= 0 or (base if engine.is_local else f"{base}@spark") not in SEARCHES:
             continue
         with mlflow.start_run(run_name=f"{dataset}/{algorithm}/tuned") as run:
             mlflow.set_tags({**tags, "algorithm": algorithm, "variant": "tuned"})
             start = time.perf_counter()
+            mlflow.log_params(engine.describe())
             summary = tune(
-                algorithm,
+                base,
                 parts.train,
                 parts.validation,
                 confidence=confidence,
@@ -331,10 +338,11 @@ def run_protocol(
                 seed=seed,
                 progress=progress,
                 timeout=tune_timeout,
+                engine=engine,
             )
             tune_seconds = time.perf_counter() - start
             params = summary["best_params"]
-            metrics, seconds = _fit_and_evaluate(algorithm, params, train.matrix, test, k)
+            metrics, seconds = _fit_and_evaluate(base, params, train.matrix, test, k, engine)
             result = Result(
                 algorithm,
                 "tuned",
@@ -349,7 +357,7 @@ def run_protocol(
                 failed=sum(1 for t in summary["trials"] if t.get("failed") and not t["reused"]),
                 decision=summary.get("decision", ""),
             )
-            _log_result(result, cls.Config(**params).model_dump(mode="json"))
+            _log_result(result, cls.Config(**engine.params(base, params)).model_dump(mode="json"))
         report.results.append(result)
         progress(_summary(result, k))
     return report
@@ -480,8 +488,11 @@ def _parser() -> argparse.ArgumentParser:
         "--dataset", action="append", choices=list(LOADERS), help="repeatable; default all"
     )
     parser.add_argument(
-        "--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithm names"
+        "--algorithms",
+        default=",".join(ALGORITHMS),
+        help="comma-separated algorithm names; als-spark fits ALS on Spark (--spark-master)",
     )
+    parser.add_argument("--spark-master", default="local[*]", help="for als-spark")
     parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="0: defaults only")
     parser.add_argument(
         "--tune-timeout", type=float, default=None, help="seconds of tuning per algorithm"
@@ -553,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tune_timeout=args.tune_timeout,
                 progress=say,
                 fixed=[parse_fixed(text) for text in args.fixed],
+                spark_master=args.spark_master,
             )
             report.command = command
             section = render_section(report)

@@ -9,7 +9,7 @@ Scoring, fold-in and item similarity are plain numpy, with the per-model matrice
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,7 +21,7 @@ from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
 from .base import ModelConfig, ProgressCallback, Recommender
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ class ALSConfig(ModelConfig):
     """Seed of the initial factors; None for a random seed."""
     num_threads: NonNegativeInt = 0
     """Threads implicit uses for fitting; 0 means one per core."""
+    formulation: Literal["implicit", "spark"] = "implicit"
+    """Which least-squares problem the factors solve, and so how fold-in solves a new user.
+    ``implicit`` (implicit's ALS, what :meth:`ALS.fit` runs): confidence ``C = alpha·r`` on a
+    user's items and penalty ``λ``. ``spark`` (``pyspark.ml``'s implicit ALS, fitted by
+    ``affinity train --engine spark``): confidence ``C = 1 + alpha·|r|`` and penalty
+    ``λ·n``, ``n`` the number of the row's positive entries (the ALS-WR scaling); its
+    ``regularization`` and ``alpha`` therefore mean something else, with other good values
+    (``docs/quality.md``)."""
 
 
 class BPRConfig(ModelConfig):
@@ -211,6 +219,12 @@ class ALS(_FactorModel):
     def _fit(self, user_items: sp.csr_matrix, progress: ProgressCallback | None) -> None:
         cfg = self.config
         assert isinstance(cfg, ALSConfig)
+        if cfg.formulation != "implicit":
+            raise InvalidInputError(
+                f"ALS with formulation={cfg.formulation!r} is fitted by that engine "
+                "(affinity train --engine spark), not by implicit",
+                field="formulation",
+            )
 
         def on_iteration(iteration: int, elapsed: float, loss: float | None) -> None:
             if loss is not None:
@@ -235,46 +249,65 @@ class ALS(_FactorModel):
         self._set_factors(model.user_factors, model.item_factors)
 
     def _regularized_gram(self) -> np.ndarray:
-        """YᵀY + λI in float64, computed once per model."""
+        """YᵀY + λI in float64 (YᵀY alone for the ``spark`` formulation, whose penalty depends
+        on the row), computed once per model."""
         gram = self._gram
         if gram is None:
             cfg = self.config
             assert isinstance(cfg, ALSConfig)
             items = self.item_factors.astype(np.float64)
             gram = items.T @ items
-            gram[np.diag_indices_from(gram)] += cfg.regularization
+            if cfg.formulation == "implicit":
+                gram[np.diag_indices_from(gram)] += cfg.regularization
             self._gram = gram
         return gram
 
-    def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
-        """User factors for ``history`` rows, solved exactly as implicit's ALS solves users.
+    def _row_terms(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """For one history's values: the weight of each item's ``y yᵀ`` term, its weight in the
+        right-hand side, and the penalty added to the diagonal beyond :meth:`_regularized_gram`.
 
-        With confidences ``c = alpha * r`` on the history's items (and 1 elsewhere), each row's
-        factors are ``x = (YᵀY + λI + Σ_i (|c_i| - 1) y_i y_iᵀ)⁻¹ Σ_{c_i > 0} c_i y_i``; a
-        negative value is read as a confident dislike, as implicit does.
+        ``implicit``: ``C = alpha·r``; weights ``|C| - 1`` and ``max(C, 0)``; no extra penalty.
+        ``spark``: ``C = 1 + alpha·|r|``; weights ``alpha·|r|`` and ``C`` where ``r > 0`` (0
+        elsewhere); penalty ``λ`` times the number of positive values.
         """
         cfg = self.config
         assert isinstance(cfg, ALSConfig)
+        values = np.asarray(values, dtype=np.float64)
+        if cfg.formulation == "implicit":
+            confidence = values * cfg.alpha
+            return np.abs(confidence) - 1.0, np.maximum(confidence, 0.0), 0.0
+        extra = cfg.alpha * np.abs(values)
+        positive = values > 0
+        return extra, np.where(positive, 1.0 + extra, 0.0), cfg.regularization * positive.sum()
+
+    def fold_in(self, history: sp.csr_matrix) -> np.ndarray:
+        """User factors for ``history`` rows, solved exactly as the fitting engine solves users.
+
+        Each row's factors are ``x = (YᵀY + Σ_i w_i y_i y_iᵀ + λ' I)⁻¹ Σ_i b_i y_i`` with the
+        weights of :meth:`_row_terms` (for implicit's formulation, ``w = |C| - 1``, ``b = C`` for
+        ``C = alpha·r > 0`` and ``λ' = λ``); a negative value is read as a confident dislike, as
+        both engines do.
+        """
         history = sp.csr_matrix(history, dtype=np.float32)
         if not history.has_canonical_format:
             history = history.copy()
             history.sum_duplicates()
-        confidence = history.data.astype(np.float64) * cfg.alpha
         gram = self._regularized_gram()
         n_rows, n_factors = history.shape[0], gram.shape[0]
         lhs = np.broadcast_to(gram, (n_rows, n_factors, n_factors)).copy()
         rhs = np.zeros((n_rows, n_factors))
-        weight = np.abs(confidence) - 1.0
-        positive = np.maximum(confidence, 0.0)
         indptr = history.indptr
+        diagonal = np.arange(n_factors)
         # One small gather per row: the work is O(history length x factors²), never O(n_items).
         for row in range(n_rows):
             start, end = indptr[row], indptr[row + 1]
             if start == end:
                 continue
+            weight, target, penalty = self._row_terms(history.data[start:end])
             factors = self.item_factors[history.indices[start:end]].astype(np.float64)
-            lhs[row] += (factors.T * weight[start:end]) @ factors
-            rhs[row] = positive[start:end] @ factors
+            lhs[row] += (factors.T * weight) @ factors
+            lhs[row, diagonal, diagonal] += penalty
+            rhs[row] = target @ factors
         return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0].astype(np.float32)
 
     def fold_in_items(self, items: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -283,12 +316,12 @@ class ALS(_FactorModel):
         The same solve without building a sparse matrix: a request's fold-in is then a gather
         of ``len(items)`` factor rows and one 64x64 solve.
         """
-        cfg = self.config
-        assert isinstance(cfg, ALSConfig)
-        confidence = np.asarray(values, dtype=np.float64) * cfg.alpha
+        weight, target, penalty = self._row_terms(values)
         factors = self.item_factors[np.asarray(items, dtype=np.int64)].astype(np.float64)
-        lhs = self._regularized_gram() + (factors.T * (np.abs(confidence) - 1.0)) @ factors
-        rhs = np.maximum(confidence, 0.0) @ factors
+        lhs = self._regularized_gram() + (factors.T * weight) @ factors
+        if penalty:
+            lhs[np.diag_indices_from(lhs)] += penalty
+        rhs = target @ factors
         # lhs = Σ_other y yᵀ + Σ_history |c| y yᵀ + λI is symmetric positive definite: a Cholesky
         # solve (LAPACK posv, called directly) costs less than numpy's general solve per request
         # (docs/benchmarks.md, "Where the time goes": fold-in).

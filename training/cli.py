@@ -85,6 +85,7 @@ def cmd_train(
     passes the logs to read instead of ``--interactions``, the erasures to apply to them, and
     ``report``: more entries of the printed summary."""
     from training.confidence import ConfidenceConfig
+    from training.fit import Engine
     from training.pipeline import TrainOptions, run_training
 
     logs = list(interactions if interactions is not None else args.interactions or [])
@@ -119,6 +120,7 @@ def cmd_train(
         quarantine_path=args.quarantine,
         eval_users=args.eval_users,
         erasures=erasures,
+        engine=Engine(args.engine, args.spark_master),
     )
     result = run_training(opts, progress)
     summary = {**result.to_json(), **(report or {})}
@@ -233,6 +235,19 @@ def register_cli(subparsers: Any) -> None:
         help="algorithm (default auto: fit als, ease, gfcf and bm25 with their defaults on a "
         "validation split carved from the training part, keep the best on --metric, and go on "
         "as if it had been named; a candidate too large for the data is skipped)",
+    )
+    tr.add_argument(
+        "--engine",
+        choices=["local", "spark"],
+        default="local",
+        help="where to fit: local (implicit and numpy, every algorithm; the default) or spark "
+        "(pyspark.ml's implicit ALS on --spark-master; needs the spark extra and Java 17+; "
+        "--algorithm auto then means als)",
+    )
+    tr.add_argument(
+        "--spark-master",
+        default="local[*]",
+        help="Spark master URL for --engine spark (default local[*]: every core of this machine)",
     )
     tr.add_argument(
         "--param",

@@ -57,7 +57,7 @@ from training.evaluate import (
     evaluate_with_baseline,
     sample_users,
 )
-from training.fit import fit_model
+from training.fit import LOCAL, SPARK_ALGORITHMS, Engine, fit_model
 from training.split import SplitStats, split, train_validation_test
 from training.tune import tune
 
@@ -101,6 +101,8 @@ class TrainOptions:
     register: bool = True
     eval_users: int = 10_000
     """Evaluate on at most this many held-out users, sampled with ``seed`` (0: all of them)."""
+    engine: Engine = LOCAL
+    """Where the model is fitted (``--engine``): here, or ALS on Spark (:mod:`training.spark`)."""
 
     @property
     def metric(self) -> str:
@@ -157,6 +159,9 @@ def run_training(opts: TrainOptions, progress: Progress = _noop) -> TrainResult:
     MLflow copies it into the run and the registry) that is removed when the run ends, failed or
     not; a quarantine file too large to log is moved out of it first (see :func:`log_reports`).
     """
+    if not opts.engine.is_local and opts.algorithm == AUTO:
+        # Spark fits ALS only: there is nothing to choose between.
+        opts = replace(opts, algorithm=SPARK_ALGORITHMS[0])
     validate_options(opts)
     mlflow_store.configure_tracking()
     workdir = Path(tempfile.mkdtemp(prefix="affinity-train-"))
@@ -336,8 +341,13 @@ class Registered:
 
 def validate_options(opts: TrainOptions) -> None:
     """Fail on an unknown algorithm, bad hyperparameters or a bad ``k`` before any work."""
+    if not opts.engine.is_local:
+        from training.spark import require_pyspark
+
+        opts.engine.check(opts.algorithm)
+        require_pyspark()
     if opts.algorithm != AUTO:
-        get_algorithm(opts.algorithm)(**opts.params)
+        get_algorithm(opts.algorithm)(**opts.engine.params(opts.algorithm, opts.params))
     elif opts.params:
         raise InvalidInputError(
             f"--param {', '.join(opts.params)}: hyperparameters belong to one algorithm, and "
@@ -507,14 +517,18 @@ def fit_or_tune(opts: TrainOptions, inputs: Inputs, data: SplitData, progress: P
             seed=opts.seed,
             metric=opts.metric,
             progress=progress,
+            engine=opts.engine,
         )
         params = {**params, **tuning["best_params"]}
         timings["tune_seconds"] = time.perf_counter() - started
 
-    full_params = get_algorithm(opts.algorithm)(**params).config.model_dump(mode="json")
+    full_params = get_algorithm(opts.algorithm)(
+        **opts.engine.params(opts.algorithm, params)
+    ).config.model_dump(mode="json")
     mlflow.log_params(
         {
             "algorithm": opts.algorithm,
+            **opts.engine.describe(),
             **{f"model.{k}": v for k, v in full_params.items()},
             "k": opts.k,
             "split": _split_name(opts),
@@ -537,7 +551,7 @@ def fit_or_tune(opts: TrainOptions, inputs: Inputs, data: SplitData, progress: P
             mlflow.log_metric("training_loss", float(loss), step=iteration)
         ticker(f"  iteration {iteration}" + ("" if loss is None else f", loss {loss:.6g}"))
 
-    model = fit_model(opts.algorithm, params, train.matrix, on_iteration)
+    model = fit_model(opts.algorithm, params, train.matrix, on_iteration, engine=opts.engine)
     timings["fit_seconds"] = time.perf_counter() - started
     return Fitted(model=model, params=full_params, tuning=tuning, ticker=ticker, timings=timings)
 

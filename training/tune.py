@@ -37,7 +37,7 @@ from models.base import Recommender
 from models.ranking_metrics import metric_key
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import Evaluation, Holdout, build_holdout, evaluate
-from training.fit import fit_model
+from training.fit import LOCAL, Engine, fit_model
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,18 @@ def _als(trial: optuna.Trial) -> dict[str, Any]:
         "factors": trial.suggest_categorical("factors", [128, 256]),
         "regularization": alpha * per_alpha,
         "alpha": alpha,
+        "iterations": trial.suggest_int("iterations", 10, 20, step=5),
+    }
+
+
+def _spark_als(trial: optuna.Trial) -> dict[str, Any]:
+    # Spark's implicit ALS adds 1 to every confidence and multiplies the penalty by each row's
+    # number of interactions (ALS-WR), so its good penalties are a hundred times smaller than
+    # implicit's and alpha ranges wider (docs/quality.md, "Training on Spark").
+    return {
+        "factors": trial.suggest_categorical("factors", [64, 128]),
+        "regularization": trial.suggest_float("regularization", 0.01, 1.0, log=True),
+        "alpha": trial.suggest_float("alpha", 0.5, 40.0, log=True),
         "iterations": trial.suggest_int("iterations", 10, 20, step=5),
     }
 
@@ -165,6 +177,14 @@ SEARCHES: dict[str, Search] = {
         ),
     ),
     "ease": Search(_ease, ({"l2_octaves": 0}, {"l2_octaves": 1}, {"l2_octaves": -1})),
+    # --engine spark: the first seed is training.spark.SPARK_ALS_DEFAULTS.
+    "als@spark": Search(
+        _spark_als,
+        (
+            {"factors": 128, "regularization": 0.1, "alpha": 4.0, "iterations": 15},
+            {"factors": 128, "regularization": 0.03, "alpha": 10.0, "iterations": 15},
+        ),
+    ),
     "bpr": Search(
         _bpr,
         (
@@ -259,8 +279,12 @@ def tune(
     metric: str = "ndcg",
     progress: Callable[[str], None] | None = None,
     timeout: float | None = None,
+    engine: Engine = LOCAL,
 ) -> dict[str, Any]:
     """Search up to ``n_trials`` configurations; returns the parameters to refit with and more.
+
+    ``engine`` fits each trial where the final model is fitted; an engine with its own
+    formulation (Spark's ALS) has its own search (``SEARCHES["als@spark"]``).
 
     The first trials are the algorithm's seeds (:class:`Search`), then TPE proposes. A
     configuration proposed again is not refitted: its earlier score is reused. ``metric`` is a
@@ -280,7 +304,7 @@ def tune(
     diverged fit).
     """
     metric = metric_key(metric, k)  # "ndcg" or "ndcg_at_<k>": the name evaluation logs at k
-    search = SEARCHES.get(algorithm)
+    search = SEARCHES.get(algorithm if engine.is_local else f"{algorithm}@{engine.name}")
     if search is None:
         logger.info("%s has no hyperparameters to tune; skipping", algorithm)
         return {"best_params": {}, "best_value": None, "trials": []}
@@ -334,7 +358,7 @@ def tune(
             with mlflow.start_run(nested=True, run_name=f"trial-{trial.number}"):
                 mlflow.log_params(params)
                 try:
-                    model = fit_model(algorithm, params, train.matrix)
+                    model = fit_model(algorithm, params, train.matrix, engine=engine)
                 except DIVERGENCE_ERRORS as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                     mlflow.set_tags({"trial_state": "failed", "failure_reason": reason})

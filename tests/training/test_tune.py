@@ -16,7 +16,7 @@ import pytest
 from models.algorithms import get_algorithm
 from training.confidence import ConfidenceConfig, build_matrix
 from training.evaluate import build_holdout, evaluate
-from training.fit import fit_model
+from training.fit import Engine, fit_model
 from training.split import split
 from training.tune import MIN_GAIN_Z, SEARCHES, Search, paired_gain, tune
 
@@ -163,8 +163,11 @@ def test_the_first_seed_of_every_search_is_the_default_configuration(algorithm: 
     study = optuna.create_study()
     study.enqueue_trial(search.seeds[0])
     params = search.space(study.ask())
-    cls = get_algorithm(algorithm)
-    defaults = cls.Config().model_dump()
+    name, _, engine = algorithm.partition("@")
+    cls = get_algorithm(name)
+    if engine:  # an engine's own search starts from that engine's defaults
+        params = Engine(engine).params(name, params)  # type: ignore[arg-type]
+    defaults = cls.Config(**Engine(engine or "local").params(name, {})).model_dump()  # type: ignore[arg-type]
     assert cls.Config(**params).model_dump() == {
         name: pytest.approx(value) if isinstance(value, float) else value
         for name, value in defaults.items()
