@@ -74,6 +74,8 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--log-format": ("log_format", str, {"choices": ["json", "text"]}),
     "--log-level": ("log_level", str, {"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
     "--grace-seconds": ("grace_seconds", float, {"metavar": "S"}),
+    "--max-connection-age": ("max_connection_age_seconds", float, {"metavar": "S"}),
+    "--max-connection-age-grace": ("max_connection_age_grace_seconds", float, {"metavar": "S"}),
     "--registry-timeout": ("registry_timeout_seconds", int, {"metavar": "S"}),
     "--registry-retries": ("registry_retries", int, {"metavar": "N"}),
 }

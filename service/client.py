@@ -26,11 +26,20 @@ Each item says why it is there (``Item.reason``: ``model``, ``boosted``, ``promo
 Events go back with :meth:`AffinityClient.log_events`; an UNAVAILABLE error there means nothing
 was acknowledged, and the same events (same ids) should be sent again.
 
+Several replicas: give a list of ``host:port`` addresses, or one ``dns:///NAME:PORT`` name that
+resolves to all of them (a Kubernetes headless Service); calls then go round-robin over the
+replicas whose health service reports SERVING::
+
+    AffinityClient(["10.0.0.5:50051", "10.0.0.6:50051"])
+    AffinityClient("dns:///affinity.recs.svc.cluster.local:50051")
+
 Errors surface as :class:`grpc.RpcError` with the server's status code and message.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -56,6 +65,13 @@ _REASON_NAMES = {
     pb.REASON_PROMOTED: "promoted",
     pb.REASON_EXPLORED: "explored",
 }
+
+HEALTH_CHECKED_SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+"""The name a balanced client watches on each replica's health service; the server reports it
+as it reports ``""``: NOT_SERVING until a model is loaded and once it is shutting down."""
+
+BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+"""Targets with these name-resolver schemes may stand for several replicas."""
 
 Rules = pb.RankingRules | Mapping[str, Any]
 """A list's ranking rules: the message, or a mapping of its fields (``{"diversity":
@@ -258,30 +274,95 @@ def ranking_rules(rules: Rules | None) -> pb.RankingRules | None:
         raise InvalidInputError(f"rules: {exc}", field="rules") from None
 
 
-class AffinityClient:
-    """Calls one Affinity server; safe to share between threads.
+def _address(target: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"target {target!r} is not host:port", field="target")
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise InvalidInputError(
+            f"target {target!r}: several targets must be IP addresses (the channel cannot "
+            "re-resolve a list of names); give one dns:///NAME:PORT target instead, which "
+            "balances over every address the name resolves to",
+            field="target",
+        ) from None
 
-    ``target`` is ``host:port``. Pass ``root_certificates`` (PEM bytes) to use TLS (an empty
-    ``b""`` uses the system roots), ``token`` for bearer-token auth, and ``timeout`` as the
-    deadline in seconds of every call.
+
+def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:
+    """The gRPC channel target of ``target`` and whether calls are balanced over replicas.
+
+    A single ``host:port`` (or a one-item list) is used as it is, on one connection. Several
+    ``host:port`` IP addresses become one ``ipv4:`` or ``ipv6:`` target, and a target with one
+    of :data:`BALANCED_SCHEMES` (``dns:///NAME:PORT``) is kept; both are balanced. Raises
+    :class:`InvalidInputError` for an empty list, host names or mixed address families in a
+    list, or a ``dns:`` target among others.
+    """
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise InvalidInputError("no target given", field="target")
+    if len(targets) == 1:
+        return targets[0], targets[0].startswith(BALANCED_SCHEMES)
+    if any("/" in t or t.startswith(BALANCED_SCHEMES) for t in targets):
+        raise InvalidInputError(
+            "a target with a scheme (dns:///NAME:PORT) must be the only one", field="target"
+        )
+    addresses = [_address(t) for t in targets]
+    versions = {a.version for a in addresses}
+    if len(versions) > 1:
+        raise InvalidInputError(
+            "targets mix IPv4 and IPv6 addresses; list one family", field="target"
+        )
+    ports = [t.rpartition(":")[2] for t in targets]
+    if versions == {4}:
+        return "ipv4:" + ",".join(f"{a}:{p}" for a, p in zip(addresses, ports, strict=True)), True
+    return "ipv6:" + ",".join(f"[{a}]:{p}" for a, p in zip(addresses, ports, strict=True)), True
+
+
+def balanced_service_config(service: str = HEALTH_CHECKED_SERVICE) -> str:
+    """The channel's service config for several replicas: round-robin over the connected ones,
+    skipping those whose health service reports ``service`` as anything but SERVING (each
+    connection watches it with ``grpc.health.v1.Health/Watch``)."""
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": service},
+        }
+    )
+
+
+class AffinityClient:
+    """Calls one Affinity server, or several replicas of it; safe to share between threads.
+
+    ``target`` is ``host:port``, a list of them, or ``dns:///NAME:PORT``; several replicas
+    (a list, or a name that resolves to several addresses) get a channel that sends each call to
+    the next replica that is connected and reports SERVING, so a replica that drains or has no
+    model yet stops getting calls (see :func:`channel_target`). Pass ``root_certificates`` (PEM
+    bytes) to use TLS (an empty ``b""`` uses the system roots), ``token`` for bearer-token auth,
+    and ``timeout`` as the deadline in seconds of every call. ``options`` are gRPC channel
+    options; a ``grpc.service_config`` among them replaces the balanced one.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         token: str | None = None,
         root_certificates: bytes | None = None,
         timeout: float = 5.0,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.target = target
+        # balanced: calls go round-robin over the replicas that report SERVING.
+        self.target, self.balanced = channel_target(target)
         self.timeout = timeout
+        channel_options = list(options)
+        if self.balanced and not any(name == "grpc.service_config" for name, _ in options):
+            channel_options.append(("grpc.service_config", balanced_service_config()))
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates or None)
-            self._channel = grpc.secure_channel(target, creds, options=list(options))
+            self._channel = grpc.secure_channel(self.target, creds, options=channel_options)
         else:
-            self._channel = grpc.insecure_channel(target, options=list(options))
+            self._channel = grpc.insecure_channel(self.target, options=channel_options)
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -401,7 +482,10 @@ class AffinityClient:
         )
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """``SERVING``, ``NOT_SERVING`` or ``SERVICE_UNKNOWN`` from the standard health service."""
+        """``SERVING``, ``NOT_SERVING`` or ``SERVICE_UNKNOWN`` from the standard health service.
+
+        A balanced client asks one of the replicas that report SERVING; with none it fails
+        UNAVAILABLE."""
         response = self._health.Check(
             health_pb2.HealthCheckRequest(service=service),
             timeout=self.timeout if timeout is None else timeout,

@@ -17,6 +17,8 @@ from models.errors import InvalidInputError
 from service.cpus import default_workers, validate_spec
 
 DEFAULT_MODEL_URI = "models:/affinity@champion"
+MAX_CONNECTION_AGE_LIMIT = 2_000_000.0
+"""Largest connection age or grace in seconds (gRPC takes milliseconds as a 32-bit int)."""
 
 
 def _embedded_tracking_uri() -> str:
@@ -229,6 +231,28 @@ class ServeSettings(BaseSettings):
 
     grace_seconds: float = Field(10.0, validation_alias="AFFINITY_GRACE_SECONDS", ge=0)
     """On SIGTERM, how long in-flight requests may take to finish before the server stops."""
+
+    max_connection_age_seconds: float = Field(
+        300.0,
+        validation_alias="AFFINITY_MAX_CONNECTION_AGE_SECONDS",
+        ge=0,
+        le=MAX_CONNECTION_AGE_LIMIT,
+        allow_inf_nan=False,
+    )
+    """How long a client connection may live before the server asks the client to reconnect
+    (an HTTP/2 GOAWAY, give or take a tenth at random so clients do not all reconnect at once);
+    0: as long as the client wants. Reconnecting, a client resolves its target's name again, so
+    clients of several replicas spread over replicas added since they connected."""
+
+    max_connection_age_grace_seconds: float = Field(
+        30.0,
+        validation_alias="AFFINITY_MAX_CONNECTION_AGE_GRACE_SECONDS",
+        ge=0,
+        le=MAX_CONNECTION_AGE_LIMIT,
+        allow_inf_nan=False,
+    )
+    """How long requests still running on a connection past its maximum age may take before it
+    is closed; 0: as long as they need."""
 
     registry_timeout_seconds: int = Field(
         10, validation_alias="AFFINITY_REGISTRY_TIMEOUT_SECONDS", ge=1

@@ -59,6 +59,24 @@ HEALTH_SERVICES = ("", SERVICE)
 SPARE_THREADS = 8
 
 
+def connection_age_options(settings: ServeSettings) -> list[tuple[str, int]]:
+    """The server options of ``max_connection_age_seconds`` and its grace (none where 0).
+
+    Clients keep a connection for as long as it works and resolve their target's name only to
+    make a new one, so without a maximum age a replica added later gets no traffic from clients
+    that connected before it; with one, each client reconnects every few minutes and spreads
+    over the replicas its name resolves to then.
+    """
+    if settings.max_connection_age_seconds <= 0:
+        return []
+    age_ms = max(1, round(settings.max_connection_age_seconds * 1000))
+    options = [("grpc.max_connection_age_ms", age_ms)]
+    if settings.max_connection_age_grace_seconds > 0:
+        grace_ms = max(1, round(settings.max_connection_age_grace_seconds * 1000))
+        options.append(("grpc.max_connection_age_grace_ms", grace_ms))
+    return options
+
+
 def create_server(
     settings: ServeSettings,
     holder: ModelHolder,
@@ -101,6 +119,7 @@ def create_server(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+            *connection_age_options(settings),
         ],
     )
     servicer = RecommenderServicer(

@@ -171,6 +171,10 @@ def fit_spark_als(
     with tempfile.TemporaryDirectory(prefix="affinity-spark-") as tmp:
         folder = Path(tmp)
         _write_triples(matrix, folder / "interactions.parquet")
+        # Each ALS iteration extends the RDD lineage; without checkpoints (every
+        # checkpointInterval iterations, once a checkpoint folder is set) 20 iterations
+        # overflow the JVM's stack while deserializing the tasks.
+        spark.sparkContext.setCheckpointDir(str(folder / "checkpoints"))
         frame = spark.read.parquet(str(folder / "interactions.parquet"))
         estimator = SparkALS(
             rank=config.factors,
@@ -184,6 +188,7 @@ def fit_spark_als(
             seed=config.random_state if config.random_state is not None else 0,
             nonnegative=False,
             coldStartStrategy="nan",
+            checkpointInterval=5,
         )
         fitted = estimator.fit(frame)
         fitted.userFactors.write.parquet(str(folder / "users"))

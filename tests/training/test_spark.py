@@ -106,6 +106,16 @@ def test_fold_in_solves_sparks_problem_exactly(spark_model: ALS, matrix: sp.csr_
     assert gap > 1e-2
 
 
+def test_many_iterations_do_not_overflow_sparks_stack(matrix: sp.csr_matrix) -> None:
+    # Every iteration lengthens the lineage Spark serializes with each task; without checkpoints
+    # 20 iterations ended in a StackOverflowError on ml-latest-small.
+    _need_pyspark()
+    model = fit_model(
+        "als", {"factors": 4, "iterations": 30}, matrix, engine=Engine("spark", MASTER)
+    )
+    assert np.isfinite(model.user_factors).all() and model.config.iterations == 30
+
+
 def test_implicit_does_not_fit_the_spark_formulation(matrix: sp.csr_matrix) -> None:
     with pytest.raises(InvalidInputError, match="--engine spark") as caught:
         ALS(formulation="spark", factors=4).fit(matrix)
