@@ -43,8 +43,8 @@ DEFAULT_MASTER = "local[*]"
 
 SPARK_ALS_DEFAULTS: dict[str, Any] = {
     "factors": 128,
-    "regularization": 0.1,
-    "alpha": 4.0,
+    "regularization": 0.75,
+    "alpha": 8.0,
     "iterations": 15,
 }
 """Spark's own defaults for ``--engine spark``, chosen on the validation splits of the shared data

@@ -105,7 +105,7 @@ def _spark_als(trial: optuna.Trial) -> dict[str, Any]:
     # implicit's and alpha ranges wider (docs/quality.md, "Training on Spark").
     return {
         "factors": trial.suggest_categorical("factors", [64, 128]),
-        "regularization": trial.suggest_float("regularization", 0.01, 1.0, log=True),
+        "regularization": trial.suggest_float("regularization", 0.03, 3.0, log=True),
         "alpha": trial.suggest_float("alpha", 0.5, 40.0, log=True),
         "iterations": trial.suggest_int("iterations", 10, 20, step=5),
     }
@@ -181,8 +181,8 @@ SEARCHES: dict[str, Search] = {
     "als@spark": Search(
         _spark_als,
         (
-            {"factors": 128, "regularization": 0.1, "alpha": 4.0, "iterations": 15},
-            {"factors": 128, "regularization": 0.03, "alpha": 10.0, "iterations": 15},
+            {"factors": 128, "regularization": 0.75, "alpha": 8.0, "iterations": 15},
+            {"factors": 128, "regularization": 1.5, "alpha": 12.0, "iterations": 15},
         ),
     ),
     "bpr": Search(
