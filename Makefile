@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-spark lock demo test lint proto proto-check bench bench-live quality reliability soak audit clean
+.PHONY: install install-spark install-ann lock demo test lint proto proto-check bench bench-live quality reliability soak audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 ## The optional Spark engine (affinity train --engine spark): pyspark; needs Java 17+.
 install-spark: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,spark]' -c requirements.lock
+
+## The optional approximate index for catalogs of a million items and more: faiss.
+install-ann: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,ann]' -c requirements.lock
 
 ## Re-pin requirements.lock to what is installed now (after editing pyproject.toml).
 lock: $(STAMP)

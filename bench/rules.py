@@ -15,25 +15,37 @@ lists that differ between ``on`` and ``off`` and the reasons in the ``on`` lists
 over gRPC, so the rules are known to run.
 
 An in-process breakdown times ``pipeline.recommend`` (as the server builds the pipeline) per call
-for a known user without rules, with each rule alone and with the mix.
+for a known user without rules, with each rule alone and with the mix: every case for one user,
+then the next, three times over; per user the fastest of the three, averaged over the users.
+
+``--compare-with DIR`` (another checkout, e.g. the commit before a change: ``git worktree add
+DIR HEAD``) runs that checkout's servers beside these (the same variants, in the same alternating
+slices) and its pipeline beside this one in the in-process table, so a change to the rules' cost
+is measured against the code before it in one run.
 
 Prints Markdown tables and the command, and writes ``bench/results/rules-cost.json``::
 
     python -m bench.rules
     python -m bench.rules --variants on,off,cap,mmr,boost,promotion
+    python -m bench.rules --compare-with ../affinity-before
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import shlex
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -122,44 +134,152 @@ def check_lists(on: int, off: int, users: list[str]) -> dict[str, Any]:
     }
 
 
-def inprocess_costs(artifact: Path, users: list[str], n: int = 1000) -> dict[str, float]:
-    """Microseconds per ``pipeline.recommend`` (k=10) in this process, without rules, with each
-    rule alone and with the mix, on the pipeline the server builds."""
-    from threadpoolctl import threadpool_limits
+def rule_cases(models: ModuleType, artifact: Path) -> dict[str, Any]:
+    """The in-process table's rules (None: no rules), built from ``models`` (this checkout's
+    package, or another's: see :func:`baseline_models`)."""
+    ranking = importlib.import_module(f"{models.__name__}.ranking")
+    rules = importlib.import_module(f"{models.__name__}.rules")
 
-    from models.rules import Diversity, Rules
-    from service.config import ServeSettings
-    from service.loader import ModelMeta, load_directory
-    from service.rules import parse_boosts, parse_promotion
+    def item_filter(text: str) -> Any:  # "category=x" or "item_type=x", as rule_filters says
+        key, value = text.split("=", 1)
+        if key == "category":
+            return ranking.ItemFilter.of(categories=[value])
+        return ranking.ItemFilter.of(item_types=[value])
 
     boost, promotion = rule_filters(artifact)
-    boosts = parse_boosts(f"{boost}:{BOOST}")
-    promote = parse_promotion(f"{promotion}:{PROMOTION_SHARE}")
-    cases = {
+    boosts = (rules.Boost(item_filter(boost), BOOST),)
+    promote = rules.Promotion(item_filter(promotion), PROMOTION_SHARE)
+    diversity, every = rules.Diversity, rules.Rules
+    return {
         "no rules": None,
-        f"cap {CAP}": Rules(diversity=Diversity(CAP)),
-        f"mmr {MMR}": Rules(diversity=Diversity(0, MMR)),
-        f"boost x{BOOST}": Rules(boosts=boosts),
-        f"{PROMOTION_SHARE:.0%} promotion": Rules(promotion=promote),
-        "the mix (on)": Rules(diversity=Diversity(CAP, MMR), boosts=boosts, promotion=promote),
+        f"cap {CAP}": every(diversity=diversity(CAP)),
+        f"mmr {MMR}": every(diversity=diversity(0, MMR)),
+        f"boost x{BOOST}": every(boosts=boosts),
+        f"{PROMOTION_SHARE:.0%} promotion": every(promotion=promote),
+        "the mix (on)": every(diversity=diversity(CAP, MMR), boosts=boosts, promotion=promote),
     }
+
+
+def baseline_models(tree: Path) -> ModuleType:
+    """The ``models`` package of another checkout ``tree``, imported as ``baseline_models``
+    beside this one's (its modules import one another relatively)."""
+    name = "baseline_models"
+    if name in sys.modules:
+        return sys.modules[name]
+    import numba.core.config
+
+    init = tree / "models" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    # Compiled kernels are cached under their module's name: kept apart from the files that
+    # tree's own servers load as `models`, which could not import `baseline_models`.
+    before = os.environ.get("NUMBA_CACHE_DIR")
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "affinity-baseline-numba")
+    numba.core.config.reload_config()
+    try:
+        spec.loader.exec_module(module)
+        for part in ("kernels", "ranking", "rules"):  # every module that compiles, now
+            importlib.import_module(f"{name}.{part}")
+    finally:
+        if before is None:
+            os.environ.pop("NUMBA_CACHE_DIR")
+        else:
+            os.environ["NUMBA_CACHE_DIR"] = before
+        numba.core.config.reload_config()
+    return module
+
+
+def pipeline_of(models: ModuleType, artifact: Path) -> Any:
+    """The pipeline the server builds over ``artifact`` (the served dislike weight), from
+    ``models``, warmed up as the server warms it."""
+    from service.config import ServeSettings
+
     weight = float(ServeSettings.model_fields["dislike_weight"].default)
-    meta = ModelMeta(name="bench", version="1", run_id="", algorithm="", source_uri=str(artifact))
+    load = importlib.import_module(f"{models.__name__}.artifact").load_artifact
+    ranking = importlib.import_module(f"{models.__name__}.ranking")
+    pipeline = ranking.RankingPipeline.from_bundle(load(artifact), dislike_weight=weight)
+    users, items = pipeline.vocabularies()
+    pipeline.recommend(users.id(0), 10)
+    pipeline.recommend("\x00warm-up", 10, recent_item_ids=[items.id(0)])
+    return pipeline
+
+
+def inprocess_costs(
+    artifact: Path,
+    users: list[str],
+    n: int = 1000,
+    rounds: int = 3,
+    baseline: Path | None = None,
+) -> dict[str, dict[str, float]]:
+    """Microseconds per ``pipeline.recommend`` (k=10) in this process, without rules, with each
+    rule alone and with the mix, on the pipeline the server builds (and with ``baseline``, on
+    that checkout's pipeline too): every call of every case (and tree) for one user, then the
+    next user, ``rounds`` times; per user the fastest of the rounds (load from elsewhere on a
+    shared machine only slows calls down), averaged over the users."""
+    from threadpoolctl import threadpool_limits
+
+    import models
+
+    trees = {"this checkout": models}
+    if baseline is not None:
+        trees["baseline"] = baseline_models(baseline)
     chosen = users[:n]
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     with threadpool_limits(1):
-        pipeline = load_directory(artifact, meta, dislike_weight=weight).pipeline
-        calls: dict[str, Callable[[str], Any]] = {
-            name: (lambda u, r=rules: pipeline.recommend(u, 10, rules=r))
-            for name, rules in cases.items()
-        }
-        for _ in range(2):  # the second pass is kept: caches warm, kernels compiled
-            for name, call in calls.items():
-                started = time.perf_counter()
-                for user in chosen:
+        calls: dict[tuple[str, str], Callable[[str], Any]] = {}
+        for tree, package in trees.items():
+            pipeline = pipeline_of(package, artifact)
+            for name, rules in rule_cases(package, artifact).items():
+                calls[name, tree] = partial(pipeline.recommend, k=10, rules=rules)
+        for call in calls.values():  # warm: kernels compiled, caches filled
+            for user in chosen[:100]:
+                call(user)
+        took = {key: np.full((rounds, len(chosen)), np.inf) for key in calls}
+        order = list(calls.items())
+        for r in range(rounds):
+            for i, user in enumerate(chosen):
+                for key, call in order if r % 2 == 0 else order[::-1]:
+                    started = time.perf_counter()
                     call(user)
-                out[name] = 1e6 * (time.perf_counter() - started) / len(chosen)
+                    took[key][r, i] = time.perf_counter() - started
+        for (name, tree), seconds in took.items():
+            out.setdefault(tree, {})[name] = float(1e6 * seconds.min(axis=0).mean())
     return out
+
+
+@contextmanager
+def baseline_serving(
+    tree: Path,
+    artifact: Path,
+    uri: str,
+    label: str,
+    logs: Path,
+    *,
+    workers: int,
+    cpus: str,
+    settings: dict[str, str],
+) -> Iterator[int]:
+    """``affinity serve`` of another checkout ``tree`` (its own packages), as
+    :func:`bench.live.serving` starts this one's; yields the port."""
+    port = common.free_port()
+    command = [sys.executable, "-m", "affinity", "serve", "--model", str(artifact)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    command += ["--poll-seconds", "0", "--log-level", "WARNING", "--events-uri", uri]
+    command += ["--cpus", cpus]
+    env = {**os.environ, "PYTHONPATH": str(tree), **settings}
+    logs.mkdir(parents=True, exist_ok=True)
+    with common.running(
+        command,
+        common.grpc_ready(port),
+        env=env,
+        log_path=logs / f"serve-{label}.log",
+        cwd=tree,
+    ):
+        yield port
 
 
 def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -189,54 +309,62 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
     }
-    ports: dict[str, int] = {}
+    # Each server: (variant, tree); the baseline's labels say so.
+    trees = [None] if args.compare_with is None else [None, args.compare_with.resolve()]
+    servers = [(v, tree) for tree in trees for v in args.variants]
+    labels = {(v, tree): ("" if tree is None else "baseline ") + known[v][0] for v, tree in servers}
+    if args.compare_with is not None:
+        report["baseline"] = str(args.compare_with.resolve())
+    ports: dict[tuple[str, Path | None], int] = {}
     results: list[LoadResult] = []
     with ExitStack() as stack:
-        for variant in args.variants:
-            settings = known[variant][1]
-            uri = stack.enter_context(sqlite_store(stores, f"rules-{variant}"))
-            ports[variant] = stack.enter_context(
-                serving(
-                    artifact,
-                    uri,
-                    f"rules-{variant}",
-                    stores / "logs",
-                    workers=args.workers,
-                    cpus=cpus,
-                    settings=settings,
-                )
+        for variant, tree in servers:
+            name = f"rules-{variant}" if tree is None else f"rules-baseline-{variant}"
+            uri = stack.enter_context(sqlite_store(stores, name))
+            options = {"workers": args.workers, "cpus": cpus, "settings": known[variant][1]}
+            ports[variant, tree] = stack.enter_context(
+                serving(artifact, uri, name, stores / "logs", **options)
+                if tree is None
+                else baseline_serving(tree, artifact, uri, name, stores / "logs", **options)
             )
-        if "on" in ports and "off" in ports:
-            report["check"] = check_lists(ports["on"], ports["off"], mix[:200])
+        if ("on", None) in ports and ("off", None) in ports:
+            report["check"] = check_lists(ports["on", None], ports["off", None], mix[:200])
             log(f"lists on / off: {report['check']}")
         slice_seconds = args.duration / args.rounds + WARMUP_SECONDS
         for c in args.concurrency:
-            slices: dict[str, list[LoadResult]] = {v: [] for v in args.variants}
+            slices: dict[tuple[str, Path | None], list[LoadResult]] = {s: [] for s in servers}
             for _ in range(args.rounds):
-                for variant in args.variants:
+                for server in servers:
                     spec = LoadSpec(
-                        target=target.format(ports[variant]),
+                        target=target.format(ports[server]),
                         payloads=bodies,
                         duration=slice_seconds,
                         concurrency=c,
                         processes=args.client_processes,
                     )
-                    slices[variant].append(run_load(spec, known[variant][0]))
+                    slices[server].append(run_load(spec, labels[server]))
             for parts in slices.values():
                 results.append(merge(parts))
                 r = results[-1]
                 log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
     report["results"] = [r.to_json() for r in results]
-    off = known["off"][0]
     report["ratios"] = {
-        f"{known[v][0]} / off, c={c}": _ratio(results, c, known[v][0], off)
+        f"{labels[v, tree]} / {labels['off', tree]}, c={c}": _ratio(
+            results, c, labels[v, tree], labels["off", tree]
+        )
         for c in args.concurrency
+        for tree in trees
         for v in args.variants
         if v != "off" and "off" in args.variants
     }
     if not args.skip_inprocess:
         log("in-process costs of the rules")
-        report["inprocess_us"] = inprocess_costs(artifact, mix)
+        costs = inprocess_costs(
+            artifact, mix, baseline=None if args.compare_with is None else trees[-1]
+        )
+        report["inprocess_us"] = costs["this checkout"]
+        if "baseline" in costs:
+            report["inprocess_us_baseline"] = costs["baseline"]
     print(
         f"\n`{command}` ({args.size} model, {args.workers} worker(s) pinned to CPU {cpus}, "
         f"{len(mix)} users, {args.rounds} alternating slices of "
@@ -253,8 +381,17 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
             f"an `on` list: {check['most_of_one_category']}.\n"
         )
     if "inprocess_us" in report:
-        print("| in-process `pipeline.recommend`, k=10 | us per call |\n|---|---:|")
-        print("".join(f"| {k} | {v:.1f} |\n" for k, v in report["inprocess_us"].items()))
+        table = {"this checkout": report["inprocess_us"]}
+        if "inprocess_us_baseline" in report:
+            table["baseline"] = report["inprocess_us_baseline"]
+        columns = list(table)
+        print(
+            "| in-process `pipeline.recommend`, k=10, us per call | " + " | ".join(columns) + " |"
+        )
+        print("|---" + "|---:" * len(columns) + "|")
+        for case in table[columns[0]]:
+            print(f"| {case} | " + " | ".join(f"{table[t][case]:.1f}" for t in columns) + " |")
+        print()
     out = Path(args.results) / "rules-cost.json"
     common.write_json(out, report)
     log(f"wrote {out}")
@@ -303,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--skip-inprocess", action="store_true", help="skip the in-process breakdown"
+    )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        help="another checkout of Affinity (e.g. `git worktree add DIR HEAD`): its servers run "
+        "beside these (same variants) and its pipeline beside this one in the in-process table, "
+        "so a change is measured against the code before it in one run",
     )
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv

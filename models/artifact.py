@@ -10,6 +10,8 @@ Artifacts are data, not code. Layout::
     items.npz         item_type, category, title, available, first_seen (aligned with item_ids;
                       an artifact written before first_seen existed loads with NaN there)
     popularity.npz    popularity and trending scores per item
+    ann.npz           optional: an approximate index over the item factors (models/ann.py), the
+                      faiss index serialized to a uint8 array; only large catalogs have one
 
 Every ``.npz`` is read with ``allow_pickle=False``; loading checks the format version, every
 checksum and that the shapes agree, and raises :class:`~models.errors.ArtifactError` otherwise.
@@ -37,6 +39,7 @@ import scipy.sparse as sp
 
 from . import FORMAT_VERSION
 from .algorithms import get_algorithm
+from .ann import ANN_FILE
 from .base import Recommender
 from .errors import ArtifactError, InvalidInputError, UnsupportedFormatError
 from .npz import read_npz, write_npz
@@ -44,6 +47,8 @@ from .vocabulary import Vocabulary
 
 MANIFEST = "manifest.json"
 FILES = ("model.npz", "vocab.npz", "seen.npz", "items.npz", "popularity.npz")
+OPTIONAL_FILES = (ANN_FILE,)
+"""Files an artifact may have beside :data:`FILES`; the manifest checksums those it has."""
 ITEM_TYPES = ("content", "product")
 """Item types a catalog may declare; an empty string means unknown."""
 
@@ -86,6 +91,9 @@ class ModelBundle:
     trending: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
     """Free-form facts stored in the manifest (dataset fingerprint, metrics, ...)."""
+    ann: dict[str, np.ndarray] | None = None
+    """The approximate index's arrays (:meth:`models.ann.ApproximateIndex.to_arrays`), for a
+    factor model over a large catalog; None: the model is searched exactly."""
 
     def validate(self) -> None:
         """Raise :class:`ArtifactError` unless all parts agree on the numbers of users/items."""
@@ -183,6 +191,10 @@ def save_artifact(bundle: ModelBundle, directory: str | Path) -> dict[str, Any]:
             "trending": bundle.trending.astype(np.float32),
         },
     )
+    names: tuple[str, ...] = FILES
+    if bundle.ann is not None:
+        write_aligned_npz(out / ANN_FILE, bundle.ann)
+        names += (ANN_FILE,)
     manifest = {
         "format_version": FORMAT_VERSION,
         "algorithm": bundle.model.algorithm,
@@ -196,7 +208,7 @@ def save_artifact(bundle: ModelBundle, directory: str | Path) -> dict[str, Any]:
         "dataset_fingerprint": bundle.info.get("dataset_fingerprint", ""),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "info": bundle.info,
-        "files": {name: sha256_file(out / name) for name in FILES},
+        "files": {name: sha256_file(out / name) for name in names},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return manifest
@@ -220,8 +232,15 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}); upgrade Affinity or retrain"
         )
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(FILES):
-        raise ArtifactError(f"manifest must list checksums for exactly {', '.join(FILES)}")
+    if (
+        not isinstance(files, dict)
+        or not set(FILES) <= set(files)
+        or not set(files) <= set(FILES) | set(OPTIONAL_FILES)
+    ):
+        raise ArtifactError(
+            f"manifest must list checksums for exactly {', '.join(FILES)} "
+            f"(and {', '.join(OPTIONAL_FILES)} where the artifact has it)"
+        )
     return manifest
 
 
@@ -393,5 +412,9 @@ def load_artifact(
         trending=_need(pop, "trending", "popularity.npz").astype(np.float32),
         info=dict(manifest.get("info") or {}),
     )
+    if ANN_FILE in manifest["files"]:
+        # Memory-mapped: the index is copied into faiss when a pipeline is built, and the file's
+        # pages stay reclaimable page cache instead of a second copy in the process.
+        bundle.ann = read_big(root / ANN_FILE)
     bundle.validate()
     return bundle

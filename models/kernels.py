@@ -1,4 +1,5 @@
-"""Compiled (numba) kernel of one exact top-k search in a :class:`models.search.NormOrderedIndex`.
+"""Compiled (numba) kernel of one exact top-k search in a :class:`models.search.NormOrderedIndex`,
+and the ranking pipeline's small per-list loops (:func:`by_score`, :func:`claim_reasons`).
 
 Why compiled: written as numpy calls, one search is some forty calls on arrays of a few thousand
 items. Each carries interpreter overhead, and most of them release the GIL around their loop. In
@@ -78,10 +79,11 @@ def _ranked(
     order: np.ndarray,
     threshold: float,
     k: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best ``k`` of the scores at positions ``0:len(head)`` and ``tail_pos`` that reach
     ``threshold`` (a lower bound on the k-th best): best score first, equal scores by item id,
-    as a plain ranking of the whole catalog would; ``-inf`` never enters."""
+    as a plain ranking of the whole catalog would; ``-inf`` never enters. Item ids, scores and
+    positions."""
     count = 0
     for x in head:
         count += x >= threshold and x > -np.inf
@@ -89,21 +91,24 @@ def _ranked(
         count += x >= threshold and x > -np.inf
     ids = np.empty(count, np.int64)
     scores = np.empty(count, np.float32)
+    positions = np.empty(count, np.int64)
     c = 0
     for p in range(len(head)):
         if head[p] >= threshold and head[p] > -np.inf:
             ids[c] = order[p]
             scores[c] = head[p]
+            positions[c] = p
             c += 1
     for i in range(len(tail)):
         if tail[i] >= threshold and tail[i] > -np.inf:
             ids[c] = order[tail_pos[i]]
             scores[c] = tail[i]
+            positions[c] = tail_pos[i]
             c += 1
     by_id = np.argsort(ids)
-    ids, scores = ids[by_id], scores[by_id]
+    ids, scores, positions = ids[by_id], scores[by_id], positions[by_id]
     rank = np.argsort(-scores, kind="mergesort")[:k]  # stable: ties stay in id order
-    return ids[rank], scores[rank]
+    return ids[rank], scores[rank], positions[rank]
 
 
 @njit(cache=True)
@@ -155,19 +160,156 @@ def search_one(
     (empty: no filter). Ties are broken by item id, lowest first; items scoring ``-inf`` (blocked,
     filtered) are never returned, so fewer than ``k`` ids may come back.
     """
+    square = _square(vector)
+    if not np.isfinite(square) or k <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32), 0
+    head = np.dot(factors[:first], vector)
+    (ids, scores, _), scanned = _search(
+        head,
+        factors,
+        order,
+        neg_bound,
+        directions,
+        projected_t,
+        residual,
+        levels,
+        level_scale,
+        level_norm,
+        level_error,
+        vector,
+        square,
+        k,
+        first,
+        blocked,
+        disallowed,
+        slack,
+    )
+    return ids, scores, scanned
+
+
+@njit(cache=True)
+def search_beyond(
+    factors: np.ndarray,
+    order: np.ndarray,
+    neg_bound: np.ndarray,
+    directions: np.ndarray,
+    projected_t: np.ndarray,
+    residual: np.ndarray,
+    levels: np.ndarray,
+    level_scale: np.ndarray,
+    level_norm: np.ndarray,
+    level_error: np.ndarray,
+    vector: np.ndarray,
+    k: int,
+    first: int,
+    blocked: np.ndarray,
+    disallowed: np.ndarray,
+    slack: float,
+    more: int,
+    more_disallowed: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """:func:`search_one`, and in the same pass the best ``more`` items that ``more_disallowed``
+    allows (a mask over positions) and that are neither blocked nor in its answer: the answer
+    of a second :func:`search_one` for ``more`` items with the answer's positions blocked too,
+    found from the same first block of scores (one read of the longest items, one call).
+    ``more_disallowed`` must disallow every position ``disallowed`` does (a filter within the
+    query's)."""
+    none = (np.empty(0, np.int64), np.empty(0, np.float32))
+    square = _square(vector)
+    if not np.isfinite(square):
+        return none[0], none[1], 0, none[0], none[1]
+    head = np.dot(factors[:first], vector)
+    spare = head.copy()  # unmasked: the second search masks its own
+    ids, scores, positions = np.empty(0, np.int64), np.empty(0, np.float32), blocked[:0]
+    scanned = 0
+    if k > 0:
+        (ids, scores, positions), scanned = _search(
+            head,
+            factors,
+            order,
+            neg_bound,
+            directions,
+            projected_t,
+            residual,
+            levels,
+            level_scale,
+            level_norm,
+            level_error,
+            vector,
+            square,
+            k,
+            first,
+            blocked,
+            disallowed,
+            slack,
+        )
+    if more <= 0:
+        return ids, scores, scanned, none[0], none[1]
+    beyond = np.concatenate((blocked, positions))
+    beyond.sort()
+    (more_ids, more_scores, _), _ = _search(
+        spare,
+        factors,
+        order,
+        neg_bound,
+        directions,
+        projected_t,
+        residual,
+        levels,
+        level_scale,
+        level_norm,
+        level_error,
+        vector,
+        square,
+        more,
+        first,
+        beyond,
+        more_disallowed,
+        slack,
+    )
+    return ids, scores, scanned, more_ids, more_scores
+
+
+@njit(cache=True)
+def _square(vector: np.ndarray) -> float:
+    """The squared length of ``vector``, in float64."""
+    square = 0.0
+    for j in range(len(vector)):
+        square += np.float64(vector[j]) * np.float64(vector[j])
+    return square
+
+
+@njit(cache=True)
+def _search(
+    head: np.ndarray,
+    factors: np.ndarray,
+    order: np.ndarray,
+    neg_bound: np.ndarray,
+    directions: np.ndarray,
+    projected_t: np.ndarray,
+    residual: np.ndarray,
+    levels: np.ndarray,
+    level_scale: np.ndarray,
+    level_norm: np.ndarray,
+    level_error: np.ndarray,
+    vector: np.ndarray,
+    square: float,
+    k: int,
+    first: int,
+    blocked: np.ndarray,
+    disallowed: np.ndarray,
+    slack: float,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
+    """The search of :func:`search_one` from the first block's scores ``head`` (overwritten):
+    (ids, scores, positions) and the positions examined. ``k > 0`` and ``square`` (the
+    vector's squared length) finite."""
     n, f = factors.shape
     neg_inf = -np.inf
-    square = 0.0
-    for j in range(f):
-        square += np.float64(vector[j]) * np.float64(vector[j])
     length = np.sqrt(square)
-    if not np.isfinite(length) or k <= 0:
-        return np.empty(0, np.int64), np.empty(0, np.float32), 0
     filtered = len(disallowed) > 0
     n_blocked = len(blocked)
 
     # Step 1: the first block of longest items gives the k-th best score so far.
-    head = np.dot(factors[:first], vector)
     _mask(head, 0, blocked, disallowed)
     threshold = _kth_largest(head, min(k, first))
 
@@ -244,8 +386,71 @@ def search_one(
             tail = np.dot(rows, vector)
             tail_pos = candidates[:kept]
 
-    ids, scores = _ranked(head, tail, tail_pos, order, threshold, k)
-    return ids, scores, scanned
+    return _ranked(head, tail, tail_pos, order, threshold, k), scanned
+
+
+# ------------------------------------------------------- the pipeline's per-list loops
+SHORT_SORT = 64
+"""Lists up to this long are sorted by insertion (no allocations; they often come sorted)."""
+
+
+@njit(cache=True)
+def _before(score: float, item: int, other_score: float, other_item: int) -> bool:
+    """Whether an item goes before another by the top-k rule: higher score, then lower index
+    (NaN scores last), as ``np.lexsort((ids, -scores))`` orders them."""
+    if np.isnan(score):
+        return np.isnan(other_score) and item < other_item
+    if np.isnan(other_score):
+        return True
+    return score > other_score or (score == other_score and item < other_item)
+
+
+@njit(cache=True)
+def _sort_by_score(ids: np.ndarray, scores: np.ndarray) -> None:
+    """Sort ``ids`` and ``scores`` (aligned) in place by the top-k rule, stably, by insertion:
+    for short lists (:data:`SHORT_SORT`)."""
+    for i in range(1, len(ids)):
+        item, score = ids[i], scores[i]
+        j = i
+        while j > 0 and _before(score, item, scores[j - 1], ids[j - 1]):
+            ids[j], scores[j] = ids[j - 1], scores[j - 1]
+            j -= 1
+        ids[j], scores[j] = item, score
+
+
+@njit(cache=True)
+def by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` of ``ids`` and their ``scores`` by the top-k rule: score, then lowest
+    item index (``np.lexsort((ids, -scores))``: stable, NaN scores last)."""
+    if len(ids) > SHORT_SORT:
+        by_id = np.argsort(ids, kind="mergesort")
+        rank = by_id[np.argsort(-scores[by_id], kind="mergesort")][:k]
+        return ids[rank], scores[rank]
+    out_ids, out_scores = ids.copy(), scores.copy()
+    _sort_by_score(out_ids, out_scores)
+    return out_ids[:k], out_scores[:k]
+
+
+@njit(cache=True)
+def claim_reasons(
+    reasons: np.ndarray, ids: np.ndarray, claimed_ids: np.ndarray, codes: np.ndarray
+) -> bool:
+    """Write into ``reasons`` (aligned with ``ids``) the non-zero codes one stage claimed for
+    ``claimed_ids``, over what earlier stages claimed; whether it claimed any. What the
+    re-ranking stages of one list claimed (see :class:`models.ranking.RerankStage`)."""
+    order = np.argsort(ids)
+    keys = ids[order]
+    any_claim = False
+    for j in range(len(claimed_ids)):
+        code = codes[j]
+        if code == 0:
+            continue
+        any_claim = True
+        i = np.searchsorted(keys, claimed_ids[j])
+        while i < len(keys) and keys[i] == claimed_ids[j]:
+            reasons[order[i]] = code
+            i += 1
+    return any_claim
 
 
 def warm_up() -> None:
@@ -258,22 +463,30 @@ def warm_up() -> None:
     frozen = np.zeros(8, dtype=np.bool_)
     frozen.setflags(write=False)
     levels = np.round(factors[order] * 20).astype(np.int8)
+    index = (
+        np.ascontiguousarray(factors[order]),
+        order,
+        -norms[order],
+        np.zeros((PROJECTED, 4)),
+        np.zeros((PROJECTED, 8), np.float32),
+        norms[order].astype(np.float32),
+        levels,
+        np.full(8, 0.05, np.float32),
+        norms[order].astype(np.float32),
+        np.full(8, 0.1, np.float32),
+    )
+    blocked = np.zeros(0, np.int64)
     for disallowed in (NO_FILTER, frozen):
-        search_one(
-            np.ascontiguousarray(factors[order]),
-            order,
-            -norms[order],
-            np.zeros((PROJECTED, 4)),
-            np.zeros((PROJECTED, 8), np.float32),
-            norms[order].astype(np.float32),
-            levels,
-            np.full(8, 0.05, np.float32),
-            norms[order].astype(np.float32),
-            np.full(8, 0.1, np.float32),
-            factors[0].copy(),
-            2,
-            2,
-            np.zeros(0, np.int64),
-            disallowed,
-            1e-4,
+        search_one(*index, factors[0].copy(), 2, 2, blocked, disallowed, 1e-4)
+    # A rule's filter within the request's: a mask of its own, or none when neither excludes.
+    for disallowed, more_disallowed in (
+        (NO_FILTER, frozen),
+        (frozen, frozen),
+        (NO_FILTER, NO_FILTER),
+    ):
+        search_beyond(
+            *index, factors[0].copy(), 2, 2, blocked, disallowed, 1e-4, 2, more_disallowed
         )
+    ids, scores = np.array([2, 1], np.int64), np.array([0.5, 0.5], np.float32)
+    claim_reasons(np.zeros(2, np.uint8), ids, ids, np.ones(2, np.uint8))
+    by_score(ids, scores, 2)

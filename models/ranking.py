@@ -39,10 +39,11 @@ from weakref import WeakMethod
 import numpy as np
 import scipy.sparse as sp
 
+from .ann import ApproximateIndex, load_approximate_index
 from .artifact import ITEM_TYPES, ItemCatalog, ModelBundle
 from .batching import ScoreBatcher
 from .errors import InvalidInputError, NotFoundError, NotReadyError
-from .kernels import warm_up
+from .kernels import by_score, claim_reasons, warm_up
 from .ranking_metrics import item_popularity
 from .scoring import Scorer, SharedScorer, VectorScorer
 from .search import Hits, NormOrderedIndex, Query
@@ -96,8 +97,21 @@ class ItemFilter:
 
 
 NO_FILTER = ItemFilter()
-FilterKey: TypeAlias = ItemFilter | tuple[ItemFilter, ItemFilter] | np.ndarray
-"""Which items may be candidates: a filter, two filters that must both pass, or a mask."""
+
+
+@dataclass(frozen=True, eq=False)
+class ItemMask:
+    """A mask over items that its maker keeps and passes again and again (the categories a
+    diversity cap leaves open, :meth:`models.rules.RuleStages.open_categories`): compared and
+    hashed by identity, so what the pipeline derives from it, such as the mask in its search
+    index's order, is cached as for a filter instead of recomputed per list."""
+
+    mask: np.ndarray
+
+
+FilterKey: TypeAlias = ItemFilter | tuple[ItemFilter, ItemFilter | ItemMask] | np.ndarray
+"""Which items may be candidates: a filter, a filter and a second filter (or kept mask) that
+must both pass, or a mask."""
 _NO_ITEMS = np.empty(0, dtype=np.int64)
 _NO_ITEMS.setflags(write=False)
 
@@ -111,6 +125,7 @@ class ListRequest:
     """
 
     __slots__ = (
+        "beyond",
         "disliked",
         "exclude",
         "include_seen",
@@ -157,6 +172,21 @@ class ListRequest:
         # An exploration's clock is read once here, so every stage sees the same day and ages.
         self.rules = rules if rules is None else rules.settled()
         """The ranking rules of this list (:class:`models.rules.Rules`); None: none."""
+        self.beyond: Beyond | None = None
+        """Items step 1 found beyond this list's candidates in the same search, for its first
+        stage (see :meth:`RankingPipeline.candidates`); set by the pipeline."""
+
+
+class Beyond(NamedTuple):
+    """Items beyond a list's candidates, found in the search that found them: the answer of
+    ``candidates(request, n, within=within, skip=after, backfill=False)``."""
+
+    within: ItemFilter
+    n: int
+    after: np.ndarray
+    """The candidates (the very array) they lie beyond."""
+    ids: np.ndarray
+    scores: np.ndarray
 
 
 class Ranked(NamedTuple):
@@ -218,6 +248,10 @@ class RerankStage(Protocol):
     - a third array in the result, aligned with the returned ids: a :class:`Reason` code per
       item (``Reason.MODEL`` for no claim). Claims follow the item through later stages; a
       later claim other than ``MODEL`` replaces an earlier one.
+    - ``beyond(request) -> (ItemFilter, n) | None``, on a stage that runs first: the items it
+      will ask :meth:`RankingPipeline.candidates` for beyond the candidates it gets (``within``
+      that filter, ``skip`` those candidates, no backfill). Step 1 may find them in the same
+      search as the candidates (a promotion's best items: one pass over the index, not two).
     """
 
     candidates_per_slot: int
@@ -315,6 +349,7 @@ class RankingPipeline:
         stages: Sequence[RerankStage] = (),
         bundle: ModelBundle | None = None,
         dislike_weight: float = 0.0,
+        ann: ApproximateIndex | None = None,
     ) -> None:
         """Rank with ``model`` for the users of ``seen`` (their rows: what they already have).
 
@@ -322,6 +357,8 @@ class RankingPipeline:
         holds the items' availability, types and categories (default: every item available,
         untyped); ``users`` and ``items`` map external ids for :meth:`recommend` and friends.
         ``dislike_weight`` > 0 appends a :class:`DislikeStage` of that weight to ``stages``.
+        ``ann``: an approximate index over a factor model's items (:mod:`models.ann`) for the
+        candidates of user lists; default: the bundle's, if its artifact has one.
         """
         if not getattr(model, "is_fitted", True):
             raise NotReadyError("the model is not fitted")
@@ -344,7 +381,6 @@ class RankingPipeline:
         from .rules import RuleStages  # models.rules builds on this module
 
         self._rules = RuleStages(self)
-        self._rules_before, self._rules_after = self._rules.before, self._rules.after
         catalog = catalog if catalog is not None else ItemCatalog.empty(n_items)
         self.catalog = catalog
         self.popularity = np.asarray(popularity, dtype=np.float32)
@@ -379,6 +415,14 @@ class RankingPipeline:
             self._similar_index = NormOrderedIndex(model.item_unit_vectors(), first_block=n_items)
             self._similar_batcher = ScoreBatcher(self._similar_index.search)
             warm_up()  # compiled before the pipeline serves (from numba's disk cache after once)
+            if ann is None and bundle is not None and bundle.ann is not None:
+                ann = load_approximate_index(bundle.ann, model.item_factors.shape)
+        # Large catalogs: user lists' candidates from an approximate index, re-ranked exactly,
+        # with the exact index as the fallback (similar items stay exact).
+        self._ann = ann if self._index is not None else None
+        self._unusable = _NO_ITEMS
+        if self._ann is not None and self._index is not None and len(self._index.broken):
+            self._unusable = self._index.order[self._index.broken]
         self._shared: SharedScorer | None = model if isinstance(model, SharedScorer) else None
         self.candidate_mask = _cached(self._candidate_mask)
         self._masked_out = _cached(self._masked_out_items)
@@ -444,9 +488,13 @@ class RankingPipeline:
         return order[self._available[order]]
 
     # ----------------------------------------------------------- step 2: filters
-    def _candidate_mask(self, flt: ItemFilter | tuple[ItemFilter, ItemFilter]) -> np.ndarray:
+    def _candidate_mask(
+        self, flt: ItemFilter | tuple[ItemFilter, ItemFilter | ItemMask]
+    ) -> np.ndarray:
         if isinstance(flt, tuple):  # both filters (a rule's within the request's)
-            mask = self.candidate_mask(flt[0]) & self.candidate_mask(flt[1])
+            within = flt[1]
+            second = within.mask if isinstance(within, ItemMask) else self.candidate_mask(within)
+            mask = self.candidate_mask(flt[0]) & second
             mask.setflags(write=False)
             return mask
         mask = self._available.copy()
@@ -522,15 +570,16 @@ class RankingPipeline:
             raise InvalidInputError(f"k must be positive, got {k}", field="k")
         self._check_indices(request)
         mask = self.candidate_mask(request.item_filter)  # validates the filter before scoring
-        if request.rules is not None:
-            self._rules.check(request.rules)
         blocked = self._blocked(request)
-        stages = self._stages_for(request)
+        stages = self._stages_for(request)  # checks the rules, if any
         per_slot = self._per_slot
         if stages is not self.stages and stages is not self._always:
             per_slot = max((s.candidates_per_slot for s in stages), default=1)
         n = k * per_slot
-        ids, scores, source = self._candidates(request, n, request.item_filter, mask, blocked)
+        beyond = stages[0].beyond(request) if stages and hasattr(stages[0], "beyond") else None
+        ids, scores, source = self._candidates(
+            request, n, request.item_filter, mask, blocked, beyond
+        )
         if not stages:
             if len(ids) < k and source is not Source.POPULAR:
                 ids, scores = self._backfill(ids, scores, k, mask, blocked)
@@ -551,13 +600,16 @@ class RankingPipeline:
         flt: FilterKey,
         mask: np.ndarray,
         blocked: np.ndarray,
+        beyond: tuple[ItemFilter, int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, Source]:
         """Steps 1 and 2: the best ``n`` candidates of ``request`` that pass ``flt`` (whose
-        mask is ``mask``) and are not ``blocked``, and their source."""
+        mask is ``mask``) and are not ``blocked``, and their source; with ``beyond`` (a filter
+        and a count, see :class:`RerankStage`), a search of the index finds those items beyond
+        the candidates too and keeps them in ``request.beyond``."""
         kind = request.kind
         if kind is ListKind.USER and (request.user != MISSING or len(request.recent)):
             source = Source.PERSONALIZED if request.user != MISSING else Source.FOLD_IN
-            ids, scores = self._user_candidates(request, n, blocked, flt)
+            ids, scores = self._user_candidates(request, n, blocked, flt, beyond)
         elif kind is ListKind.SIMILAR:
             source = Source.PERSONALIZED
             ids, scores = self._similar_candidates(request, n, blocked, flt)
@@ -571,20 +623,27 @@ class RankingPipeline:
         request: ListRequest,
         n: int,
         *,
-        within: ItemFilter | None = None,
-        also: np.ndarray | None = None,
+        within: ItemFilter | ItemMask | None = None,
         skip: np.ndarray = _NO_ITEMS,
         backfill: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The best ``n`` items for ``request`` by steps 1 and 2 (its candidates, filters and
-        blocked items), also passing ``within`` and the mask ``also``, never any of ``skip``,
-        and with ``backfill`` topped up from step 5 (popular items, after the model's) when the
-        model gives fewer: where a re-ranking stage finds items beyond the candidates it got (a
-        promotion's, a diversity cap's, the rest of a list an ordering stage makes)."""
+        blocked items), also passing ``within`` (a filter, or a mask its maker keeps), never
+        any of ``skip``, and with ``backfill`` topped up from step 5 (popular items, after the
+        model's) when the model gives fewer: where a re-ranking stage finds items beyond the
+        candidates it got (a promotion's, a diversity cap's, the rest of a list an ordering
+        stage makes)."""
+        found = request.beyond
+        if (
+            found is not None
+            and _same_array(skip, found.after)
+            and within == found.within
+            and n == found.n
+            and not backfill
+        ):
+            return found.ids, found.scores
         flt: FilterKey = request.item_filter if within is None else (request.item_filter, within)
         mask = self.candidate_mask(flt)
-        if also is not None:
-            flt = mask = mask & np.asarray(also, dtype=bool)
         blocked = self._blocked(request)
         if len(skip):
             blocked = np.concatenate([blocked, np.asarray(skip, dtype=np.int64)])
@@ -656,13 +715,15 @@ class RankingPipeline:
     def _stages_for(self, request: ListRequest) -> tuple[RerankStage, ...]:
         """The stages that run for ``request``: every stage without ``applies`` and the
         conditional ones that apply (the same tuple object when nothing conditional does),
-        between the stages of the request's rules, if it has any."""
-        if request.rules is not None:
-            before = tuple(s for s in self._rules_before if s.applies(request))
-            after = tuple(s for s in self._rules_after if s.applies(request))
-            if before or after:
-                return before + self._own_stages_for(request) + after
-        return self._own_stages_for(request)
+        between the stages of the request's rules, if it has any (checked and planned once
+        per ``Rules`` object, :meth:`models.rules.RuleStages.plan`)."""
+        own = self._own_stages_for(request)
+        if request.rules is None:
+            return own
+        plan = self._rules.plan(request.rules)
+        if not plan.stages:
+            return own
+        return plan.before + own + plan.after if own else plan.stages
 
     def _own_stages_for(self, request: ListRequest) -> tuple[RerankStage, ...]:
         if len(self._always) == len(self.stages):
@@ -713,18 +774,37 @@ class RankingPipeline:
                 )
 
     def _user_candidates(
-        self, request: ListRequest, n: int, blocked: np.ndarray, flt: FilterKey
+        self,
+        request: ListRequest,
+        n: int,
+        blocked: np.ndarray,
+        flt: FilterKey,
+        beyond: tuple[ItemFilter, int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         if self._index is not None:
-            query = Query(
-                self._vector(request.user, request.recent),
-                n,
-                self._index.positions(blocked),
-                self._filter_positions(flt),
-            )
+            vector = self._vector(request.user, request.recent)
+            if self._ann is not None:
+                # `beyond` is left unset: a stage that wants those items asks candidates().
+                found = self._ann.search(
+                    vector,
+                    n,
+                    blocked,
+                    flt if isinstance(flt, np.ndarray) else self.candidate_mask(flt),
+                    self._index.rows,
+                    self._unusable,
+                    keep=not isinstance(flt, np.ndarray),
+                )
+                if found is not None:
+                    return found
+            query = Query(vector, n, self._index.positions(blocked), self._filter_positions(flt))
+            if beyond is not None and not isinstance(flt, np.ndarray):
+                query.more = beyond[1]
+                query.more_disallowed = self._filter_positions((request.item_filter, beyond[0]))
             # One compiled call that keeps the GIL: no batching, which would only add hand-offs
             # between threads for a search this short.
             hits = self._index.search([query])[0]
+            if hits.beyond is not None and beyond is not None:
+                request.beyond = Beyond(beyond[0], beyond[1], hits.ids, *hits.beyond)
             return hits.ids, hits.scores
         scores = self._scores(request.user, request.recent)
         return self._best(scores, n, flt, blocked)
@@ -828,7 +908,7 @@ class RankingPipeline:
         :class:`Reason` codes the stages claimed for them (None when they claimed none)."""
         fresh = True  # the candidates come in the top-k order
         ordered = False
-        claims: list[tuple[np.ndarray, np.ndarray]] = []
+        claims: list[tuple[np.ndarray, np.ndarray]] = []  # (ids, codes) per claiming stage
         for stage in self.stages if stages is None else stages:
             orders = getattr(stage, "orders", False)
             if orders and not ordered and not fresh:  # it starts from the top-k order
@@ -837,10 +917,9 @@ class RankingPipeline:
             result = stage(ids, scores, request)
             ids, scores = result[0], result[1]
             if len(result) > 2:
-                codes = np.asarray(result[2], dtype=np.uint8)
-                claimed = codes != 0  # Reason.MODEL: no claim
-                if claimed.any():
-                    claims.append((np.asarray(ids, dtype=np.int64)[claimed], codes[claimed]))
+                claims.append(
+                    (np.asarray(ids, dtype=np.int64), np.asarray(result[2], dtype=np.uint8))
+                )
             ordered = orders
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
@@ -850,11 +929,11 @@ class RankingPipeline:
             ids, scores = _by_score(ids, scores, request.k)
         if not claims:
             return ids, scores, None
-        reason: dict[int, int] = {}
+        reasons = np.zeros(len(ids), dtype=np.uint8)
+        any_claim = False
         for claimed_ids, codes in claims:  # later claims win
-            reason.update(zip(claimed_ids.tolist(), codes.tolist(), strict=True))
-        reasons = np.fromiter((reason.get(i, 0) for i in ids.tolist()), np.uint8, len(ids))
-        return ids, scores, reasons
+            any_claim |= claim_reasons(reasons, ids, claimed_ids, codes)
+        return ids, scores, reasons if any_claim else None
 
     def _popular(
         self, k: int, mask: np.ndarray, blocked: np.ndarray, *, trending: bool
@@ -928,8 +1007,7 @@ class RankingPipeline:
         per_slot = self._per_slot
         if rules is not None:
             rules = rules.settled()  # one clock for every row
-            self._rules.check(rules)
-            stages = self._stages_for(ListRequest(ListKind.USER, k, rules=rules))
+            stages = self._stages_for(ListRequest(ListKind.USER, k, rules=rules))  # checks them
             per_slot = max((s.candidates_per_slot for s in stages), default=1)
         n = min(k * per_slot, self.n_items)
         if self._index is not None:
@@ -1225,6 +1303,12 @@ def external_user_key(user_id: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` is ``b``, or a view of all of it (``np.asarray`` with a dtype may wrap an
+    array in such a view)."""
+    return a is b or (a.base is b and a.shape == b.shape and a.strides == b.strides)
+
+
 def _orders(stages: Sequence[RerankStage]) -> bool:
     """Whether any of ``stages`` sets the order of the list itself (see :class:`RerankStage`)."""
     return any(getattr(s, "orders", False) for s in stages)
@@ -1232,10 +1316,7 @@ def _orders(stages: Sequence[RerankStage]) -> bool:
 
 def _by_score(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``k`` of ``ids`` by the top-k rule (score, then lowest item index)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    scores = np.asarray(scores, dtype=np.float32)
-    order = np.lexsort((ids, -scores))[:k]
-    return ids[order], scores[order]
+    return by_score(np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32), k)
 
 
 # ------------------------------------------------------------ batch helpers

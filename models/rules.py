@@ -60,13 +60,14 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from numba import njit
 
 from .errors import InvalidInputError
-from .ranking import ItemFilter, ListRequest, RankingPipeline, Reason
+from .ranking import ItemFilter, ItemMask, ListRequest, RankingPipeline, Reason
 from .vocabulary import MISSING, Vocabulary
 
 DAY_SECONDS = 86_400.0
@@ -82,6 +83,11 @@ DEEPER_ROUNDS = 3
 """Fetches of items beyond the candidates one arrangement may make (see ``_Layout``)."""
 OPEN_CATEGORY_MASKS = 256
 """Masks of the categories still open kept per pipeline (see :meth:`RuleStages.open_categories`)."""
+BOOST_TABLES = 64
+"""Per-item boost factors kept per pipeline, one per set of boosts (see
+:meth:`RuleStages.boost_factors`)."""
+RULE_PLANS = 256
+"""Plans kept per pipeline, one per ``Rules`` object (see :meth:`RuleStages.plan`)."""
 
 
 # --------------------------------------------------------------------------------- the rules
@@ -436,6 +442,26 @@ def _spread(scores: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------ the stages
+@dataclass(frozen=True, eq=False)
+class RulePlan:
+    """What one :class:`Rules` value asks of one pipeline, checked and worked out once
+    (:meth:`RuleStages.plan`), so that a list pays only for its rules' own work."""
+
+    before: tuple[Any, ...]
+    """The rules' stages that run ahead of the pipeline's own stages (gathering candidates)."""
+    after: tuple[Any, ...]
+    """Those that run behind them (boosts, rotation, the arrangement)."""
+    boost_factors: np.ndarray | None
+    """Per item, the product of the factors of the boosts that match it (None: no boosts)."""
+    promoted: np.ndarray | None
+    """Per item, whether the promotion's filter matches it (None: no promotion)."""
+    stages: tuple[Any, ...] = field(init=False)
+    """``before + after``: what runs when the pipeline has no stage of its own to run."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", self.before + self.after)
+
+
 class RuleStages:
     """The stages of the rules for one pipeline, and the catalog facts they share.
 
@@ -447,7 +473,9 @@ class RuleStages:
         warm_up()
         self._pipeline = weakref.ref(pipeline)
         self._codes: np.ndarray | None = None
-        self._open: dict[bytes, np.ndarray] = {}
+        self._open: dict[bytes, ItemMask] = {}
+        self._boosts: dict[tuple[Boost, ...], np.ndarray] = {}
+        self._plans: dict[int, tuple[Rules, RulePlan]] = {}
         self._newest: tuple[np.ndarray, np.ndarray] | None = None
         self.before: tuple[Any, ...] = (GatherStage(self),)
         self.after: tuple[Any, ...] = (
@@ -463,6 +491,28 @@ class RuleStages:
         if pipeline is None:  # pragma: no cover - the pipeline is gone, nobody can call us
             raise ReferenceError("ranking pipeline was garbage collected")
         return pipeline
+
+    def plan(self, rules: Rules) -> RulePlan:
+        """The plan of ``rules`` (checked, see :meth:`check`), kept for the next list with the
+        same ``Rules`` object: a server's default rules, or every row of a batch."""
+        kept = self._plans.get(id(rules))
+        if kept is not None and kept[0] is rules:  # the entry holds rules: its id is not reused
+            return kept[1]
+        self.check(rules)
+        pipeline = self.pipeline
+        promotion = rules.promotion
+        plan = RulePlan(
+            before=tuple(s for s in self.before if s.wanted(rules)),
+            after=tuple(s for s in self.after if s.wanted(rules)),
+            boost_factors=self.boost_factors(rules.boosts) if rules.boosts else None,
+            promoted=(
+                None if promotion is None else pipeline.candidate_mask(promotion.item_filter)
+            ),
+        )
+        if len(self._plans) >= RULE_PLANS:
+            self._plans.clear()  # a bound on memory; a plan is rebuilt in microseconds
+        self._plans[id(rules)] = (rules, plan)
+        return plan
 
     def check(self, rules: Rules) -> None:
         """What only the pipeline can check: filters of known item types, shown items in range."""
@@ -497,13 +547,14 @@ class RuleStages:
             self._codes = codes
         return self._codes
 
-    def open_categories(self, full: np.ndarray) -> np.ndarray:
-        """A mask of the items outside the categories numbered ``full`` (sorted, unique;
-        items without a category are always inside it), kept for the next list that fills
-        the same categories: a table lookup per item instead of a set membership test."""
+    def open_categories(self, full: np.ndarray) -> ItemMask:
+        """The items outside the categories numbered ``full`` (sorted, unique; items without a
+        category are always inside it), kept for the next list that fills the same categories:
+        a table lookup per item instead of a set membership test, and one mask object per set,
+        so the pipeline's caches (the mask in its search index's order) serve it again."""
         key = full.tobytes()
-        mask = self._open.get(key)
-        if mask is None:
+        kept = self._open.get(key)
+        if kept is None:
             codes = self.category_codes()
             # One entry per category and a last one, never closed, that code -1 indexes.
             table = np.ones(int(codes.max(initial=-1)) + 2, dtype=np.bool_)
@@ -512,8 +563,24 @@ class RuleStages:
             mask.setflags(write=False)
             if len(self._open) >= OPEN_CATEGORY_MASKS:
                 self._open.clear()  # a bound on memory; any set is rebuilt in microseconds
-            self._open[key] = mask
-        return mask
+            kept = self._open[key] = ItemMask(mask)
+        return kept
+
+    def boost_factors(self, boosts: tuple[Boost, ...]) -> np.ndarray:
+        """Per item, the product of the factors of ``boosts`` that match it, multiplied in the
+        order of the boosts (float64, as :class:`BoostStage` applies them), kept per set of
+        boosts."""
+        factors = self._boosts.get(boosts)
+        if factors is None:
+            pipeline = self.pipeline
+            factors = np.ones(pipeline.n_items, dtype=np.float64)
+            for boost in boosts:
+                factors[pipeline.candidate_mask(boost.item_filter)] *= boost.factor
+            factors.setflags(write=False)
+            if len(self._boosts) >= BOOST_TABLES:
+                self._boosts.clear()
+            self._boosts[boosts] = factors
+        return factors
 
     def _by_age(self) -> tuple[np.ndarray, np.ndarray]:
         """Items with a known first appearance, oldest first, and those times."""
@@ -569,7 +636,8 @@ class RuleStages:
 
 
 class _RuleStage:
-    """A rule's stage: a :class:`~models.ranking.ConditionalStage` of a :class:`RuleStages`."""
+    """A rule's stage: a :class:`~models.ranking.ConditionalStage` of a :class:`RuleStages`,
+    which runs for the requests whose rules it is :meth:`wanted` by."""
 
     candidates_per_slot = 1
     orders = False
@@ -577,14 +645,27 @@ class _RuleStage:
     def __init__(self, rules: RuleStages) -> None:
         self.rules = rules
 
+    def wanted(self, rules: Rules) -> bool:  # pragma: no cover - every stage says
+        raise NotImplementedError
+
+    def applies(self, request: ListRequest) -> bool:
+        return request.rules is not None and self.wanted(request.rules)
+
 
 class GatherStage(_RuleStage):
     """Adds the items promotions and exploration may place to the candidates, with their
     scores for this request, best first (step 1 of the module docstring)."""
 
-    def applies(self, request: ListRequest) -> bool:
-        rules = request.rules
-        return rules is not None and (rules.promotion is not None or rules.exploration is not None)
+    def wanted(self, rules: Rules) -> bool:
+        return rules.promotion is not None or rules.exploration is not None
+
+    def beyond(self, request: ListRequest) -> tuple[ItemFilter, int] | None:
+        """The promotion's items this stage asks for beyond the candidates, so that step 1 may
+        find them in the same search (see :class:`~models.ranking.RerankStage`)."""
+        promotion = request.rules.promotion if request.rules is not None else None
+        if promotion is None:
+            return None
+        return promotion.item_filter, GATHERED_PER_SLOT * slot_count(request.k, promotion.share)
 
     def __call__(
         self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
@@ -595,20 +676,25 @@ class GatherStage(_RuleStage):
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
         more_ids, more_scores = [ids], [scores]
-        if rules.promotion is not None:
-            count = GATHERED_PER_SLOT * slot_count(request.k, rules.promotion.share)
+        wanted = self.beyond(request)
+        if wanted is not None:
+            within, count = wanted
             got, got_scores = pipeline.candidates(
-                request, count, within=rules.promotion.item_filter, skip=ids, backfill=False
+                request, count, within=within, skip=ids, backfill=False
             )
+            got_scores = np.asarray(got_scores, dtype=np.float32)
+            if rules.exploration is None:
+                # Both runs are best first already: merge them, no sort.
+                return _merged(ids, scores, np.asarray(got, dtype=np.int64), got_scores)
             more_ids.append(got)
-            more_scores.append(np.asarray(got_scores, dtype=np.float32))
+            more_scores.append(got_scores)
         if rules.exploration is not None:
             count = GATHERED_PER_SLOT * slot_count(request.k, rules.exploration.share)
             picks = self.rules.exploration_picks(request, count)
             picks = picks[~np.isin(picks, np.concatenate(more_ids))]
             more_ids.append(picks)
             more_scores.append(pipeline.item_scores(request, picks))
-        if len(more_ids) == 1 or sum(len(x) for x in more_ids[1:]) == 0:
+        if sum(len(x) for x in more_ids[1:]) == 0:
             return ids, scores
         all_ids = np.concatenate(more_ids)
         all_scores = np.concatenate(more_scores).astype(np.float32)
@@ -622,21 +708,17 @@ class BoostStage(_RuleStage):
 
     candidates_per_slot = RESCORE_CANDIDATES_PER_SLOT
 
-    def applies(self, request: ListRequest) -> bool:
-        return request.rules is not None and bool(request.rules.boosts)
+    def wanted(self, rules: Rules) -> bool:
+        return bool(rules.boosts)
 
     def __call__(
         self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         assert request.rules is not None
-        pipeline = self.rules.pipeline
-        factor = np.ones(len(ids), dtype=np.float64)
-        for boost in request.rules.boosts:
-            factor[pipeline.candidate_mask(boost.item_filter)[ids]] *= boost.factor
-        values = np.asarray(scores, dtype=np.float64)
-        # s * f for s >= 0, s / f below: the factor to the power of the score's sign.
-        boosted = (values * factor ** np.sign(values)).astype(np.float32)
-        return ids, boosted, (factor > 1).view(np.uint8)  # Reason.BOOSTED is 1
+        factors = self.rules.plan(request.rules).boost_factors
+        assert factors is not None
+        boosted, raised = _boosted(np.asarray(scores, dtype=np.float64), factors[ids])
+        return ids, boosted, raised
 
 
 class RotationStage(_RuleStage):
@@ -644,8 +726,8 @@ class RotationStage(_RuleStage):
 
     candidates_per_slot = RESCORE_CANDIDATES_PER_SLOT
 
-    def applies(self, request: ListRequest) -> bool:
-        rotation = request.rules.rotation if request.rules is not None else None
+    def wanted(self, rules: Rules) -> bool:
+        rotation = rules.rotation
         return rotation is not None and rotation.rate > 0 and len(rotation.shown_items) > 0
 
     def __call__(
@@ -676,10 +758,7 @@ class ArrangeStage(_RuleStage):
             DIVERSITY_CANDIDATES_PER_SLOT if diversity else SLOT_CANDIDATES_PER_SLOT
         )
 
-    def applies(self, request: ListRequest) -> bool:
-        rules = request.rules
-        if rules is None:
-            return False
+    def wanted(self, rules: Rules) -> bool:
         diverse = rules.diversity is not None and rules.diversity.active
         if self.diversity:
             return diverse
@@ -690,7 +769,7 @@ class ArrangeStage(_RuleStage):
     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         rules = request.rules
         assert rules is not None
-        return _Layout(self.rules, request, rules, ids, scores).run()
+        return _Layout(self.rules, self.rules.plan(rules), request, rules, ids, scores).run()
 
 
 class _Layout:
@@ -698,19 +777,21 @@ class _Layout:
 
     Rows index the candidates (best first), extended by any fetched beyond them; ``cats`` are
     their categories' numbers (-1 for none) and ``taken[r]`` counts the rows already in the
-    list (or pinned for it) of row ``r``'s category. The place by place choice runs compiled
-    (:func:`_lay_out`).
+    list (or pinned for it) of row ``r``'s category. The choices run compiled: the slots'
+    picks (:func:`_pin`) and the place by place choice (:func:`_lay_out`).
     """
 
     def __init__(
         self,
         context: RuleStages,
+        plan: RulePlan,
         request: ListRequest,
         rules: Rules,
         ids: np.ndarray,
         scores: np.ndarray,
     ) -> None:
         self.context = context
+        self.plan = plan
         self.pipeline = context.pipeline
         self.request = request
         self.rules = rules
@@ -720,41 +801,23 @@ class _Layout:
         self.mmr = diversity.mmr
         self.ids = np.asarray(ids, dtype=np.int64)
         self.scores = np.asarray(scores, dtype=np.float32)
+        self.cats, self.relevance = _rows(self.ids, self.scores, context.category_codes(), self.mmr)
         n = len(self.ids)
         self.used = np.zeros(n, dtype=np.bool_)
         self.why = np.zeros(n, dtype=np.uint8)
-        self.cats = context.category_codes()[self.ids]
         self.taken = np.zeros(n, dtype=np.int64)
-        self.relevance = _NO_RELEVANCE
         self.sims = _NO_SIMS
-        self.nearest = _NO_RELEVANCE
+        self.nearest = self.relevance  # a placeholder without MMR (never read)
         if self.mmr > 0 and n:
-            low, high = float(self.scores.min()), float(self.scores.max())
-            self.relevance = np.zeros(n)
-            if high > low:
-                self.relevance = (self.scores.astype(np.float64) - low) / (high - low)
             self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
             self.nearest = np.zeros(n)
         self.placed = np.empty(self.k, dtype=np.int64)
         self.n_placed = 0
         self.deeper = 0
 
-    def _fits(self, row: int) -> bool:
-        return self.cap == 0 or self.cats[row] < 0 or self.taken[row] < self.cap
-
-    def _pick(self, rows: np.ndarray, count: int, why: Reason) -> list[int]:
+    def _pick(self, rows: np.ndarray, count: int, why: Reason) -> np.ndarray:
         """The first ``count`` of ``rows`` (in order) still free and under the cap, taken."""
-        chosen: list[int] = []
-        for row in rows.tolist():
-            if len(chosen) == count:
-                break
-            if not self.used[row] and self._fits(row):
-                self.used[row] = True
-                self.why[row] = why
-                if self.cats[row] >= 0:
-                    self.taken[self.cats == self.cats[row]] += 1
-                chosen.append(row)
-        return chosen
+        return _pin(rows, count, int(why), self.used, self.why, self.cats, self.taken, self.cap)
 
     def _deeper(self) -> bool:
         """Fetch the next candidates beyond these (the model's, then the backfill's) in the
@@ -762,38 +825,33 @@ class _Layout:
         if self.deeper >= DEEPER_ROUNDS:
             return False
         self.deeper += 1
-        also = None
+        within = None
         if self.cap:
-            full = np.unique(self.cats[(self.taken >= self.cap) & (self.cats >= 0)])
+            full = _full_categories(self.cats, self.taken, self.cap)
             if len(full):
-                also = self.context.open_categories(full)
+                within = self.context.open_categories(full)
         want = DIVERSITY_CANDIDATES_PER_SLOT * self.k
-        got, got_scores = self.pipeline.candidates(self.request, want, also=also, skip=self.ids)
+        got, got_scores = self.pipeline.candidates(self.request, want, within=within, skip=self.ids)
         if not len(got):
             self.deeper = DEEPER_ROUNDS
             return False
-        more = len(got)
-        got = np.asarray(got, dtype=np.int64)
-        got_cats = self.context.category_codes()[got]
-        # The new rows are free: their counts are those of the rows in the list, by category.
-        in_list = self.cats[self.used]
-        in_list = in_list[in_list >= 0]
-        got_taken = (got_cats[:, None] == in_list[None, :]).sum(axis=1).astype(np.int64)
-        self.ids = np.concatenate([self.ids, got])
-        self.scores = np.concatenate([self.scores, np.asarray(got_scores, dtype=np.float32)])
-        self.used = np.concatenate([self.used, np.zeros(more, dtype=np.bool_)])
-        self.why = np.concatenate([self.why, np.zeros(more, dtype=np.uint8)])
-        self.cats = np.concatenate([self.cats, got_cats])
-        self.taken = np.concatenate([self.taken, got_taken])
+        self.ids, self.scores, self.used, self.why, self.cats, self.taken = _appended(
+            self.ids,
+            self.scores,
+            self.used,
+            self.why,
+            self.cats,
+            self.taken,
+            np.asarray(got, dtype=np.int64),
+            np.asarray(got_scores, dtype=np.float32),
+            self.context.category_codes(),
+        )
         if self.mmr > 0:
             # Items from beyond the candidates come after all of them: no relevance of their
             # own (their scores may be the backfill's popularity, on another scale).
-            self.relevance = np.concatenate([self.relevance, np.zeros(more)])
+            self.relevance = np.concatenate([self.relevance, np.zeros(len(got))])
             self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
-            placed = self.placed[: self.n_placed]
-            self.nearest = np.zeros(len(self.ids))
-            if len(placed):
-                self.nearest = np.maximum(self.sims[:, placed].max(axis=1), 0.0).astype(np.float64)
+            self.nearest = _nearest(self.sims, self.placed[: self.n_placed])
         return True
 
     def run(self) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -802,9 +860,10 @@ class _Layout:
         pinned = np.full(k, -1, dtype=np.int64)
         if rules.promotion is not None:
             count = slot_count(k, rules.promotion.share)
-            match = self.pipeline.candidate_mask(rules.promotion.item_filter)[self.ids]
-            chosen = self._pick(np.flatnonzero(match), count, Reason.PROMOTED)
-            pinned[slot_positions(k, count)[: len(chosen)]] = chosen
+            promoted = self.plan.promoted
+            assert promoted is not None
+            chosen = self._pick(np.flatnonzero(promoted[self.ids]), count, Reason.PROMOTED)
+            pinned[_slot_places(k, count)[: len(chosen)]] = chosen
         if rules.exploration is not None:
             count = slot_count(k, rules.exploration.share)
             rows = np.flatnonzero(self.context.explorable(rules.exploration, self.ids))
@@ -838,8 +897,164 @@ class _Layout:
         return self.ids[rows], self.scores[rows], self.why[rows]
 
 
+@lru_cache(maxsize=1024)
+def _slot_places(k: int, count: int) -> np.ndarray:
+    """:func:`slot_positions` as a read-only array, kept (the same few per server)."""
+    places = np.array(slot_positions(k, count), dtype=np.int64)
+    places.setflags(write=False)
+    return places
+
+
 _NO_SIMS = np.zeros((0, 0), dtype=np.float32)
-_NO_RELEVANCE = np.zeros(0, dtype=np.float64)
+
+
+# ----------------------------------------------------------------- compiled kernels
+@njit(cache=True)
+def _merged(
+    ids: np.ndarray, scores: np.ndarray, more_ids: np.ndarray, more_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two runs of candidates, each best first by the top-k rule (score, then lowest item
+    index), merged into one run in that order (as sorting them together would)."""
+    n, m = len(ids), len(more_ids)
+    out_ids = np.empty(n + m, np.int64)
+    out_scores = np.empty(n + m, np.float32)
+    i = j = 0
+    for o in range(n + m):
+        if j == m or (
+            i < n
+            and (
+                scores[i] > more_scores[j]
+                or (scores[i] == more_scores[j] and ids[i] <= more_ids[j])
+            )
+        ):
+            out_ids[o], out_scores[o] = ids[i], scores[i]
+            i += 1
+        else:
+            out_ids[o], out_scores[o] = more_ids[j], more_scores[j]
+            j += 1
+    return out_ids, out_scores
+
+
+@njit(cache=True)
+def _boosted(scores: np.ndarray, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``scores * factors ** sign(scores)`` (float64, see :class:`Boost`) as float32, and a
+    claim of :attr:`Reason.BOOSTED` (1) for each item whose factor is above 1."""
+    n = len(scores)
+    boosted = np.empty(n, np.float32)
+    raised = np.zeros(n, np.uint8)
+    for i in range(n):
+        value = scores[i]
+        boosted[i] = np.float32(value * factors[i] ** np.sign(value))
+        if factors[i] > 1.0:
+            raised[i] = 1
+    return boosted, raised
+
+
+@njit(cache=True)
+def _rows(
+    ids: np.ndarray, scores: np.ndarray, codes: np.ndarray, mmr: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates' category numbers and, with ``mmr > 0``, their relevances: the scores
+    scaled to [0, 1] over the candidates (all 0 when the scores are equal)."""
+    n = len(ids)
+    cats = np.empty(n, np.int64)
+    for r in range(n):
+        cats[r] = codes[ids[r]]
+    relevance = np.zeros(n if mmr > 0 else 0)
+    if mmr > 0 and n:
+        low, high = scores.min(), scores.max()
+        if high > low:
+            for r in range(n):
+                relevance[r] = (np.float64(scores[r]) - low) / (np.float64(high) - low)
+    return cats, relevance
+
+
+@njit(cache=True)
+def _full_categories(cats: np.ndarray, taken: np.ndarray, cap: int) -> np.ndarray:
+    """The numbers of the (named) categories with ``cap`` rows in the list, sorted."""
+    return np.unique(cats[(taken >= cap) & (cats >= 0)])
+
+
+@njit(cache=True)
+def _appended(
+    ids: np.ndarray,
+    scores: np.ndarray,
+    used: np.ndarray,
+    reasons: np.ndarray,
+    cats: np.ndarray,
+    taken: np.ndarray,
+    got: np.ndarray,
+    got_scores: np.ndarray,
+    codes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A layout's per-row arrays with the items ``got`` (and their scores) added as free rows:
+    their counts are those of the rows in the list (``used``), by category (``codes``)."""
+    more = len(got)
+    got_cats = np.empty(more, np.int64)
+    got_taken = np.zeros(more, np.int64)
+    for i in range(more):
+        code = codes[got[i]]
+        got_cats[i] = code
+        if code >= 0:
+            for r in range(len(cats)):
+                if used[r] and cats[r] == code:
+                    got_taken[i] += 1
+    return (
+        np.concatenate((ids, got)),
+        np.concatenate((scores, got_scores)),
+        np.concatenate((used, np.zeros(more, np.bool_))),
+        np.concatenate((reasons, np.zeros(more, np.uint8))),
+        np.concatenate((cats, got_cats)),
+        np.concatenate((taken, got_taken)),
+    )
+
+
+@njit(cache=True)
+def _nearest(sims: np.ndarray, placed: np.ndarray) -> np.ndarray:
+    """Each row's highest similarity to the ``placed`` rows, at least 0 (similarities are
+    finite)."""
+    nearest = np.zeros(len(sims))
+    for r in range(len(sims)):
+        if not len(placed):
+            break
+        high = sims[r, placed[0]]
+        for p in placed[1:]:
+            if sims[r, p] > high:
+                high = sims[r, p]
+        nearest[r] = max(np.float64(high), 0.0)
+    return nearest
+
+
+@njit(cache=True)
+def _pin(
+    rows: np.ndarray,
+    count: int,
+    why: int,
+    used: np.ndarray,
+    reasons: np.ndarray,
+    cats: np.ndarray,
+    taken: np.ndarray,
+    cap: int,
+) -> np.ndarray:
+    """The first ``count`` of ``rows`` (in order) still free and under the cap, marked used
+    with reason ``why``, their categories' counts in ``taken`` raised."""
+    chosen = np.empty(min(count, len(rows)), np.int64)
+    c = 0
+    for row in rows:
+        if c == len(chosen):
+            break
+        code = cats[row]
+        if used[row] or (cap > 0 and code >= 0 and taken[row] >= cap):
+            continue
+        used[row] = True
+        reasons[row] = why
+        if code >= 0:
+            for r in range(len(cats)):
+                if cats[r] == code:
+                    taken[r] += 1
+        chosen[c] = row
+        c += 1
+    return chosen[:c]
 
 
 @njit(cache=True)
@@ -910,7 +1125,7 @@ _warm = False
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's disk cache) the arrangement kernel before requests need it;
+    """Compile (or load from numba's disk cache) the rules' kernels before requests need them;
     once per process (every pipeline's :class:`RuleStages` asks)."""
     global _warm
     if _warm:
@@ -933,3 +1148,14 @@ def warm_up() -> None:
             0,
             False,
         )
+    ids, scores = np.array([1, 0], dtype=np.int64), np.array([2.0, 1.0], dtype=np.float32)
+    _merged(ids, scores, ids[:0], scores[:0])
+    _boosted(scores.astype(np.float64), np.ones(2))
+    codes = cats.copy()
+    codes.setflags(write=False)  # as RuleStages.category_codes hands them out
+    _rows(ids, scores, codes, 0.5)
+    used, why = np.zeros(2, np.bool_), np.zeros(2, np.uint8)
+    _pin(ids, 1, int(Reason.PROMOTED), used, why, cats, ids, 1)
+    _full_categories(cats, ids, 1)
+    _appended(ids, scores, used, why, cats, ids, ids, scores, codes)
+    _nearest(np.eye(2, dtype=np.float32), ids[:1])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import NO_FILTER, PROJECTED, search_one
+from .kernels import NO_FILTER, PROJECTED, search_beyond, search_one
 from .topk import NEG_INF, top_k_row
 
 FIRST_BLOCK = 1024
@@ -50,12 +50,17 @@ class Query:
 
     ``blocked`` holds index positions (see :attr:`NormOrderedIndex.position`), sorted;
     ``disallowed`` is a boolean mask over positions (True: filtered out), or None for no filter.
+    With ``more > 0`` the same pass also finds the best ``more`` items beyond the answer (neither
+    blocked nor in it) that ``more_disallowed`` allows, a filter within this one's
+    (:attr:`Hits.beyond`): what a second query with the answer blocked too would give.
     """
 
     vector: np.ndarray
     k: int
     blocked: np.ndarray
     disallowed: np.ndarray | None = None
+    more: int = 0
+    more_disallowed: np.ndarray | None = None
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Hits:
     ids: np.ndarray
     scores: np.ndarray
     scanned: int
+    beyond: tuple[np.ndarray, np.ndarray] | None = None
+    """The ids and scores of the items beyond the answer that the query asked for (``more``)."""
 
 
 class NormOrderedIndex:
@@ -199,26 +206,40 @@ class NormOrderedIndex:
         if self._first >= self.n_items:
             return self._search_full(queries)
         hits = []
+        index = (
+            self._factors,
+            self.order,
+            self._neg_bound,
+            self._directions,
+            self._projected_t,
+            self._residual,
+            self._levels,
+            self._level_scale,
+            self._level_norm,
+            self._level_error,
+        )
         for q in queries:
-            ids, scores, scanned = search_one(
-                self._factors,
-                self.order,
-                self._neg_bound,
-                self._directions,
-                self._projected_t,
-                self._residual,
-                self._levels,
-                self._level_scale,
-                self._level_norm,
-                self._level_error,
-                np.ascontiguousarray(q.vector, dtype=np.float32),
+            vector = np.ascontiguousarray(q.vector, dtype=np.float32)
+            disallowed = NO_FILTER if q.disallowed is None else q.disallowed
+            if q.more <= 0:
+                ids, scores, scanned = search_one(
+                    *index, vector, q.k, self._first, q.blocked, disallowed, BOUND_SLACK
+                )
+                hits.append(Hits(ids, scores, scanned))
+                continue
+            more_disallowed = NO_FILTER if q.more_disallowed is None else q.more_disallowed
+            ids, scores, scanned, more_ids, more_scores = search_beyond(
+                *index,
+                vector,
                 q.k,
                 self._first,
                 q.blocked,
-                NO_FILTER if q.disallowed is None else q.disallowed,
+                disallowed,
                 BOUND_SLACK,
+                q.more,
+                more_disallowed,
             )
-            hits.append(Hits(ids, scores, scanned))
+            hits.append(Hits(ids, scores, scanned, (more_ids, more_scores)))
         return hits
 
     def _rank_row(self, row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,9 +268,17 @@ class NormOrderedIndex:
             if not np.isfinite(np.float64(np.dot(vectors[j], vectors[j]))):
                 hits.append(Hits(np.empty(0, np.int64), np.empty(0, np.float32), 0))
                 continue
+            spare = row.copy() if q.more > 0 else row
             row[q.blocked] = NEG_INF
             if q.disallowed is not None:
                 np.copyto(row, NEG_INF, where=q.disallowed)
             ids, scores = self._rank_row(row, q.k)
-            hits.append(Hits(ids, scores, self.n_items))
+            beyond = None
+            if q.more > 0:  # the same row, with the answer blocked too and the second filter
+                spare[q.blocked] = NEG_INF
+                spare[self.position[ids]] = NEG_INF
+                if q.more_disallowed is not None:
+                    np.copyto(spare, NEG_INF, where=q.more_disallowed)
+                beyond = self._rank_row(spare, q.more)
+            hits.append(Hits(ids, scores, self.n_items, beyond))
         return hits

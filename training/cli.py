@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from models.ann import MIN_ITEMS as ANN_MIN_ITEMS
 from models.errors import InvalidInputError
 
 
@@ -119,6 +120,7 @@ def cmd_train(
         experiment=args.experiment,
         quarantine_path=args.quarantine,
         eval_users=args.eval_users,
+        ann_min_items=args.ann_min_items,
         erasures=erasures,
         engine=Engine(args.engine, args.spark_master),
     )
@@ -318,6 +320,14 @@ def register_cli(subparsers: Any) -> None:
         default=10_000,
         metavar="N",
         help="evaluate on a seeded sample of at most N held-out users (default 10000; 0: all)",
+    )
+    tr.add_argument(
+        "--ann-min-items",
+        type=int,
+        default=ANN_MIN_ITEMS,
+        metavar="N",
+        help="ship an approximate index (faiss, the ann extra) with ALS, BPR or LMF models over at "
+        f"least N items (default {ANN_MIN_ITEMS}; 0: never)",
     )
     tr.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     tr.add_argument(

@@ -26,11 +26,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from models import ann
 from models.algorithms import get_algorithm
 from models.artifact import ItemCatalog, ModelBundle, save_artifact
 from models.base import Recommender
 from models.errors import InvalidInputError
 from models.ranking_metrics import item_popularity, metric_key
+from models.scoring import VectorScorer
 from models.vocabulary import Vocabulary
 from registry import mlflow_store
 from training import promotion
@@ -103,6 +105,9 @@ class TrainOptions:
     """Evaluate on at most this many held-out users, sampled with ``seed`` (0: all of them)."""
     engine: Engine = LOCAL
     """Where the model is fitted (``--engine``): here, or ALS on Spark (:mod:`training.spark`)."""
+    ann_min_items: int = ann.MIN_ITEMS
+    """A factor model (ALS, BPR, LMF) over at least this many items ships an approximate index
+    (:mod:`models.ann`) that the server searches instead of the exact one; 0: never."""
 
     @property
     def metric(self) -> str:
@@ -357,6 +362,11 @@ def validate_options(opts: TrainOptions) -> None:
         )
     if opts.k <= 0:
         raise InvalidInputError(f"--k must be positive, got {opts.k}", field="k")
+    if opts.ann_min_items < 0:
+        raise InvalidInputError(
+            f"--ann-min-items must be >= 0 (0: never), got {opts.ann_min_items}",
+            field="ann_min_items",
+        )
     metric_key(opts.primary_metric, opts.k)  # an unknown metric fails here, not after the fit
 
 
@@ -536,6 +546,7 @@ def fit_or_tune(opts: TrainOptions, inputs: Inputs, data: SplitData, progress: P
             "seed": opts.seed,
             "tune_trials": opts.tune,
             "eval_users": opts.eval_users,
+            "ann_min_items": opts.ann_min_items,
             "primary_metric": opts.metric,
             **{f"confidence.{k}": v for k, v in opts.confidence.model_dump().items()},
             **{f"event_weight.{k}": v for k, v in inputs.weights.as_dict().items()},
@@ -626,10 +637,12 @@ def package_model(
     """Save the artifact and log it under ``affinity_model/``.
 
     The artifact holds the model, the id maps, the seen items, the item metadata and the
-    popularity and trending lists.
+    popularity and trending lists, and for a factor model over a large catalog an approximate
+    index (see :func:`approximate_index`).
     """
     started = time.perf_counter()
     prepared = evaluated.prepared
+    ann_arrays, ann_info = approximate_index(opts, fitted.model)
     bundle = ModelBundle(
         model=fitted.model,
         users=data.matrix.users,
@@ -646,7 +659,9 @@ def package_model(
             "run_id": run_id,
             "primary_metric": opts.metric,
             "metrics": {k: float(v) for k, v in evaluated.metrics.items()},
+            **({"ann": ann_info} if ann_info else {}),
         },
+        ann=ann_arrays,
     )
     artifact_dir = workdir / "artifact"
     save_artifact(bundle, artifact_dir)
@@ -656,6 +671,55 @@ def package_model(
         artifact_dir=artifact_dir,
         timings={"artifact_seconds": time.perf_counter() - started},
     )
+
+
+def approximate_index(
+    opts: TrainOptions, model: Recommender
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """The approximate index of a factor model over at least ``opts.ann_min_items`` items (as
+    the artifact's arrays) and what its build measured, logged to MLflow as ``ann.*``
+    parameters and ``ann_*`` metrics; ``(None, {})`` for any other model. Without faiss the
+    artifact goes without one (logged as a warning): the server then searches exactly."""
+    if (
+        opts.ann_min_items <= 0
+        or model.n_items < opts.ann_min_items
+        or not isinstance(model, VectorScorer)
+    ):
+        return None, {}
+    if not ann.faiss_available():
+        logger.warning(
+            "%d items >= --ann-min-items %d, but faiss is not installed: the artifact has no "
+            "approximate index (pip install 'affinity-recommender[ann]')",
+            model.n_items,
+            opts.ann_min_items,
+        )
+        mlflow.set_tag("ann", "skipped: faiss is not installed")
+        return None, {}
+    logger.info("building an approximate index over %d items", model.n_items)
+    index, report = ann.build(
+        model.item_factors, query_vectors=model.user_vectors(_sampled_users(model, opts.seed))
+    )
+    arrays = index.to_arrays()
+    info = {**report.to_json(), "index_bytes": int(arrays["index"].nbytes)}
+    mlflow.log_params(
+        {"ann.kind": report.kind, "ann.effort": report.effort}
+        | {f"ann.{k}": v for k, v in report.params.items()}
+    )
+    metrics = {
+        "ann_build_seconds": report.build_seconds,
+        "ann_tune_seconds": report.tune_seconds,
+        "ann_index_bytes": float(info["index_bytes"]),
+    }
+    if info["recall_at_10"] is not None:
+        metrics["ann_recall_at_10"] = float(info["recall_at_10"])
+    mlflow.log_metrics(metrics)
+    return arrays, info
+
+
+def _sampled_users(model: Recommender, seed: int, n: int = 200) -> np.ndarray:
+    """Up to ``n`` trained users, sampled with ``seed``: the queries that tune the index."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(model.n_users, size=min(n, model.n_users), replace=False))
 
 
 def _newest(frame: pd.DataFrame) -> str:
