@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -32,19 +30,6 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("logs")
     generate(out, users=600, items=200, interactions=15_000, seed=4)
     return out
-
-
-@pytest.fixture
-def store(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
-) -> Iterator[str]:
-    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    previous = mlflow.get_tracking_uri()
-    yield uri
-    mlflow.set_tracking_uri(previous)
 
 
 def _train(capsys: pytest.CaptureFixture[str], logs: Path, *args: str) -> dict:

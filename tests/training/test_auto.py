@@ -8,8 +8,6 @@ driven through the real CLI against a real MLflow SQLite store in a temporary fo
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,20 +174,6 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("logs")
     generate(out, users=300, items=80, interactions=9_000, seed=11)
     return out
-
-
-@pytest.fixture
-def store(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
-) -> Iterator[str]:
-    """A fresh tracking store; the working directory is tmp_path, so ./mlruns lands there."""
-    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    previous = mlflow.get_tracking_uri()
-    yield uri
-    mlflow.set_tracking_uri(previous)
 
 
 def test_train_chooses_records_the_choice_and_fits_the_chosen_algorithm(

@@ -8,9 +8,7 @@ the run in the tracking store, the registered version, its aliases and the reloa
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -33,20 +31,6 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("logs")
     generate(out, users=800, items=200, interactions=30_000, seed=3)
     return out
-
-
-@pytest.fixture
-def store(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
-) -> Iterator[str]:
-    """A fresh tracking store; the working directory is tmp_path, so ./mlruns lands there."""
-    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    previous = mlflow.get_tracking_uri()
-    yield uri
-    mlflow.set_tracking_uri(previous)
 
 
 def _download(uri: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -130,19 +129,6 @@ def test_the_spark_engine_refuses_algorithms_it_cannot_fit(
     code = main(["train", "--interactions", str(log), "--engine", "spark", "--algorithm", "ease"])
     assert code == 2
     assert "--engine spark fits als, not 'ease'" in capsys.readouterr().err
-
-
-@pytest.fixture
-def store(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
-) -> Iterator[str]:
-    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    previous = mlflow.get_tracking_uri()
-    yield uri
-    mlflow.set_tracking_uri(previous)
 
 
 def test_train_on_spark_registers_a_model_the_server_cannot_tell_apart(
