@@ -10,9 +10,7 @@ counted; an erased user's rows at or before the erasure reach training from no i
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,20 +25,6 @@ from service.events import Event, EventRules, EventStore
 from training.generate import generate
 
 ALS = ["--algorithm", "als", "--param", "factors=8", "--param", "iterations=3"]
-
-
-@pytest.fixture
-def tracking(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_tracking_db: Path
-) -> Iterator[str]:
-    """A fresh MLflow tracking store; the working directory is tmp_path (./mlruns lands there)."""
-    shutil.copyfile(_empty_tracking_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    previous = mlflow.get_tracking_uri()
-    yield uri
-    mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture
@@ -89,7 +73,7 @@ def _download(uri: str) -> Path:
 def test_train_on_the_store_and_logs_with_erasures(
     events_db: str,
     generated: pd.DataFrame,
-    tracking: str,
+    store: str,
     private_tmp: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -158,7 +142,7 @@ def test_train_on_the_store_and_logs_with_erasures(
 def test_train_on_the_store_alone_quarantines_as_a_log(
     events_db: str,
     generated: pd.DataFrame,
-    tracking: str,
+    store: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -190,7 +174,7 @@ def test_train_on_the_store_alone_quarantines_as_a_log(
 
 
 def test_train_needs_logs_or_the_store(
-    tmp_path: Path, tracking: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["train", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -206,7 +190,7 @@ def test_train_needs_logs_or_the_store(
 def test_train_events_defaults_to_the_configured_store(
     tmp_path: Path,
     generated: pd.DataFrame,
-    tracking: str,
+    store: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
