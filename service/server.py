@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from models.artifact import verify_artifact
@@ -33,6 +33,8 @@ from service.config import ServeSettings, load_settings
 from service.cpus import pin_worker
 from service.event_side import EventSide
 from service.events import EventStore, GroupCommit
+from service.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from service.health import HealthServicer
 from service.interceptors import (
     SERVICE,
     AuthInterceptor,
@@ -81,7 +83,7 @@ def create_server(
     settings: ServeSettings,
     holder: ModelHolder,
     *,
-    health_servicer: health.HealthServicer | None = None,
+    health_servicer: HealthServicer | None = None,
     reuse_port: bool = False,
     store: EventStore | None = None,
     live: LiveActivity | None = None,
@@ -137,7 +139,7 @@ def create_server(
     if on_servicer is not None:
         on_servicer(servicer)
     add_to_server(servicer, server)
-    health_servicer = health_servicer or health.HealthServicer()
+    health_servicer = health_servicer or HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -148,7 +150,7 @@ def create_server(
 
     holder.add_listener(serving)
     reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert is not None and settings.tls_key is not None:
@@ -181,7 +183,7 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
         loader.load_initial()  # a broken local directory fails before the port opens
     side = EventSide(settings)
     try:
-        health_servicer = health.HealthServicer()
+        health_servicer = HealthServicer()
         server, port = create_server(
             settings,
             holder,
@@ -203,7 +205,7 @@ def _run_server(
     loader: ModelLoader,
     server: grpc.Server,
     port: int,
-    health_servicer: health.HealthServicer,
+    health_servicer: HealthServicer,
     *,
     worker: bool,
 ) -> int:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health
 from prometheus_client import REGISTRY
 
 from models.errors import ArtifactError
 from models.ranking import RankingPipeline
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
+from service.health import HealthServicer
 from service.loader import LoadedModel, ModelHolder, ModelLoader
 from service.memory import malloc_trim
 from tests.service.conftest import (
@@ -181,7 +181,7 @@ def test_graceful_shutdown_finishes_in_flight_calls(
     gated = GatedPipeline.from_bundle(pipeline.bundle)
     holder = ModelHolder()
     holder.swap(LoadedModel(gated, loaded_model(pipeline).meta))
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     server, port = create_server(
         settings_for(artifact_dir, tmp_path), holder, health_servicer=health_servicer
     )

@@ -20,13 +20,14 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from affinity.cli import main
 from models.errors import InvalidInputError
 from models.ranking import RankingPipeline
 from service.client import AffinityClient, channel_target
 from service.config import ServeSettings, load_settings
+from service.health import HealthServicer
 from service.loader import ModelHolder
 from service.server import HEALTH_SERVICES, connection_age_options, create_server
 from tests.service.conftest import free_port, loaded_model, settings_for
@@ -36,7 +37,7 @@ WAIT_SECONDS = 30.0
 """Bound of every wait for the client to notice a change (it usually takes milliseconds)."""
 
 
-class CountingHealth(health.HealthServicer):
+class CountingHealth(HealthServicer):
     """The standard health servicer, counting the ``Watch`` streams clients open (one per
     connection of a health-checking client)."""
 
