@@ -204,6 +204,10 @@ class Response:
     and the user id, the draw can be made again: ``models.rules.draw_keys``)."""
     exploration_day: int | None = None
     """The UTC day (days since the epoch) the exploration drew for."""
+    experiment: str | None = None
+    """The live experiment whose arm answered (``None`` outside experiments)."""
+    arm: str | None = None
+    """That experiment's arm (see service/experiments.py)."""
 
 
 Answer = tuple[
@@ -218,10 +222,13 @@ Answer = tuple[
     Sequence[int] | None,
     int | None,
     int | None,
+    str | None,
+    str | None,
 ]
 """A response as the recorder buffers it: ``(recommendation_id, method, user_id, item_ids,
 source, model_name, model_version, served at in unix seconds, reasons, exploration_seed,
-exploration_day)`` (the last three ``None`` when the list had no such rule)."""
+exploration_day, experiment, arm)`` (reasons and exploration ``None`` when the list had no such
+rule; experiment and arm ``None`` outside experiments)."""
 
 
 class Shown(NamedTuple):
@@ -476,14 +483,32 @@ RESPONSES = Table(
     Column("reasons", JSON, nullable=True),
     Column("exploration_seed", BigInteger, nullable=True),
     Column("exploration_day", Integer, nullable=True),
+    Column("experiment", String(MAX_ID), nullable=True),
+    Column("arm", String(MAX_ID), nullable=True),
     Index("ix_responses_user", "user_id"),
     Index("ix_responses_served", "served_at"),
+    Index("ix_responses_experiment", "experiment", "arm"),
 )
 """Every answer of ``Recommend``, ``SimilarItems`` and ``Popular``: the impressions that
 attribution and click-through rates join events to, by ``recommendation_id``. ``reasons`` is a
 JSON list of one ``Reason`` code per item (0 model, 1 boosted, 2 promoted, 3 explored), NULL
 when every item is the model's; ``exploration_seed`` and ``exploration_day`` are set for lists
-made with an exploration rule (see :class:`Response`)."""
+made with an exploration rule (see :class:`Response`); ``experiment`` and ``arm`` name the live
+experiment and arm that answered (NULL outside experiments; ``method`` ``shadow`` for a shadow
+arm's list, recorded but never shown)."""
+EXPERIMENTS = Table(
+    "experiments",
+    _metadata,
+    Column("name", String(MAX_ID), primary_key=True),
+    Column("config", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+"""Live experiments (service/experiments.py): the validated configuration as JSON (arms, shares,
+salt, the bucket allocation), ``running`` or ``stopped``, and a revision every change increments
+so workers polling the table pick up each change once."""
 ERASURES = Table(
     "erasures",
     _metadata,
@@ -559,10 +584,30 @@ def _migration_3_response_reasons(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE responses ADD COLUMN {column} {kind}"))
 
 
+def _migration_4_experiments(conn: Connection) -> None:
+    """Live experiments, and the experiment and arm of each recorded answer."""
+    snapshot = MetaData()
+    Table(
+        "experiments",
+        snapshot,
+        Column("name", String(MAX_ID), primary_key=True),
+        Column("config", JSON, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("revision", Integer, nullable=False),
+        Column("created_at", UTCDateTime(), nullable=False),
+        Column("updated_at", UTCDateTime(), nullable=False),
+    )
+    snapshot.create_all(conn)
+    for column in ("experiment", "arm"):
+        conn.execute(text(f"ALTER TABLE responses ADD COLUMN {column} VARCHAR({MAX_ID})"))
+    conn.execute(text("CREATE INDEX ix_responses_experiment ON responses (experiment, arm)"))
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _migration_1_events,
     _migration_2_responses_erasures,
     _migration_3_response_reasons,
+    _migration_4_experiments,
 )
 """The schema's history: step ``i`` (from 0) takes a database from version ``i`` to ``i + 1``."""
 LATEST_VERSION = len(MIGRATIONS)
@@ -938,6 +983,8 @@ class EventStore:
                     r.reasons,
                     r.exploration_seed,
                     r.exploration_day,
+                    r.experiment,
+                    r.arm,
                 )
                 for r in responses
             ]
@@ -1025,6 +1072,8 @@ def _response(row: Any) -> Response:
         reasons=None if reasons is None else tuple(reasons),
         exploration_seed=row["exploration_seed"],
         exploration_day=row["exploration_day"],
+        experiment=row["experiment"],
+        arm=row["arm"],
     )
 
 
@@ -1141,10 +1190,10 @@ def _insert_sqlite(conn: Connection, events: list[RawEvent], now: datetime) -> d
 
 _ANSWER_COLUMNS = (
     "recommendation_id, method, user_id, item_ids, source, model_name, model_version, served_at, "
-    "reasons, exploration_seed, exploration_day"
+    "reasons, exploration_seed, exploration_day, experiment, arm"
 )
-_ANSWER_ROWS = 80
-"""Answers per multi-row ``INSERT`` on SQLite (11 parameters each: 880, under the 999 bound
+_ANSWER_ROWS = 76
+"""Answers per multi-row ``INSERT`` on SQLite (13 parameters each: 988, under the 999 bound
 parameters of the oldest SQLite builds)."""
 
 
@@ -1153,7 +1202,7 @@ def _answer_key(answer: Answer) -> str:
 
 
 def _sqlite_answers(n: int) -> str:
-    one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    one = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     return f"INSERT OR IGNORE INTO responses ({_ANSWER_COLUMNS}) VALUES {', '.join([one] * n)}"
 
 
@@ -1165,7 +1214,8 @@ def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
         for start in range(0, len(rows), _ANSWER_ROWS):
             chunk = rows[start : start + _ANSWER_ROWS]
             values: list[Any] = []
-            for rec_id, method, user_id, items, source, name, version, at, why, seed, day in chunk:
+            for row in chunk:
+                rec_id, method, user_id, items, source, name, version, at, why, seed, day = row[:11]
                 served = datetime.fromtimestamp(at, UTC)
                 values += (
                     rec_id,
@@ -1179,6 +1229,8 @@ def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
                     None if why is None else json.dumps(list(why)),
                     seed,
                     day,
+                    row[11],
+                    row[12],
                 )
             cursor.execute(_sqlite_answers(len(chunk)), values)
             changed += cursor.rowcount
@@ -1189,9 +1241,10 @@ def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
 
 _POSTGRESQL_ANSWERS = (
     f"INSERT INTO responses ({_ANSWER_COLUMNS}) "
-    "SELECT r, m, u, i::json, s, n, v, t, w::json, e, d FROM unnest("
+    "SELECT r, m, u, i::json, s, n, v, t, w::json, e, d, g, a FROM unnest("
     "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::timestamptz[], %s::text[], %s::bigint[], %s::int[]) AS x(r, m, u, i, s, n, v, t, w, e, d) "
+    "%s::timestamptz[], %s::text[], %s::bigint[], %s::int[], %s::text[], %s::text[]) "
+    "AS x(r, m, u, i, s, n, v, t, w, e, d, g, a) "
     "ON CONFLICT (recommendation_id) DO NOTHING"
 )
 
@@ -1209,6 +1262,8 @@ def _record_postgresql(conn: Connection, rows: list[Answer]) -> int:
         [None if row[8] is None else json.dumps(list(row[8])) for row in rows],
         [row[9] for row in rows],
         [row[10] for row in rows],
+        [row[11] for row in rows],
+        [row[12] for row in rows],
     )
     return int(conn.exec_driver_sql(_POSTGRESQL_ANSWERS, columns).rowcount or 0)
 

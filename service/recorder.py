@@ -62,11 +62,13 @@ class ResponseRecorder:
         reasons: Sequence[int] | None = None,
         exploration_seed: int | None = None,
         exploration_day: int | None = None,
+        experiment: str | None = None,
+        arm: str | None = None,
         at: float | None = None,
     ) -> None:
         """Queue one answer (called on the request path: no I/O, no lock). ``reasons``: one
         ``Reason`` code per item, ``None`` when all are the model's; the exploration's seed and
-        day when the list had one; ``at``: when it was served (unix seconds; default now)."""
+        day when the list had one; the live experiment and arm that answered; ``at``: when it was served (unix seconds; default now)."""
         if len(self._buffer) >= self.capacity:
             self._drop()
             return
@@ -83,6 +85,8 @@ class ResponseRecorder:
                 reasons,
                 exploration_seed,
                 exploration_day,
+                experiment,
+                arm,
             )
         )
 

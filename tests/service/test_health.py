@@ -147,6 +147,7 @@ def test_a_real_server_survives_watch_streams_opening_and_ending_while_statuses_
     health_server: Any,
 ) -> None:
     servicer, address = health_server
+    servicer.set("affinity", SERVING)
     stop = threading.Event()
     firsts: list[int] = []
     errors: list[BaseException] = []
