@@ -68,7 +68,8 @@ class ResponseRecorder:
     ) -> None:
         """Queue one answer (called on the request path: no I/O, no lock). ``reasons``: one
         ``Reason`` code per item, ``None`` when all are the model's; the exploration's seed and
-        day when the list had one; the live experiment and arm that answered; ``at``: when it was served (unix seconds; default now)."""
+        day when the list had one; the live experiment and arm that answered, if any; ``at``:
+        when it was served (unix seconds; default now)."""
         if len(self._buffer) >= self.capacity:
             self._drop()
             return
