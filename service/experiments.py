@@ -264,7 +264,9 @@ class ExperimentBook:
         self.store = store
 
     def _row(self, conn: Any, name: str) -> Any:
-        return conn.execute(select(EXPERIMENTS).where(EXPERIMENTS.c.name == name)).mappings().first()
+        return (
+            conn.execute(select(EXPERIMENTS).where(EXPERIMENTS.c.name == name)).mappings().first()
+        )
 
     def get(self, name: str) -> Experiment:
         with self.store.engine.connect() as conn:
