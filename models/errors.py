@@ -58,5 +58,9 @@ class StoreError(AffinityError):
     """The event store's database cannot be opened, migrated or written."""
 
 
+class ConflictError(AffinityError):
+    """A request that the stored state does not allow now (another experiment is running)."""
+
+
 class UnsupportedSchemaError(StoreError):
     """The event store's database has a schema newer than this build knows; upgrade Affinity."""

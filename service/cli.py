@@ -55,6 +55,7 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--live": ("live", str, {"metavar": "BOOL"}),
     "--live-window-days": ("live_window_days", float, {"metavar": "DAYS"}),
     "--live-poll-seconds": ("live_poll_seconds", float, {"metavar": "S"}),
+    "--experiment-poll-seconds": ("experiment_poll_seconds", float, {"metavar": "S"}),
     "--dislike-weight": ("dislike_weight", float, {"metavar": "W"}),
     "--rules-max-per-category": ("rules_max_per_category", int, {"metavar": "N"}),
     "--rules-mmr": ("rules_mmr", float, {"metavar": "X"}),
@@ -758,3 +759,7 @@ def register_cli(subparsers: Any) -> None:
     )
     _connection_options(delete)
     delete.set_defaults(func=_run_client(_delete_user))
+
+    from service import experiment_cli
+
+    experiment_cli.register(subparsers, _run_client, _connection_options)

@@ -109,6 +109,10 @@ class Result:
     recommendation_id: str
     source: str = ""
     """``personalized``, ``fold_in`` or ``popular`` (``Recommend`` only)."""
+    experiment: str = ""
+    """The live experiment the user is in (``Recommend`` while one runs; else empty)."""
+    arm: str = ""
+    """The user's arm of :attr:`experiment`."""
 
     @property
     def item_ids(self) -> list[str]:
@@ -243,6 +247,63 @@ class DeleteUserResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["erased_at"] = self.erased_at.isoformat()
+        return data
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """An experiment as the server reports it (``GetExperiment`` and the admin RPCs)."""
+
+    name: str
+    status: str
+    revision: int
+    arms: list[dict[str, Any]]
+    """``name``, ``model``, ``share``, ``shadow`` of each arm."""
+    control: str
+    salt: str
+    primary_metric: str
+    min_users: int
+    allocation: list[str]
+    created_at: datetime
+    updated_at: datetime
+    serving: list[dict[str, Any]]
+    """Per arm on the answering worker: ``arm``, ``ready``, ``model_version``, ``error``,
+    ``fallbacks`` (empty unless the experiment runs)."""
+
+    @classmethod
+    def from_proto(cls, message: pb.Experiment) -> ExperimentInfo:
+        spec = message.spec
+        return cls(
+            name=spec.name,
+            status=message.status,
+            revision=int(message.revision),
+            arms=[
+                {"name": a.name, "model": a.model, "share": a.share, "shadow": a.shadow}
+                for a in spec.arms
+            ],
+            control=spec.control,
+            salt=spec.salt,
+            primary_metric=spec.primary_metric,
+            min_users=int(spec.min_users),
+            allocation=list(message.allocation),
+            created_at=message.created_at.ToDatetime(tzinfo=UTC),
+            updated_at=message.updated_at.ToDatetime(tzinfo=UTC),
+            serving=[
+                {
+                    "arm": s.arm,
+                    "ready": s.ready,
+                    "model_version": s.model.version,
+                    "error": s.error,
+                    "fallbacks": int(s.fallbacks),
+                }
+                for s in message.arms
+            ],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        data["updated_at"] = self.updated_at.isoformat()
         return data
 
 
@@ -419,6 +480,8 @@ class AffinityClient:
             _model(response.model),
             response.recommendation_id,
             _SOURCE_NAMES.get(response.source, ""),
+            response.experiment,
+            response.arm,
         )
 
     def similar_items(
@@ -534,3 +597,75 @@ class AffinityClient:
             responses_deleted=int(response.responses_deleted),
             erased_at=response.erased_at.ToDatetime(tzinfo=UTC),
         )
+
+    # ---------------------------------------------------------- experiments
+    def _admin(self, admin_token: str | None) -> Any:
+        return (("authorization", f"Bearer {admin_token}"),) if admin_token else self._metadata
+
+    def start_experiment(
+        self,
+        name: str,
+        arms: Sequence[tuple[str, str, float] | tuple[str, str, float, bool]],
+        *,
+        control: str = "",
+        salt: str = "",
+        primary_metric: str = "",
+        min_users: int = 0,
+        admin_token: str | None = None,
+        timeout: float | None = None,
+    ) -> ExperimentInfo:
+        """Start experiment ``name`` (an admin RPC) with ``arms`` as ``(name, model, share)``
+        or ``(name, model, 0, True)`` for a shadow arm."""
+        spec = pb.ExperimentSpec(
+            name=name,
+            control=control,
+            salt=salt,
+            primary_metric=primary_metric,
+            min_users=min_users,
+        )
+        for arm in arms:
+            shadow = bool(arm[3]) if len(arm) > 3 else False  # type: ignore[misc]
+            spec.arms.add(name=arm[0], model=arm[1], share=float(arm[2]), shadow=shadow)
+        response = self._stub.StartExperiment(
+            pb.StartExperimentRequest(spec=spec),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._admin(admin_token),
+        )
+        return ExperimentInfo.from_proto(response)
+
+    def update_experiment(
+        self,
+        name: str,
+        shares: Mapping[str, float],
+        *,
+        admin_token: str | None = None,
+        timeout: float | None = None,
+    ) -> ExperimentInfo:
+        """Change the live arms' shares of experiment ``name`` (an admin RPC)."""
+        response = self._stub.UpdateExperiment(
+            pb.UpdateExperimentRequest(name=name, shares=dict(shares)),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._admin(admin_token),
+        )
+        return ExperimentInfo.from_proto(response)
+
+    def stop_experiment(
+        self, name: str, *, admin_token: str | None = None, timeout: float | None = None
+    ) -> ExperimentInfo:
+        """Stop experiment ``name`` (an admin RPC)."""
+        response = self._stub.StopExperiment(
+            pb.StopExperimentRequest(name=name),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._admin(admin_token),
+        )
+        return ExperimentInfo.from_proto(response)
+
+    def experiment(self, name: str, *, timeout: float | None = None) -> ExperimentInfo:
+        """Experiment ``name`` as stored, with its arms' models on the answering worker."""
+        response = self._call(self._stub.GetExperiment, pb.GetExperimentRequest(name=name), timeout)
+        return ExperimentInfo.from_proto(response)
+
+    def experiments(self, *, timeout: float | None = None) -> list[ExperimentInfo]:
+        """Every experiment, running or stopped, oldest first."""
+        response = self._call(self._stub.ListExperiments, pb.ListExperimentsRequest(), timeout)
+        return [ExperimentInfo.from_proto(e) for e in response.experiments]

@@ -126,6 +126,12 @@ class ServeSettings(BaseSettings):
     )
     """How often each worker reads the events and erasures other workers stored."""
 
+    experiment_poll_seconds: float = Field(
+        2.0, validation_alias="AFFINITY_EXPERIMENT_POLL_SECONDS", gt=0, le=600
+    )
+    """How often each worker reads the event store's running experiment (service/experiments.py):
+    a started, changed or stopped experiment reaches every worker within this time."""
+
     live_window_days: float = Field(7.0, validation_alias="AFFINITY_LIVE_WINDOW_DAYS", gt=0)
     """Events received this long ago at most are loaded at start-up; retrain at least as often."""
 

@@ -129,6 +129,8 @@ class EventSide:
                 servicer.live = self.live
                 servicer.recorder = self.recorder
                 servicer.events = GroupCommit(store)
+                if servicer.experiments is not None:
+                    servicer.experiments.attach(store)
             self.store = store  # last: whoever sees it sees everything attached
 
     def close(self) -> None:
@@ -137,6 +139,9 @@ class EventSide:
         if self._retry is not None:
             self._retry.join(timeout=10)
         with self._lock:
+            servicer = self._servicer
+            if servicer is not None and servicer.experiments is not None:
+                servicer.experiments.stop()
             if self.recorder is not None:
                 self.recorder.stop()
             if self.live is not None:

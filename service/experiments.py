@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy import insert, select, update
 
-from models.errors import AffinityError, InvalidInputError
+from models.errors import ConflictError, InvalidInputError, NotFoundError
 from service.events import EXPERIMENTS, MAX_ID, EventStore
 
 BUCKETS = 10_000
@@ -41,20 +41,31 @@ users who converted, and revenue per user."""
 RUNNING, STOPPED = "running", "stopped"
 
 
-class ExperimentError(AffinityError):
+class ExperimentError(ConflictError):
     """An experiment request that conflicts with the stored state (FAILED_PRECONDITION)."""
 
 
-class ExperimentNotFound(AffinityError):
+class ExperimentNotFound(NotFoundError):
     """No experiment of that name (NOT_FOUND)."""
 
 
-def bucket(user_id: str, salt: str) -> int:
-    """The user's bucket in ``[0, BUCKETS)``: stable across processes and Python versions."""
+def salt_key(salt: str) -> bytes:
+    """The hash key of ``salt`` (any length: keyed BLAKE2b takes at most 64 bytes)."""
+    return hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=32).digest()
+
+
+def bucket_of(user_id: str, key: bytes) -> int:
+    """The bucket in ``[0, BUCKETS)`` of ``user_id`` under a :func:`salt_key`; stable across
+    processes, hosts and Python versions (keyed BLAKE2b, not Python's salted ``hash``)."""
     digest = hashlib.blake2b(
-        user_id.encode("utf-8", "surrogatepass"), digest_size=8, key=salt.encode("utf-8")[:64]
+        user_id.encode("utf-8", "surrogatepass"), digest_size=8, key=key
     ).digest()
     return int.from_bytes(digest, "big") % BUCKETS
+
+
+def bucket(user_id: str, salt: str) -> int:
+    """The user's bucket in ``[0, BUCKETS)`` under ``salt``."""
+    return bucket_of(user_id, salt_key(salt))
 
 
 class Arm(BaseModel):
@@ -263,6 +274,12 @@ class ExperimentBook:
     def __init__(self, store: EventStore) -> None:
         self.store = store
 
+    def _write(self) -> Any:
+        """A write transaction that takes the database's write lock up front (``BEGIN
+        IMMEDIATE`` on SQLite): a read-then-write transaction would otherwise fail at once,
+        instead of waiting, when another writer (the response recorder) holds the lock."""
+        return self.store.engine.execution_options(affinity_write=True).begin()
+
     def _row(self, conn: Any, name: str) -> Any:
         return (
             conn.execute(select(EXPERIMENTS).where(EXPERIMENTS.c.name == name)).mappings().first()
@@ -294,7 +311,7 @@ class ExperimentBook:
         """Store and run a new experiment (or run a stopped one of the same name again with this
         configuration, keeping its buckets where the shares allow)."""
         now = datetime.now(UTC)
-        with self.store.engine.begin() as conn:
+        with self._write() as conn:
             other = (
                 conn.execute(select(EXPERIMENTS.c.name).where(EXPERIMENTS.c.status == RUNNING))
                 .scalars()
@@ -336,7 +353,7 @@ class ExperimentBook:
 
     def set_shares(self, name: str, shares: dict[str, float]) -> Experiment:
         """Change the live arms' shares of a running experiment, moving the fewest users."""
-        with self.store.engine.begin() as conn:
+        with self._write() as conn:
             row = self._row(conn, name)
             if row is None:
                 raise ExperimentNotFound(f"no experiment named {name!r}")
@@ -369,7 +386,7 @@ class ExperimentBook:
 
     def stop(self, name: str) -> Experiment:
         """Stop ``name``: every worker goes back to the champion alone; its records stay."""
-        with self.store.engine.begin() as conn:
+        with self._write() as conn:
             row = self._row(conn, name)
             if row is None:
                 raise ExperimentNotFound(f"no experiment named {name!r}")

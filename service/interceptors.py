@@ -19,6 +19,7 @@ import grpc
 
 from models.errors import (
     AffinityError,
+    ConflictError,
     InvalidInputError,
     ModelTooLargeError,
     NotFoundError,
@@ -49,6 +50,7 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StoreError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 
@@ -200,7 +202,10 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
         return _wrap_unary(continuation, handler_call_details, limited)
 
 
-ADMIN_METHODS = frozenset({f"{SERVICE_PREFIX}DeleteUser"})
+ADMIN_METHODS = frozenset(
+    f"{SERVICE_PREFIX}{name}"
+    for name in ("DeleteUser", "StartExperiment", "UpdateExperiment", "StopExperiment")
+)
 """Methods that need the admin token; the read token is refused on them."""
 
 

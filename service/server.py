@@ -33,6 +33,7 @@ from service.config import ServeSettings, load_settings
 from service.cpus import pin_worker
 from service.event_side import EventSide
 from service.events import EventStore, GroupCommit
+from service.experiment_router import ExperimentRouter
 from service.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from service.health import HealthServicer
 from service.interceptors import (
@@ -135,7 +136,13 @@ def create_server(
         # Other workers and hosts record answers every fraction of a second: sweep after that.
         erasure_sweep_seconds=1.0,
         rules=RuleResolver(RuleDefaults.from_settings(settings), max_ids=settings.max_ids),
+        experiments=ExperimentRouter(settings, holder),
     )
+    if store is not None:
+        # Experiments live in the event store: follow its running one (the caller stops the
+        # router with servicer.experiments.stop(); EventSide does when it closes).
+        assert servicer.experiments is not None
+        servicer.experiments.attach(store)
     if on_servicer is not None:
         on_servicer(servicer)
     add_to_server(servicer, server)

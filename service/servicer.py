@@ -34,6 +34,12 @@ from service.events import (
     Status,
     count_outcomes,
 )
+from service.experiment_router import ExperimentRouter, Routing
+from service.experiments import (
+    Experiment,
+    ExperimentBook,
+    parse_config,
+)
 from service.interceptors import SERVICE, DeadlineExceededError
 from service.live import LiveActivity, UserActivity
 from service.loader import LoadedModel, ModelHolder
@@ -47,6 +53,10 @@ NO_FILTER = ItemFilter()
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count()
+
+
+SHADOW = "shadow"
+"""The recorded ``method`` of a shadow arm's list (ranked, recorded, never shown)."""
 
 
 def new_recommendation_id() -> str:
@@ -152,7 +162,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     showed feed the rotation rule); with ``recorder``, every answer is recorded for attribution,
     with its items' reasons and its exploration's seed and day; ``DeleteUser`` erases a user from
     ``events``' store. ``rules`` resolves each list's ranking rules from the server's defaults and
-    the request's ``RankingRules`` (default: none).
+    the request's ``RankingRules`` (default: none). ``experiments`` routes each user of a running
+    experiment to their arm's model (service/experiment_router.py).
     """
 
     def __init__(
@@ -167,8 +178,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         recorder: ResponseRecorder | None = None,
         erasure_sweep_seconds: float = 1.0,
         rules: RuleResolver | None = None,
+        experiments: ExperimentRouter | None = None,
     ) -> None:
         self.holder = holder
+        self.experiments = experiments
         self.rules = rules if rules is not None else RuleResolver(max_ids=max_ids)
         self.max_k = max_k
         self.max_ids = max_ids
@@ -261,6 +274,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         rec_id: str,
         user_id: str | None = None,
         rules: Rules | None = None,
+        experiment: str | None = None,
+        arm: str | None = None,
     ) -> None:
         _source_counter(method, str(recs.source)).inc()
         recorder = self.recorder
@@ -287,6 +302,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     reasons=reasons.tolist() if reasons is not None and reasons.any() else None,
                     exploration_seed=exploration.seed if exploration is not None else None,
                     exploration_day=exploration.day if exploration is not None else None,
+                    experiment=experiment,
+                    arm=arm,
                     at=at,
                 )
         if not logger.isEnabledFor(logging.INFO):
@@ -313,7 +330,65 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._check_ids(
             recent_item_ids=request.recent_item_ids, exclude_item_ids=request.exclude_item_ids
         )
-        loaded = self.holder.get()
+        router = self.experiments
+        routing = router.routing if router is not None else None
+        if routing is None:  # the common case: one attribute read
+            loaded = self.holder.get()
+            recs, rules = self._user_list(request, loaded)
+            rec_id = new_recommendation_id()
+            self._record("Recommend", loaded, recs, rec_id, request.user_id, rules)
+            return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id)
+        arm = routing.arm_for(request.user_id)
+        loaded = routing.serving(arm, self.holder)
+        recs, rules = self._user_list(request, loaded)
+        rec_id = new_recommendation_id()
+        self._record(
+            "Recommend", loaded, recs, rec_id, request.user_id, rules, routing.name, arm.name
+        )
+        if routing.shadows:
+            self._shadow(routing, request)
+        return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id, arm.wire)
+
+    def _shadow(self, routing: Routing, request: pb.RecommendRequest) -> None:
+        """Rank ``request`` with each shadow arm's model and record the list (never shown, so
+        it neither counts as an impression nor feeds rotation). A shadow failure is logged and
+        counted, never the caller's error."""
+        recorder = self.recorder
+        for arm in routing.shadows:
+            loaded = arm.holder.current
+            if loaded is None:
+                arm.fell_back(routing.name)
+                continue
+            try:
+                recs, rules = self._user_list(request, loaded)
+            except Exception as exc:
+                arm.fell_back(routing.name)
+                logger.warning("shadow arm %s could not rank: %s", arm.name, exc)
+                continue
+            if recorder is None:
+                continue
+            meta = loaded.meta
+            reasons = recs.reasons
+            exploration = rules.exploration if rules is not None else None
+            recorder.record(
+                new_recommendation_id(),
+                SHADOW,
+                request.user_id,
+                recs.item_ids,
+                recs.source.value,
+                meta.name,
+                meta.version,
+                reasons=reasons.tolist() if reasons is not None and reasons.any() else None,
+                exploration_seed=exploration.seed if exploration is not None else None,
+                exploration_day=exploration.day if exploration is not None else None,
+                experiment=routing.name,
+                arm=arm.name,
+            )
+
+    def _user_list(
+        self, request: pb.RecommendRequest, loaded: LoadedModel
+    ) -> tuple[Recommendations, Rules | None]:
+        """``request``'s list from ``loaded``'s model, with the user's live events and rules."""
         item_filter = self._filter(request.filter, loaded)
         recent = list(request.recent_item_ids)
         disliked: list[str] = []
@@ -336,9 +411,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             as_unknown=as_unknown,
             rules=rules,
         )
-        rec_id = new_recommendation_id()
-        self._record("Recommend", loaded, recs, rec_id, request.user_id, rules)
-        return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id)
+        return recs, rules
 
     def SimilarItems(self, request: pb.SimilarItemsRequest, context: grpc.ServicerContext) -> bytes:
         """A serialized ``SimilarItemsResponse``."""
@@ -478,6 +551,109 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         response.erased_at.FromDatetime(erasure.erased_at)
         return response
 
+    # ---------------------------------------------------------- experiments
+    def _book(self) -> ExperimentBook:
+        store = self.store
+        if store is None:
+            raise NotReadyError("this server has no event store: experiments live there")
+        return ExperimentBook(store)
+
+    def _experiment_message(self, experiment: Experiment) -> pb.Experiment:
+        config = experiment.config
+        message = pb.Experiment(
+            spec=pb.ExperimentSpec(
+                name=config.name,
+                arms=[
+                    pb.ExperimentArm(name=a.name, model=a.model, share=a.share, shadow=a.shadow)
+                    for a in config.arms
+                ],
+                control=config.control,
+                salt=config.salt,
+                primary_metric=config.primary_metric,
+                min_users=config.min_users,
+            ),
+            status=experiment.status,
+            revision=experiment.revision,
+            allocation=[f"{arm}:{start}-{end}" for start, end, arm in config.allocation],
+        )
+        message.created_at.FromDatetime(experiment.created_at)
+        message.updated_at.FromDatetime(experiment.updated_at)
+        router = self.experiments
+        routing = router.routing if router is not None else None
+        if routing is not None and routing.name == experiment.name:
+            for arm in (*routing.live, *routing.shadows):
+                loaded = arm.holder.current
+                state = message.arms.add(
+                    arm=arm.name,
+                    ready=loaded is not None,
+                    error=arm.error,
+                    fallbacks=arm.fallbacks,
+                )
+                if loaded is not None:
+                    state.model.CopyFrom(loaded.meta.ref)
+        return message
+
+    def StartExperiment(
+        self, request: pb.StartExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        """Validate, store and run an experiment; this worker follows it at once, the others
+        within their poll interval."""
+        self._start(context)
+        spec = request.spec
+        data: dict[str, object] = {
+            "name": spec.name,
+            "arms": [
+                {"name": a.name, "model": a.model, "share": a.share, "shadow": a.shadow}
+                for a in spec.arms
+            ],
+        }
+        for key in ("control", "salt", "primary_metric"):
+            if getattr(spec, key):
+                data[key] = getattr(spec, key)
+        if spec.min_users:
+            data["min_users"] = spec.min_users
+        config = parse_config(data)
+        if self.experiments is not None:
+            self.experiments.check_models(config)
+        experiment = self._book().start(config)
+        self._follow()
+        return self._experiment_message(experiment)
+
+    def UpdateExperiment(
+        self, request: pb.UpdateExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        self._start(context)
+        experiment = self._book().set_shares(request.name, dict(request.shares))
+        self._follow()
+        return self._experiment_message(experiment)
+
+    def StopExperiment(
+        self, request: pb.StopExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        self._start(context)
+        experiment = self._book().stop(request.name)
+        self._follow()
+        return self._experiment_message(experiment)
+
+    def GetExperiment(
+        self, request: pb.GetExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.Experiment:
+        self._start(context)
+        return self._experiment_message(self._book().get(request.name))
+
+    def ListExperiments(
+        self, request: pb.ListExperimentsRequest, context: grpc.ServicerContext
+    ) -> pb.ListExperimentsResponse:
+        self._start(context)
+        return pb.ListExperimentsResponse(
+            experiments=[self._experiment_message(e) for e in self._book().list()]
+        )
+
+    def _follow(self) -> None:
+        """Have this worker pick up a changed experiment now (the others poll for it)."""
+        if self.experiments is not None:
+            self.experiments.wake()
+
 
 def _erased_for(activity: UserActivity, loaded: LoadedModel) -> bool:
     """Whether the serving model still holds an erased user (trained before the erasure)."""
@@ -539,6 +715,18 @@ def add_to_server(servicer: RecommenderServicer, server: grpc.Server) -> None:
         request_deserializer=pb.DeleteUserRequest.FromString,
         response_serializer=pb.DeleteUserResponse.SerializeToString,
     )
+    for name, request_type, response_type in (
+        ("StartExperiment", pb.StartExperimentRequest, pb.Experiment),
+        ("UpdateExperiment", pb.UpdateExperimentRequest, pb.Experiment),
+        ("StopExperiment", pb.StopExperimentRequest, pb.Experiment),
+        ("GetExperiment", pb.GetExperimentRequest, pb.Experiment),
+        ("ListExperiments", pb.ListExperimentsRequest, pb.ListExperimentsResponse),
+    ):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     # Looked up by method name without the generic handlers' search (missing from grpc's stubs).
     server.add_registered_method_handlers(SERVICE, handlers)  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ from protos.affinity.v1 import recommender_pb2 as pb
 
 SCORED_ITEM_FIELDS = ("item_id", "score", "item_type", "category", "reason")
 """The ``ScoredItem`` fields the encoder writes, in the order it writes them."""
-RECOMMEND_FIELDS = ("items", "source", "model", "recommendation_id")
+RECOMMEND_FIELDS = ("items", "source", "model", "recommendation_id", "experiment", "arm")
 """The ``RecommendResponse`` fields the encoder writes."""
 LISTING_FIELDS = ("items", "model", "recommendation_id")
 """The fields written of ``SimilarItemsResponse`` and ``PopularResponse`` (one encoding)."""
@@ -65,7 +65,7 @@ def _tag(number: int, wire_type: int) -> bytes:
 _ITEM_ID, _ITEM_SCORE, _ITEM_TYPE, _ITEM_CATEGORY, _ITEM_REASON = _numbers(
     pb.ScoredItem, SCORED_ITEM_FIELDS
 )
-_ITEMS, _RECOMMEND_SOURCE, _RECOMMEND_MODEL, _RECOMMEND_ID = _numbers(
+_ITEMS, _RECOMMEND_SOURCE, _RECOMMEND_MODEL, _RECOMMEND_ID, _EXPERIMENT, _ARM = _numbers(
     pb.RecommendResponse, RECOMMEND_FIELDS
 )
 _, _LISTING_MODEL, _LISTING_ID = _numbers(pb.SimilarItemsResponse, LISTING_FIELDS)
@@ -83,6 +83,11 @@ def length_delimited(number: int, payload: bytes) -> bytes:
 def _string(number: int, value: str) -> bytes:
     """A proto3 string field; an empty string is left out, as protobuf does."""
     return length_delimited(number, value.encode()) if value else b""
+
+
+def experiment_fields(experiment: str, arm: str) -> bytes:
+    """A ``RecommendResponse``'s ``experiment`` and ``arm`` fields (encoded once per arm)."""
+    return _string(_EXPERIMENT, experiment) + _string(_ARM, arm)
 
 
 class ListingEncoder:
@@ -158,13 +163,17 @@ class ListingEncoder:
             append(tail)
         return parts
 
-    def recommend(self, recs: Recommendations, source: int, recommendation_id: str) -> bytes:
-        """A serialized ``RecommendResponse``."""
+    def recommend(
+        self, recs: Recommendations, source: int, recommendation_id: str, experiment: bytes = b""
+    ) -> bytes:
+        """A serialized ``RecommendResponse``; ``experiment``: :func:`experiment_fields` of the
+        user's arm while an experiment runs."""
         parts = self._items(recs)
         if source:
             parts.append(_tag(_RECOMMEND_SOURCE, 0) + _varint(source))
         parts.append(self._recommend_model)
         parts.append(_string(_RECOMMEND_ID, recommendation_id))
+        parts.append(experiment)
         return b"".join(parts)
 
     def listing(self, recs: Recommendations, recommendation_id: str) -> bytes:

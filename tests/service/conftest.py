@@ -30,6 +30,7 @@ from service.client import AffinityClient
 from service.config import ServeSettings
 from service.loader import LoadedModel, ModelHolder, ModelMeta
 from service.server import create_server
+from service.servicer import RecommenderServicer
 
 N_USERS, N_ITEMS, CLUSTER_ITEMS = 60, 40, 20
 MODEL_NAME = "affinity"
@@ -130,12 +131,23 @@ def loaded_model(pipeline: RankingPipeline, version: str = "") -> LoadedModel:
 @contextlib.contextmanager
 def running(settings: ServeSettings, holder: ModelHolder, **kwargs: Any) -> Iterator[int]:
     """Start a real server on a free port; yields the port and stops the server afterwards."""
-    server, port = create_server(settings, holder, **kwargs)
+    servicers: list[RecommenderServicer] = []
+    given = kwargs.pop("on_servicer", None)
+
+    def keep(servicer: RecommenderServicer) -> None:
+        servicers.append(servicer)
+        if given is not None:
+            given(servicer)
+
+    server, port = create_server(settings, holder, on_servicer=keep, **kwargs)
     server.start()
     try:
         yield port
     finally:
         server.stop(None).wait()
+        for servicer in servicers:
+            if servicer.experiments is not None:
+                servicer.experiments.stop()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from service.wire import (
     RECOMMEND_FIELDS,
     SCORED_ITEM_FIELDS,
     ListingEncoder,
+    experiment_fields,
 )
 
 from .conftest import build_bundle, loaded_model
@@ -72,6 +73,12 @@ def test_recommend_bytes_are_the_message_protobuf_builds(pipeline: RankingPipeli
         assert encoded == expected.SerializeToString()
         # The pieces cached on the first call give the same bytes again.
         assert encoder.recommend(recs, SOURCES[recs.source], rec_id) == encoded
+        # During an experiment the arm's two fields follow, as protobuf writes them.
+        expected.experiment, expected.arm = "spring-test", "challenger"
+        arm = experiment_fields("spring-test", "challenger")
+        assert encoder.recommend(recs, SOURCES[recs.source], rec_id, arm) == (
+            expected.SerializeToString()
+        )
 
 
 def test_similar_and_popular_bytes_are_the_messages_protobuf_builds(

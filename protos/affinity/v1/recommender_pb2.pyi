@@ -160,16 +160,20 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "source", "model", "recommendation_id")
+    __slots__ = ("items", "source", "model", "recommendation_id", "experiment", "arm")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RECOMMENDATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     source: Source
     model: ModelRef
     recommendation_id: str
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., source: _Optional[_Union[Source, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., recommendation_id: _Optional[str] = ...) -> None: ...
+    experiment: str
+    arm: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., source: _Optional[_Union[Source, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., recommendation_id: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_ids", "k", "exclude_item_ids", "filter", "rules")
@@ -308,3 +312,106 @@ class DeleteUserResponse(_message.Message):
     responses_deleted: int
     erased_at: _timestamp_pb2.Timestamp
     def __init__(self, events_deleted: _Optional[int] = ..., responses_deleted: _Optional[int] = ..., erased_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExperimentArm(_message.Message):
+    __slots__ = ("name", "model", "share", "shadow")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    share: float
+    shadow: bool
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., share: _Optional[float] = ..., shadow: _Optional[bool] = ...) -> None: ...
+
+class ExperimentSpec(_message.Message):
+    __slots__ = ("name", "arms", "control", "salt", "primary_metric", "min_users")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_METRIC_FIELD_NUMBER: _ClassVar[int]
+    MIN_USERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    arms: _containers.RepeatedCompositeFieldContainer[ExperimentArm]
+    control: str
+    salt: str
+    primary_metric: str
+    min_users: int
+    def __init__(self, name: _Optional[str] = ..., arms: _Optional[_Iterable[_Union[ExperimentArm, _Mapping]]] = ..., control: _Optional[str] = ..., salt: _Optional[str] = ..., primary_metric: _Optional[str] = ..., min_users: _Optional[int] = ...) -> None: ...
+
+class ArmState(_message.Message):
+    __slots__ = ("arm", "model", "ready", "error", "fallbacks")
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    arm: str
+    model: ModelRef
+    ready: bool
+    error: str
+    fallbacks: int
+    def __init__(self, arm: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., ready: _Optional[bool] = ..., error: _Optional[str] = ..., fallbacks: _Optional[int] = ...) -> None: ...
+
+class Experiment(_message.Message):
+    __slots__ = ("spec", "status", "revision", "created_at", "updated_at", "allocation", "arms")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    spec: ExperimentSpec
+    status: str
+    revision: int
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    allocation: _containers.RepeatedScalarFieldContainer[str]
+    arms: _containers.RepeatedCompositeFieldContainer[ArmState]
+    def __init__(self, spec: _Optional[_Union[ExperimentSpec, _Mapping]] = ..., status: _Optional[str] = ..., revision: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocation: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[_Union[ArmState, _Mapping]]] = ...) -> None: ...
+
+class StartExperimentRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: ExperimentSpec
+    def __init__(self, spec: _Optional[_Union[ExperimentSpec, _Mapping]] = ...) -> None: ...
+
+class UpdateExperimentRequest(_message.Message):
+    __slots__ = ("name", "shares")
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shares: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., shares: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class StopExperimentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetExperimentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListExperimentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListExperimentsResponse(_message.Message):
+    __slots__ = ("experiments",)
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
+    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,31 @@ class RecommenderStub:
                 request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/affinity.v1.Recommender/StartExperiment',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.UpdateExperiment = channel.unary_unary(
+                '/affinity.v1.Recommender/UpdateExperiment',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.UpdateExperimentRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.StopExperiment = channel.unary_unary(
+                '/affinity.v1.Recommender/StopExperiment',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.StopExperimentRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/affinity.v1.Recommender/GetExperiment',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/affinity.v1.Recommender/ListExperiments',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -115,6 +140,44 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExperiment(self, request, context):
+        """Admin: starts a live experiment (at most one runs at a time: FAILED_PRECONDITION while
+        another does). Stored in the event store; every worker follows it within
+        AFFINITY_EXPERIMENT_POLL_SECONDS. Starting a stopped experiment again keeps its users' arms.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateExperiment(self, request, context):
+        """Admin: changes the live arms' shares of an experiment, moving only the users it must.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopExperiment(self, request, context):
+        """Admin: stops an experiment; every user gets the served model again. Its records stay for
+        its report (`affinity experiment report`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """An experiment's configuration, status and, on the worker that answers, each arm's model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """Every experiment, running or stopped, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +210,31 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.DeleteUser,
                     request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserRequest.FromString,
                     response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserResponse.SerializeToString,
+            ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.StartExperimentRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.SerializeToString,
+            ),
+            'UpdateExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateExperiment,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.UpdateExperimentRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.SerializeToString,
+            ),
+            'StopExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopExperiment,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.StopExperimentRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.GetExperimentRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +399,141 @@ class Recommender:
             '/affinity.v1.Recommender/DeleteUser',
             protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
             protos_dot_affinity_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/StartExperiment',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.StartExperimentRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/UpdateExperiment',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.UpdateExperimentRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/StopExperiment',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.StopExperimentRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/GetExperiment',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.GetExperimentRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/ListExperiments',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
