@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from affinity import train_events
+from affinity import segments, train_events
 from models.errors import AffinityError
 from service import cli as service_cli
 from training import cli as training_cli
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     service_cli.register_cli(subparsers)
     # train --events reads the service's event store: composed here, where both sides meet.
     train_events.add_events_option(subparsers.choices["train"])
+    # segments reads logs (training's loader) and writes to the event store: both sides.
+    segments.register_cli(subparsers)
     return parser
 
 

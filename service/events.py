@@ -518,6 +518,41 @@ ERASURES = Table(
 )
 """Users erased on request (``DeleteUser``) and when: every worker forgets them, and training
 drops their older rows from log files too."""
+USER_SEGMENTS = Table(
+    "user_segments",
+    _metadata,
+    Column("user_id", String(MAX_ID), primary_key=True),
+    Column("stage", String(32), nullable=False),
+    Column("stage_since", UTCDateTime(), nullable=False),
+    Column("tier", String(64), nullable=False),
+    Column("recency_score", Integer, nullable=False),
+    Column("frequency_score", Integer, nullable=False),
+    Column("monetary_score", Integer, nullable=False),
+    Column("recency_days", Integer, nullable=False),
+    Column("frequency", Integer, nullable=False),
+    Column("monetary", Float, nullable=False),
+    Column("first_seen", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime(), nullable=False),
+    Column("activated_at", UTCDateTime(), nullable=True),
+    Column("as_of", UTCDateTime(), nullable=False),
+    Column("computed_at", UTCDateTime(), nullable=False),
+    Index("ix_user_segments_stage", "stage"),
+    Index("ix_user_segments_tier", "tier"),
+)
+"""Each user's lifecycle stage and value tier as of the last ``affinity segments``
+(affinity/segments.py, models/lifecycle.py): replaced whole by each computation, so an erased
+user is gone from it after the next one."""
+SEGMENT_HISTORY = Table(
+    "segment_history",
+    _metadata,
+    Column("as_of", UTCDateTime(), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("users", Integer, nullable=False),
+    Column("computed_at", UTCDateTime(), nullable=False),
+)
+"""How many users each stage (``kind`` ``stage``) and tier (``tier``) held at each computation's
+reference time: the sizes over time."""
 
 
 def _migration_1_events(conn: Connection) -> None:
@@ -603,11 +638,48 @@ def _migration_4_experiments(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_responses_experiment ON responses (experiment, arm)"))
 
 
+def _migration_5_segments(conn: Connection) -> None:
+    """Users' lifecycle stages and value tiers, and the segment sizes over time."""
+    snapshot = MetaData()
+    Table(
+        "user_segments",
+        snapshot,
+        Column("user_id", String(MAX_ID), primary_key=True),
+        Column("stage", String(32), nullable=False),
+        Column("stage_since", UTCDateTime(), nullable=False),
+        Column("tier", String(64), nullable=False),
+        Column("recency_score", Integer, nullable=False),
+        Column("frequency_score", Integer, nullable=False),
+        Column("monetary_score", Integer, nullable=False),
+        Column("recency_days", Integer, nullable=False),
+        Column("frequency", Integer, nullable=False),
+        Column("monetary", Float, nullable=False),
+        Column("first_seen", UTCDateTime(), nullable=False),
+        Column("last_seen", UTCDateTime(), nullable=False),
+        Column("activated_at", UTCDateTime(), nullable=True),
+        Column("as_of", UTCDateTime(), nullable=False),
+        Column("computed_at", UTCDateTime(), nullable=False),
+        Index("ix_user_segments_stage", "stage"),
+        Index("ix_user_segments_tier", "tier"),
+    )
+    Table(
+        "segment_history",
+        snapshot,
+        Column("as_of", UTCDateTime(), primary_key=True),
+        Column("kind", String(16), primary_key=True),
+        Column("name", String(64), primary_key=True),
+        Column("users", Integer, nullable=False),
+        Column("computed_at", UTCDateTime(), nullable=False),
+    )
+    snapshot.create_all(conn)
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _migration_1_events,
     _migration_2_responses_erasures,
     _migration_3_response_reasons,
     _migration_4_experiments,
+    _migration_5_segments,
 )
 """The schema's history: step ``i`` (from 0) takes a database from version ``i`` to ``i + 1``."""
 LATEST_VERSION = len(MIGRATIONS)
@@ -785,9 +857,9 @@ class EventStore:
             return int(conn.execute(select(func.count()).select_from(EVENTS)).scalar_one())
 
     def delete_user(self, user_id: str, *, now: datetime | None = None) -> Erasure:
-        """Erase ``user_id``: their events and recorded responses go, in one transaction, and
-        the erasure is kept (``erasures``) so every worker forgets the user and training drops
-        their older rows from log files. Returns what was removed."""
+        """Erase ``user_id``: their events, recorded responses and segment go, in one
+        transaction, and the erasure is kept (``erasures``) so every worker forgets the user
+        and training drops their older rows from log files. Returns what was removed."""
         user_id = _checked_user(user_id)
         erased_at = (now or datetime.now(UTC)).astimezone(UTC)
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
@@ -800,6 +872,8 @@ class EventStore:
             responses = conn.execute(
                 delete(RESPONSES).where(RESPONSES.c.user_id == user_id)
             ).rowcount
+            # Their stage and tier are personal data too (affinity segments).
+            conn.execute(delete(USER_SEGMENTS).where(USER_SEGMENTS.c.user_id == user_id))
             conn.execute(upsert)
         logger.info(
             "erased user: %d events and %d responses removed",

@@ -212,3 +212,16 @@ def register(subparsers: Any, run_client: Any, connection_options: Any) -> None:
     show.add_argument("name", nargs="?")
     connection_options(show)
     show.set_defaults(func=run_client(status))
+
+    from service.experiment_report import add_report_arguments
+
+    report = actions.add_parser(
+        "report",
+        help="compare the arms with the control (user-level 95% intervals) and decide",
+        description="Per arm: users, answers, click-through rate, conversion and revenue per "
+        "user with 95% intervals computed at the user level, each arm's difference from the "
+        "control, and the promotion decision; recorded as an MLflow run unless --no-mlflow. "
+        "With --promote-when-better the champion alias moves to the challenger only when the "
+        "primary metric's interval excludes zero in its favour after --min-users users.",
+    )
+    add_report_arguments(report)

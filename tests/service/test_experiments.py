@@ -598,3 +598,23 @@ def test_the_cli_starts_shows_changes_and_stops_an_experiment(
         assert "NAME=MODEL:SHARE" in capsys.readouterr().err
         assert main(["experiment", "stop", "cli-test", *base]) != 0
         assert "admin-token" in capsys.readouterr().err
+
+
+def test_every_server_on_the_store_follows_an_experiment_another_one_started(
+    registry: dict[str, str], tmp_path: Path
+) -> None:
+    store_path = tmp_path / "events.db"
+    with (
+        fleet(registry, tmp_path / "a", store_path) as (first, _, _),
+        fleet(registry, tmp_path / "b", store_path) as (second, _, _),
+    ):
+        first.start_experiment(
+            "shared",
+            [("champion", "champion", 0.5), ("challenger", "challenger", 0.5)],
+            admin_token=ADMIN,
+        )
+        # The other server learns of it by polling the store (experiment_poll_seconds).
+        _wait_for(lambda: second.recommend("u01", k=3).experiment == "shared")
+        assert arms_of(second, USERS[:100]) == arms_of(first, USERS[:100])
+        second.stop_experiment("shared", admin_token=ADMIN)
+        _wait_for(lambda: first.recommend("u01", k=3).experiment == "")
