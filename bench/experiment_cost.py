@@ -42,7 +42,7 @@ import numpy as np
 from bench import common
 from bench.common import SIZES, log
 from bench.live import RECOMMEND, RESULTS, model_artifact, pinned_cpus, sqlite_store, user_ids
-from bench.loadgen import WARMUP_SECONDS, LoadResult, LoadSpec, format_table, merge, run_load
+from bench.loadgen import LoadResult, alternate, format_table
 
 VARIANTS = ("none", "ab", "shadow")
 
@@ -147,22 +147,17 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
             v: check_arms(port, mix[: args.check_users], v) for v, (port, _) in servers.items()
         }
         log(f"arms over {args.check_users} users: {report['arms']}")
-        slice_seconds = args.duration / args.rounds + WARMUP_SECONDS
+        targets = {v: f"grpc://127.0.0.1:{port}/{RECOMMEND}" for v, (port, _) in servers.items()}
         for c in args.concurrency:
-            slices: dict[str, list[LoadResult]] = {v: [] for v in args.variants}
-            for _ in range(args.rounds):
-                for variant, (port, _) in servers.items():
-                    spec = LoadSpec(
-                        target=f"grpc://127.0.0.1:{port}/{RECOMMEND}",
-                        payloads=bodies,
-                        duration=slice_seconds,
-                        concurrency=c,
-                        processes=args.client_processes,
-                    )
-                    slices[variant].append(run_load(spec, variant))
-            for parts in slices.values():
-                results.append(merge(parts))
-                r = results[-1]
+            for r in alternate(
+                targets,
+                bodies,
+                concurrency=c,
+                duration=args.duration,
+                rounds=args.rounds,
+                processes=args.client_processes,
+            ):
+                results.append(r)
                 log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
         report["resident_mib"] = {v: resident_mib(proc) for v, (_, proc) in servers.items()}
     report["results"] = [r.to_json() for r in results]

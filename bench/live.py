@@ -55,7 +55,7 @@ import numpy as np
 
 from bench import common
 from bench.common import SIZES, log, tiny_artifact
-from bench.loadgen import WARMUP_SECONDS, LoadResult, LoadSpec, format_table, merge, run_load
+from bench.loadgen import LoadResult, alternate, format_table
 from service.cpus import available_cpus, format_cpu_list
 
 RECOMMEND = "affinity.v1.Recommender/Recommend"
@@ -645,25 +645,20 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if "on" in ports and "off" in ports:
             report["live_lists_differ"] = lists_differ(ports["on"], ports["off"], live_users[:100])
             log(f"live users' lists differ on / off: {report['live_lists_differ']:.0%}")
-        slice_seconds = args.duration / args.rounds + WARMUP_SECONDS
         results: list[LoadResult] = []
         recorded_before = {v: count_rows(uris[v], "responses") for v in args.variants}
         counters_before = {v: scrape(metrics[v]) for v in args.variants}
+        targets = {VARIANTS[v][0]: grpc_target.format(ports[v]) for v in args.variants}
         for c in args.concurrency:
-            slices: dict[str, list[LoadResult]] = {v: [] for v in args.variants}
-            for _ in range(args.rounds):
-                for variant in args.variants:
-                    spec = LoadSpec(
-                        target=grpc_target.format(ports[variant]),
-                        payloads=bodies,
-                        duration=slice_seconds,
-                        concurrency=c,
-                        processes=args.client_processes,
-                    )
-                    slices[variant].append(run_load(spec, VARIANTS[variant][0]))
-            for parts in slices.values():
-                results.append(merge(parts))
-                r = results[-1]
+            for r in alternate(
+                targets,
+                bodies,
+                concurrency=c,
+                duration=args.duration,
+                rounds=args.rounds,
+                processes=args.client_processes,
+            ):
+                results.append(r)
                 log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
         time.sleep(1.0)  # the recorder writes every 0.2 s
         report["during_run"] = {}

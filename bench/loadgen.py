@@ -337,3 +337,33 @@ def format_table(results: list[LoadResult]) -> str:
             f"| {r.p99_ms:.2f} | {r.max_ms:.1f} | {errors} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def alternate(
+    targets: dict[str, str],
+    payloads: list[bytes],
+    *,
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    processes: int = 1,
+) -> list[LoadResult]:
+    """The same closed-loop load on each of ``targets`` (label -> ``grpc://HOST:PORT/METHOD``)
+    in alternating slices (a, b, c, a, b, c, ...), ``duration`` seconds per target split over
+    ``rounds`` slices, each pooled into one result per label, in ``targets``' order.
+
+    Background load on a shared machine comes and goes; taking turns puts it on every target
+    alike, so the ratios between them hold even when the absolute numbers move.
+    """
+    slices: dict[str, list[LoadResult]] = {label: [] for label in targets}
+    for _ in range(rounds):
+        for label, target in targets.items():
+            spec = LoadSpec(
+                target=target,
+                payloads=payloads,
+                duration=duration / rounds + WARMUP_SECONDS,
+                concurrency=concurrency,
+                processes=processes,
+            )
+            slices[label].append(run_load(spec, label))
+    return [merge(parts) for parts in slices.values()]

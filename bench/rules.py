@@ -61,7 +61,7 @@ from bench.live import (
     sqlite_store,
     user_ids,
 )
-from bench.loadgen import WARMUP_SECONDS, LoadResult, LoadSpec, format_table, merge, run_load
+from bench.loadgen import LoadResult, alternate, format_table
 
 CAP, MMR, BOOST, PROMOTION_SHARE = 3, 0.2, 1.5, 0.1
 """The rule mix of ``on``: what a product team might switch on first."""
@@ -330,22 +330,17 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if ("on", None) in ports and ("off", None) in ports:
             report["check"] = check_lists(ports["on", None], ports["off", None], mix[:200])
             log(f"lists on / off: {report['check']}")
-        slice_seconds = args.duration / args.rounds + WARMUP_SECONDS
+        targets = {labels[server]: target.format(ports[server]) for server in servers}
         for c in args.concurrency:
-            slices: dict[tuple[str, Path | None], list[LoadResult]] = {s: [] for s in servers}
-            for _ in range(args.rounds):
-                for server in servers:
-                    spec = LoadSpec(
-                        target=target.format(ports[server]),
-                        payloads=bodies,
-                        duration=slice_seconds,
-                        concurrency=c,
-                        processes=args.client_processes,
-                    )
-                    slices[server].append(run_load(spec, labels[server]))
-            for parts in slices.values():
-                results.append(merge(parts))
-                r = results[-1]
+            for r in alternate(
+                targets,
+                bodies,
+                concurrency=c,
+                duration=args.duration,
+                rounds=args.rounds,
+                processes=args.client_processes,
+            ):
+                results.append(r)
                 log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
     report["results"] = [r.to_json() for r in results]
     report["ratios"] = {
