@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -34,7 +35,8 @@ from service.experiments import (
     Experiment,
     ExperimentBook,
     ExperimentConfig,
-    bucket_of,
+    bucket_with,
+    keyed_hasher,
     salt_key,
 )
 from service.loader import LoadedModel, ModelHolder, ModelLoader
@@ -130,7 +132,8 @@ class Routing:
     """A running experiment as one worker serves it (immutable; replaced whole)."""
 
     experiment: Experiment
-    key: bytes
+    hasher: Any
+    """The salt's keyed hasher (service/experiments.py ``keyed_hasher``)."""
     arm_of_bucket: bytes
     """The index into :attr:`live` of every bucket's arm."""
     live: tuple[ArmRoute, ...]
@@ -142,7 +145,7 @@ class Routing:
 
     def arm_for(self, user_id: str) -> ArmRoute:
         """The arm of ``user_id``: one keyed hash and two lookups."""
-        return self.live[self.arm_of_bucket[bucket_of(user_id, self.key)]]
+        return self.live[self.arm_of_bucket[bucket_with(user_id, self.hasher)]]
 
     def serving(self, arm: ArmRoute, main: ModelHolder) -> LoadedModel:
         """The model that answers ``arm``'s users now: its own, or the served one (counted)."""
@@ -266,7 +269,8 @@ class ExperimentRouter:
         of_bucket = bytearray(BUCKETS)
         for start, end, name in config.allocation:
             of_bucket[start:end] = bytes([index[name]]) * (end - start)
-        return Routing(experiment, salt_key(config.salt), bytes(of_bucket), live, shadows)
+        hasher = keyed_hasher(salt_key(config.salt))
+        return Routing(experiment, hasher, bytes(of_bucket), live, shadows)
 
     def _route(self, config: ExperimentConfig, arm: Arm, counts: dict[str, int]) -> ArmRoute:
         uri = arm_uri(self.settings, arm.model)

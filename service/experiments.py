@@ -63,6 +63,18 @@ def bucket_of(user_id: str, key: bytes) -> int:
     return int.from_bytes(digest, "big") % BUCKETS
 
 
+def keyed_hasher(key: bytes) -> Any:
+    """A keyed BLAKE2b ready for :func:`bucket_with` (copying it skips the key setup)."""
+    return hashlib.blake2b(digest_size=8, key=key)
+
+
+def bucket_with(user_id: str, hasher: Any) -> int:
+    """:func:`bucket_of` with a :func:`keyed_hasher` of the same key (the request path)."""
+    h = hasher.copy()
+    h.update(user_id.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "big") % BUCKETS
+
+
 def bucket(user_id: str, salt: str) -> int:
     """The user's bucket in ``[0, BUCKETS)`` under ``salt``."""
     return bucket_of(user_id, salt_key(salt))

@@ -41,8 +41,11 @@ from service.experiments import (
     ExperimentBook,
     ExperimentError,
     bucket,
+    bucket_with,
+    keyed_hasher,
     parse_config,
     reallocate,
+    salt_key,
 )
 from service.loader import ModelHolder, ModelLoader
 from service.recorder import ResponseRecorder
@@ -97,6 +100,9 @@ def test_a_users_bucket_is_the_same_in_every_process_and_release() -> None:
     # Pinned: a change to the hash would move every running experiment's users.
     assert [bucket(u, "spring") for u in ("user-42", "u00", "")] == [7778, 869, 8338]
     assert bucket("user-42", "spring") != bucket("user-42", "autumn")  # the salt reshuffles
+    # The request path's prepared hasher gives the same buckets.
+    hasher = keyed_hasher(salt_key("spring"))
+    assert all(bucket_with(f"u{i}", hasher) == bucket(f"u{i}", "spring") for i in range(500))
 
 
 def test_shares_split_users_in_proportion() -> None:
