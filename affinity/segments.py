@@ -12,8 +12,10 @@ them: every row at or before the erasure, logs included. The command then
    over order events (``value`` alone where a row has no price);
 2. assigns stages (with the previous computation's stages, for ``reactivated`` and
    ``stage_since``), RFM scores and tiers;
-3. replaces the store's ``user_segments`` and adds this reference time's sizes to
-   ``segment_history``, in one transaction;
+3. replaces the store's ``user_segments`` (with each user's profile aggregates, read by
+   ``GetUserProfile``: :func:`profiles`) and adds this reference time's sizes to
+   ``segment_history`` and the computation's score cut points to ``segment_runs``, in one
+   transaction;
 4. writes ``--out DIR/user_segments.parquet`` (and the transitions), and
 5. records an MLflow run: counts per stage and tier as metrics, the transition matrix since the
    previous computation (CSV and JSON) and three plots (PNG).
@@ -47,9 +49,11 @@ from models.lifecycle import (
     DAY_SECONDS,
     STAGES,
     Activity,
+    RfmCutPoints,
     SegmentsConfig,
     assign_stages,
     assign_tiers,
+    rfm_cut_points,
     rfm_scores,
 )
 
@@ -153,8 +157,8 @@ class Rows:
 
 @dataclass
 class Inputs:
-    """The usable rows of every input: ``user_id``, ``event``, ``timestamp`` (unix seconds),
-    ``value`` and ``price`` (NaN: none), and what became of the others."""
+    """The usable rows of every input: ``user_id``, ``item_id``, ``event``, ``timestamp`` (unix
+    seconds), ``value`` and ``price`` (NaN: none), and what became of the others."""
 
     frame: pd.DataFrame
     rows: Rows
@@ -194,6 +198,7 @@ def read_logs(
     out = pd.DataFrame(
         {
             "user_id": frame["user_id"].astype("str").to_numpy(dtype=object),
+            "item_id": frame["item_id"].astype("str").to_numpy(dtype=object),
             "event": frame["event"].astype("str").to_numpy(dtype=object),
             "timestamp": frame["timestamp"].to_numpy(dtype=np.int64),
             "value": frame["value"].to_numpy(dtype=np.float64),
@@ -395,6 +400,7 @@ def read_store_events(store: EventStore, erasures: Mapping[str, datetime]) -> In
     import pandas as pd
 
     users: list[str] = []
+    items: list[str] = []
     events: list[str] = []
     stamps: list[float] = []
     values: list[float] = []
@@ -402,6 +408,7 @@ def read_store_events(store: EventStore, erasures: Mapping[str, datetime]) -> In
     for batch in store.iter_events():
         for row in batch:
             users.append(row["user_id"])
+            items.append(row["item_id"])
             events.append(row["event"])
             stamps.append(row["ts"].timestamp())
             values.append(float(row["value"]))
@@ -410,6 +417,7 @@ def read_store_events(store: EventStore, erasures: Mapping[str, datetime]) -> In
     frame = pd.DataFrame(
         {
             "user_id": np.asarray(users, dtype=object),
+            "item_id": np.asarray(items, dtype=object),
             "event": np.asarray(events, dtype=object),
             "timestamp": np.floor(np.asarray(stamps, dtype=np.float64)).astype(np.int64),
             "value": np.asarray(values, dtype=np.float64),
@@ -452,6 +460,9 @@ class Aggregates:
     activated_at: np.ndarray
     frequency: np.ndarray
     monetary: np.ndarray
+    used: pd.DataFrame | None = field(default=None, repr=False)
+    """The rows aggregated (for the profiles), and each one's user as an index of ``user_id``."""
+    codes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def recency_days(self) -> np.ndarray:
@@ -520,6 +531,8 @@ def aggregate(inputs: Inputs, config: SegmentsConfig, as_of: float | None) -> Ag
         activated_at=activated,
         frequency=frequency,
         monetary=monetary,
+        used=usable,
+        codes=codes,
     )
 
 
@@ -590,6 +603,112 @@ def transition_matrix(previous: pd.DataFrame | None, current: pd.DataFrame) -> p
     return matrix.astype(np.int64)
 
 
+# --- profiles -------------------------------------------------------------------------------
+
+PROFILE_VERSION = 1
+"""The shape of ``user_segments.profile`` (docs/segments.md, "Profiles")."""
+PROFILE_DAYS = 90
+"""Active days are kept for the last this many UTC days up to ``as_of``'s (the longest window a
+profile reports: later days come from the events after ``as_of``)."""
+RECENT_ITEMS = 10
+"""The most recent distinct items kept per user."""
+TOP_ITEMS = 100
+"""Without a catalog: the items a user interacted with most, kept to be mapped to categories and
+types by the served model's catalog when the profile is read."""
+NOT_TASTE = frozenset({"dislike"})
+"""Events that say what a user does not want: counted, but not their items' categories, types
+or recent items."""
+
+
+def profiles(agg: Aggregates, catalog: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """Each user's profile aggregates (in ``agg.user_id`` order) over the rows aggregated:
+
+    - ``events``: events by name (``ignored_events`` are not among the rows);
+    - ``days``: the distinct UTC day numbers (``floor(ts / 86400)``) with an event among the last
+      :data:`PROFILE_DAYS` days ending with ``as_of``'s, ascending;
+    - ``categories`` and ``types``: interactions (dislikes left out) by the catalog's category
+      and item type of their item (items the catalog lacks or leaves blank are not listed),
+      when ``catalog`` is given; else ``items``: the :data:`TOP_ITEMS` items with the most
+      interactions (ties: item id), for the server to map with its model's catalog;
+    - ``recent``: the :data:`RECENT_ITEMS` most recent distinct items as ``[item_id, unix
+      seconds]`` (each item's latest interaction), newest first (ties: item id).
+    """
+    import pandas as pd
+
+    assert agg.used is not None and agg.codes is not None
+    n = len(agg.user_id)
+    out: list[dict[str, Any]] = [
+        {"v": PROFILE_VERSION, "events": {}, "days": [], "recent": []} for _ in range(n)
+    ]
+    codes = agg.codes
+    used = agg.used
+    ts = used["timestamp"].to_numpy(dtype=np.int64)
+    event = used["event"].to_numpy(dtype=object)
+    rows = pd.DataFrame({"u": codes, "event": event})
+    counted = rows.groupby(["u", "event"], sort=False).size().reset_index(name="n")
+    counted = counted.sort_values(["u", "n", "event"], ascending=[True, False, True])
+    for u, name, k in zip(
+        counted["u"].tolist(), counted["event"].tolist(), counted["n"].tolist(), strict=True
+    ):
+        out[u]["events"][name] = k
+    day = ts // int(DAY_SECONDS)
+    first_day = int(agg.as_of // DAY_SECONDS) - PROFILE_DAYS + 1
+    recent_days = pd.DataFrame({"u": codes, "d": day})[day >= first_day].drop_duplicates()
+    recent_days = recent_days.sort_values(["u", "d"])
+    for u, d in zip(recent_days["u"].tolist(), recent_days["d"].tolist(), strict=True):
+        out[u]["days"].append(d)
+    taste = ~pd.Series(event).isin(NOT_TASTE).to_numpy(dtype=bool)
+    items = used["item_id"].astype("str").to_numpy(dtype=object)[taste]
+    owner, when = codes[taste], ts[taste]
+    if catalog is not None:
+        index = pd.Index(catalog["item_id"].astype("str"))
+        pos = index.get_indexer(pd.Index(items))
+        for key, column in (("categories", "category"), ("types", "item_type")):
+            names = np.full(len(items), "", dtype=object)
+            found = pos >= 0
+            names[found] = catalog[column].astype("str").to_numpy(dtype=object)[pos[found]]
+            _count_into(out, key, owner, names)
+    else:
+        _count_into(out, "items", owner, items, limit=TOP_ITEMS)
+    latest = (
+        pd.DataFrame({"u": owner, "item": items, "t": when})
+        .groupby(["u", "item"], sort=False)["t"]
+        .max()
+        .reset_index()
+        .sort_values(["u", "t", "item"], ascending=[True, False, True])
+    )
+    latest = latest[latest.groupby("u").cumcount() < RECENT_ITEMS]
+    for u, item, t in zip(
+        latest["u"].tolist(), latest["item"].tolist(), latest["t"].tolist(), strict=True
+    ):
+        out[u]["recent"].append([item, t])
+    return out
+
+
+def _count_into(
+    out: list[dict[str, Any]],
+    key: str,
+    owner: np.ndarray,
+    names: np.ndarray,
+    limit: int | None = None,
+) -> None:
+    """``out[u][key]``: each user's rows by name, most first (ties: name), blanks left out."""
+    import pandas as pd
+
+    for profile in out:
+        profile[key] = {}
+    frame = pd.DataFrame({"u": owner, "name": names})
+    frame = frame[frame["name"] != ""]
+    counted = frame.groupby(["u", "name"], sort=False).size().reset_index(name="n")
+    counted = counted.sort_values(["u", "n", "name"], ascending=[True, False, True])
+    if limit is not None:
+        counted = counted[counted.groupby("u").cumcount() < limit]
+    for u, name, k in zip(
+        counted["u"].tolist(), counted["name"].tolist(), counted["n"].tolist(), strict=True
+    ):
+        out[u][key][name] = k
+
+
 # --- the store ------------------------------------------------------------------------------
 
 
@@ -630,12 +749,16 @@ def write_segments(
     config: SegmentsConfig,
     as_of: float,
     computed_at: datetime,
+    user_profiles: Sequence[Mapping[str, Any]] | None = None,
+    cuts: RfmCutPoints | None = None,
 ) -> None:
-    """Replace ``user_segments`` with ``table`` and record this reference time's sizes in
-    ``segment_history``, in one transaction."""
+    """Replace ``user_segments`` with ``table`` (and each user's profile aggregates, in
+    ``table``'s order), record this reference time's sizes in ``segment_history`` and the
+    computation (its configuration and score cut points) in ``segment_runs``, in one
+    transaction."""
     from sqlalchemy import delete, insert
 
-    from service.events import SEGMENT_HISTORY, USER_SEGMENTS
+    from service.events import SEGMENT_HISTORY, SEGMENT_RUNS, USER_SEGMENTS
 
     as_of_dt = datetime.fromtimestamp(as_of, UTC)
     columns: dict[str, list[Any]] = {
@@ -646,6 +769,10 @@ def write_segments(
     columns["monetary"] = table["monetary"].to_numpy(dtype=np.float64).tolist()
     for name in ("stage_since", "first_seen", "last_seen", "activated_at"):
         columns[name] = [_when(v) for v in table[name].to_numpy(dtype=np.float64).tolist()]
+    if user_profiles is not None:
+        if len(user_profiles) != len(table):
+            raise ValueError(f"{len(user_profiles)} profiles for {len(table)} users")
+        columns["profile"] = list(user_profiles)
     fixed = {"as_of": as_of_dt, "computed_at": computed_at}
     records = [
         {**dict(zip(columns, values, strict=True)), **fixed}
@@ -663,6 +790,20 @@ def write_segments(
             conn.execute(insert(USER_SEGMENTS), records[start : start + _BATCH])
         conn.execute(delete(SEGMENT_HISTORY).where(SEGMENT_HISTORY.c.as_of == as_of_dt))
         conn.execute(insert(SEGMENT_HISTORY), history)
+        if cuts is not None:
+            conn.execute(delete(SEGMENT_RUNS).where(SEGMENT_RUNS.c.as_of == as_of_dt))
+            conn.execute(
+                insert(SEGMENT_RUNS),
+                [
+                    {
+                        "as_of": as_of_dt,
+                        "computed_at": computed_at,
+                        "users": len(table),
+                        "config": config.model_dump(mode="json"),
+                        "cut_points": cuts.to_json(),
+                    }
+                ],
+            )
 
 
 def read_history(store: EventStore) -> pd.DataFrame:
@@ -849,8 +990,10 @@ def run_segments(
     quarantine_path: Path | None = None,
     mlflow_run: bool = True,
     progress: Any = None,
+    items: Path | None = None,
 ) -> SegmentsResult:
-    """Compute, store, export and log every user's stage and tier (the module docstring)."""
+    """Compute, store, export and log every user's stage and tier (the module docstring), and
+    their profile aggregates (categories and types from the ``items`` catalog when given)."""
     from service.events import EventStore, events_uri
 
     say = progress or (lambda message: None)
@@ -861,6 +1004,11 @@ def run_segments(
             field="interactions",
         )
     uri = store_uri or events_uri()
+    catalog = None
+    if items is not None:
+        from training.data import load_catalog
+
+        catalog = load_catalog(items)
     computed_at = datetime.now(UTC)
     with EventStore.open(uri) as store:
         erasures = store.erasures()
@@ -884,7 +1032,10 @@ def run_segments(
             )
         table = compute(agg, config, previous)
         matrix = transition_matrix(previous if len(previous) else None, table)
-        write_segments(store, table, config, agg.as_of, computed_at)
+        say(f"profiles of {len(table):,} users")
+        cuts = rfm_cut_points(table["recency_days"], table["frequency"], table["monetary"])
+        user_profiles = profiles(agg, catalog)
+        write_segments(store, table, config, agg.as_of, computed_at, user_profiles, cuts)
         history = read_history(store)
     result = SegmentsResult(
         as_of=agg.as_of,
@@ -1040,6 +1191,7 @@ def cmd_segments(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         quarantine_path=args.quarantine,
         progress=progress,
+        items=args.items,
     )
     summary = result.to_json()
     if args.json:
@@ -1091,6 +1243,15 @@ def register_cli(subparsers: Any) -> None:
         "--events",
         action="store_true",
         help="also read the event store's events (--store)",
+    )
+    parser.add_argument(
+        "--items",
+        type=Path,
+        default=None,
+        metavar="CATALOG",
+        help="item catalog (.csv or .parquet, as for 'affinity train --items'): the profiles "
+        "count each user's categories and item types by it (without one, the server maps "
+        "each user's most used items with its model's catalog)",
     )
     parser.add_argument(
         "--store",

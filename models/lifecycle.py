@@ -467,3 +467,134 @@ def _same_length(**arrays: Any) -> None:
         raise InvalidInputError(
             f"per-user arrays of unequal lengths: {detail}", field=next(iter(lengths))
         )
+
+
+# --- scoring one user against a stored population -------------------------------------------
+
+
+@dataclass(frozen=True)
+class CutPoints:
+    """Where one measure's score steps up in a population: score ``s`` (2..5) is reached at
+    ``thresholds[s - 2] = (value, closed)``: by every value above ``value``, and by ``value``
+    itself when ``closed``. Built by :func:`cut_points`; scored by :meth:`score`."""
+
+    thresholds: tuple[tuple[float, bool], ...]
+
+    def score(self, value: float) -> int:
+        """The score of ``value`` in the population these cut points came from: a member's
+        value scores exactly what :func:`quantile_scores` gave it; a value no member has scores
+        by the share of the population below it (``ceil(5 * below / n)``, at least 1), so a
+        value above every member's scores 5 and one below every member's 1."""
+        x = float(value)
+        if math.isnan(x):
+            raise InvalidInputError("scores need numbers: got NaN", field="value")
+        return 1 + sum(1 for t, closed in self.thresholds if x > t or (closed and x == t))
+
+    def to_json(self) -> list[list[float | bool]]:
+        return [[t, closed] for t, closed in self.thresholds]
+
+    @classmethod
+    def from_json(cls, data: Any) -> CutPoints:
+        """From :meth:`to_json`'s list; raises :class:`InvalidInputError` for another shape."""
+        try:
+            pairs = tuple((float(t), bool(c)) for t, c in data)
+        except (TypeError, ValueError):
+            raise InvalidInputError(
+                f"cut points: not a list of [value, closed] pairs: {data!r}"
+            ) from None
+        if len(pairs) != SCORE_BINS - 1:
+            raise InvalidInputError(f"cut points: {SCORE_BINS - 1} pairs expected, got {data!r}")
+        return cls(pairs)
+
+
+def cut_points(values: ArrayLike, bins: int = SCORE_BINS) -> CutPoints:
+    """The cut points of a population's ``values`` (higher value, higher score), consistent
+    with :func:`quantile_scores`: ``cut_points(v).score(v[i]) == quantile_scores(v)[i]``.
+
+    Over the real line the score is a step function, monotone in the value: at a member value
+    ``u`` it is ``ceil(bins * (below + equal / 2) / n)`` (the tie rule), and between ``u`` and
+    the next member value ``ceil(bins * (below + equal) / n)`` (no member to share a tie with).
+    Each step's first point is kept, and whether it is a member value (closed) or just past one
+    (open). An empty population has no cut points: every value scores 1 ... 5 as if it were
+    alone, i.e. 3 (the middle, as :func:`quantile_scores` scores a population of one)."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n and np.isnan(x).any():
+        raise InvalidInputError("scores need numbers: got NaN", field="values")
+    if n == 0:
+        middle = (bins + 1) // 2
+        return CutPoints(
+            tuple(
+                (-math.inf, True) if s <= middle else (math.inf, False) for s in range(2, bins + 1)
+            )
+        )
+    distinct, counts = np.unique(x, return_counts=True)
+    cum = np.cumsum(counts).astype(np.int64)
+    below = cum - counts
+    at_value = (bins * (2 * below + counts) + 2 * n - 1) // (2 * n)
+    past_value = (bins * (2 * cum) + 2 * n - 1) // (2 * n)
+    # Interleaved in value order: at u0, past u0, at u1, past u1, ... (monotone).
+    steps = np.empty(2 * len(distinct), dtype=np.int64)
+    steps[0::2], steps[1::2] = at_value, past_value
+    thresholds = []
+    for s in range(2, bins + 1):
+        k = int(np.searchsorted(steps, s, side="left"))  # the first point scoring >= s
+        thresholds.append((float(distinct[k // 2]), k % 2 == 0))
+    return CutPoints(tuple(thresholds))
+
+
+@dataclass(frozen=True)
+class RfmCutPoints:
+    """The cut points of a computation's recency (on ``-recency_days``: fewer days score
+    higher), frequency and monetary value; stored with it (``segment_runs``)."""
+
+    recency: CutPoints
+    frequency: CutPoints
+    monetary: CutPoints
+
+    def score(self, recency_days: float, frequency: float, monetary: float) -> tuple[int, int, int]:
+        """One user's (R, F, M) scores against the population (see :meth:`CutPoints.score`)."""
+        return (
+            self.recency.score(-float(recency_days)),
+            self.frequency.score(frequency),
+            self.monetary.score(monetary),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "recency_negated_days": self.recency.to_json(),
+            "frequency": self.frequency.to_json(),
+            "monetary": self.monetary.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RfmCutPoints:
+        return cls(
+            recency=CutPoints.from_json(data["recency_negated_days"]),
+            frequency=CutPoints.from_json(data["frequency"]),
+            monetary=CutPoints.from_json(data["monetary"]),
+        )
+
+
+def rfm_cut_points(
+    recency_days: ArrayLike, frequency: ArrayLike, monetary: ArrayLike
+) -> RfmCutPoints:
+    """The cut points of the population :func:`rfm_scores` scores (same arguments)."""
+    _same_length(recency=recency_days, frequency=frequency, monetary=monetary)
+    return RfmCutPoints(
+        recency=cut_points(-np.asarray(recency_days, dtype=np.float64)),
+        frequency=cut_points(frequency),
+        monetary=cut_points(monetary),
+    )
+
+
+def tier_of(r: int, f: int, m: int, config: SegmentsConfig) -> str:
+    """One user's tier from their scores (the first matching rule, else ``default_tier``)."""
+    for rule in config.tiers:
+        if (
+            rule.r[0] <= r <= rule.r[1]
+            and rule.f[0] <= f <= rule.f[1]
+            and rule.m[0] <= m <= rule.m[1]
+        ):
+            return rule.name
+    return config.default_tier

@@ -52,6 +52,7 @@ from .vocabulary import MISSING, Vocabulary
 
 if TYPE_CHECKING:
     from .rules import Rules
+    from .strategies import Strategy, StrategyStages
 
 
 class Source(enum.StrEnum):
@@ -135,6 +136,7 @@ class ListRequest:
         "kind",
         "recent",
         "rules",
+        "strategy",
         "user",
     )
 
@@ -151,6 +153,7 @@ class ListRequest:
         include_seen: bool = False,
         disliked: np.ndarray = _NO_ITEMS,
         rules: Rules | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.kind = kind
         self.k = k
@@ -172,6 +175,9 @@ class ListRequest:
         # An exploration's clock is read once here, so every stage sees the same day and ages.
         self.rules = rules if rules is None else rules.settled()
         """The ranking rules of this list (:class:`models.rules.Rules`); None: none."""
+        self.strategy = strategy
+        """The lifecycle-stage strategy of this list (:mod:`models.strategies`); None: the
+        plain ranking."""
         self.beyond: Beyond | None = None
         """Items step 1 found beyond this list's candidates in the same search, for its first
         stage (see :meth:`RankingPipeline.candidates`); set by the pipeline."""
@@ -381,6 +387,8 @@ class RankingPipeline:
         from .rules import RuleStages  # models.rules builds on this module
 
         self._rules = RuleStages(self)
+        # The lifecycle-stage strategies' stages, built for the first request that carries one.
+        self._strategies: StrategyStages | None = None
         catalog = catalog if catalog is not None else ItemCatalog.empty(n_items)
         self.catalog = catalog
         self.popularity = np.asarray(popularity, dtype=np.float32)
@@ -718,12 +726,58 @@ class RankingPipeline:
         between the stages of the request's rules, if it has any (checked and planned once
         per ``Rules`` object, :meth:`models.rules.RuleStages.plan`)."""
         own = self._own_stages_for(request)
+        if request.strategy is not None:
+            own = own + self.strategy_stages(request.strategy)
         if request.rules is None:
             return own
         plan = self._rules.plan(request.rules)
         if not plan.stages:
             return own
         return plan.before + own + plan.after if own else plan.stages
+
+    def strategy_stages(self, strategy: Strategy) -> tuple[RerankStage, ...]:
+        """The stages of a lifecycle-stage ``strategy`` on this pipeline (built once)."""
+        context = self._strategies
+        if context is None:
+            from .strategies import StrategyStages  # models.strategies builds on this module
+
+            context = self._strategies = StrategyStages(self)
+        return context.stages(strategy)
+
+    def user_items(self, request: ListRequest) -> tuple[np.ndarray, np.ndarray]:
+        """The items ``request``'s user has (their row of the model's matrix, if the model
+        knows them, then the request's recent items) and each one's confidence (float64)."""
+        parts, weights = [], []
+        user = request.user
+        if user != MISSING:
+            start, end = self._seen.indptr[user], self._seen.indptr[user + 1]
+            parts.append(np.asarray(self._seen.indices[start:end], dtype=np.int64))
+            weights.append(np.asarray(self._seen.data[start:end], dtype=np.float64))
+        if len(request.recent):
+            parts.append(np.asarray(request.recent, dtype=np.int64))
+            weights.append(np.full(len(request.recent), self._recent_weight, dtype=np.float64))
+        if not parts:
+            return _NO_ITEMS, np.empty(0, dtype=np.float64)
+        items, where = np.unique(np.concatenate(parts), return_inverse=True)
+        return items, np.bincount(where, weights=np.concatenate(weights), minlength=len(items))
+
+    def popular_candidates(
+        self,
+        request: ListRequest,
+        n: int,
+        *,
+        within: ItemFilter | ItemMask | None = None,
+        trending: bool = False,
+        skip: np.ndarray = _NO_ITEMS,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` most popular (or trending) items ``request`` may get (its filters and
+        blocked items, as step 2 applies them), also passing ``within``, never any of ``skip``:
+        where a stage wants popular items of its own, whoever the user is."""
+        flt: FilterKey = request.item_filter if within is None else (request.item_filter, within)
+        blocked = self._blocked(request)
+        if len(skip):
+            blocked = np.concatenate([blocked, np.asarray(skip, dtype=np.int64)])
+        return self._popular(n, self.candidate_mask(flt), blocked, trending=trending)
 
     def _own_stages_for(self, request: ListRequest) -> tuple[RerankStage, ...]:
         if len(self._always) == len(self.stages):
@@ -969,6 +1023,7 @@ class RankingPipeline:
         allowed: np.ndarray | None = None,
         item_filter: ItemFilter = NO_FILTER,
         rules: Rules | None = None,
+        strategy: Strategy | None = None,
     ) -> np.ndarray:
         """The item ids of :meth:`rank` for many users at once, ``(len(users), k)``, ``-1``
         where nothing is left to recommend: offline evaluation and the promotion gate.
@@ -977,8 +1032,9 @@ class RankingPipeline:
         interactions a ``MISSING`` user is folded in from (rows of trained users are ignored);
         row ``i`` of ``exclude`` the items user ``i`` must not get; ``allowed`` (a mask over
         items) restricts the candidates further, like ``item_filter``; ``rules`` apply to every
-        row. A trained user's list is the same as :meth:`rank` gives for that user, whose scores
-        it computes the same way. (A rule that looks beyond the candidates, a promotion or an
+        row, and so does a lifecycle-stage ``strategy`` (:mod:`models.strategies`). A trained
+        user's list is the same as :meth:`rank` gives for that user, whose scores it computes
+        the same way. (A rule that looks beyond the candidates, a promotion or an
         exploration, folds a ``MISSING`` user in from the items of its history row, each with
         the weight :meth:`rank` gives a recent item.)
         """
@@ -1005,9 +1061,11 @@ class RankingPipeline:
             mask = mask & allowed
         blocked = self._blocked_rows(users, known, history, exclude, include_seen)
         per_slot = self._per_slot
-        if rules is not None:
-            rules = rules.settled()  # one clock for every row
-            stages = self._stages_for(ListRequest(ListKind.USER, k, rules=rules))  # checks them
+        if rules is not None or strategy is not None:
+            if rules is not None:
+                rules = rules.settled()  # one clock for every row
+            probe = ListRequest(ListKind.USER, k, rules=rules, strategy=strategy)
+            stages = self._stages_for(probe)  # checks the rules
             per_slot = max((s.candidates_per_slot for s in stages), default=1)
         n = min(k * per_slot, self.n_items)
         if self._index is not None:
@@ -1027,9 +1085,9 @@ class RankingPipeline:
                 ids[row], scores[row] = -1, NEG_INF
                 ids[row, : len(got)], scores[row, : len(got)] = got, got_scores
         final = np.zeros(n_rows, dtype=bool)  # rows whose stages made the whole list
-        if rules is not None:
+        if rules is not None or strategy is not None:
             ids, final = self._rerank_rule_rows(
-                ids, scores, users, k, rules, blocked, history, item_filter, allowed
+                ids, scores, users, k, rules, blocked, history, item_filter, allowed, strategy
             )
         elif self.stages:
             ids = self._rerank_rows(ids, scores, users, k)
@@ -1148,16 +1206,17 @@ class RankingPipeline:
         scores: np.ndarray,
         users: np.ndarray,
         k: int,
-        rules: Rules,
+        rules: Rules | None,
         blocked: sp.csr_matrix,
         history: sp.csr_matrix | None,
         item_filter: ItemFilter,
         allowed: np.ndarray | None,
+        strategy: Strategy | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_rerank_rows` for rows ranked with ``rules``: each row's request carries what
-        :meth:`rank` would know of it (its blocked items, its history to fold in), so stages
-        that look beyond the candidates find the same items. Also returns the rows whose stages
-        made the whole list (no backfill after them)."""
+        """:meth:`_rerank_rows` for rows ranked with ``rules`` (or a ``strategy``): each row's
+        request carries what :meth:`rank` would know of it (its blocked items, its history to
+        fold in), so stages that look beyond the candidates find the same items. Also returns
+        the rows whose stages made the whole list (no backfill after them)."""
         out = np.full((len(ids), k), -1, dtype=np.int64)
         final = np.zeros(len(ids), dtype=bool)
         outside = _NO_ITEMS if allowed is None else np.flatnonzero(~allowed)
@@ -1178,6 +1237,7 @@ class RankingPipeline:
                 item_filter=item_filter,
                 include_seen=True,  # the seen items are in the row's blocked items already
                 rules=rules,
+                strategy=strategy,
             )
             keep = ids[row] >= 0
             row_ids, row_scores = ids[row][keep], scores[row][keep]
@@ -1221,6 +1281,7 @@ class RankingPipeline:
         disliked_item_ids: Sequence[str] = (),
         as_unknown: bool = False,
         rules: Rules | None = None,
+        strategy: Strategy | None = None,
     ) -> Recommendations:
         """Personalized top ``k`` for ``user_id``, with fold-in and popular fallbacks.
 
@@ -1228,7 +1289,8 @@ class RankingPipeline:
         neighbours); ``as_unknown`` ranks as if the model had never seen the user (an erased
         user whose row the model still holds): only ``recent_item_ids`` personalize it.
         ``rules`` are the list's ranking rules (:mod:`models.rules`); an exploration draws for
-        ``user_id`` (its :func:`external_user_key`), known to the model or not.
+        ``user_id`` (its :func:`external_user_key`), known to the model or not. ``strategy``:
+        the user's lifecycle-stage strategy (:mod:`models.strategies`; None: plain ranking).
         """
         users, _ = self.vocabularies()
         if rules is not None and rules.exploration is not None:
@@ -1243,6 +1305,7 @@ class RankingPipeline:
             include_seen=include_seen,
             disliked=self._known_items(disliked_item_ids) if disliked_item_ids else _NO_ITEMS,
             rules=rules,
+            strategy=strategy,
         )
         return self._decode(self.rank(request))
 

@@ -1,7 +1,7 @@
 """The service's subcommands of the ``affinity`` command: ``serve`` and the client commands.
 
 :func:`register_cli` adds ``serve``, ``recommend``, ``similar``, ``popular``, ``model-info``,
-``health``, ``events log|export|prune`` and ``users delete`` to an argparse subparsers object;
+``health``, ``events log|export|prune`` and ``users delete|show`` to an argparse subparsers object;
 each sets ``func(args) -> int`` (the exit status). ``events export`` and ``events prune`` open the
 event store themselves (``--events-uri``); the others call a server.
 Errors print a one-line reason to stderr and return non-zero. The command itself is
@@ -56,6 +56,8 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--live-window-days": ("live_window_days", float, {"metavar": "DAYS"}),
     "--live-poll-seconds": ("live_poll_seconds", float, {"metavar": "S"}),
     "--experiment-poll-seconds": ("experiment_poll_seconds", float, {"metavar": "S"}),
+    "--stage-strategies": ("stage_strategies", str, {"metavar": "off|default|JSON"}),
+    "--stage-poll-seconds": ("stage_poll_seconds", float, {"metavar": "S"}),
     "--dislike-weight": ("dislike_weight", float, {"metavar": "W"}),
     "--rules-max-per-category": ("rules_max_per_category", int, {"metavar": "N"}),
     "--rules-mmr": ("rules_mmr", float, {"metavar": "X"}),
@@ -352,6 +354,41 @@ def _delete_user(client: AffinityClient, args: argparse.Namespace) -> int:
             f"erased user {args.user_id!r}: {result.events_deleted} events and "
             f"{result.responses_deleted} recorded responses deleted"
         )
+    return 0
+
+
+def _show_user(client: AffinityClient, args: argparse.Namespace) -> int:
+    profile = client.user_profile(args.user_id)
+    if args.json:
+        print(json.dumps(profile.to_dict(), indent=2))
+        return 0
+
+    def when(value: datetime | None) -> str:
+        return value.isoformat().replace("+00:00", "Z") if value is not None else "-"
+
+    def shares(values: dict[str, float]) -> str:
+        return ", ".join(f"{name} {share:.0%}" for name, share in values.items()) or "-"
+
+    p = profile
+    counts = ", ".join(f"{name} {n}" for name, n in p.event_counts.items()) or "-"
+    scored = f"R{p.recency_score} F{p.frequency_score} M{p.monetary_score}"
+    lines = [
+        f"user {p.user_id}",
+        f"  first seen      {when(p.first_seen)}",
+        f"  last seen       {when(p.last_seen)}",
+        f"  active days     {p.active_days_7} of 7, {p.active_days_30} of 30, "
+        f"{p.active_days_90} of 90",
+        f"  events          {counts}",
+        f"  orders          {p.orders}  (monetary {p.monetary:,.2f})",
+        f"  stage           {p.stage} since {when(p.stage_since)}",
+        f"  tier            {p.tier or '(not scored yet)'}  ({scored})",
+        f"  activated       {when(p.activated_at)}",
+        f"  categories      {shares(p.top_categories)}",
+        f"  item types      {shares(p.item_types)}",
+        f"  recent items    {', '.join(p.recent_item_ids) or '-'}",
+        f"  segments as of  {when(p.segments_as_of)}  (+{p.live_events} events since)",
+    ]
+    print("\n".join(lines))
     return 0
 
 
@@ -759,7 +796,25 @@ def register_cli(subparsers: Any) -> None:
     )
     _connection_options(delete)
     delete.set_defaults(func=_run_client(_delete_user))
+    show = user_actions.add_parser(
+        "show",
+        help="a user's profile: activity, value, stage and tier, tastes (GetUserProfile)",
+        description="Show a user's profile: first and last seen, active days in the last 7, "
+        "30 and 90 days, events by type, orders and monetary value, lifecycle stage and since "
+        "when, RFM scores and tier, top categories and item types, the most recent items; "
+        "from the last 'affinity segments' and the events since (docs/segments.md).",
+    )
+    show.add_argument("user_id", metavar="ID", help="the user")
+    _connection_options(show)
+    show.set_defaults(func=_run_client(_show_user))
 
+    from service.console import cli as console_cli
+
+    console_cli.register(subparsers)
     from service import experiment_cli
 
     experiment_cli.register(subparsers, _run_client, _connection_options)
+
+    from service import audience_cli
+
+    audience_cli.register(subparsers, _run_client, _connection_options)

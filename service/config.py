@@ -8,13 +8,16 @@ opens, with a message naming the field and its variable.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.errors import InvalidInputError
 from service.cpus import default_workers, validate_spec
+
+if TYPE_CHECKING:
+    from models.strategies import StrategyConfig
 
 DEFAULT_MODEL_URI = "models:/affinity@champion"
 MAX_CONNECTION_AGE_LIMIT = 2_000_000.0
@@ -131,6 +134,21 @@ class ServeSettings(BaseSettings):
     )
     """How often each worker reads the event store's running experiment (service/experiments.py):
     a started, changed or stopped experiment reaches every worker within this time."""
+
+    stage_strategies: str = Field("off", validation_alias="AFFINITY_STAGE_STRATEGIES")
+    """Lifecycle-stage strategies (``models/strategies.py``): ``off``; ``default``, each stage's
+    measured default (``dormant`` and ``churned``: ``win_back``, the others ``personalized``,
+    ``docs/quality.md``); or a JSON object over
+    those defaults, stage -> strategy (``personalized``, ``new_user``, ``win_back``) and the
+    strategies' settings: ``{"at_risk": "win_back", "new_user": {"new_share": 0.1}}``. On, each
+    worker reads the stages from the event store's ``user_segments`` and ``Recommend`` names the
+    user's stage and strategy."""
+
+    stage_poll_seconds: float = Field(
+        300.0, validation_alias="AFFINITY_STAGE_POLL_SECONDS", gt=0, le=86_400
+    )
+    """How often each worker checks ``user_segments`` for a new ``affinity segments``
+    computation (and reloads the stages when there is one)."""
 
     live_window_days: float = Field(7.0, validation_alias="AFFINITY_LIVE_WINDOW_DAYS", gt=0)
     """Events received this long ago at most are loaded at start-up; retrain at least as often."""
@@ -320,6 +338,17 @@ class ServeSettings(BaseSettings):
             raise ValueError(str(exc).removeprefix("promotion: ")) from None
         return value
 
+    @field_validator("stage_strategies")
+    @classmethod
+    def _stage_strategies(cls, value: str) -> str:
+        from models.strategies import StrategyConfig
+
+        try:
+            StrategyConfig.parse(value, source="stage_strategies")
+        except InvalidInputError as exc:
+            raise ValueError(str(exc).removeprefix("stage_strategies: ")) from None
+        return value
+
     @field_validator("events_uri")
     @classmethod
     def _database_uri(cls, value: str) -> str:
@@ -379,6 +408,13 @@ class ServeSettings(BaseSettings):
     @property
     def extra_event_names(self) -> frozenset[str]:
         return frozenset(n.strip().lower() for n in self.extra_events.split(",") if n.strip())
+
+    @property
+    def strategy_config(self) -> StrategyConfig | None:
+        """The parsed :attr:`stage_strategies`; None when they are off."""
+        from models.strategies import StrategyConfig
+
+        return StrategyConfig.parse(self.stage_strategies, source="stage_strategies")
 
     @property
     def is_registry(self) -> bool:

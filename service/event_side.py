@@ -131,6 +131,8 @@ class EventSide:
                 servicer.events = GroupCommit(store)
                 if servicer.experiments is not None:
                     servicer.experiments.attach(store)
+                if servicer.stages is not None:
+                    servicer.stages.attach(store)
             self.store = store  # last: whoever sees it sees everything attached
 
     def close(self) -> None:
@@ -142,6 +144,8 @@ class EventSide:
             servicer = self._servicer
             if servicer is not None and servicer.experiments is not None:
                 servicer.experiments.stop()
+            if servicer is not None and servicer.stages is not None:
+                servicer.stages.stop()
             if self.recorder is not None:
                 self.recorder.stop()
             if self.live is not None:

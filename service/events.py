@@ -536,6 +536,7 @@ USER_SEGMENTS = Table(
     Column("activated_at", UTCDateTime(), nullable=True),
     Column("as_of", UTCDateTime(), nullable=False),
     Column("computed_at", UTCDateTime(), nullable=False),
+    Column("profile", JSON, nullable=True),
     Index("ix_user_segments_stage", "stage"),
     Index("ix_user_segments_tier", "tier"),
 )
@@ -553,6 +554,39 @@ SEGMENT_HISTORY = Table(
 )
 """How many users each stage (``kind`` ``stage``) and tier (``tier``) held at each computation's
 reference time: the sizes over time."""
+SEGMENT_RUNS = Table(
+    "segment_runs",
+    _metadata,
+    Column("as_of", UTCDateTime(), primary_key=True),
+    Column("computed_at", UTCDateTime(), nullable=False),
+    Column("users", Integer, nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("cut_points", JSON, nullable=False),
+)
+"""Each ``affinity segments`` computation: its configuration and the score cut points of its
+population (a user first seen later is scored against them)."""
+AUDIENCES = Table(
+    "audiences",
+    _metadata,
+    Column("id", _RowId, primary_key=True, autoincrement=True),
+    Column("name", String(MAX_ID), nullable=False),
+    Column("definition", JSON, nullable=False),
+    Column("users", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+"""Recorded audiences (``FindAudience`` with ``record``, ``affinity audience``): the request that
+made each one and its size."""
+AUDIENCE_MEMBERS = Table(
+    "audience_members",
+    _metadata,
+    Column("audience_id", _RowId, primary_key=True),
+    Column("user_id", String(MAX_ID), primary_key=True),
+    Column("score", Float, nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_audience_members_user", "user_id", "created_at"),
+)
+"""Who entered which recorded audience, when: the frequency cap counts a user's rows."""
 
 
 def _migration_1_events(conn: Connection) -> None:
@@ -674,12 +708,56 @@ def _migration_5_segments(conn: Connection) -> None:
     snapshot.create_all(conn)
 
 
+def _migration_6_profiles(conn: Connection) -> None:
+    """Each user's profile aggregates beside their segment, and each computation's score cut
+    points (so a user who arrives later is scored against the same population)."""
+    conn.execute(text("ALTER TABLE user_segments ADD COLUMN profile JSON"))
+    snapshot = MetaData()
+    Table(
+        "segment_runs",
+        snapshot,
+        Column("as_of", UTCDateTime(), primary_key=True),
+        Column("computed_at", UTCDateTime(), nullable=False),
+        Column("users", Integer, nullable=False),
+        Column("config", JSON, nullable=False),
+        Column("cut_points", JSON, nullable=False),
+    )
+    snapshot.create_all(conn)
+
+
+def _migration_7_audiences(conn: Connection) -> None:
+    """Recorded audiences and their members (the frequency cap counts them)."""
+    snapshot = MetaData()
+    Table(
+        "audiences",
+        snapshot,
+        Column("id", _RowId, primary_key=True, autoincrement=True),
+        Column("name", String(MAX_ID), nullable=False),
+        Column("definition", JSON, nullable=False),
+        Column("users", Integer, nullable=False),
+        Column("created_at", UTCDateTime(), nullable=False),
+    )
+    Table(
+        "audience_members",
+        snapshot,
+        Column("audience_id", _RowId, primary_key=True),
+        Column("user_id", String(MAX_ID), primary_key=True),
+        Column("score", Float, nullable=False),
+        Column("rank", Integer, nullable=False),
+        Column("created_at", UTCDateTime(), nullable=False),
+        Index("ix_audience_members_user", "user_id", "created_at"),
+    )
+    snapshot.create_all(conn)
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _migration_1_events,
     _migration_2_responses_erasures,
     _migration_3_response_reasons,
     _migration_4_experiments,
     _migration_5_segments,
+    _migration_6_profiles,
+    _migration_7_audiences,
 )
 """The schema's history: step ``i`` (from 0) takes a database from version ``i`` to ``i + 1``."""
 LATEST_VERSION = len(MIGRATIONS)
@@ -872,8 +950,9 @@ class EventStore:
             responses = conn.execute(
                 delete(RESPONSES).where(RESPONSES.c.user_id == user_id)
             ).rowcount
-            # Their stage and tier are personal data too (affinity segments).
+            # Their stage, tier, profile and audience memberships are personal data too.
             conn.execute(delete(USER_SEGMENTS).where(USER_SEGMENTS.c.user_id == user_id))
+            conn.execute(delete(AUDIENCE_MEMBERS).where(AUDIENCE_MEMBERS.c.user_id == user_id))
             conn.execute(upsert)
         logger.info(
             "erased user: %d events and %d responses removed",

@@ -152,7 +152,44 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 logger.error("unhandled error in %s", method, exc_info=True)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
-        return _wrap_unary(continuation, handler_call_details, guarded, tolerant=True)
+        handler = continuation(handler_call_details)
+        if handler is not None and handler.unary_stream is not None:
+            return _guard_stream(handler, method)
+        return _wrap_unary(lambda _: handler, handler_call_details, guarded, tolerant=True)
+
+
+def _guard_stream(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A unary-stream handler treated as the unary ones are: unparsable request bytes are
+    INVALID_ARGUMENT, and a domain error raised while the stream runs (after this wrapper
+    returned the generator) becomes its status code; anything else is INTERNAL."""
+    stream = handler.unary_stream
+    assert stream is not None
+
+    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not a valid {method_name(method)} message ({request.reason})",
+            )
+        try:
+            yield from stream(request, context)
+        except AffinityError as exc:
+            code = status_for(exc)
+            if code is not None:
+                context.abort(code, str(exc))
+            logger.error("unexpected %s in %s", type(exc).__name__, method, exc_info=True)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception:
+            if _aborted(context):
+                raise  # the handler already chose a status with context.abort
+            logger.error("unhandled error in %s", method, exc_info=True)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return grpc.unary_stream_rpc_method_handler(
+        guarded,
+        request_deserializer=_tolerant(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
@@ -204,7 +241,13 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
 
 ADMIN_METHODS = frozenset(
     f"{SERVICE_PREFIX}{name}"
-    for name in ("DeleteUser", "StartExperiment", "UpdateExperiment", "StopExperiment")
+    for name in (
+        "DeleteUser",
+        "StartExperiment",
+        "UpdateExperiment",
+        "StopExperiment",
+        "FindAudience",
+    )
 )
 """Methods that need the admin token; the read token is refused on them."""
 

@@ -49,6 +49,7 @@ from service.logs import configure_logging
 from service.recorder import ResponseRecorder
 from service.rules import RuleDefaults, RuleResolver
 from service.servicer import RecommenderServicer, add_to_server
+from service.stages import StageView
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,10 @@ def create_server(
         erasure_sweep_seconds=1.0,
         rules=RuleResolver(RuleDefaults.from_settings(settings), max_ids=settings.max_ids),
         experiments=ExperimentRouter(settings, holder),
+        stages=stage_view(settings, holder),
     )
+    if store is not None and servicer.stages is not None:
+        servicer.stages.attach(store)  # the caller stops it (EventSide does when it closes)
     if store is not None:
         # Experiments live in the event store: follow its running one (the caller stops the
         # router with servicer.experiments.stop(); EventSide does when it closes).
@@ -170,6 +174,17 @@ def create_server(
     if port == 0:
         raise OSError(f"cannot bind {address}")
     return server, port
+
+
+def stage_view(settings: ServeSettings, holder: ModelHolder) -> StageView | None:
+    """The lifecycle-stage view of ``settings`` (None while stage strategies are off), mapping
+    each model the holder swaps in onto the stages ahead of its requests."""
+    config = settings.strategy_config
+    if config is None:
+        return None
+    view = StageView(config, settings.stage_poll_seconds)
+    holder.add_listener(lambda loaded: view.prepare(loaded.pipeline.vocabularies()[0]))
+    return view
 
 
 def _on_signals(handler: signal.Handlers | object) -> None:

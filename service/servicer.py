@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
@@ -24,6 +24,7 @@ from models.rules import Rules
 from protos.affinity.v1 import recommender_pb2 as pb
 from protos.affinity.v1 import recommender_pb2_grpc as pb_grpc
 from service import telemetry
+from service.audiences import find_audience
 from service.events import (
     MAX_EVENT_ID,
     Activity,
@@ -43,8 +44,10 @@ from service.experiments import (
 from service.interceptors import SERVICE, DeadlineExceededError
 from service.live import LiveActivity, UserActivity
 from service.loader import LoadedModel, ModelHolder
+from service.profiles import user_profile
 from service.recorder import ResponseRecorder
 from service.rules import RuleResolver, with_rotation
+from service.stages import Placement, StageView, stage_counter
 from service.wire import serialize
 
 logger = logging.getLogger(__name__)
@@ -163,7 +166,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     with its items' reasons and its exploration's seed and day; ``DeleteUser`` erases a user from
     ``events``' store. ``rules`` resolves each list's ranking rules from the server's defaults and
     the request's ``RankingRules`` (default: none). ``experiments`` routes each user of a running
-    experiment to their arm's model (service/experiment_router.py).
+    experiment to their arm's model (service/experiment_router.py). ``stages`` gives each
+    user's list the strategy of their lifecycle stage and names both in the response
+    (service/stages.py; None: off).
     """
 
     def __init__(
@@ -179,9 +184,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         erasure_sweep_seconds: float = 1.0,
         rules: RuleResolver | None = None,
         experiments: ExperimentRouter | None = None,
+        stages: StageView | None = None,
     ) -> None:
         self.holder = holder
         self.experiments = experiments
+        self.stages = stages
         self.rules = rules if rules is not None else RuleResolver(max_ids=max_ids)
         self.max_k = max_k
         self.max_ids = max_ids
@@ -276,8 +283,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         rules: Rules | None = None,
         experiment: str | None = None,
         arm: str | None = None,
+        placed: Placement | None = None,
     ) -> None:
         _source_counter(method, str(recs.source)).inc()
+        if placed is not None:
+            stage_counter(placed.stage, placed.strategy_name).inc()
         recorder = self.recorder
         live = self.live
         keeps_shown = user_id is not None and live is not None and live.keeps_shown
@@ -319,6 +329,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 "source": str(recs.source),
                 "items": len(recs),
                 "model_version": loaded.meta.version,
+                # The recorded answer has no columns for these: the log line keeps them.
+                "stage": placed.stage if placed is not None else "",
+                "strategy": placed.strategy_name if placed is not None else "",
             },
         )
 
@@ -332,22 +345,44 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
         router = self.experiments
         routing = router.routing if router is not None else None
-        if routing is None:  # the common case: one attribute read
+        view = self.stages
+        if routing is None and view is None:  # the common case: two attribute reads
             loaded = self.holder.get()
             recs, rules = self._user_list(request, loaded)
             rec_id = new_recommendation_id()
             self._record("Recommend", loaded, recs, rec_id, request.user_id, rules)
             return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id)
-        arm = routing.arm_for(request.user_id)
-        loaded = routing.serving(arm, self.holder)
-        recs, rules = self._user_list(request, loaded)
+        arm = None
+        if routing is None:
+            loaded = self.holder.get()
+        else:
+            arm = routing.arm_for(request.user_id)
+            loaded = routing.serving(arm, self.holder)
+        placed = None
+        if view is not None:
+            placed = view.place(request.user_id, loaded.pipeline.vocabularies()[0])
+        recs, rules = self._user_list(request, loaded, placed)
         rec_id = new_recommendation_id()
         self._record(
-            "Recommend", loaded, recs, rec_id, request.user_id, rules, routing.name, arm.name
+            "Recommend",
+            loaded,
+            recs,
+            rec_id,
+            request.user_id,
+            rules,
+            routing.name if routing is not None else None,
+            arm.name if arm is not None else None,
+            placed,
         )
-        if routing.shadows:
+        if routing is not None and routing.shadows:
             self._shadow(routing, request)
-        return loaded.encoder.recommend(recs, SOURCES[recs.source], rec_id, arm.wire)
+        return loaded.encoder.recommend(
+            recs,
+            SOURCES[recs.source],
+            rec_id,
+            arm.wire if arm is not None else b"",
+            placed.wire if placed is not None else b"",
+        )
 
     def _shadow(self, routing: Routing, request: pb.RecommendRequest) -> None:
         """Rank ``request`` with each shadow arm's model and record the list (never shown, so
@@ -386,9 +421,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             )
 
     def _user_list(
-        self, request: pb.RecommendRequest, loaded: LoadedModel
+        self, request: pb.RecommendRequest, loaded: LoadedModel, placed: Placement | None = None
     ) -> tuple[Recommendations, Rules | None]:
-        """``request``'s list from ``loaded``'s model, with the user's live events and rules."""
+        """``request``'s list from ``loaded``'s model, with the user's live events and rules
+        (and the strategy of their lifecycle stage, ``placed``)."""
         item_filter = self._filter(request.filter, loaded)
         recent = list(request.recent_item_ids)
         disliked: list[str] = []
@@ -410,6 +446,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             disliked_item_ids=disliked,
             as_unknown=as_unknown,
             rules=rules,
+            strategy=placed.strategy if placed is not None else None,
         )
         return recs, rules
 
@@ -649,6 +686,22 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             experiments=[self._experiment_message(e) for e in self._book().list()]
         )
 
+    # --------------------------------------------------- user operations
+    def GetUserProfile(
+        self, request: pb.GetUserProfileRequest, context: grpc.ServicerContext
+    ) -> pb.UserProfile:
+        """A user's profile (service/profiles.py)."""
+        self._start(context)
+        return user_profile(self, request.user_id)
+
+    def FindAudience(
+        self, request: pb.FindAudienceRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.AudienceMember]:
+        """The users most likely to engage with some items or a category (service/audiences.py),
+        streamed best first."""
+        self._start(context)
+        yield from find_audience(self, request, context)
+
     def _follow(self) -> None:
         """Have this worker pick up a changed experiment now (the others poll for it)."""
         if self.experiments is not None:
@@ -715,7 +768,13 @@ def add_to_server(servicer: RecommenderServicer, server: grpc.Server) -> None:
         request_deserializer=pb.DeleteUserRequest.FromString,
         response_serializer=pb.DeleteUserResponse.SerializeToString,
     )
+    handlers["FindAudience"] = grpc.unary_stream_rpc_method_handler(
+        servicer.FindAudience,
+        request_deserializer=pb.FindAudienceRequest.FromString,
+        response_serializer=pb.AudienceMember.SerializeToString,
+    )
     for name, request_type, response_type in (
+        ("GetUserProfile", pb.GetUserProfileRequest, pb.UserProfile),
         ("StartExperiment", pb.StartExperimentRequest, pb.Experiment),
         ("UpdateExperiment", pb.UpdateExperimentRequest, pb.Experiment),
         ("StopExperiment", pb.StopExperimentRequest, pb.Experiment),

@@ -33,7 +33,16 @@ from protos.affinity.v1 import recommender_pb2 as pb
 
 SCORED_ITEM_FIELDS = ("item_id", "score", "item_type", "category", "reason")
 """The ``ScoredItem`` fields the encoder writes, in the order it writes them."""
-RECOMMEND_FIELDS = ("items", "source", "model", "recommendation_id", "experiment", "arm")
+RECOMMEND_FIELDS = (
+    "items",
+    "source",
+    "model",
+    "recommendation_id",
+    "experiment",
+    "arm",
+    "stage",
+    "strategy",
+)
 """The ``RecommendResponse`` fields the encoder writes."""
 LISTING_FIELDS = ("items", "model", "recommendation_id")
 """The fields written of ``SimilarItemsResponse`` and ``PopularResponse`` (one encoding)."""
@@ -65,9 +74,16 @@ def _tag(number: int, wire_type: int) -> bytes:
 _ITEM_ID, _ITEM_SCORE, _ITEM_TYPE, _ITEM_CATEGORY, _ITEM_REASON = _numbers(
     pb.ScoredItem, SCORED_ITEM_FIELDS
 )
-_ITEMS, _RECOMMEND_SOURCE, _RECOMMEND_MODEL, _RECOMMEND_ID, _EXPERIMENT, _ARM = _numbers(
-    pb.RecommendResponse, RECOMMEND_FIELDS
-)
+(
+    _ITEMS,
+    _RECOMMEND_SOURCE,
+    _RECOMMEND_MODEL,
+    _RECOMMEND_ID,
+    _EXPERIMENT,
+    _ARM,
+    _STAGE,
+    _STRATEGY,
+) = _numbers(pb.RecommendResponse, RECOMMEND_FIELDS)
 _, _LISTING_MODEL, _LISTING_ID = _numbers(pb.SimilarItemsResponse, LISTING_FIELDS)
 
 _SCORE = struct.Struct("<f").pack
@@ -88,6 +104,11 @@ def _string(number: int, value: str) -> bytes:
 def experiment_fields(experiment: str, arm: str) -> bytes:
     """A ``RecommendResponse``'s ``experiment`` and ``arm`` fields (encoded once per arm)."""
     return _string(_EXPERIMENT, experiment) + _string(_ARM, arm)
+
+
+def stage_fields(stage: str, strategy: str) -> bytes:
+    """A ``RecommendResponse``'s ``stage`` and ``strategy`` fields (encoded once per stage)."""
+    return _string(_STAGE, stage) + _string(_STRATEGY, strategy)
 
 
 class ListingEncoder:
@@ -164,16 +185,23 @@ class ListingEncoder:
         return parts
 
     def recommend(
-        self, recs: Recommendations, source: int, recommendation_id: str, experiment: bytes = b""
+        self,
+        recs: Recommendations,
+        source: int,
+        recommendation_id: str,
+        experiment: bytes = b"",
+        stage: bytes = b"",
     ) -> bytes:
         """A serialized ``RecommendResponse``; ``experiment``: :func:`experiment_fields` of the
-        user's arm while an experiment runs."""
+        user's arm while an experiment runs; ``stage``: :func:`stage_fields` of the user's
+        lifecycle stage and its strategy while stage strategies are on."""
         parts = self._items(recs)
         if source:
             parts.append(_tag(_RECOMMEND_SOURCE, 0) + _varint(source))
         parts.append(self._recommend_model)
         parts.append(_string(_RECOMMEND_ID, recommendation_id))
         parts.append(experiment)
+        parts.append(stage)
         return b"".join(parts)
 
     def listing(self, recs: Recommendations, recommendation_id: str) -> bytes:

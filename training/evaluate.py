@@ -6,6 +6,10 @@ and compares against a popularity baseline fitted on the same training matrix. W
 (:class:`models.rules.Rules`) every list is ranked under them, as a served list would be; with a
 ``catalog`` the rules see the items' categories and first appearances.
 
+With ``stages`` (each user's lifecycle stage, :func:`user_stages`: computed from the training
+part as of its end with :mod:`models.lifecycle`) every metric is also reported per stage, as
+MLflow metrics ``ndcg_at_10.stage_at_risk`` and in the report.
+
 Beside accuracy every evaluation measures intra-list diversity (``diversity_at_k``: over the
 model's item vectors where it has them, else over the catalog's categories; see
 :func:`diversity_space`), catalog coverage and novelty.
@@ -30,6 +34,7 @@ import scipy.sparse as sp
 from models.artifact import ItemCatalog
 from models.base import Recommender
 from models.errors import InvalidInputError
+from models.lifecycle import STAGES, Activity, SegmentsConfig, assign_stages
 from models.popularity import Popularity
 from models.ranking import ItemFilter, RankingPipeline
 from models.ranking_metrics import (
@@ -87,9 +92,13 @@ class Evaluation:
     measured: no item vectors and no categories)."""
     rules: Rules | None = field(default=None, repr=False, compare=False)
     """The ranking rules every list was made under (None: none)."""
+    stages: dict[str, CohortMetrics] = field(default_factory=dict)
+    """Averaged metrics of the evaluated users in each lifecycle stage (every stage, in
+    :data:`models.lifecycle.STAGES` order; empty when evaluated without stages)."""
 
     def to_flat_dict(self, prefix: str = "") -> dict[str, float]:
-        """Metric name -> value for MLflow: ``ndcg_at_10``, ``cohort_lt5_ndcg_at_10``, ...
+        """Metric name -> value for MLflow: ``ndcg_at_10``, ``cohort_lt5_ndcg_at_10``,
+        ``ndcg_at_10.stage_at_risk``, ``eval_users.stage_at_risk``, ...
 
         NaN values (an empty cohort, novelty without lists) are left out rather than logged.
         """
@@ -99,6 +108,10 @@ class Evaluation:
             flat[f"{prefix}cohort_{cohort.name}_users"] = float(cohort.users)
             for name, value in cohort.metrics.items():
                 flat[f"{prefix}cohort_{cohort.name}_{name}"] = value
+        for stage in self.stages.values():
+            flat[f"{prefix}eval_users.stage_{stage.name}"] = float(stage.users)
+            for name, value in stage.metrics.items():
+                flat[f"{prefix}{name}.stage_{stage.name}"] = value
         return {name: value for name, value in flat.items() if not math.isnan(value)}
 
     def report_markdown(self, baseline: Evaluation | None = None) -> str:
@@ -374,6 +387,7 @@ def evaluate(
     rules: Rules | None = None,
     catalog: ItemCatalog | None = None,
     item_space: ItemSpace | None = None,
+    stages: np.ndarray | None = None,
 ) -> Evaluation:
     """Top-``k`` metrics of ``model`` for every user with held-out items in ``test_matrix``.
 
@@ -392,6 +406,8 @@ def evaluate(
     ``catalog`` (aligned with the model's items) gives the rules the items' categories and
     first appearances; every item counts as available. ``item_space`` sets what intra-list
     diversity is measured with (default: :func:`diversity_space` of the model and catalog).
+    ``stages`` (one lifecycle stage name per user, :func:`user_stages`) adds every metric per
+    stage (:attr:`Evaluation.stages`).
     """
     _check_args(k, batch_size)
     prepared = _prepare(model, train_matrix, test_matrix, item_popularity, unrankable)
@@ -405,7 +421,25 @@ def evaluate(
         rules=rules,
         catalog=_evaluation_catalog(catalog, prepared.train.shape[1]),
         item_space=space,
+        stages=_checked_stages(stages, prepared.train.shape[0]),
     )
+
+
+def _checked_stages(stages: np.ndarray | None, n_users: int) -> np.ndarray | None:
+    if stages is None:
+        return None
+    stages = np.asarray(stages, dtype=object)
+    if stages.shape != (n_users,):
+        raise InvalidInputError(
+            f"stages needs one stage per user ({n_users}), got {stages.shape}", field="stages"
+        )
+    unknown = set(stages.tolist()) - {"", *STAGES}
+    if unknown:
+        raise InvalidInputError(
+            f"stages holds unknown stage(s) {', '.join(sorted(map(str, unknown)))}",
+            field="stages",
+        )
+    return stages
 
 
 def _check_args(k: int, batch_size: int) -> None:
@@ -425,6 +459,7 @@ def _evaluate(
     rules: Rules | None = None,
     catalog: ItemCatalog | None = None,
     item_space: ItemSpace | None = None,
+    stages: np.ndarray | None = None,
 ) -> Evaluation:
     train, test, popularity = prepared.train, prepared.test, prepared.popularity
     users = _holdout_users(test, prepared.unrankable)
@@ -470,6 +505,14 @@ def _evaluate(
         cohorts[name] = CohortMetrics(
             name=name, users=int(mask.sum()), metrics=mean_metrics(per_user.select(mask))
         )
+    by_stage = {}
+    if stages is not None:
+        user_stage = stages[users]
+        for stage in STAGES:
+            mask = user_stage == stage
+            by_stage[stage] = CohortMetrics(
+                name=stage, users=int(mask.sum()), metrics=mean_metrics(per_user.select(mask))
+            )
     result = Evaluation(
         algorithm=model.algorithm,
         k=k,
@@ -480,6 +523,7 @@ def _evaluate(
         per_user=per_user,
         diversity_basis=item_space.basis if item_space is not None else "",
         rules=rules,
+        stages=by_stage,
     )
     logger.info(
         "evaluated %s on %d users in %.1fs: ndcg@%d=%.4f",
@@ -504,16 +548,18 @@ def evaluate_with_baseline(
     progress: EvaluationProgress | None = None,
     rules: Rules | None = None,
     catalog: ItemCatalog | None = None,
+    stages: np.ndarray | None = None,
 ) -> BaselineComparison:
     """:func:`evaluate` ``model`` and a :class:`Popularity` fitted on ``train_matrix``.
 
     The matrices, item popularity and cohorts are prepared once for both evaluations; both rank
     under the same ``rules`` and measure diversity alike (the model's :func:`diversity_space`,
     so the two diversities compare). ``progress`` counts the batches of both evaluations
-    together.
+    together. ``stages``: as for :func:`evaluate`, for both.
     """
     _check_args(k, batch_size)
     prepared = _prepare(model, train_matrix, test_matrix, item_popularity, unrankable)
+    stages = _checked_stages(stages, prepared.train.shape[0])
     catalog = _evaluation_catalog(catalog, prepared.train.shape[1])
     space = diversity_space(model, catalog)
     if rules is not None:
@@ -539,6 +585,7 @@ def evaluate_with_baseline(
             rules=rules,
             catalog=catalog,
             item_space=space,
+            stages=stages,
         ),
         baseline=_evaluate(
             baseline,
@@ -549,6 +596,7 @@ def evaluate_with_baseline(
             rules=rules,
             catalog=catalog,
             item_space=space,
+            stages=stages,
         ),
     )
 
@@ -583,6 +631,76 @@ def describe_rules(rules: Rules | None) -> str:
     if rules.rotation is not None and len(rules.rotation.shown_items):
         parts.append(f"rotation rate {rules.rotation.rate:g}")
     return ", ".join(parts)
+
+
+def _stage_report(columns: list[tuple[str, Evaluation]], k: int) -> list[str]:
+    """The report's per-stage tables: every metric of each column's evaluation per stage."""
+    lines = [
+        "",
+        "## By lifecycle stage",
+        "",
+        "Each user's stage as of the end of the training data (models/lifecycle.py, the default "
+        "windows; see docs/segments.md).",
+    ]
+    keys = [f"{name}_at_{k}" for name in METRIC_NAMES]
+    for name, evaluation in columns:
+        lines += [
+            "",
+            f"### {name}",
+            "",
+            "| stage | users | " + " | ".join(keys) + " |",
+            "|---|---:|" + "---:|" * len(keys),
+        ]
+        for stage in evaluation.stages.values():
+            cells = [stage.name, str(stage.users)]
+            cells += [_fmt(stage.metrics[key]) for key in keys]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def user_stages(
+    frame: pd.DataFrame,
+    users: Vocabulary,
+    *,
+    as_of: float | None = None,
+    config: SegmentsConfig | None = None,
+) -> np.ndarray:
+    """Each of ``users``' lifecycle stage (an object array of names) from their events in
+    ``frame`` (a training part: ``user_id``, ``event``, ``timestamp`` in unix seconds) as of
+    ``as_of`` (default: its newest event), by the rules of :mod:`models.lifecycle` with
+    ``config``'s events and windows. There is no previous computation, so nobody is
+    ``reactivated``; a user without an event that counts (only impressions, or none) has ``""``.
+    """
+    config = config if config is not None else SegmentsConfig()
+    stages = np.full(len(users), "", dtype=object)
+    if not len(frame) or not len(users):
+        return stages
+    events = frame["event"].astype(str).str.lower().to_numpy()
+    counted = ~np.isin(events, list(config.ignored_events))
+    codes = vocabulary_codes(frame["user_id"], users)
+    keep = counted & (codes >= 0)
+    seconds = frame["timestamp"].to_numpy(dtype=np.float64)
+    if as_of is None:
+        as_of = float(seconds[keep].max()) if keep.any() else float(seconds.max())
+    keep &= seconds <= as_of
+    code, when = codes[keep], seconds[keep]
+    first = np.full(len(users), np.inf)
+    last = np.full(len(users), -np.inf)
+    np.minimum.at(first, code, when)
+    np.maximum.at(last, code, when)
+    activation = np.full(len(users), np.inf)
+    activating = np.isin(events[keep], list(config.activation_events))
+    np.minimum.at(activation, code[activating], when[activating])
+    seen = np.isfinite(first)
+    result = assign_stages(
+        Activity.of(
+            first[seen], last[seen], np.where(np.isfinite(activation), activation, np.nan)[seen]
+        ),
+        float(as_of),
+        config.windows,
+    )
+    stages[seen] = result.stage
+    return stages
 
 
 def _fmt(value: float) -> str:
@@ -625,6 +743,8 @@ def _report(columns: list[tuple[str, Evaluation]], k: int) -> str:
         cells += [_fmt(e.cohorts[cohort].metrics[f"ndcg_at_{k}"]) for _, e in columns]
         cells += [_fmt(e.cohorts[cohort].metrics[f"recall_at_{k}"]) for _, e in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    if first.stages:
+        lines += _stage_report(columns, k)
     basis = {
         "item_vectors": "the cosine distance of the model's item vectors",
         "categories": "the share of pairs in different categories",

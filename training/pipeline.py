@@ -58,6 +58,7 @@ from training.evaluate import (
     build_holdout,
     evaluate_with_baseline,
     sample_users,
+    user_stages,
 )
 from training.fit import LOCAL, SPARK_ALGORITHMS, Engine, fit_model
 from training.split import SplitStats, split, train_validation_test
@@ -612,6 +613,8 @@ def evaluate_model(
         unrankable=holdout.unrankable,
         progress=lambda done, total: fitted.ticker(f"  evaluated batch {done}/{total}"),
         catalog=prepared.catalog,  # categories: diversity of models without item vectors
+        # Every metric per lifecycle stage, each user's as of the end of the training part.
+        stages=user_stages(data.train, data.matrix.users),
     )
     timings["evaluate_seconds"] = time.perf_counter() - started
     mlflow.set_tag("diversity_basis", evaluation.diversity_basis or "none")

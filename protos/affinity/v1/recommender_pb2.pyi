@@ -160,20 +160,24 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., run_id: _Optional[str] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "source", "model", "recommendation_id", "experiment", "arm")
+    __slots__ = ("items", "source", "model", "recommendation_id", "experiment", "arm", "stage", "strategy")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RECOMMENDATION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     source: Source
     model: ModelRef
     recommendation_id: str
     experiment: str
     arm: str
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., source: _Optional[_Union[Source, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., recommendation_id: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
+    stage: str
+    strategy: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., source: _Optional[_Union[Source, str]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., recommendation_id: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., stage: _Optional[str] = ..., strategy: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_ids", "k", "exclude_item_ids", "filter", "rules")
@@ -415,3 +419,111 @@ class ListExperimentsResponse(_message.Message):
     EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
     experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
     def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...
+
+class GetUserProfileRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class NameCount(_message.Message):
+    __slots__ = ("name", "count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    count: int
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class NameShare(_message.Message):
+    __slots__ = ("name", "share")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    share: float
+    def __init__(self, name: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+
+class UserProfile(_message.Message):
+    __slots__ = ("user_id", "first_seen", "last_seen", "active_days_7", "active_days_30", "active_days_90", "event_counts", "monetary", "recency_score", "frequency_score", "monetary_score", "tier", "stage", "stage_since", "top_categories", "item_types", "recent_item_ids", "segments_as_of", "orders", "activated_at", "live_events")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_DAYS_7_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_DAYS_30_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_DAYS_90_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MONETARY_FIELD_NUMBER: _ClassVar[int]
+    RECENCY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MONETARY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    TOP_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    ITEM_TYPES_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_AS_OF_FIELD_NUMBER: _ClassVar[int]
+    ORDERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    first_seen: _timestamp_pb2.Timestamp
+    last_seen: _timestamp_pb2.Timestamp
+    active_days_7: int
+    active_days_30: int
+    active_days_90: int
+    event_counts: _containers.RepeatedCompositeFieldContainer[NameCount]
+    monetary: float
+    recency_score: int
+    frequency_score: int
+    monetary_score: int
+    tier: str
+    stage: str
+    stage_since: _timestamp_pb2.Timestamp
+    top_categories: _containers.RepeatedCompositeFieldContainer[NameShare]
+    item_types: _containers.RepeatedCompositeFieldContainer[NameShare]
+    recent_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    segments_as_of: _timestamp_pb2.Timestamp
+    orders: int
+    activated_at: _timestamp_pb2.Timestamp
+    live_events: int
+    def __init__(self, user_id: _Optional[str] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_days_7: _Optional[int] = ..., active_days_30: _Optional[int] = ..., active_days_90: _Optional[int] = ..., event_counts: _Optional[_Iterable[_Union[NameCount, _Mapping]]] = ..., monetary: _Optional[float] = ..., recency_score: _Optional[int] = ..., frequency_score: _Optional[int] = ..., monetary_score: _Optional[int] = ..., tier: _Optional[str] = ..., stage: _Optional[str] = ..., stage_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., top_categories: _Optional[_Iterable[_Union[NameShare, _Mapping]]] = ..., item_types: _Optional[_Iterable[_Union[NameShare, _Mapping]]] = ..., recent_item_ids: _Optional[_Iterable[str]] = ..., segments_as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., orders: _Optional[int] = ..., activated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., live_events: _Optional[int] = ...) -> None: ...
+
+class FindAudienceRequest(_message.Message):
+    __slots__ = ("item_ids", "category", "stages", "tiers", "last_seen_within_days", "exclude_interacted", "max_users", "max_audiences_per_user", "cap_window_days", "record", "name", "batch_size")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_WITHIN_DAYS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_INTERACTED_FIELD_NUMBER: _ClassVar[int]
+    MAX_USERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AUDIENCES_PER_USER_FIELD_NUMBER: _ClassVar[int]
+    CAP_WINDOW_DAYS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    category: str
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    last_seen_within_days: float
+    exclude_interacted: bool
+    max_users: int
+    max_audiences_per_user: int
+    cap_window_days: float
+    record: bool
+    name: str
+    batch_size: int
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., category: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., last_seen_within_days: _Optional[float] = ..., exclude_interacted: _Optional[bool] = ..., max_users: _Optional[int] = ..., max_audiences_per_user: _Optional[int] = ..., cap_window_days: _Optional[float] = ..., record: _Optional[bool] = ..., name: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class AudienceMember(_message.Message):
+    __slots__ = ("user_id", "score", "rank", "batch")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    score: float
+    rank: int
+    batch: _containers.RepeatedCompositeFieldContainer[AudienceMember]
+    def __init__(self, user_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[AudienceMember, _Mapping]]] = ...) -> None: ...

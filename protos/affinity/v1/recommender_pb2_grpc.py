@@ -89,6 +89,16 @@ class RecommenderStub:
                 request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsRequest.SerializeToString,
                 response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsResponse.FromString,
                 _registered_method=True)
+        self.GetUserProfile = channel.unary_unary(
+                '/affinity.v1.Recommender/GetUserProfile',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.GetUserProfileRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.UserProfile.FromString,
+                _registered_method=True)
+        self.FindAudience = channel.unary_stream(
+                '/affinity.v1.Recommender/FindAudience',
+                request_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.FindAudienceRequest.SerializeToString,
+                response_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.AudienceMember.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -178,6 +188,24 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUserProfile(self, request, context):
+        """A user's profile for the operations team: activity, value, lifecycle stage and value tier,
+        tastes and recent items, from the last `affinity segments` computation and the live events
+        since, so a user who just arrived has one too. NOT_FOUND for a user with neither.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindAudience(self, request, context):
+        """Admin: the users most likely to engage with some items or a category, best first, streamed,
+        filtered by stage, tier and last-seen window, capped in size and by a frequency cap. A
+        recorded audience (record = true) counts toward every member's frequency cap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +263,16 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.ListExperiments,
                     request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsRequest.FromString,
                     response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'GetUserProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserProfile,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.GetUserProfileRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.UserProfile.SerializeToString,
+            ),
+            'FindAudience': grpc.unary_stream_rpc_method_handler(
+                    servicer.FindAudience,
+                    request_deserializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.FindAudienceRequest.FromString,
+                    response_serializer=protos_dot_affinity_dot_v1_dot_recommender__pb2.AudienceMember.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -534,6 +572,60 @@ class Recommender:
             '/affinity.v1.Recommender/ListExperiments',
             protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsRequest.SerializeToString,
             protos_dot_affinity_dot_v1_dot_recommender__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/affinity.v1.Recommender/GetUserProfile',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.GetUserProfileRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.UserProfile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindAudience(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/affinity.v1.Recommender/FindAudience',
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.FindAudienceRequest.SerializeToString,
+            protos_dot_affinity_dot_v1_dot_recommender__pb2.AudienceMember.FromString,
             options,
             channel_credentials,
             insecure,
