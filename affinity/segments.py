@@ -769,6 +769,8 @@ def write_segments(
     columns["monetary"] = table["monetary"].to_numpy(dtype=np.float64).tolist()
     for name in ("stage_since", "first_seen", "last_seen", "activated_at"):
         columns[name] = [_when(v) for v in table[name].to_numpy(dtype=np.float64).tolist()]
+    if "previous_stage" in table:  # "" for users the previous computation did not have
+        columns["previous_stage"] = [str(s) or None for s in table["previous_stage"].tolist()]
     if user_profiles is not None:
         if len(user_profiles) != len(table):
             raise ValueError(f"{len(user_profiles)} profiles for {len(table)} users")

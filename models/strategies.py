@@ -73,7 +73,7 @@ DEFAULT_STAGE_STRATEGIES: dict[str, str] = {
     "new": "personalized",
     "activated": "personalized",
     "active": "personalized",
-    "at_risk": "personalized",
+    "at_risk": "win_back",
     "dormant": "win_back",
     "churned": "win_back",
     "reactivated": "personalized",

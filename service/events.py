@@ -537,6 +537,7 @@ USER_SEGMENTS = Table(
     Column("as_of", UTCDateTime(), nullable=False),
     Column("computed_at", UTCDateTime(), nullable=False),
     Column("profile", JSON, nullable=True),
+    Column("previous_stage", String(32), nullable=True),
     Index("ix_user_segments_stage", "stage"),
     Index("ix_user_segments_tier", "tier"),
 )
@@ -750,6 +751,12 @@ def _migration_7_audiences(conn: Connection) -> None:
     snapshot.create_all(conn)
 
 
+def _migration_8_previous_stage(conn: Connection) -> None:
+    """Each user's stage at the computation before (NULL for users it did not have), so the
+    transition matrix's cells can list their users."""
+    conn.execute(text("ALTER TABLE user_segments ADD COLUMN previous_stage VARCHAR(32)"))
+
+
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _migration_1_events,
     _migration_2_responses_erasures,
@@ -758,6 +765,7 @@ MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _migration_5_segments,
     _migration_6_profiles,
     _migration_7_audiences,
+    _migration_8_previous_stage,
 )
 """The schema's history: step ``i`` (from 0) takes a database from version ``i`` to ``i + 1``."""
 LATEST_VERSION = len(MIGRATIONS)

@@ -390,13 +390,9 @@ class CellUsers:
 def cell_users(
     store: EventStore, frm: str, to: str, previous_as_of: datetime | None, limit: int = MAX_LISTED
 ) -> CellUsers:
-    """Users who went from stage ``frm`` to ``to`` at the last computation.
-
-    The store keeps each user's current stage and when it began (``stage_since``), not the stage
-    before it: a cell on the diagonal lists the users whose stage began before the previous
-    computation (they stayed); a cell off it lists the users whose stage ``to`` began since then
-    (they arrived from some stage, this one among them); the newcomers' row lists the users
-    first seen since then. Users no longer there (``(gone)``) are not stored any more.
+    """Users who went from stage ``frm`` to ``to`` at the last computation (each user's row
+    keeps the stage the computation before gave them, ``previous_stage``; NULL for newcomers).
+    Users no longer there (``(gone)``) are not stored any more.
     """
     if to == GONE:
         return CellUsers([], 0, "users no longer in the segments are not stored any more")
@@ -405,17 +401,14 @@ def cell_users(
     if previous_as_of is None:
         note = "no previous computation: every user of the stage is new to it"
     elif frm == NO_PREVIOUS:
-        where.append(seg.first_seen > previous_as_of)
-        note = "users first seen since the previous computation"
+        where.append(seg.previous_stage.is_(None))
+        note = "users the previous computation did not have"
     elif frm == to:
-        where.append(seg.stage_since <= previous_as_of)
-        note = "users whose stage began before the previous computation (they stayed)"
+        where.append(seg.previous_stage == frm)
+        note = f"users who stayed in {to}"
     else:
-        where += [seg.stage_since > previous_as_of, seg.first_seen <= previous_as_of]
-        note = (
-            f"users who entered {to} since the previous computation; the store keeps the "
-            f"current stage only, so this lists arrivals from every stage, {frm} among them"
-        )
+        where.append(seg.previous_stage == frm)
+        note = f"users who moved from {frm} to {to}"
     with store.engine.connect() as conn:
         total = int(conn.execute(select(func.count()).where(*where)).scalar_one())
         ids = conn.execute(

@@ -176,3 +176,26 @@ affinity_request_latency_seconds_sum{method="Recommend",code="OK"} 1
     assert found.errors_by_code == {"INTERNAL": 4}
     assert quantile([(0.1, 0.0), (float("inf"), 0.0)], 0.5) is None
     assert summarize is not None
+
+
+def test_every_transition_cell_lists_exactly_the_users_it_counts(world: World) -> None:
+    """Each user's row keeps the stage the computation before gave them, so a cell's users
+    are the ones the logged matrix counts (the gone column aside: they are not stored)."""
+    from datetime import datetime
+
+    from service.console.data import GONE, cell_users, last_transitions
+    from service.events import EventStore
+
+    matrix = last_transitions(world.tracking_uri)
+    assert matrix is not None and matrix.previous_as_of
+    previous = datetime.fromisoformat(matrix.previous_as_of.replace("Z", "+00:00"))
+    checked = 0
+    with EventStore.open(world.events_uri) as store:
+        for i, frm in enumerate(matrix.rows):
+            for j, to in enumerate(matrix.cols):
+                if to == GONE:
+                    continue
+                listed = cell_users(store, frm, to, previous, limit=10_000)
+                assert listed.total == matrix.users[i][j] == len(listed.user_ids), (frm, to)
+                checked += listed.total
+    assert checked > 0
