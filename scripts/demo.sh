@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The `make demo` walk-through: sample logs -> train -> register -> serve -> query -> events ->
-# stop.
+# user operations (segments, a profile, stage-aware lists, an audience) -> stop.
 # Everything stays in this folder: demo-data/ for logs, mlflow.db + mlruns/ for the embedded
 # MLflow store (unless MLFLOW_TRACKING_URI is set), events.db for the event store (unless
 # AFFINITY_EVENTS_URI is set).
@@ -33,7 +33,10 @@ PY
 
 PORT=$($BIN/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 echo "== 3. Serve models:/affinity@champion on 127.0.0.1:$PORT"
-$BIN/affinity serve --port "$PORT" --workers 1 --poll-seconds 5 > "$DATA/server.log" 2>&1 &
+ADMIN=demo-admin-token  # the admin RPCs (audiences, experiments) need one; reads stay open here
+# Stage-aware lists on, the stages re-read every second (the default is every 5 minutes).
+AFFINITY_ADMIN_TOKEN=$ADMIN $BIN/affinity serve --port "$PORT" --workers 1 --poll-seconds 5 \
+    --stage-strategies default --stage-poll-seconds 1 > "$DATA/server.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 $BIN/affinity health --target "127.0.0.1:$PORT" --wait 60
@@ -92,7 +95,30 @@ sleep 0.5  # the recorder writes answers every 0.2 s
 echo "-- what each model version's answers earned (attribution by recommendation_id)"
 $BIN/affinity events report --since 1d
 
-echo "== 6. Stop the server (SIGTERM, graceful)"
+echo "== 6. User operations: lifecycle stages and value tiers, a profile, stage-aware lists, an audience"
+$BIN/affinity segments --interactions "$DATA/interactions.parquet" --items "$DATA/items.parquet" \
+    --out "$DATA/segments" --quiet --json | tail -n 1 > "$DATA/segments-summary.json"
+AT_RISK=$($BIN/python - "$DATA/segments-summary.json" "$DATA/segments/user_segments.parquet" <<'PY'
+import json, sys, pandas as pd
+s = json.load(open(sys.argv[1]))
+print(f"-- {s['users']:,} users by stage: {s['stages']}", file=sys.stderr)
+print(f"-- by value tier: {s['tiers']}", file=sys.stderr)
+table = pd.read_parquet(sys.argv[2])
+at_risk = table[table["stage"].isin(["at_risk", "dormant", "churned"])]["user_id"]
+print(at_risk.iloc[0] if len(at_risk) else table["user_id"].iloc[0])
+PY
+)
+echo "-- the profile of $USER1 (the segments plus the events logged since)"
+$BIN/affinity users show "$USER1" --target "127.0.0.1:$PORT"
+sleep 2  # each worker re-reads the stages every second here
+echo "-- $AT_RISK, not seen for a while, gets the win-back strategy of their stage"
+$BIN/affinity recommend --target "127.0.0.1:$PORT" --user "$AT_RISK" --k 5
+echo "-- an audience: the 10 users most likely to engage with books who have not read any yet"
+$BIN/affinity audience --target "127.0.0.1:$PORT" --admin-token "$ADMIN" --category books \
+    --exclude-interacted --max-users 10 --out "$DATA/audience-books.csv"
+head -n 4 "$DATA/audience-books.csv"
+
+echo "== 7. Stop the server (SIGTERM, graceful)"
 kill -TERM $SERVER
 wait $SERVER || true
 trap - EXIT

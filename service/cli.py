@@ -149,6 +149,10 @@ def _print_result(result: Result, as_json: bool) -> None:
     head = f"model {model.name} v{model.version or '-'} ({model.algorithm})"
     if result.source:
         head += f"  source {result.source}"
+    if result.stage:
+        head += f"  stage {result.stage} ({result.strategy})"
+    if result.experiment:
+        head += f"  experiment {result.experiment} arm {result.arm}"
     print(f"{head}  recommendation_id {result.recommendation_id}")
     rows = [
         (str(rank), item.item_id, f"{item.score:.4f}", item.item_type, item.category, item.reason)
