@@ -22,11 +22,18 @@ Two modes:
   artifact, and loads it in a fresh process the way a server worker does
   (``service.loader.load_directory``): build and tune seconds, index bytes, the worker's
   resident memory and load time.
+- **gRPC** (``--grpc``): builds the first of ``--kinds``, writes the artifact and serves it
+  twice with ``affinity serve`` (one worker each, pinned to the last CPU as the other serving
+  benchmarks pin theirs): with the index, and with ``--ann false`` (the exact search). Known
+  users' ``Recommend`` (k=10) at each of ``--concurrency`` closed-loop clients (separate
+  processes, :mod:`bench.loadgen`), the two servers taking turns in ``--rounds`` slices:
+  requests/s, p50 and p99 through the real transport, thread pool and in-flight limit.
 
 Prints Markdown tables, a JSON summary (``--json``) and the command::
 
     python -m bench.ann --items 1000000
     python -m bench.ann --items 3000000 --memory --kinds ivf
+    python -m bench.ann --items 1000000 --grpc --kinds hnsw
 """
 
 from __future__ import annotations
@@ -314,6 +321,85 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     return {"build": build, "worker": worker, "item_factors_mib": factor_mib}
 
 
+def grpc_serving(args: argparse.Namespace) -> dict[str, Any]:
+    """The artifact served with and without its index, measured through gRPC."""
+    import os
+    from contextlib import ExitStack
+
+    from bench import common
+    from bench.live import RECOMMEND, pinned_cpus, sqlite_store
+    from bench.loadgen import alternate
+    from protos.affinity.v1 import recommender_pb2 as pb
+
+    kind = args.kinds[0]
+    log(f"generating {args.items:,} items x {args.dims} factors")
+    bundle = make_bundle(args.items, args.users, args.dims, args.spread, args.decay)
+    model = bundle.model
+    assert isinstance(model, ALS)
+    log(f"building {kind}")
+    index, report = ann.build(
+        model.item_factors, _params(kind, args), query_vectors=model.user_factors[:2000]
+    )
+    arrays = index.to_arrays()
+    del index
+    users = [str(u) for u in bundle.users.ids[: min(4000, args.users)]]
+    bodies = [pb.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users]
+    cpus = pinned_cpus(1)
+    result: dict[str, Any] = {"build": report.to_json(), "cpus": cpus, "results": []}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, ExitStack() as stack:
+        path = Path(tmp) / "artifact"
+        save_artifact(ModelBundle(**{**bundle.__dict__, "ann": arrays}), path)
+        del arrays, bundle, model
+        ports = {}
+        for label, flag in (("exact", "false"), (kind, "true")):
+            port = common.free_port()
+            uri = stack.enter_context(sqlite_store(Path(tmp), label))
+            command = [str(common.BIN / "affinity"), "serve", "--model", str(path)]
+            command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+            command += ["--poll-seconds", "0", "--log-level", "WARNING", "--events-uri", uri]
+            command += ["--cpus", cpus, "--ann", flag]
+            env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
+            log(f"starting the {label} server (loads the {args.items:,}-item artifact)")
+            stack.enter_context(
+                common.running(
+                    command, common.grpc_ready(port), env=env, log_path=Path(tmp) / f"{label}.log"
+                )
+            )
+            ports[label] = port
+        targets = {label: f"grpc://127.0.0.1:{port}/{RECOMMEND}" for label, port in ports.items()}
+        for c in args.concurrency:
+            for r in alternate(
+                targets,
+                bodies,
+                concurrency=c,
+                duration=args.duration * args.rounds,
+                rounds=args.rounds,
+            ):
+                log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
+                result["results"].append(r.to_json())
+    return result
+
+
+def render_grpc(result: dict[str, Any], args: argparse.Namespace) -> str:
+    rows = result["results"]
+    exact = {r["concurrency"]: r["rps"] for r in rows if r["label"] == "exact"}
+    lines = [
+        f"{args.items:,} items x {args.dims} factors, {args.users:,} users; one worker per "
+        f"server pinned to CPU {result['cpus']}; {args.rounds} alternating slices of "
+        f"{args.duration:g} s per row",
+        "",
+        "| server | clients | req/s | p50 ms | p99 ms | throughput / exact |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c = r["concurrency"]
+        lines.append(
+            f"| {r['label']} | {c} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['rps'] / exact[c]:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def render_memory(result: dict[str, Any], args: argparse.Namespace) -> str:
     b, w = result["build"], result["worker"]
     return "\n".join(
@@ -347,6 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--check-users", type=int, default=1000)
     parser.add_argument("--memory", action="store_true", help="build, save and load one index")
+    parser.add_argument(
+        "--grpc", action="store_true", help="serve the artifact with and without the index"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 8],
+        help="--grpc: closed-loop clients per row (default 1,8)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where the artifact goes")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
@@ -356,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         result = memory(args)
         table = render_memory(result, args)
+    elif args.grpc:
+        result = grpc_serving(args)
+        table = render_grpc(result, args)
     else:
         result = serving(args)
         table = render_serving(result, args)

@@ -27,6 +27,7 @@ candidate sources, filters, stages, top-k rule and backfill. :meth:`recommend`,
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import math
@@ -444,8 +445,12 @@ class RankingPipeline:
         stages: Sequence[RerankStage] = (),
         *,
         dislike_weight: float = 0.0,
+        approximate: bool = True,
     ) -> RankingPipeline:
-        """The pipeline serving one trained model artifact."""
+        """The pipeline serving one trained model artifact (``approximate=False``: without the
+        approximate index it may ship, every list from the exact search)."""
+        if not approximate and bundle.ann is not None:
+            bundle = dataclasses.replace(bundle, ann=None)
         return cls(
             bundle.model,
             seen=bundle.seen,

@@ -52,6 +52,7 @@ SERVE_OPTIONS: dict[str, tuple[str, type, dict[str, Any]]] = {
     "--max-future-skew": ("max_future_skew_seconds", float, {"metavar": "S"}),
     "--record-responses": ("record_responses", str, {"metavar": "BOOL"}),
     "--response-buffer": ("response_buffer", int, {"metavar": "N"}),
+    "--ann": ("ann", str, {"metavar": "BOOL"}),
     "--live": ("live", str, {"metavar": "BOOL"}),
     "--live-window-days": ("live_window_days", float, {"metavar": "DAYS"}),
     "--live-poll-seconds": ("live_poll_seconds", float, {"metavar": "S"}),

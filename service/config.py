@@ -119,6 +119,10 @@ class ServeSettings(BaseSettings):
     )
     """An event stamped more than this far ahead of the server's clock is rejected."""
 
+    ann: bool = Field(True, validation_alias="AFFINITY_ANN")
+    """Use the approximate index a large catalog's artifact ships (``models/ann.py``); off, every
+    list comes from the exact search (more CPU per list, the lists the index only approximates)."""
+
     live: bool = Field(True, validation_alias="AFFINITY_LIVE")
     """Fold each known user's events since the model's training data into their lists, and
     apply dislikes and erasures at once (``service/live.py``); off, only what a request carries

@@ -151,10 +151,13 @@ def _fail(stage: str) -> None:
     telemetry.MODEL_LOAD_FAILURES.labels(stage=stage).inc()
 
 
-def load_directory(directory: Path, meta: ModelMeta, *, dislike_weight: float = 0.0) -> LoadedModel:
+def load_directory(
+    directory: Path, meta: ModelMeta, *, dislike_weight: float = 0.0, approximate: bool = True
+) -> LoadedModel:
     """Verify, load and warm up the artifact in ``directory``; counts failures by stage.
 
-    ``dislike_weight`` > 0 gives the pipeline a :class:`models.ranking.DislikeStage`."""
+    ``dislike_weight`` > 0 gives the pipeline a :class:`models.ranking.DislikeStage`;
+    ``approximate=False`` leaves out the approximate index the artifact may ship."""
     try:
         manifest = verify_artifact(directory)
     except Exception:
@@ -162,7 +165,9 @@ def load_directory(directory: Path, meta: ModelMeta, *, dislike_weight: float = 
         raise
     try:
         bundle = load_artifact(directory, verify=False)  # verified just above
-        pipeline = RankingPipeline.from_bundle(bundle, dislike_weight=dislike_weight)
+        pipeline = RankingPipeline.from_bundle(
+            bundle, dislike_weight=dislike_weight, approximate=approximate
+        )
     except Exception:
         _fail("load")
         raise
@@ -327,7 +332,12 @@ class ModelLoader:
             source_uri=self.settings.model_uri,
         )
         try:
-            loaded = load_directory(artifact, meta, dislike_weight=self.settings.dislike_weight)
+            loaded = load_directory(
+                artifact,
+                meta,
+                dislike_weight=self.settings.dislike_weight,
+                approximate=self.settings.ann,
+            )
         except BaseException:
             # Retrying would fetch the same bytes: skip this version until the alias moves.
             self._refused.add(version)
@@ -351,7 +361,10 @@ class ModelLoader:
             )
             self.holder.swap(
                 load_directory(
-                    find_artifact_dir(path), meta, dislike_weight=self.settings.dislike_weight
+                    find_artifact_dir(path),
+                    meta,
+                    dislike_weight=self.settings.dislike_weight,
+                    approximate=self.settings.ann,
                 )
             )
             return True
@@ -380,7 +393,12 @@ class ModelLoader:
             from_cache=True,
         )
         try:
-            loaded = load_directory(path, meta, dislike_weight=self.settings.dislike_weight)
+            loaded = load_directory(
+                path,
+                meta,
+                dislike_weight=self.settings.dislike_weight,
+                approximate=self.settings.ann,
+            )
         except Exception as exc:
             logger.error("cached model in %s is unusable: %s", path, _reason(exc))
             return False

@@ -279,6 +279,32 @@ def test_the_artifact_carries_the_index_under_a_checksum(
         load_artifact(tmp_path / "art")
 
 
+def test_a_server_can_leave_the_shipped_index_out(
+    tmp_path: Path,
+    bundle: ModelBundle,
+    index: ann.ApproximateIndex,
+    exact: RankingPipeline,
+    approximate: RankingPipeline,
+) -> None:
+    """``AFFINITY_ANN=false`` (``affinity serve --ann false``): the artifact keeps its index, the
+    worker answers from the exact search, and the lists are the exact pipeline's."""
+    from service.config import ServeSettings
+    from service.loader import ModelHolder, ModelLoader
+
+    save_artifact(_with_index(bundle, index), tmp_path / "art")
+    holders = {}
+    for flag in ("true", "false"):
+        settings = ServeSettings(model_uri=str(tmp_path / "art"), ann=flag, poll_seconds=0)
+        holders[flag] = ModelHolder()
+        ModelLoader(settings, holders[flag]).load_initial()
+    on, off = (holders[f].get().pipeline for f in ("true", "false"))
+    assert on._ann is not None and off._ann is None
+    for user in range(30):
+        request = ListRequest(ListKind.USER, 10, user=user)
+        assert np.array_equal(off.rank(request).ids, exact.rank(request).ids)
+        assert np.array_equal(on.rank(request).ids, approximate.rank(request).ids)
+
+
 def test_an_unknown_extra_file_in_the_manifest_is_refused(
     tmp_path: Path, bundle: ModelBundle
 ) -> None:
