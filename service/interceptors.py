@@ -95,8 +95,22 @@ def _wrap_unary(
     wrapper: Callable[[Behavior, Any, grpc.ServicerContext], Any],
     *,
     tolerant: bool = False,
+    stream_wrapper: Callable[[Behavior, Any, grpc.ServicerContext], Any] | None = None,
 ) -> grpc.RpcMethodHandler | None:
+    """``continuation``'s handler with its behavior passed through ``wrapper``; a unary-stream
+    handler through ``stream_wrapper`` (a generator around the stream's), when given."""
     handler = continuation(details)
+    if handler is not None and handler.unary_stream is not None and stream_wrapper is not None:
+        stream = handler.unary_stream
+
+        def wrapped_stream(request: Any, context: grpc.ServicerContext) -> Any:
+            return stream_wrapper(stream, request, context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            wrapped_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
     if handler is None or handler.unary_unary is None:
         return handler
     behavior = handler.unary_unary
@@ -218,25 +232,40 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
             return continuation(handler_call_details)
 
         def limited(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
-            with self._lock:
-                admitted = self._in_flight < self.limit
-                if admitted:
-                    self._in_flight += 1
-            if not admitted:
-                telemetry.REJECTED.inc()
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: {self.limit} requests in flight; retry with backoff",
-                )
-            telemetry.IN_FLIGHT.inc()
+            self._admit(context)
             try:
                 return behavior(request, context)
             finally:
-                telemetry.IN_FLIGHT.dec()
-                with self._lock:
-                    self._in_flight -= 1
+                self._leave()
 
-        return _wrap_unary(continuation, handler_call_details, limited)
+        def limited_stream(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+            self._admit(context)  # a stream holds its place until its last message is sent
+            try:
+                yield from behavior(request, context)
+            finally:
+                self._leave()
+
+        return _wrap_unary(
+            continuation, handler_call_details, limited, stream_wrapper=limited_stream
+        )
+
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            admitted = self._in_flight < self.limit
+            if admitted:
+                self._in_flight += 1
+        if not admitted:
+            telemetry.REJECTED.inc()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.limit} requests in flight; retry with backoff",
+            )
+        telemetry.IN_FLIGHT.inc()
+
+    def _leave(self) -> None:
+        telemetry.IN_FLIGHT.dec()
+        with self._lock:
+            self._in_flight -= 1
 
 
 ADMIN_METHODS = frozenset(
@@ -358,6 +387,19 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return continuation(handler_call_details)
         method = method_name(handler_call_details.method)
 
+        def done(code: grpc.StatusCode, start: float) -> None:
+            elapsed = time.perf_counter() - start
+            telemetry.REQUESTS.labels(method=method, code=code.name).inc()
+            telemetry.LATENCY.labels(method=method, code=code.name).observe(elapsed)
+            if code != grpc.StatusCode.OK:
+                logger.info(
+                    "%s -> %s in %.1f ms",
+                    method,
+                    code.name,
+                    elapsed * 1000,
+                    extra={"method": method, "code": code.name, "latency_ms": elapsed * 1000},
+                )
+
         def measured(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
@@ -369,16 +411,23 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 code = getattr(context, "code", lambda: None)() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                elapsed = time.perf_counter() - start
-                telemetry.REQUESTS.labels(method=method, code=code.name).inc()
-                telemetry.LATENCY.labels(method=method, code=code.name).observe(elapsed)
-                if code != grpc.StatusCode.OK:
-                    logger.info(
-                        "%s -> %s in %.1f ms",
-                        method,
-                        code.name,
-                        elapsed * 1000,
-                        extra={"method": method, "code": code.name, "latency_ms": elapsed * 1000},
-                    )
+                done(code, start)
 
-        return _wrap_unary(continuation, handler_call_details, measured)
+        def measured_stream(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()  # a stream is timed to its last message
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                yield from behavior(request, context)
+                code = grpc.StatusCode.OK
+            except GeneratorExit:  # the caller went away mid-stream
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = getattr(context, "code", lambda: None)() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                done(code, start)
+
+        return _wrap_unary(
+            continuation, handler_call_details, measured, stream_wrapper=measured_stream
+        )

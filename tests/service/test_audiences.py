@@ -426,3 +426,22 @@ def test_find_audience_raw_bytes_are_never_internal(server: Server) -> None:
     with pytest.raises(grpc.RpcError) as info:
         list(call(bad, metadata=metadata, timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def test_audience_streams_are_counted_timed_and_limited_like_other_calls(server: Server) -> None:
+    """The metrics and the in-flight limit wrap streaming calls too: each FindAudience is
+    counted once with its final code, and its in-flight place is given back when it ends."""
+    from prometheus_client import REGISTRY
+
+    def count(code: str) -> float:
+        sample = REGISTRY.get_sample_value(
+            "affinity_requests_total", {"method": "FindAudience", "code": code}
+        )
+        return sample or 0.0
+
+    ok, bad = count("OK"), count("INVALID_ARGUMENT")
+    assert len(server.audience(item_ids=["i20"], max_users=5)) == 5
+    with pytest.raises(grpc.RpcError):
+        server.audience(item_ids=["no-such-item"], max_users=5)
+    assert count("OK") == ok + 1 and count("INVALID_ARGUMENT") == bad + 1
+    assert REGISTRY.get_sample_value("affinity_requests_in_flight") == 0.0
