@@ -997,14 +997,29 @@ class RankingPipeline:
     def _popular(
         self, k: int, mask: np.ndarray, blocked: np.ndarray, *, trending: bool
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``k`` items of the popular (or trending) order that ``mask`` keeps and
+        ``blocked`` does not hold. The order is read in growing chunks until ``k`` are found,
+        not whole: a list usually needs the first few hundred of a large catalog."""
         order = self._trending_order if trending else self._popular_order
         scores = self.trending if trending else self.popularity
-        ok = mask[order]
-        if len(blocked):
-            block = np.zeros(self.n_items, dtype=bool)
-            block[blocked] = True
-            ok &= ~block[order]
-        ids = order[ok][:k]
+        if k <= 0:
+            ids = order[:0]
+            return ids, scores[ids]
+        block = np.unique(np.asarray(blocked, dtype=np.int64)) if len(blocked) else None
+        parts: list[np.ndarray] = []
+        found, start, step = 0, 0, max(8 * k, 512)
+        while found < k and start < len(order):
+            chunk = order[start : start + step]
+            ok = mask[chunk]
+            if block is not None:
+                at = np.minimum(np.searchsorted(block, chunk), len(block) - 1)
+                ok &= block[at] != chunk
+            hits = chunk[ok]
+            parts.append(hits)
+            found += len(hits)
+            start += step
+            step *= 4
+        ids = np.concatenate(parts)[:k] if len(parts) > 1 else parts[0][:k]
         return ids, scores[ids]
 
     def _backfill(

@@ -281,3 +281,31 @@ def test_a_pipeline_without_id_maps_ranks_only_model_indices(
         pipeline.similar_items(["i1"], 5)
     ranked = pipeline.rank(ListRequest(ListKind.USER, 5, user=4))
     assert len(ranked.ids) == 5
+
+
+@pytest.mark.parametrize("trending", [False, True])
+def test_popular_items_read_in_chunks_equal_the_whole_order_filtered(trending: bool) -> None:
+    """``_popular`` stops reading the popular order once it has ``k`` items; the answer is the
+    one the whole order, filtered, gives (any k, mask and blocked items, several chunks deep:
+    a popularity model over 20,000 items)."""
+    from models.algorithms import get_algorithm
+
+    rng = np.random.default_rng(3)
+    n, n_users = 20_000, 50
+    seen = sp.random(n_users, n, density=0.01, format="csr", random_state=4, dtype=np.float32)
+    model = get_algorithm("popularity")().fit(seen)
+    popularity = rng.random(n).astype(np.float32)
+    pipeline = RankingPipeline(
+        model, seen=seen, popularity=popularity, trending=rng.random(n).astype(np.float32)
+    )
+    order = pipeline._trending_order if trending else pipeline._popular_order
+    for _ in range(200):
+        k = int(rng.choice([0, 1, 10, 100, 3000, n, n + 5]))
+        mask = rng.random(n) < rng.choice([0.01, 0.2, 0.9, 1.0])
+        blocked = rng.choice(n, size=int(rng.integers(0, 30)), replace=True).astype(np.int64)
+        ids, scores = pipeline._popular(k, mask, blocked, trending=trending)
+        keep = mask[order] & ~np.isin(order, blocked)
+        expected = order[keep][: max(k, 0)]
+        assert np.array_equal(ids, expected)
+        source = pipeline.trending if trending else pipeline.popularity
+        assert np.array_equal(scores, source[expected])
