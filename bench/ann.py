@@ -290,7 +290,9 @@ print(json.dumps({'load_seconds': seconds, 'rss_before_mib': base, 'rss_loaded_m
 """
 
 
-def memory(args: argparse.Namespace) -> dict[str, Any]:
+def indexed_bundle(args: argparse.Namespace) -> tuple[ModelBundle, Any]:
+    """The synthetic model with the first of ``--kinds`` built over it, as an artifact ships it
+    (the bundle with the index's arrays), and the build report."""
     kind = args.kinds[0]
     log(f"generating {args.items:,} items x {args.dims} factors")
     bundle = make_bundle(args.items, args.users, args.dims, args.spread, args.decay)
@@ -300,14 +302,18 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     index, report = ann.build(
         model.item_factors, _params(kind, args), query_vectors=model.user_factors[:2000]
     )
-    arrays = index.to_arrays()
-    del index
-    build = {**report.to_json(), "index_bytes": int(arrays["index"].nbytes)}
+    return ModelBundle(**{**bundle.__dict__, "ann": index.to_arrays()}), report
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    bundle, report = indexed_bundle(args)
+    assert bundle.ann is not None
+    build = {**report.to_json(), "index_bytes": int(bundle.ann["index"].nbytes)}
     log(f"  {json.dumps(build)}")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         path = Path(tmp) / "artifact"
-        save_artifact(ModelBundle(**{**bundle.__dict__, "ann": arrays}), path)
-        del arrays, bundle, model
+        save_artifact(bundle, path)
+        del bundle
         log("loading the artifact in a fresh process, as a server worker")
         out = subprocess.run(
             [sys.executable, "-c", WORKER_PROBE, str(path)],
@@ -332,24 +338,15 @@ def grpc_serving(args: argparse.Namespace) -> dict[str, Any]:
     from protos.affinity.v1 import recommender_pb2 as pb
 
     kind = args.kinds[0]
-    log(f"generating {args.items:,} items x {args.dims} factors")
-    bundle = make_bundle(args.items, args.users, args.dims, args.spread, args.decay)
-    model = bundle.model
-    assert isinstance(model, ALS)
-    log(f"building {kind}")
-    index, report = ann.build(
-        model.item_factors, _params(kind, args), query_vectors=model.user_factors[:2000]
-    )
-    arrays = index.to_arrays()
-    del index
+    bundle, report = indexed_bundle(args)
     users = [str(u) for u in bundle.users.ids[: min(4000, args.users)]]
     bodies = [pb.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users]
     cpus = pinned_cpus(1)
     result: dict[str, Any] = {"build": report.to_json(), "cpus": cpus, "results": []}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp, ExitStack() as stack:
         path = Path(tmp) / "artifact"
-        save_artifact(ModelBundle(**{**bundle.__dict__, "ann": arrays}), path)
-        del arrays, bundle, model
+        save_artifact(bundle, path)
+        del bundle
         ports = {}
         for label, flag in (("exact", "false"), (kind, "true")):
             port = common.free_port()

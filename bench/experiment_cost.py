@@ -42,7 +42,7 @@ import numpy as np
 from bench import common
 from bench.common import SIZES, log
 from bench.live import RECOMMEND, RESULTS, model_artifact, pinned_cpus, sqlite_store, user_ids
-from bench.loadgen import LoadResult, alternate, format_table
+from bench.loadgen import LoadResult, alternate_rows, format_table
 
 VARIANTS = ("none", "ab", "shadow")
 
@@ -148,17 +148,15 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
         }
         log(f"arms over {args.check_users} users: {report['arms']}")
         targets = {v: f"grpc://127.0.0.1:{port}/{RECOMMEND}" for v, (port, _) in servers.items()}
-        for c in args.concurrency:
-            for r in alternate(
-                targets,
-                bodies,
-                concurrency=c,
-                duration=args.duration,
-                rounds=args.rounds,
-                processes=args.client_processes,
-            ):
-                results.append(r)
-                log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
+        results += alternate_rows(
+            targets,
+            bodies,
+            concurrencies=args.concurrency,
+            duration=args.duration,
+            rounds=args.rounds,
+            processes=args.client_processes,
+            log=log,
+        )
         report["resident_mib"] = {v: resident_mib(proc) for v, (_, proc) in servers.items()}
     report["results"] = [r.to_json() for r in results]
     report["ratios"] = {

@@ -55,7 +55,7 @@ import numpy as np
 
 from bench import common
 from bench.common import SIZES, log, tiny_artifact
-from bench.loadgen import LoadResult, alternate, format_table
+from bench.loadgen import LoadResult, alternate_rows, format_table
 from service.cpus import available_cpus, format_cpu_list
 
 RECOMMEND = "affinity.v1.Recommender/Recommend"
@@ -649,17 +649,15 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
         recorded_before = {v: count_rows(uris[v], "responses") for v in args.variants}
         counters_before = {v: scrape(metrics[v]) for v in args.variants}
         targets = {VARIANTS[v][0]: grpc_target.format(ports[v]) for v in args.variants}
-        for c in args.concurrency:
-            for r in alternate(
-                targets,
-                bodies,
-                concurrency=c,
-                duration=args.duration,
-                rounds=args.rounds,
-                processes=args.client_processes,
-            ):
-                results.append(r)
-                log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
+        results += alternate_rows(
+            targets,
+            bodies,
+            concurrencies=args.concurrency,
+            duration=args.duration,
+            rounds=args.rounds,
+            processes=args.client_processes,
+            log=log,
+        )
         time.sleep(1.0)  # the recorder writes every 0.2 s
         report["during_run"] = {}
         for variant in args.variants:

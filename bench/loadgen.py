@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -337,6 +338,34 @@ def format_table(results: list[LoadResult]) -> str:
             f"| {r.p99_ms:.2f} | {r.max_ms:.1f} | {errors} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def alternate_rows(
+    targets: dict[str, str],
+    payloads: list[bytes],
+    *,
+    concurrencies: list[int],
+    duration: float,
+    rounds: int,
+    processes: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> list[LoadResult]:
+    """:func:`alternate` at each of ``concurrencies`` in turn, every result in one list (and,
+    with ``log``, a line per result as it comes)."""
+    results: list[LoadResult] = []
+    for c in concurrencies:
+        for r in alternate(
+            targets,
+            payloads,
+            concurrency=c,
+            duration=duration,
+            rounds=rounds,
+            processes=processes,
+        ):
+            results.append(r)
+            if log is not None:
+                log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
+    return results
 
 
 def alternate(

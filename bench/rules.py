@@ -61,7 +61,7 @@ from bench.live import (
     sqlite_store,
     user_ids,
 )
-from bench.loadgen import LoadResult, alternate, format_table
+from bench.loadgen import LoadResult, alternate_rows, format_table
 
 CAP, MMR, BOOST, PROMOTION_SHARE = 3, 0.2, 1.5, 0.1
 """The rule mix of ``on``: what a product team might switch on first."""
@@ -331,17 +331,15 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
             report["check"] = check_lists(ports["on", None], ports["off", None], mix[:200])
             log(f"lists on / off: {report['check']}")
         targets = {labels[server]: target.format(ports[server]) for server in servers}
-        for c in args.concurrency:
-            for r in alternate(
-                targets,
-                bodies,
-                concurrency=c,
-                duration=args.duration,
-                rounds=args.rounds,
-                processes=args.client_processes,
-            ):
-                results.append(r)
-                log(f"{r.label} c={c}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f}")
+        results += alternate_rows(
+            targets,
+            bodies,
+            concurrencies=args.concurrency,
+            duration=args.duration,
+            rounds=args.rounds,
+            processes=args.client_processes,
+            log=log,
+        )
     report["results"] = [r.to_json() for r in results]
     report["ratios"] = {
         f"{labels[v, tree]} / {labels['off', tree]}, c={c}": _ratio(

@@ -40,6 +40,7 @@ from service.experiments import (
     salt_key,
 )
 from service.loader import LoadedModel, ModelHolder, ModelLoader
+from service.polling import Poller
 from service.wire import experiment_fields
 
 logger = logging.getLogger(__name__)
@@ -167,9 +168,12 @@ class ExperimentRouter:
         self.book: ExperimentBook | None = None
         self._loaders: dict[str, ArmLoader] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Poller(
+            "affinity-experiments",
+            settings.experiment_poll_seconds,
+            self.refresh,
+            "reading the running experiment failed; keeping the routing",
+        )
 
     def check_models(self, config: ExperimentConfig) -> None:
         """Refuse an experiment whose arm names a model that does not exist (the field named).
@@ -196,7 +200,7 @@ class ExperimentRouter:
 
     def wake(self) -> None:
         """Read the running experiment now instead of at the next poll."""
-        self._wake.set()
+        self._poller.wake()
 
     def attach(self, store: EventStore) -> None:
         """Start following ``store``'s experiments (once the event store is open)."""
@@ -205,19 +209,7 @@ class ExperimentRouter:
             self.refresh()
         except Exception as exc:
             logger.error("cannot read the running experiment yet: %s", exc)
-        self._thread = threading.Thread(target=self._poll, name="affinity-experiments", daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.settings.experiment_poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.refresh()
-            except Exception as exc:
-                logger.error("reading the running experiment failed; keeping the routing: %s", exc)
+        self._poller.start()
 
     def refresh(self) -> None:
         """Read the running experiment and put its routing in place if it changed."""
@@ -291,9 +283,6 @@ class ExperimentRouter:
             self._loaders.pop(uri).stop()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._poller.stop()
         with self._lock:
             self._release(set())

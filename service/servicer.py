@@ -297,24 +297,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 assert live is not None and user_id is not None
                 live.showed(user_id, recs.item_ids, at)
             if recorder is not None:
-                meta = loaded.meta
-                reasons = recs.reasons
-                exploration = rules.exploration if rules is not None else None
-                recorder.record(
-                    rec_id,
-                    method,
-                    user_id,
-                    recs.item_ids,
-                    recs.source.value,
-                    meta.name,
-                    meta.version,
-                    # None when every item is the model's: the column stays NULL.
-                    reasons=reasons.tolist() if reasons is not None and reasons.any() else None,
-                    exploration_seed=exploration.seed if exploration is not None else None,
-                    exploration_day=exploration.day if exploration is not None else None,
-                    experiment=experiment,
-                    arm=arm,
-                    at=at,
+                _record_answer(
+                    recorder, rec_id, method, loaded, recs, user_id, rules, experiment, arm, at
                 )
         if not logger.isEnabledFor(logging.INFO):
             return
@@ -402,22 +386,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 continue
             if recorder is None:
                 continue
-            meta = loaded.meta
-            reasons = recs.reasons
-            exploration = rules.exploration if rules is not None else None
-            recorder.record(
+            _record_answer(
+                recorder,
                 new_recommendation_id(),
                 SHADOW,
+                loaded,
+                recs,
                 request.user_id,
-                recs.item_ids,
-                recs.source.value,
-                meta.name,
-                meta.version,
-                reasons=reasons.tolist() if reasons is not None and reasons.any() else None,
-                exploration_seed=exploration.seed if exploration is not None else None,
-                exploration_day=exploration.day if exploration is not None else None,
-                experiment=routing.name,
-                arm=arm.name,
+                rules,
+                routing.name,
+                arm.name,
             )
 
     def _user_list(
@@ -706,6 +684,40 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         """Have this worker pick up a changed experiment now (the others poll for it)."""
         if self.experiments is not None:
             self.experiments.wake()
+
+
+def _record_answer(
+    recorder: ResponseRecorder,
+    rec_id: str,
+    method: str,
+    loaded: LoadedModel,
+    recs: Recommendations,
+    user_id: str | None,
+    rules: Rules | None,
+    experiment: str | None,
+    arm: str | None,
+    at: float | None = None,
+) -> None:
+    """Queue one answer on the recorder, with its reasons, exploration and experiment arm."""
+    meta = loaded.meta
+    reasons = recs.reasons
+    exploration = rules.exploration if rules is not None else None
+    recorder.record(
+        rec_id,
+        method,
+        user_id,
+        recs.item_ids,
+        recs.source.value,
+        meta.name,
+        meta.version,
+        # None when every item is the model's: the column stays NULL.
+        reasons=reasons.tolist() if reasons is not None and reasons.any() else None,
+        exploration_seed=exploration.seed if exploration is not None else None,
+        exploration_day=exploration.day if exploration is not None else None,
+        experiment=experiment,
+        arm=arm,
+        at=at,
+    )
 
 
 def _erased_for(activity: UserActivity, loaded: LoadedModel) -> bool:

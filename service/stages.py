@@ -29,6 +29,7 @@ from models.lifecycle import STAGES
 from models.strategies import ACTIVE_CODE, NEW_CODE, STAGE_CODES, Strategy, StrategyConfig
 from models.vocabulary import MISSING, Vocabulary
 from service.events import USER_SEGMENTS, EventStore
+from service.polling import Poller
 from service.wire import stage_fields
 
 logger = logging.getLogger(__name__)
@@ -143,9 +144,12 @@ class StageView:
         self._version: tuple[datetime | None, int] | None = None
         self._mapped: dict[int, _Mapped] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Poller(
+            "affinity-stages",
+            poll_seconds,
+            self.refresh,
+            "reading user_segments failed; keeping the stages",
+        )
 
     def _placement(self, stage: str, name: str) -> Placement:
         return Placement(stage, name, self.config.strategy(name), stage_fields(stage, name))
@@ -186,23 +190,11 @@ class StageView:
             self.refresh()
         except Exception as exc:
             logger.error("cannot read user_segments yet: %s", exc)
-        self._thread = threading.Thread(target=self._poll, name="affinity-stages", daemon=True)
-        self._thread.start()
+        self._poller.start()
 
     def wake(self) -> None:
         """Check the store now instead of at the next poll."""
-        self._wake.set()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.refresh()
-            except Exception as exc:
-                logger.error("reading user_segments failed; keeping the stages: %s", exc)
+        self._poller.wake()
 
     def refresh(self) -> bool:
         """Reload the stages if ``affinity segments`` wrote a new computation; returns whether
@@ -229,7 +221,4 @@ class StageView:
         return True
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._poller.stop()
