@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -147,24 +147,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
 
         def guarded(behavior: Behavior, request: Any, context: grpc.ServicerContext) -> Any:
-            if isinstance(request, MalformedRequest):
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request is not a valid {method_name(method)} message ({request.reason})",
-                )
+            _refuse_malformed(request, method, context)
             try:
                 return behavior(request, context)
-            except AffinityError as exc:
-                code = status_for(exc)
-                if code is not None:
-                    context.abort(code, str(exc))
-                logger.error("unexpected %s in %s", type(exc).__name__, method, exc_info=True)
-                context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            except Exception:
-                if _aborted(context):
-                    raise  # the handler already chose a status with context.abort
-                logger.error("unhandled error in %s", method, exc_info=True)
-                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            except Exception as exc:
+                _abort_for(exc, method, context)
 
         handler = continuation(handler_call_details)
         if handler is not None and handler.unary_stream is not None:
@@ -180,30 +167,41 @@ def _guard_stream(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
     assert stream is not None
 
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, MalformedRequest):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request is not a valid {method_name(method)} message ({request.reason})",
-            )
+        _refuse_malformed(request, method, context)
         try:
             yield from stream(request, context)
-        except AffinityError as exc:
-            code = status_for(exc)
-            if code is not None:
-                context.abort(code, str(exc))
-            logger.error("unexpected %s in %s", type(exc).__name__, method, exc_info=True)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        except Exception:
-            if _aborted(context):
-                raise  # the handler already chose a status with context.abort
-            logger.error("unhandled error in %s", method, exc_info=True)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as exc:
+            _abort_for(exc, method, context)
 
     return grpc.unary_stream_rpc_method_handler(
         guarded,
         request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+def _refuse_malformed(request: Any, method: str, context: grpc.ServicerContext) -> None:
+    """INVALID_ARGUMENT for request bytes that did not parse (see :func:`_tolerant`)."""
+    if isinstance(request, MalformedRequest):
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request is not a valid {method_name(method)} message ({request.reason})",
+        )
+
+
+def _abort_for(exc: Exception, method: str, context: grpc.ServicerContext) -> NoReturn:
+    """End the call with ``exc``'s status code: a domain error's own, INTERNAL (a generic
+    message, the details logged) for anything else; re-raises a status the handler chose."""
+    if isinstance(exc, AffinityError):
+        code = status_for(exc)
+        if code is not None:
+            context.abort(code, str(exc))
+        logger.error("unexpected %s in %s", type(exc).__name__, method, exc_info=exc)
+    elif _aborted(context):
+        raise exc  # the handler already chose a status with context.abort
+    else:
+        logger.error("unhandled error in %s", method, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
