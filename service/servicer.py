@@ -370,16 +370,21 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def _shadow(self, routing: Routing, request: pb.RecommendRequest) -> None:
         """Rank ``request`` with each shadow arm's model and record the list (never shown, so
-        it neither counts as an impression nor feeds rotation). A shadow failure is logged and
-        counted, never the caller's error."""
+        it neither counts as an impression nor feeds rotation), with the strategy of the user's
+        stage as the answer had it. A shadow failure is logged and counted, never the caller's
+        error."""
         recorder = self.recorder
+        view = self.stages
         for arm in routing.shadows:
             loaded = arm.holder.current
             if loaded is None:
                 arm.fell_back(routing.name)
                 continue
             try:
-                recs, rules = self._user_list(request, loaded)
+                placed = None
+                if view is not None:
+                    placed = view.place(request.user_id, loaded.pipeline.vocabularies()[0])
+                recs, rules = self._user_list(request, loaded, placed)
             except Exception as exc:
                 arm.fell_back(routing.name)
                 logger.warning("shadow arm %s could not rank: %s", arm.name, exc)

@@ -182,3 +182,45 @@ def test_a_bad_strategy_setting_is_refused_naming_the_field(value: str, named: s
         load_settings(stage_strategies=value, model_uri=".")
     assert info.value.field == "stage_strategies"
     assert "AFFINITY_STAGE_STRATEGIES" in str(info.value) and named in str(info.value)
+
+
+def test_a_shadow_arm_ranks_with_the_users_stage_strategy(
+    artifact_dir: Path, pipeline: RankingPipeline, store: EventStore, tmp_path: Path
+) -> None:
+    """The shadow list of an at-risk user is made with win-back, as the answer was: a shadow
+    arm of the served model records the list the user was shown."""
+    from service.experiments import ExperimentBook, parse_config
+    from service.recorder import ResponseRecorder
+    from service.servicer import SHADOW
+
+    write_stages(store, {"u01": "at_risk"}, NOW)
+    settings = settings_for(
+        artifact_dir, tmp_path, stage_strategies="default", experiment_poll_seconds=0.1
+    )
+    ExperimentBook(store).start(
+        parse_config(
+            {
+                "name": "quiet",
+                "arms": [
+                    {"name": "champion", "model": "champion", "share": 1.0},
+                    {"name": "mirror", "model": str(artifact_dir), "shadow": True},
+                ],
+            }
+        )
+    )
+    holder = ModelHolder()
+    holder.swap(loaded_model(pipeline))
+    recorder = ResponseRecorder(store, interval=0.05)
+    recorder.start()
+    try:
+        with running(settings, holder, store=store, recorder=recorder) as port:
+            with client_for(port, timeout=20) as client:
+                shown = client.recommend("u01", k=5)
+            assert (shown.stage, shown.strategy, shown.arm) == ("at_risk", "win_back", "champion")
+            recorder.flush()
+    finally:
+        recorder.stop()
+    shadow = [r for r in store.responses_for_user("u01") if r.method == SHADOW]
+    assert len(shadow) == 1 and shadow[0].arm == "mirror"
+    assert list(shadow[0].item_ids) == shown.item_ids
+    assert shown.item_ids != pipeline.recommend("u01", 5).item_ids  # win-back, not plain
