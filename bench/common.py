@@ -322,3 +322,42 @@ def tiny_artifact(directory: Path, users: int = 400, items: int = 120) -> Path:
     )
     save_artifact(bundle, directory)
     return directory
+
+
+# ------------------------------------------------------------------ shared options
+def add_model_options(parser: Any, *, size_help: str = "") -> None:
+    """``--size``, ``--workdir``, ``--results`` and ``--seed`` of the benchmarks that serve the
+    serving benchmark's catalog (``tiny``: a 400-user model built here, for smoke runs)."""
+    parser.add_argument(
+        "--size",
+        choices=["tiny", *sorted(SIZES)],
+        default="small",
+        help=size_help
+        or "tiny: a 400-user synthetic model built here (smoke runs); small/large: the serving "
+        "benchmark's catalog and registered model (built once under --workdir)",
+    )
+    parser.add_argument("--workdir", default="/tmp/affinity-bench")
+    parser.add_argument(
+        "--results", default=str(ROOT / "bench" / "results"), help="where the JSON files go"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_load_options(parser: Any) -> None:
+    """The closed-loop load of the side-by-side server benchmarks (``loadgen.alternate_rows``):
+    ``--duration``, ``--rounds``, ``--requests``, ``--concurrency``, ``--client-processes``."""
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=12.0,
+        help="measured seconds per row (split into --rounds slices)",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="alternating slices per row")
+    parser.add_argument("--requests", type=int, default=4000, help="distinct users in the mix")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 8],
+        help="closed-loop concurrencies (default 1,8)",
+    )
+    parser.add_argument("--client-processes", type=int, default=1)

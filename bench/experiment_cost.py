@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from bench import common
-from bench.common import SIZES, log
-from bench.live import RECOMMEND, RESULTS, model_artifact, pinned_cpus, sqlite_store, user_ids
+from bench.common import log
+from bench.live import RECOMMEND, model_artifact, pinned_cpus, sqlite_store, user_ids
 from bench.loadgen import LoadResult, alternate_rows, format_table
 
 VARIANTS = ("none", "ab", "shadow")
@@ -187,31 +187,11 @@ def _rps(results: list[LoadResult], c: int, label: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiment_cost", description=__doc__)
-    parser.add_argument(
-        "--size",
-        choices=["tiny", *sorted(SIZES)],
-        default="small",
-        help="tiny: a 400-user synthetic model built here (smoke runs); small/large: the serving "
-        "benchmark's catalog and registered model",
-    )
-    parser.add_argument("--workdir", default="/tmp/affinity-bench")
-    parser.add_argument("--results", default=str(RESULTS), help="where the JSON file goes")
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_model_options(parser)
     parser.add_argument("--cpus", help="affinity serve --cpus (default: the last --workers CPUs)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (default 1)")
-    parser.add_argument(
-        "--duration", type=float, default=12.0, help="measured seconds per row (split in slices)"
-    )
-    parser.add_argument("--rounds", type=int, default=4, help="alternating slices per row")
-    parser.add_argument("--requests", type=int, default=4000, help="distinct users in the mix")
+    common.add_load_options(parser)
     parser.add_argument("--check-users", type=int, default=200, help="users checked for arms")
-    parser.add_argument(
-        "--concurrency",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[1, 8],
-        help="closed-loop concurrencies (default 1,8)",
-    )
-    parser.add_argument("--client-processes", type=int, default=1)
     parser.add_argument(
         "--variants",
         type=lambda s: s.split(","),

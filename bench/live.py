@@ -729,16 +729,7 @@ def _ratio(results: list[LoadResult], c: int, on: str, off: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__)
     parser.add_argument("benchmark", choices=["freshness", "cost", "all"])
-    parser.add_argument(
-        "--size",
-        choices=["tiny", *sorted(SIZES)],
-        default="small",
-        help="tiny: a 400-user synthetic model built here (smoke runs); small/large: the "
-        "serving benchmark's catalog and registered model (built once under --workdir)",
-    )
-    parser.add_argument("--workdir", default="/tmp/affinity-bench")
-    parser.add_argument("--results", default=str(RESULTS), help="where the JSON files go")
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_model_options(parser)
     parser.add_argument(
         "--live-poll-seconds",
         type=float,
@@ -768,14 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also measure this PostgreSQL database (default: ${POSTGRES_ENV})",
     )
     loop = parser.add_argument_group("cost")
-    loop.add_argument(
-        "--duration",
-        type=float,
-        default=12.0,
-        help="measured seconds per row (split into --rounds slices)",
-    )
-    loop.add_argument("--rounds", type=int, default=4, help="alternating slices per row")
-    loop.add_argument("--requests", type=int, default=4000, help="distinct users in the mix")
+    common.add_load_options(loop)
     loop.add_argument(
         "--live-fraction",
         type=float,
@@ -783,13 +767,6 @@ def main(argv: list[str] | None = None) -> int:
         help="share of the mix's users given live events first",
     )
     loop.add_argument("--likes", type=int, default=3, help="likes per live user (and 1 dislike)")
-    loop.add_argument(
-        "--concurrency",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[1, 8],
-        help="closed-loop concurrencies",
-    )
-    loop.add_argument("--client-processes", type=int, default=1)
     loop.add_argument(
         "--variants",
         type=lambda s: s.split(","),

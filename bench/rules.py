@@ -51,10 +51,9 @@ from typing import Any
 import numpy as np
 
 from bench import common
-from bench.common import SIZES, log
+from bench.common import log
 from bench.live import (
     RECOMMEND,
-    RESULTS,
     model_artifact,
     pinned_cpus,
     serving,
@@ -401,30 +400,14 @@ def _ratio(results: list[LoadResult], c: int, on: str, off: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.rules", description=__doc__)
     parser.add_argument("benchmark", nargs="?", default="cost", choices=["cost"])
-    parser.add_argument(
-        "--size",
-        choices=["tiny", *sorted(SIZES)],
-        default="small",
-        help="tiny: a 400-user synthetic model built here (smoke runs; no categories, so no "
-        "cap); small/large: the serving benchmark's catalog and registered model",
+    common.add_model_options(
+        parser,
+        size_help="tiny: a 400-user synthetic model built here (smoke runs; no categories, so "
+        "no cap); small/large: the serving benchmark's catalog and registered model",
     )
-    parser.add_argument("--workdir", default="/tmp/affinity-bench")
-    parser.add_argument("--results", default=str(RESULTS), help="where the JSON file goes")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", help="affinity serve --cpus (default: the last --workers CPUs)")
     parser.add_argument("--workers", type=int, default=1, help="server workers (default 1)")
-    parser.add_argument(
-        "--duration", type=float, default=12.0, help="measured seconds per row (split in slices)"
-    )
-    parser.add_argument("--rounds", type=int, default=4, help="alternating slices per row")
-    parser.add_argument("--requests", type=int, default=4000, help="distinct users in the mix")
-    parser.add_argument(
-        "--concurrency",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[1, 8],
-        help="closed-loop concurrencies (default 1,8)",
-    )
-    parser.add_argument("--client-processes", type=int, default=1)
+    common.add_load_options(parser)
     parser.add_argument(
         "--variants",
         type=lambda s: s.split(","),
