@@ -368,12 +368,16 @@ def _search(
         # its error (the query's and the row's rounding, and the float32 margin), must reach
         # the threshold; only those few rows are read in float32 and scored exactly.
         query, query_scale, query_error = _quantized(vector)
+        # Levels are within +-127, so each product fits 16 bits exactly: the compiler then
+        # multiplies twice as many lanes at once as with 32-bit products (the sum is 32-bit).
+        query16 = query.astype(np.int16)
         kept = 0
         for i in range(m):
             p = candidates[i]
+            row = levels[p]
             dot = np.int32(0)
             for j in range(f):
-                dot += np.int32(levels[p, j]) * query[j]
+                dot += np.int32(np.int16(row[j]) * query16[j])
             upper = query_scale * np.float64(level_scale[p]) * dot
             upper += query_error * np.float64(level_norm[p]) + length * np.float64(level_error[p])
             if upper >= threshold:

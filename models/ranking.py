@@ -687,6 +687,17 @@ class RankingPipeline:
             return (sims[:, ids].sum(axis=0) / len(request.items)).astype(np.float32)
         return (self.trending if kind is ListKind.TRENDING else self.popularity)[ids]
 
+    def similarity_table(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The item unit vectors as the similar-items index stores them, and each item's row in
+        them (item index -> row), where the model has vectors: ``rows[where[a]] @
+        rows[where[b]]`` is the similarity of items ``a`` and ``b`` that
+        :meth:`pairwise_similarity` gives with ``exact=False``, for a caller that needs only a few
+        of the pairs (maximal marginal relevance). None for other models."""
+        index = self._similar_index
+        if index is None:
+            return None
+        return index._factors, index.position
+
     def pairwise_similarity(self, ids: np.ndarray, *, exact: bool = True) -> np.ndarray:
         """Similarity of every pair of ``ids`` in [0, 1] (``(n, n)``, float32, 1 on the
         diagonal), as :meth:`max_similarity` measures it; a model that gives every user the

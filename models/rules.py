@@ -67,6 +67,7 @@ import numpy as np
 from numba import njit
 
 from .errors import InvalidInputError
+from .kernels import SHORT_SORT, _before
 from .ranking import ItemFilter, ItemMask, ListRequest, RankingPipeline, Reason
 from .vocabulary import MISSING, Vocabulary
 
@@ -88,6 +89,8 @@ BOOST_TABLES = 64
 :meth:`RuleStages.boost_factors`)."""
 RULE_PLANS = 256
 """Plans kept per pipeline, one per ``Rules`` object (see :meth:`RuleStages.plan`)."""
+PROMOTED = int(Reason.PROMOTED)
+"""The promotion's reason code, as the compiled arrangement writes it."""
 
 
 # --------------------------------------------------------------------------------- the rules
@@ -455,11 +458,15 @@ class RulePlan:
     """Per item, the product of the factors of the boosts that match it (None: no boosts)."""
     promoted: np.ndarray | None
     """Per item, whether the promotion's filter matches it (None: no promotion)."""
+    composed: tuple[Any, ...] = ()
+    """The one :class:`ComposedStage` that does the work of ``before + after`` in one call,
+    where the rules are of its kind (empty otherwise)."""
     stages: tuple[Any, ...] = field(init=False)
-    """``before + after``: what runs when the pipeline has no stage of its own to run."""
+    """What runs when the pipeline has no stage of its own to run: ``composed``, else
+    ``before + after``."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stages", self.before + self.after)
+        object.__setattr__(self, "stages", self.composed or self.before + self.after)
 
 
 class RuleStages:
@@ -484,6 +491,11 @@ class RuleStages:
             ArrangeStage(self, diversity=True),
             ArrangeStage(self, diversity=False),
         )
+        self.composed = {
+            (diverse, boosts): ComposedStage(self, diversity=diverse, boosts=boosts)
+            for diverse in (False, True)
+            for boosts in (False, True)
+        }
 
     @property
     def pipeline(self) -> RankingPipeline:
@@ -501,6 +513,11 @@ class RuleStages:
         self.check(rules)
         pipeline = self.pipeline
         promotion = rules.promotion
+        diverse = rules.diversity is not None and rules.diversity.active
+        mmr = diverse and rules.diversity is not None and rules.diversity.mmr > 0
+        composed: tuple[Any, ...] = ()
+        if ComposedStage.fits(rules) and (not mmr or pipeline.similarity_table() is not None):
+            composed = (self.composed[diverse, bool(rules.boosts)],)
         plan = RulePlan(
             before=tuple(s for s in self.before if s.wanted(rules)),
             after=tuple(s for s in self.after if s.wanted(rules)),
@@ -508,6 +525,7 @@ class RuleStages:
             promoted=(
                 None if promotion is None else pipeline.candidate_mask(promotion.item_filter)
             ),
+            composed=composed,
         )
         if len(self._plans) >= RULE_PLANS:
             self._plans.clear()  # a bound on memory; a plan is rebuilt in microseconds
@@ -635,6 +653,21 @@ class RuleStages:
         return items[self.draw_order(exploration, request, items)][:count].astype(np.int64)
 
 
+def _promotion_beyond(request: ListRequest) -> tuple[ItemFilter, int] | None:
+    """The promotion's filter and how many of its items a list gathers beyond its candidates
+    (None: no promotion)."""
+    promotion = request.rules.promotion if request.rules is not None else None
+    if promotion is None:
+        return None
+    return promotion.item_filter, GATHERED_PER_SLOT * slot_count(request.k, promotion.share)
+
+
+def _rotates(rules: Rules) -> bool:
+    """Whether ``rules`` demote anything for rotation."""
+    rotation = rules.rotation
+    return rotation is not None and rotation.rate > 0 and len(rotation.shown_items) > 0
+
+
 class _RuleStage:
     """A rule's stage: a :class:`~models.ranking.ConditionalStage` of a :class:`RuleStages`,
     which runs for the requests whose rules it is :meth:`wanted` by."""
@@ -662,10 +695,7 @@ class GatherStage(_RuleStage):
     def beyond(self, request: ListRequest) -> tuple[ItemFilter, int] | None:
         """The promotion's items this stage asks for beyond the candidates, so that step 1 may
         find them in the same search (see :class:`~models.ranking.RerankStage`)."""
-        promotion = request.rules.promotion if request.rules is not None else None
-        if promotion is None:
-            return None
-        return promotion.item_filter, GATHERED_PER_SLOT * slot_count(request.k, promotion.share)
+        return _promotion_beyond(request)
 
     def __call__(
         self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
@@ -727,8 +757,7 @@ class RotationStage(_RuleStage):
     candidates_per_slot = RESCORE_CANDIDATES_PER_SLOT
 
     def wanted(self, rules: Rules) -> bool:
-        rotation = rules.rotation
-        return rotation is not None and rotation.rate > 0 and len(rotation.shown_items) > 0
+        return _rotates(rules)
 
     def __call__(
         self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
@@ -772,6 +801,102 @@ class ArrangeStage(_RuleStage):
         return _Layout(self.rules, self.rules.plan(rules), request, rules, ids, scores).run()
 
 
+class ComposedStage(_RuleStage):
+    """Gather (a promotion's items), boosts and the arrangement of one list in one compiled call
+    (:func:`_compose`), for the rules most lists carry: diversity, boosts and a promotion,
+    without rotation or exploration, and no stage of the pipeline's own between them. The
+    list, its scores and its reasons are those the three stages give one after the other
+    (``tests/models/test_rules_cost.py`` holds them to it); only the Python between them is
+    gone. Where the candidates run out before ``k`` places, the list goes on as
+    :class:`ArrangeStage`'s does (:meth:`_Layout.fill`).
+
+    One instance per shape of plan, for the candidates it asks for: with or without diversity,
+    with or without boosts.
+    """
+
+    orders = True
+
+    def __init__(self, rules: RuleStages, *, diversity: bool, boosts: bool) -> None:
+        super().__init__(rules)
+        self.candidates_per_slot = (
+            DIVERSITY_CANDIDATES_PER_SLOT
+            if diversity
+            else RESCORE_CANDIDATES_PER_SLOT
+            if boosts
+            else SLOT_CANDIDATES_PER_SLOT
+        )
+
+    @staticmethod
+    def fits(rules: Rules) -> bool:
+        """Whether ``rules`` are of the kind this stage composes."""
+        if rules.exploration is not None or _rotates(rules):
+            return False
+        diverse = rules.diversity is not None and rules.diversity.active
+        return diverse or rules.promotion is not None
+
+    def wanted(self, rules: Rules) -> bool:  # pragma: no cover - chosen by RuleStages.plan
+        return self.fits(rules)
+
+    def beyond(self, request: ListRequest) -> tuple[ItemFilter, int] | None:
+        return _promotion_beyond(request)
+
+    def __call__(
+        self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rules = request.rules
+        assert rules is not None
+        context = self.rules
+        pipeline = context.pipeline
+        plan = context.plan(rules)
+        ids = np.asarray(ids, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        k = request.k
+        more_ids, more_scores = _NO_IDS, _NO_SCORES
+        promote, places, promoted = 0, _NO_IDS, _NO_PROMOTED
+        promotion = rules.promotion
+        if promotion is not None:
+            within, count = _promotion_beyond(request)  # type: ignore[misc]
+            got, got_scores = pipeline.candidates(
+                request, count, within=within, skip=ids, backfill=False
+            )
+            more_ids = np.asarray(got, dtype=np.int64)
+            more_scores = np.asarray(got_scores, dtype=np.float32)
+            promote = slot_count(k, promotion.share)
+            places = _slot_places(k, promote)
+            assert plan.promoted is not None
+            promoted = plan.promoted
+        diversity = rules.diversity if rules.diversity is not None else Diversity()
+        table, where = _NO_SIMS, _NO_IDS
+        if diversity.mmr > 0:
+            found = pipeline.similarity_table()
+            assert found is not None  # RuleStages.plan composes MMR only with unit vectors
+            table, where = found
+        factors = plan.boost_factors if plan.boost_factors is not None else _NO_FACTORS
+        state = _compose(
+            ids,
+            scores,
+            more_ids,
+            more_scores,
+            factors,
+            context.category_codes(),
+            promoted,
+            promote,
+            places,
+            diversity.max_per_category,
+            diversity.mmr,
+            table,
+            where,
+            k,
+        )
+        if state[13] < k:  # the candidates ran out: fetch beyond them, as the stage does
+            layout = _Layout.resume(context, plan, request, rules, state)
+            layout.fill(state[10], state[13], started=True)
+            return _finish(
+                layout.ids, layout.scores, layout.why, state[2], layout.placed, layout.n_placed
+            )
+        return _finish(state[0], state[1], state[6], state[2], state[11], state[12])
+
+
 class _Layout:
     """One list being laid out by :class:`ArrangeStage` (the state of one call).
 
@@ -807,13 +932,56 @@ class _Layout:
         self.why = np.zeros(n, dtype=np.uint8)
         self.taken = np.zeros(n, dtype=np.int64)
         self.sims = _NO_SIMS
+        self.unit = _NO_SIMS
+        self.table = self.pipeline.similarity_table() if self.mmr > 0 else None
         self.nearest = self.relevance  # a placeholder without MMR (never read)
         if self.mmr > 0 and n:
-            self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
+            if self.table is not None:
+                self.unit = _unit_rows(self.table[0], self.table[1], self.ids)
+            else:
+                self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
             self.nearest = np.zeros(n)
         self.placed = np.empty(self.k, dtype=np.int64)
         self.n_placed = 0
         self.deeper = 0
+
+    @classmethod
+    def resume(
+        cls,
+        context: RuleStages,
+        plan: RulePlan,
+        request: ListRequest,
+        rules: Rules,
+        state: tuple[Any, ...],
+    ) -> _Layout:
+        """The layout :func:`_compose` left unfinished (the candidates ran out before ``k``
+        places), to go on fetching beyond them as :meth:`run` does."""
+        layout = cls.__new__(cls)
+        layout.context, layout.plan, layout.request, layout.rules = context, plan, request, rules
+        layout.pipeline = context.pipeline
+        layout.k = request.k
+        diversity = rules.diversity if rules.diversity is not None else Diversity()
+        layout.cap, layout.mmr = diversity.max_per_category, diversity.mmr
+        layout.table = layout.pipeline.similarity_table() if layout.mmr > 0 else None
+        layout.sims = _NO_SIMS
+        (
+            layout.ids,
+            layout.scores,
+            _,
+            layout.cats,
+            layout.relevance,
+            layout.used,
+            layout.why,
+            layout.taken,
+            layout.unit,
+            layout.nearest,
+            _,
+            layout.placed,
+            layout.n_placed,
+            _,
+        ) = state
+        layout.deeper = 0
+        return layout
 
     def _pick(self, rows: np.ndarray, count: int, why: Reason) -> np.ndarray:
         """The first ``count`` of ``rows`` (in order) still free and under the cap, taken."""
@@ -830,7 +998,8 @@ class _Layout:
             full = _full_categories(self.cats, self.taken, self.cap)
             if len(full):
                 within = self.context.open_categories(full)
-        want = DIVERSITY_CANDIDATES_PER_SLOT * self.k
+        # As many per place still to fill as the candidates had per place.
+        want = DIVERSITY_CANDIDATES_PER_SLOT * max(1, self.k - self.n_placed)
         got, got_scores = self.pipeline.candidates(self.request, want, within=within, skip=self.ids)
         if not len(got):
             self.deeper = DEEPER_ROUNDS
@@ -850,8 +1019,13 @@ class _Layout:
             # Items from beyond the candidates come after all of them: no relevance of their
             # own (their scores may be the backfill's popularity, on another scale).
             self.relevance = np.concatenate([self.relevance, np.zeros(len(got))])
-            self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
-            self.nearest = _nearest(self.sims, self.placed[: self.n_placed])
+            placed = self.placed[: self.n_placed]
+            if self.table is not None:
+                self.unit = _unit_rows(self.table[0], self.table[1], self.ids)
+                self.nearest = _nearest_of(self.unit, placed)
+            else:
+                self.sims = self.pipeline.pairwise_similarity(self.ids, exact=False)
+                self.nearest = _nearest(self.sims, placed)
         return True
 
     def run(self) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -872,11 +1046,24 @@ class _Layout:
             wanted = slot_positions(k, count)[: len(chosen)]
             places = _free_positions(wanted, set(np.flatnonzero(pinned >= 0).tolist()), k)
             pinned[places] = chosen
-        place, give_up = 0, False
-        while place < k:
+        self.fill(pinned, 0)
+        rows = self.placed[: self.n_placed]
+        if rules.promotion is None and rules.exploration is None:
+            return self.ids[rows], self.scores[rows]
+        return self.ids[rows], self.scores[rows], self.why[rows]
+
+    def fill(self, pinned: np.ndarray, place: int, *, started: bool = False) -> None:
+        """Lay out places ``place..k-1`` (:func:`_lay_out`), fetching beyond the candidates
+        (:meth:`_deeper`) whenever they run out; ``started``: a first :func:`_lay_out` pass
+        stopped at ``place`` already, so fetch first."""
+        give_up = False
+        if started and not self._deeper():
+            give_up = True  # nothing more to fetch: leave the free places empty
+        while place < self.k:
             self.n_placed, place = _lay_out(
                 self.relevance,
                 self.sims,
+                self.unit,
                 self.cats,
                 self.taken,
                 self.cap,
@@ -889,12 +1076,8 @@ class _Layout:
                 place,
                 give_up,
             )
-            if place < k and not self._deeper():
-                give_up = True  # nothing more to fetch: leave the free places empty
-        rows = self.placed[: self.n_placed]
-        if rules.promotion is None and rules.exploration is None:
-            return self.ids[rows], self.scores[rows]
-        return self.ids[rows], self.scores[rows], self.why[rows]
+            if place < self.k and not self._deeper():
+                give_up = True
 
 
 @lru_cache(maxsize=1024)
@@ -1026,6 +1209,45 @@ def _nearest(sims: np.ndarray, placed: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
+def _unit_rows(table: np.ndarray, where: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The unit vectors of ``ids`` (rows of ``table`` at ``where[ids]``: see
+    :meth:`RankingPipeline.similarity_table`), stored transposed (``f x len(ids)``), so that
+    :func:`_raise_nearest` reads each dimension as one contiguous run."""
+    f = table.shape[1]
+    unit = np.empty((f, len(ids)), np.float32)
+    for i in range(len(ids)):
+        row = where[ids[i]]
+        for j in range(f):
+            unit[j, i] = table[row, j]
+    return unit
+
+
+@njit(cache=True)
+def _raise_nearest(unit: np.ndarray, row: int, nearest: np.ndarray) -> None:
+    """Raise each row's ``nearest`` to its similarity with ``row`` (``unit``: transposed unit
+    vectors, :func:`_unit_rows`). Summed dimension by dimension over all rows at once (the
+    compiler vectorizes across rows), in float32 as the index's products are."""
+    f, n = unit.shape
+    column = np.zeros(n, np.float32)
+    for j in range(f):
+        weight = unit[j, row]
+        for r in range(n):
+            column[r] += unit[j, r] * weight
+    for r in range(n):
+        if column[r] > nearest[r]:
+            nearest[r] = column[r]
+
+
+@njit(cache=True)
+def _nearest_of(unit: np.ndarray, placed: np.ndarray) -> np.ndarray:
+    """:func:`_nearest` with the similarities of the ``placed`` rows from unit vectors."""
+    nearest = np.zeros(unit.shape[1])
+    for p in placed:
+        _raise_nearest(unit, p, nearest)
+    return nearest
+
+
+@njit(cache=True)
 def _pin(
     rows: np.ndarray,
     count: int,
@@ -1061,6 +1283,7 @@ def _pin(
 def _lay_out(
     relevance: np.ndarray,
     sims: np.ndarray,
+    unit: np.ndarray,
     cats: np.ndarray,
     taken: np.ndarray,
     cap: int,
@@ -1075,7 +1298,9 @@ def _lay_out(
 ) -> tuple[int, int]:
     """Fill places ``place..k-1`` (``k = len(pinned)``): a pinned row where ``pinned`` has one,
     else the free row under the cap that is first in order (``mmr == 0``) or has the best
-    ``(1 - mmr) * relevance - mmr * nearest`` (first of equals). ``used``, ``taken`` (rows
+    ``(1 - mmr) * relevance - mmr * nearest`` (first of equals). Similarities are ``sims``
+    (rows x rows), or with ``unit`` (the rows' unit vectors, transposed: :func:`_unit_rows`)
+    computed for each placed row against all (:func:`_raise_nearest`). ``used``, ``taken`` (rows
     of each row's category in the list), ``nearest`` (highest similarity to a placed row, at
     least 0) and ``placed`` are updated in place.
     Returns the rows placed and the place reached: short of ``k`` when a free place found no
@@ -1114,11 +1339,182 @@ def _lay_out(
         placed[n_placed] = row
         n_placed += 1
         if mmr > 0.0:
-            for r in range(n):
-                if sims[r, row] > nearest[r]:
-                    nearest[r] = sims[r, row]
+            if unit.size:
+                _raise_nearest(unit, row, nearest)
+            else:
+                for r in range(n):
+                    if sims[r, row] > nearest[r]:
+                        nearest[r] = sims[r, row]
         place += 1
     return n_placed, place
+
+
+@njit(cache=True)
+def _finish(
+    ids: np.ndarray,
+    scores: np.ndarray,
+    why: np.ndarray,
+    raised: np.ndarray,
+    placed: np.ndarray,
+    n_placed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The list a layout placed: ids, scores and reasons, the arrangement's claims over the
+    boosts' (``raised``; rows fetched beyond the candidates were never boosted), as the pipeline
+    merges the claims of stages run one by one."""
+    out_ids = np.empty(n_placed, np.int64)
+    out_scores = np.empty(n_placed, np.float32)
+    reasons = np.empty(n_placed, np.uint8)
+    for i in range(n_placed):
+        row = placed[i]
+        out_ids[i], out_scores[i] = ids[row], scores[row]
+        reason = why[row]
+        if reason == 0 and row < len(raised):
+            reason = raised[row]
+        reasons[i] = reason
+    return out_ids, out_scores, reasons
+
+
+@njit(cache=True)
+def _score_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The permutation that sorts ``ids`` and ``scores`` by the top-k rule, as
+    :func:`~models.kernels.by_score` sorts them (stable; NaN scores last)."""
+    n = len(ids)
+    if n > SHORT_SORT:
+        by_id = np.argsort(ids, kind="mergesort")
+        return by_id[np.argsort(-scores[by_id], kind="mergesort")]
+    order = np.arange(n)
+    for i in range(1, n):
+        row = order[i]
+        j = i
+        while j > 0 and _before(scores[row], ids[row], scores[order[j - 1]], ids[order[j - 1]]):
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = row
+    return order
+
+
+@njit(cache=True)
+def _compose(
+    ids: np.ndarray,
+    scores: np.ndarray,
+    more_ids: np.ndarray,
+    more_scores: np.ndarray,
+    factors: np.ndarray,
+    codes: np.ndarray,
+    promoted: np.ndarray,
+    promote: int,
+    places: np.ndarray,
+    cap: int,
+    mmr: float,
+    table: np.ndarray,
+    where: np.ndarray,
+    k: int,
+) -> tuple[
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    int,
+    int,
+]:
+    """Steps 1, 2 and 4 of the module docstring for one list, in one call (see
+    :class:`ComposedStage`): the promotion's items ``more_ids`` merged into the candidates,
+    the boosts' ``factors`` (per item; empty: none) applied and the candidates sorted by the
+    new scores, then the promotion's ``promote`` slots (at ``places``) pinned from the
+    candidates ``promoted`` matches and the other places laid out (:func:`_lay_out`, with
+    unit vectors from ``table`` at ``where`` for ``mmr > 0``).
+
+    Returns the layout's state, as :class:`_Layout` keeps it: ids, scores, the boosts' claims
+    per row, categories, relevances, used, reasons, taken, unit vectors, nearest, pinned,
+    placed, rows placed and the place reached (short of ``k`` when the candidates ran out).
+    """
+    if len(more_ids):
+        ids, scores = _merged(ids, scores, more_ids, more_scores)
+    n = len(ids)
+    raised = np.zeros(n, np.uint8)
+    if len(factors):
+        boosted, raised = _boosted(scores.astype(np.float64), factors[ids])
+        order = _score_order(ids, boosted)
+        ids, scores, raised = ids[order], boosted[order], raised[order]
+    cats, relevance = _rows(ids, scores, codes, mmr)
+    used = np.zeros(n, np.bool_)
+    why = np.zeros(n, np.uint8)
+    taken = np.zeros(n, np.int64)
+    unit = np.zeros((0, 0), np.float32)
+    nearest = np.zeros(n)
+    if mmr > 0.0 and n:
+        unit = _unit_rows(table, where, ids)
+    pinned = np.full(k, -1, np.int64)
+    if promote > 0:
+        rows = np.flatnonzero(promoted[ids])
+        chosen = _pin(rows, promote, PROMOTED, used, why, cats, taken, cap)
+        for i in range(len(chosen)):
+            pinned[places[i]] = chosen[i]
+    placed = np.empty(k, np.int64)
+    sims = np.zeros((0, 0), np.float32)
+    n_placed, place = _lay_out(
+        relevance, sims, unit, cats, taken, cap, mmr, pinned, used, nearest, placed, 0, 0, False
+    )
+    return (
+        ids,
+        scores,
+        raised,
+        cats,
+        relevance,
+        used,
+        why,
+        taken,
+        unit,
+        nearest,
+        pinned,
+        placed,
+        n_placed,
+        place,
+    )
+
+
+def _compose_warm_up(codes: np.ndarray) -> None:
+    """Compile :func:`_compose` for the arguments servers pass (read-only tables)."""
+    ids, scores = np.array([1, 0], dtype=np.int64), np.array([2.0, 1.0], dtype=np.float32)
+    factors = np.ones(2)
+    promoted = np.array([True, False])
+    table = np.eye(2, dtype=np.float32)
+    for array in (factors, promoted, table):
+        array.setflags(write=False)
+    places = _slot_places(2, 1)
+    where = np.arange(2, dtype=np.int64)
+    where.setflags(write=False)
+    for more, boosts, mmr in ((ids[:0], factors, 0.5), (ids[:1], _NO_FACTORS, 0.0)):
+        _compose(
+            ids,
+            scores,
+            more,
+            scores[: len(more)],
+            boosts,
+            codes,
+            promoted,
+            1,
+            places,
+            1,
+            mmr,
+            table,
+            where,
+            2,
+        )
+
+
+_NO_FACTORS = np.zeros(0, dtype=np.float64)
+_NO_IDS = np.zeros(0, dtype=np.int64)
+_NO_SCORES = np.zeros(0, dtype=np.float32)
+_NO_PROMOTED = np.zeros(0, dtype=np.bool_)
 
 
 _warm = False
@@ -1132,10 +1528,12 @@ def warm_up() -> None:
         return
     _warm = True
     cats = np.array([0, -1], dtype=np.int64)
-    for sims, mmr in ((_NO_SIMS, 0.0), (np.eye(2, dtype=np.float32), 0.5)):
+    eye = np.eye(2, dtype=np.float32)
+    for sims, unit, mmr in ((_NO_SIMS, _NO_SIMS, 0.0), (eye, _NO_SIMS, 0.5), (_NO_SIMS, eye, 0.5)):
         _lay_out(
             np.zeros(2),
             sims,
+            unit,
             cats,
             np.zeros(2, dtype=np.int64),
             1,
@@ -1158,4 +1556,9 @@ def warm_up() -> None:
     _pin(ids, 1, int(Reason.PROMOTED), used, why, cats, ids, 1)
     _full_categories(cats, ids, 1)
     _appended(ids, scores, used, why, cats, ids, ids, scores, codes)
-    _nearest(np.eye(2, dtype=np.float32), ids[:1])
+    _nearest(eye, ids[:1])
+    frozen = eye.copy()
+    frozen.setflags(write=False)  # as the similar-items index hands its rows out
+    _nearest_of(_unit_rows(frozen, ids, ids), ids[:1])
+    _compose_warm_up(codes)
+    _finish(ids, scores, why, why, ids, 1)

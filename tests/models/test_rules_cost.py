@@ -133,7 +133,10 @@ def test_rules_are_checked_and_planned_once_per_rules_object(pipeline_for: Pipel
     plan = stages.plan(rules)
     assert stages.plan(rules) is plan
     assert stages.plan(Rules(diversity=Diversity(2))) is not plan
-    assert [type(s).__name__ for s in plan.stages] == ["GatherStage", "ArrangeStage"]
+    # The stages one by one where the pipeline has stages of its own between them, and one
+    # composed call where it has none.
+    assert [type(s).__name__ for s in plan.before + plan.after] == ["GatherStage", "ArrangeStage"]
+    assert [type(s).__name__ for s in plan.stages] == ["ComposedStage"]
     assert plan.promoted is not None and plan.promoted.sum() > 0
     bad = Rules(boosts=(Boost(ItemFilter.of(["gadget"]), 2.0),))
     for _ in range(2):  # a failed check is not kept: the same rules fail again
@@ -192,3 +195,54 @@ def test_compiled_boosts_give_the_scores_of_the_formula() -> None:
     got, raised = _boosted(values, factors)
     assert got.tobytes() == want.tobytes()
     np.testing.assert_array_equal(raised, (factors > 1).view(np.uint8))
+
+
+# ------------------------------------------------------------------ the composed stage
+@pytest.mark.parametrize("algorithm", ["als", "ease"])  # unit vectors, and a model without
+def test_the_composed_stage_gives_the_lists_of_the_stages_run_one_by_one(
+    pipeline_for: Pipelines, monkeypatch: pytest.MonkeyPatch, algorithm: str
+) -> None:
+    from models.rules import ComposedStage
+
+    pipeline = pipeline_for(algorithm)
+    news, music = ItemFilter.of(categories=["news"]), ItemFilter.of(categories=["music"])
+
+    def cases() -> list[Rules]:  # fresh objects: plans are kept per Rules object
+        return [
+            Rules(diversity=Diversity(2)),
+            Rules(diversity=Diversity(0, 0.4)),
+            Rules(diversity=Diversity(1, 0.8), boosts=(Boost(news, 1.5),)),
+            Rules(promotion=Promotion(music, 0.3)),
+            Rules(boosts=(Boost(news, 2.0),), promotion=Promotion(music, 0.2)),
+            Rules(
+                diversity=Diversity(2, 0.3),
+                boosts=(Boost(news, 1.5),),
+                promotion=Promotion(music, 0.2),
+            ),
+        ]
+
+    def lists(rules: list[Rules]) -> list[tuple[list[int], bytes, list[int]]]:
+        out = []
+        for r in rules:
+            for user in range(30):
+                for k in (3, 10):
+                    got = pipeline.rank(ListRequest(ListKind.USER, k, user=user, rules=r))
+                    reasons = got.reasons if got.reasons is not None else np.zeros(0)
+                    out.append((got.ids.tolist(), got.scores.tobytes(), reasons.tolist()))
+        return out
+
+    composed = cases()
+    kinds = {type(s).__name__ for r in composed for s in pipeline._rules.plan(r).stages}
+    assert "ComposedStage" in kinds  # the composed path ran
+    fused = lists(composed)
+    monkeypatch.setattr(ComposedStage, "fits", staticmethod(lambda rules: False))
+    plain = cases()
+    assert {type(s).__name__ for r in plain for s in pipeline._rules.plan(r).stages}.isdisjoint(
+        {"ComposedStage"}
+    )
+    one_by_one = lists(plain)
+    # Reasons: the stages one by one give an array of zeros where a boost raised an item the
+    # list did not keep; the composed stage claims nothing there. Both mean "the model's".
+    for (ids, scores, why), (ids2, scores2, why2) in zip(fused, one_by_one, strict=True):
+        assert ids == ids2 and scores == scores2
+        assert (why or [0] * len(ids)) == (why2 or [0] * len(ids2))
