@@ -76,8 +76,10 @@ DIVERSITY_CANDIDATES_PER_SLOT = 4
 """Candidates a diversity rule chooses from per place (MMR and caps need choice)."""
 RESCORE_CANDIDATES_PER_SLOT = 3
 """Candidates per place for boosts and rotation: a demoted item's place goes to a later one."""
-SLOT_CANDIDATES_PER_SLOT = 2
-"""Candidates per place for promotions and exploration without diversity."""
+SLOT_CANDIDATES_PER_SLOT = 1
+"""Candidates per place for promotions and exploration without diversity: their slots' items are
+gathered beyond the candidates, and every other place takes the next candidate, so one each is
+enough (two gave the same lists, ids and reasons, with a twice as deep search)."""
 GATHERED_PER_SLOT = 2
 """Items gathered per promotion or exploration slot (spares for caps and dislikes)."""
 DEEPER_ROUNDS = 3
