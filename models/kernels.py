@@ -330,7 +330,9 @@ def _search(
         candidates = np.empty(stop - first, np.int64)
         m = 0
         b = np.searchsorted(blocked, first)
-        projected = d == PROJECTED and threshold > 0.0
+        # The bound holds whatever the sign of the threshold: a list that reaches into items
+        # the user scores below zero (a category cap's deeper fetch) still skips most of them.
+        projected = d == PROJECTED and threshold > -np.inf
         bounds = np.empty(0, np.float32)
         limit = np.float32(0.0)
         if projected:

@@ -196,6 +196,35 @@ def test_the_projection_bound_skips_most_of_a_long_tail_and_stays_exact() -> Non
     assert np.median(pruned) < np.median(full) / 2
 
 
+def test_the_projection_bound_applies_below_zero_and_stays_exact() -> None:
+    # A category cap's deeper fetch asks for a user's best items in the categories they like
+    # least, whose scores are often below zero: there the norm bound prunes nothing (every
+    # |u||v| >= 0), and the projection bound, which holds whatever the sign, still screens.
+    rng = np.random.default_rng(9)
+    n, f = 30_000, 32
+    common = rng.standard_normal(f)
+    common /= np.linalg.norm(common)
+    side = np.where(rng.random(n) < 0.5, 1.0, -1.0)  # half the items point away from the user
+    taste = rng.standard_normal((n, f)) * 0.15
+    lengths = rng.lognormal(0.0, 0.5, size=(n, 1))
+    factors = ((side[:, None] * common[None, :] + taste) * lengths).astype(np.float32)
+    index = NormOrderedIndex(factors, first_block=512)
+    norm_only = NormOrderedIndex(factors, first_block=512, projection=False)
+    liked = side > 0  # the "full categories": filtered out
+    for _ in range(20):
+        u = (common + rng.standard_normal(f) * 0.2).astype(np.float32)
+        blocked = np.unique(rng.integers(0, n, 40))
+        (hits,) = index.search([Query(u, 10, index.positions(blocked), liked[index.order])])
+        (plain,) = norm_only.search(
+            [Query(u, 10, norm_only.positions(blocked), liked[norm_only.order])]
+        )
+        want_ids, want_scores = brute(factors, u, 10, blocked, np.flatnonzero(liked))
+        assert want_scores[0] < 0.5 * np.abs(factors @ u).max()  # the user's best is far below
+        assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+        assert_same_ranking(plain.ids, plain.scores, want_ids, want_scores)
+        assert hits.scanned <= plain.scanned
+
+
 def test_the_int8_screen_keeps_every_item_whose_exact_score_could_win() -> None:
     """Rows whose int8 levels lose most of their detail (one large coordinate sets the scale, the
     others round to zero or one level) and queries whose k-th score is tiny, so that the screen
