@@ -16,6 +16,9 @@ import io
 import logging
 import math
 import secrets
+import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -75,6 +78,73 @@ class ConsoleConfig:
     metrics: MetricsWindow | None = None
     secure_cookies: bool = True
     secret_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    """Signs the session cookies: ``AFFINITY_CONSOLE_SECRET`` where set, so that replicas
+    accept each other's sessions; otherwise drawn per process."""
+    login_failures: int = 5
+    """Failed logins one client address may make within ``login_window_seconds``; past them
+    its logins are refused (429) until the oldest failure leaves the window."""
+    login_window_seconds: float = 60.0
+
+
+class LoginThrottle:
+    """Failed logins per client address over a sliding window, against guessing tokens.
+
+    After ``limit`` failures within ``window`` seconds an address's logins are refused until
+    the oldest of them leaves the window (:meth:`retry_after`); a login with a right token
+    clears its count. At most ``max_addresses`` addresses are kept, the stalest dropped first,
+    so a flood of addresses cannot grow it without bound. One per console process: behind a
+    proxy every client has the proxy's address, and replicas count apart.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> deque[float] | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0: now)."""
+        with self._lock:
+            now = self._clock()
+            times = self._recent(address, now)
+            if times is None or len(times) < self.limit:
+                return 0.0
+            return max(times[-self.limit] + self.window - now, 0.0)
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            now = self._clock()
+            times = self._recent(address, now)
+            if times is None:
+                times = self._failures[address] = deque(maxlen=self.limit)
+            times.append(now)
+            self._failures.move_to_end(address)
+            while len(self._failures) > self.max_addresses:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
 
 
 def create_app(config: ConsoleConfig, store: EventStore | None = None) -> Flask:
@@ -225,11 +295,24 @@ def admin(view: F) -> F:
 def _routes(app: Flask, config: ConsoleConfig, store: EventStore) -> None:
     api = config.api
 
+    throttle = LoginThrottle(config.login_failures, config.login_window_seconds)
+    app.extensions["affinity_login_throttle"] = throttle
+
     @app.route("/login", methods=["GET", "POST"])
     def login() -> Any:
         error = ""
         if request.method == "POST":
             _check_csrf()
+            address = request.remote_addr or ""
+            wait = throttle.retry_after(address)
+            if wait > 0:
+                seconds = math.ceil(wait)
+                logger.warning("console: login refused for %s (too many failures)", address)
+                page = render_template(
+                    "login.html",
+                    error=f"Too many failed logins from this address: try again in {seconds} s.",
+                )
+                return page, 429, {"Retry-After": str(seconds)}
             given = request.form.get("token", "")
             role = (
                 ROLE_ADMIN
@@ -239,9 +322,11 @@ def _routes(app: Flask, config: ConsoleConfig, store: EventStore) -> None:
                 else None
             )
             if role is None:
+                throttle.failed(address)
                 error = "That token is not the console's read or admin token."
-                logger.warning("console: failed login from %s", request.remote_addr)
+                logger.warning("console: failed login from %s", address)
             else:
+                throttle.succeeded(address)
                 csrf = secrets.token_urlsafe(32)
                 session.clear()
                 session.permanent = True

@@ -2,7 +2,8 @@
 
 It reads the server's own settings (``AFFINITY_*``, ``MLFLOW_TRACKING_URI``; see
 service/config.py): the gRPC target is this host's ``AFFINITY_PORT`` unless ``--target`` says
-otherwise, logins check ``AFFINITY_TOKEN`` and ``AFFINITY_ADMIN_TOKEN``, the pages read
+otherwise, logins check ``AFFINITY_TOKEN`` and ``AFFINITY_ADMIN_TOKEN`` (session cookies are
+signed with ``AFFINITY_CONSOLE_SECRET``, which replicas share), the pages read
 ``AFFINITY_EVENTS_URI`` and the tracking server, and the latency figures come from scraping the
 server's ``--metrics-port``.
 """
@@ -122,4 +123,6 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         metrics=metrics,
         secure_cookies=not args.insecure_cookies,
     )
+    if settings.console_secret is not None:  # shared by replicas; else one per process
+        config.secret_key = settings.console_secret.get_secret_value().encode()
     return create_app(config), config

@@ -4,6 +4,7 @@ escaping, and the numbers on each page."""
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
@@ -199,3 +200,95 @@ def test_every_transition_cell_lists_exactly_the_users_it_counts(world: World) -
                 assert listed.total == matrix.users[i][j] == len(listed.user_ids), (frm, to)
                 checked += listed.total
     assert checked > 0
+
+
+# ------------------------------------------------------------------ logins over time
+def _second_app(world: World, **changes: Any) -> Any:
+    """Another console over the same server and store (its own throttle and, unless given,
+    its own session secret), as a second replica would be."""
+    from dataclasses import replace
+
+    from service.console.app import create_app
+
+    return create_app(replace(world.config, **changes))
+
+
+def test_repeated_failed_logins_are_throttled_per_address(world: World) -> None:
+    app = _second_app(world, login_failures=3, login_window_seconds=1.5)
+    guesser, other = app.test_client(), app.test_client()
+    for client, address in ((guesser, "203.0.113.7"), (other, "198.51.100.2")):
+        client.environ_base.update({"wsgi.url_scheme": "https", "REMOTE_ADDR": address})
+    for _ in range(3):
+        assert _login(guesser, "guess").status_code == 401
+    refused = _login(guesser, TOKEN)  # even the right token waits out the window
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 2
+    assert "Too many failed logins" in refused.text
+    assert guesser.get("/").status_code == 302
+    assert _login(other, TOKEN).status_code == 302  # another address is not held back
+    time.sleep(1.6)
+    assert _login(guesser, TOKEN).status_code == 302
+    assert guesser.get("/").status_code == 200
+
+
+def test_replicas_with_one_secret_accept_each_others_sessions(world: World) -> None:
+    secret = b"s" * 32
+    first, second = _second_app(world, secret_key=secret), _second_app(world, secret_key=secret)
+    stranger = _second_app(world)  # a secret of its own, drawn at start-up
+    client = first.test_client()
+    client.environ_base["wsgi.url_scheme"] = "https"
+    assert _login(client, TOKEN).status_code == 302
+    cookie = client.get_cookie("affinity_console")
+    assert cookie is not None
+    for app, status in ((second, 200), (stranger, 302)):
+        other = app.test_client()
+        other.environ_base["wsgi.url_scheme"] = "https"
+        other.set_cookie("affinity_console", cookie.value, domain="localhost")
+        assert other.get("/").status_code == status
+
+
+def test_the_login_throttle_slides_and_stays_bounded() -> None:
+    from service.console.app import LoginThrottle
+
+    now = [100.0]
+    throttle = LoginThrottle(2, 10.0, max_addresses=3, clock=lambda: now[0])
+    throttle.failed("a")
+    now[0] = 104.0
+    throttle.failed("a")
+    assert throttle.retry_after("a") == pytest.approx(6.0)  # until the first leaves the window
+    now[0] = 110.5
+    assert throttle.retry_after("a") == 0.0  # one failure left in the window
+    throttle.failed("a")
+    assert throttle.retry_after("a") == pytest.approx(3.5)
+    throttle.succeeded("a")
+    assert throttle.retry_after("a") == 0.0
+    for address in "bcdef":
+        throttle.failed(address)
+        throttle.failed(address)
+    assert len(throttle._failures) == 3  # the stalest addresses dropped
+    assert throttle.retry_after("b") == 0.0 and throttle.retry_after("f") > 0
+
+
+def test_the_console_secret_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from models.errors import InvalidInputError
+    from service.config import load_settings
+    from service.console.cli import build
+
+    args = argparse.Namespace(
+        target="127.0.0.1:1", metrics_url="off", scrape_seconds=15.0, insecure_cookies=False
+    )
+    monkeypatch.setenv("AFFINITY_CONSOLE_SECRET", "x" * 40)
+    _, config = build(args)
+    assert config.secret_key == b"x" * 40
+    config.api.close()
+    monkeypatch.setenv("AFFINITY_CONSOLE_SECRET", "short")
+    with pytest.raises(InvalidInputError, match="AFFINITY_CONSOLE_SECRET"):
+        load_settings()
+    monkeypatch.delenv("AFFINITY_CONSOLE_SECRET")
+    _, first = build(args)
+    _, second = build(args)
+    assert first.secret_key != second.secret_key  # drawn per process without the setting
+    first.api.close()
+    second.api.close()
