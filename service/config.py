@@ -230,12 +230,6 @@ class ServeSettings(BaseSettings):
     """Bearer token of the admin RPCs (``DeleteUser``), distinct from ``token``; unset, admin
     RPCs are refused (PERMISSION_DENIED)."""
 
-    console_secret: SecretStr | None = Field(None, validation_alias="AFFINITY_CONSOLE_SECRET")
-    """The key that signs the operations console's session cookies (at least 32 characters).
-    Unset, each console process draws its own at start-up: logins then end when it restarts, and
-    replicas behind one address do not accept each other's sessions. Give every replica the
-    same secret."""
-
     max_message_bytes: int = Field(
         4 * 1024 * 1024, validation_alias="AFFINITY_MAX_MESSAGE_BYTES", ge=1024, le=1 << 30
     )
@@ -313,13 +307,6 @@ class ServeSettings(BaseSettings):
     def _nonblank_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("token must not be blank")
-        return value
-
-    @field_validator("console_secret")
-    @classmethod
-    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 32:
-            raise ValueError("the console secret must be at least 32 characters")
         return value
 
     @field_validator("extra_events")

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
-from models.errors import AffinityError
+from models.errors import AffinityError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8050
+SECRET_ENV = "AFFINITY_CONSOLE_SECRET"
+"""The key that signs the session cookies (a console setting, not a server's). Unset, each
+console process draws its own at start-up: logins then end when it restarts, and replicas
+behind one address do not accept each other's sessions; give every replica the same one."""
+MIN_SECRET = 32
 
 
 def register(subparsers: Any) -> None:
@@ -123,6 +129,13 @@ def build(args: argparse.Namespace) -> tuple[Any, Any]:
         metrics=metrics,
         secure_cookies=not args.insecure_cookies,
     )
-    if settings.console_secret is not None:  # shared by replicas; else one per process
-        config.secret_key = settings.console_secret.get_secret_value().encode()
+    secret = os.environ.get(SECRET_ENV)
+    if secret is not None:  # shared by replicas; without it, one per process
+        if len(secret) < MIN_SECRET:
+            raise InvalidInputError(
+                f"{SECRET_ENV} must be at least {MIN_SECRET} characters (it signs the session "
+                f"cookies), got {len(secret)}",
+                field=SECRET_ENV,
+            )
+        config.secret_key = secret.encode()
     return create_app(config), config
