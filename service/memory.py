@@ -8,12 +8,16 @@ in: measured on the swaps campaign (docs/reliability.md, "Model swaps under load
 one of two distinct levels. :func:`release_freed_memory` asks glibc to return every free page it
 holds (``malloc_trim(0)``); the loader calls it once the requests still using the old model are
 done.
+
+A serving process also keeps its garbage collector off the objects it holds for good:
+:func:`settle_heap`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import time
@@ -65,3 +69,16 @@ def release_freed_memory() -> int:
         extra={"released_bytes": released},
     )
     return released
+
+
+def settle_heap(_: object = None) -> None:
+    """Collect once, then keep every object alive now out of the cyclic garbage collector's
+    passes (``gc.freeze``). A worker holds a few hundred thousand long-lived objects (the
+    libraries, a model's vocabularies and caches); each full collection walked all of them while
+    every request waited (about 100 ms on the benchmark catalog, ``python -m bench.gc_pauses``).
+    The server runs this on each model put in place, so a swap's new objects join them; the
+    previous model's cycles, if it left any, are collected at the next swap. Only in a serving
+    process: a test process that builds many servers keeps its collector as it is."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

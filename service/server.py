@@ -46,6 +46,7 @@ from service.interceptors import (
 from service.live import LiveActivity
 from service.loader import ModelHolder, ModelLoader, configure_mlflow_http, find_artifact_dir
 from service.logs import configure_logging
+from service.memory import settle_heap
 from service.recorder import ResponseRecorder
 from service.rules import RuleDefaults, RuleResolver
 from service.servicer import RecommenderServicer, add_to_server
@@ -201,6 +202,7 @@ def serve(settings: ServeSettings, *, worker: bool = False) -> int:
     configure_mlflow_http(settings)
     holder = ModelHolder()
     loader = ModelLoader(settings, holder)
+    holder.add_listener(settle_heap)  # first: before the listeners that announce the model
     if not settings.is_registry:
         loader.load_initial()  # a broken local directory fails before the port opens
     side = EventSide(settings)

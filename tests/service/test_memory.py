@@ -40,3 +40,29 @@ def test_freed_blocks_go_back_to_the_os() -> None:
 def test_rss_is_read_and_release_never_fails() -> None:
     assert rss_bytes() > 10 * 2**20
     assert release_freed_memory() >= 0
+
+
+HEAP = """
+import gc, json
+from service.memory import settle_heap
+held = [[i] for i in range(50_000)]  # a model's long-lived objects
+cycle = [[]]; cycle[0].append(cycle); del cycle  # garbage in a reference cycle
+settle_heap()
+first = {"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())}
+more = [[i] for i in range(20_000)]  # the next model's
+settle_heap()
+print(json.dumps({"first": first, "frozen": gc.get_freeze_count(),
+                  "tracked": len(gc.get_objects()), "collected": gc.collect()}))
+"""
+
+
+def test_a_settled_heap_keeps_the_collector_off_what_the_process_holds() -> None:
+    # Fresh interpreter: freezing is process-wide, and this test process must keep its own.
+    out = subprocess.run(
+        [sys.executable, "-c", HEAP], capture_output=True, text=True, check=True, timeout=60
+    )
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["first"]["frozen"] >= 50_000  # everything alive is out of the passes ...
+    assert result["first"]["tracked"] < 1_000  # ... and a collection walks almost nothing
+    assert result["frozen"] >= 70_000  # the next model's objects joined them
+    assert result["tracked"] < 1_000
