@@ -27,7 +27,11 @@ from .kernels import NO_FILTER, PROJECTED, search_beyond, search_one
 from .topk import NEG_INF, top_k_row
 
 FIRST_BLOCK = 1024
-"""Longest items every query scores first, to learn its k-th best score."""
+"""Longest items every query scores first, to learn its k-th best score (for up to
+:data:`FIRST_BLOCK_K` items; see :meth:`NormOrderedIndex.first_for`)."""
+FIRST_BLOCK_K = 20
+"""The list length :data:`FIRST_BLOCK` is sized for: a longer list's first block grows in
+proportion, so that it still holds most of the list and its k-th best score still prunes."""
 BOUND_SLACK = 1e-4
 """Relative margin on the Cauchy-Schwarz bound, well above float32 dot-product rounding."""
 PROJECTION_DIMS = PROJECTED
@@ -181,6 +185,16 @@ class NormOrderedIndex:
             self._factors.nbytes + self.order.nbytes * 2 + self._neg_bound.nbytes + extra + levels
         )
 
+    def first_for(self, k: int) -> int:
+        """The first block of a query for ``k`` items: :data:`FIRST_BLOCK` (as built) up to
+        :data:`FIRST_BLOCK_K` items, in proportion beyond. The k-th best score of a fixed block
+        falls as ``k`` grows, so the norm bound then stops later and the int8 screen reads
+        every position up to there; scoring a longer block (one GEMV, as cheap per row as the
+        screen) gives a higher k-th score and a much shorter tail. On the benchmark catalog
+        (20,000 items, ALS factors) a search for 40 items took 41 us with a block of 2,048
+        against 61 with 1,024. Any block gives the exact answer."""
+        return min(self.n_items, max(self._first, self._first * k // FIRST_BLOCK_K))
+
     def positions(self, item_ids: np.ndarray) -> np.ndarray:
         """Sorted positions of ``item_ids`` (model indices), for :attr:`Query.blocked`; repeats
         are harmless, so they are not removed."""
@@ -223,7 +237,7 @@ class NormOrderedIndex:
             disallowed = NO_FILTER if q.disallowed is None else q.disallowed
             if q.more <= 0:
                 ids, scores, scanned = search_one(
-                    *index, vector, q.k, self._first, q.blocked, disallowed, BOUND_SLACK
+                    *index, vector, q.k, self.first_for(q.k), q.blocked, disallowed, BOUND_SLACK
                 )
                 hits.append(Hits(ids, scores, scanned))
                 continue
@@ -232,7 +246,7 @@ class NormOrderedIndex:
                 *index,
                 vector,
                 q.k,
-                self._first,
+                self.first_for(q.k),
                 q.blocked,
                 disallowed,
                 BOUND_SLACK,

@@ -277,3 +277,15 @@ def test_items_just_above_the_threshold_survive_the_int8_screen() -> None:
     assert (want_ids >= n_head).all()  # the answer lies beyond the first block
     assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
     np.testing.assert_array_equal(np.sort(hits.ids), np.sort(want_ids))
+
+
+def test_the_first_block_grows_with_the_list_and_the_answer_stays_exact() -> None:
+    rng = np.random.default_rng(11)
+    factors = skewed_factors(rng, 5_000, 16)
+    index = NormOrderedIndex(factors, first_block=256)
+    assert [index.first_for(k) for k in (1, 20, 40, 100, 1_000)] == [256, 256, 512, 1280, 5_000]
+    u = rng.standard_normal(16).astype(np.float32)
+    for k in (20, 40, 100):
+        (hits,) = index.search([Query(u, k, np.empty(0, np.int64))])
+        want_ids, want_scores = brute(factors, u, k, np.empty(0, np.int64))
+        assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
