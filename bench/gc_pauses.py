@@ -7,9 +7,10 @@ each model put in place: it collects once, then freezes the objects alive (``gc.
 later collections walk only what requests create.
 
 Each variant runs in a fresh process: the champion artifact of ``bench.serving``'s catalog
-(run that first), a ``RecommenderServicer`` with a response recorder over a SQLite store (as a
-worker has), BLAS on one thread, then ``--requests`` known users' ``Recommend`` calls while a
-``gc.callbacks`` hook times every collection. Prints, per variant, the collections of each
+(built once under ``--workdir``; ``--size tiny`` builds a 400-user model for smoke runs), a
+``RecommenderServicer`` with a response recorder over a SQLite store (as a worker has), BLAS on
+one thread, then ``--requests`` known users' ``Recommend`` calls while a ``gc.callbacks`` hook
+times every collection. Prints, per variant, the collections of each
 generation, their total and longest pause, the requests per second and the objects the
 collector tracks, and the command::
 
@@ -27,7 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, SIZES, champion_artifact, log
+from bench import common
+from bench.common import ROOT, log
 
 PROBE = """
 import gc, json, sys, time
@@ -113,17 +115,14 @@ def probe(artifact: Path, settle: bool, requests: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.live import model_artifact
+
     parser = argparse.ArgumentParser(prog="python -m bench.gc_pauses", description=__doc__)
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--workdir", default="/tmp/affinity-bench")
+    common.add_model_options(parser)
     parser.add_argument("--requests", type=int, default=60_000)
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per variant")
     args = parser.parse_args(argv)
-    workdir = Path(args.workdir) / SIZES[args.size].name
-    if not (workdir / "artifact" / "manifest.json").is_file():
-        print(f"no model under {workdir}: run python -m bench.serving --size {args.size} first")
-        return 2
-    artifact = champion_artifact(workdir)
+    artifact = model_artifact(args)
     rows = []
     for r in range(args.rounds):
         for settle in (False, True) if r % 2 == 0 else (True, False):
