@@ -954,7 +954,7 @@ class _Layout:
         plan: RulePlan,
         request: ListRequest,
         rules: Rules,
-        state: tuple[Any, ...],
+        state: LayoutState,
     ) -> _Layout:
         """The layout :func:`_compose` left unfinished (the candidates ran out before ``k``
         places), to go on fetching beyond them as :meth:`run` does."""
@@ -1376,6 +1376,25 @@ def _finish(
     return out_ids, out_scores, reasons
 
 
+LayoutState = tuple[
+    np.ndarray,  # ids (the candidates, best first, then any fetched beyond them)
+    np.ndarray,  # scores
+    np.ndarray,  # the boosts' claims per row
+    np.ndarray,  # categories
+    np.ndarray,  # relevances
+    np.ndarray,  # used
+    np.ndarray,  # reasons
+    np.ndarray,  # taken
+    np.ndarray,  # unit vectors (transposed)
+    np.ndarray,  # nearest
+    np.ndarray,  # pinned
+    np.ndarray,  # placed
+    int,  # rows placed
+    int,  # the place reached
+]
+"""What :func:`_compose` leaves of a layout, in the order :meth:`_Layout.resume` reads it."""
+
+
 @njit(cache=True)
 def _score_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """The permutation that sorts ``ids`` and ``scores`` by the top-k rule, as
@@ -1411,22 +1430,7 @@ def _compose(
     table: np.ndarray,
     where: np.ndarray,
     k: int,
-) -> tuple[
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    int,
-    int,
-]:
+) -> LayoutState:
     """Steps 1, 2 and 4 of the module docstring for one list, in one call (see
     :class:`ComposedStage`): the promotion's items ``more_ids`` merged into the candidates,
     the boosts' ``factors`` (per item; empty: none) applied and the candidates sorted by the
