@@ -77,18 +77,33 @@ def _text(browser: Any) -> str:
     return str(browser.find_element(By.TAG_NAME, "main").text)
 
 
+def _follow(browser: Any, element: Any) -> None:
+    """Click ``element`` and wait until the page it leads to has loaded.
+
+    The old page carries a marker in its window; the new document starts without it. Waiting on
+    the old element going stale is not enough: while Chromium swaps documents, asking about that
+    element can fail with an inspector error instead of the stale-element one, so the wait treats
+    any driver error during the swap as "not yet".
+    """
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.execute_script("window.affinityOldPage = true")
+    element.click()
+    WebDriverWait(browser, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.affinityOldPage === undefined && document.readyState === 'complete'"
+        )
+    )
+
+
 def _login(browser: Any, world: World, token: str) -> None:
     from selenium.webdriver.common.by import By
 
     browser.delete_all_cookies()
     browser.get(world.console_url + "/login")
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    field = browser.find_element(By.ID, "token")
-    field.send_keys(token)
-    browser.find_element(By.ID, "login").click()
-    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(field))
+    browser.find_element(By.ID, "token").send_keys(token)
+    _follow(browser, browser.find_element(By.ID, "login"))
 
 
 def _shot(browser: Any, name: str) -> None:
@@ -135,11 +150,7 @@ def test_users_and_a_transition_cell(browser: Any, world: World) -> None:
     assert "from \\ to" in matrix.text
     _shot(browser, "users")
     link = matrix.find_elements(By.TAG_NAME, "a")[0]
-    link.click()
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(link))
+    _follow(browser, link)
     assert browser.find_elements(By.CSS_SELECTOR, "#cell-users li")
     assert "users" in _text(browser)
 
@@ -196,15 +207,8 @@ def test_audiences_need_the_admin_token(browser: Any, world: World) -> None:
     form = browser.find_element(By.ID, "audience")
     form.find_element(By.NAME, "items").send_keys("i01,i02")
     form.find_element(By.CSS_SELECTOR, "input[value=active]").click()
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _follow(browser, form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
     # FindAudience answers members, or the page says why it could not (a server without it).
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(browser, 30).until(
-        lambda d: (
-            d.find_elements(By.ID, "audience-size") or d.find_elements(By.ID, "audience-problem")
-        )
-    )
     sizes = browser.find_elements(By.ID, "audience-size")
     problems = browser.find_elements(By.ID, "audience-problem")
     assert sizes or problems
