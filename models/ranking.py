@@ -116,6 +116,9 @@ FilterKey: TypeAlias = ItemFilter | tuple[ItemFilter, ItemFilter | ItemMask] | n
 must both pass, or a mask."""
 _NO_ITEMS = np.empty(0, dtype=np.int64)
 _NO_ITEMS.setflags(write=False)
+FEW_ALLOWED = 0.25
+"""Largest share of the catalog a rule's filter may let through for its search to visit the
+allowed items by list (:meth:`RankingPipeline._few_allowed_positions`) instead of by mask."""
 
 
 class ListRequest:
@@ -436,6 +439,8 @@ class RankingPipeline:
         self.candidate_mask = _cached(self._candidate_mask)
         self._masked_out = _cached(self._masked_out_items)
         self._disallowed = _cached(self._disallowed_positions)
+        self._few_allowed = _cached(self._few_allowed_positions)
+        self._position_codes: tuple[np.ndarray, np.ndarray, int] | None = None
         self._folded = _cached(self._fold, maxsize=8192)
 
     @classmethod
@@ -547,6 +552,20 @@ class RankingPipeline:
         disallowed.setflags(write=False)
         return disallowed
 
+    def _few_allowed_positions(self, flt: FilterKey) -> np.ndarray | None:
+        """The positions of the recommendation index that ``flt`` allows, sorted, when they are
+        at most :data:`FEW_ALLOWED` of the catalog (a promotion's category, a campaign): a
+        search for a rule's items then visits only those. None for a broader filter, whose mask
+        costs less than the list."""
+        disallowed = self._filter_positions(flt)
+        if disallowed is None:
+            return None
+        allowed = np.flatnonzero(~disallowed)
+        if len(allowed) > FEW_ALLOWED * len(disallowed):
+            return None
+        allowed.setflags(write=False)
+        return allowed
+
     def _filter_out(self, flt: FilterKey) -> np.ndarray:
         """:meth:`_masked_out_items`, cached unless ``flt`` is a mask (made for one request)."""
         return self._masked_out_items(flt) if isinstance(flt, np.ndarray) else self._masked_out(flt)
@@ -588,6 +607,10 @@ class RankingPipeline:
         per_slot = self._per_slot
         if stages is not self.stages and stages is not self._always:
             per_slot = max((s.candidates_per_slot for s in stages), default=1)
+        if len(stages) == 1 and hasattr(stages[0], "search_cap"):
+            capped = self._capped_list(request, blocked, stages[0].search_cap(request))
+            if capped is not None:
+                return capped
         n = k * per_slot
         beyond = stages[0].beyond(request) if stages and hasattr(stages[0], "beyond") else None
         ids, scores, source = self._candidates(
@@ -605,6 +628,53 @@ class RankingPipeline:
             if reasons is not None:
                 reasons = np.concatenate([reasons, np.zeros(len(ids) - got, np.uint8)])
         return Ranked(ids, scores, source, reasons)
+
+    def _capped_list(
+        self, request: ListRequest, blocked: np.ndarray, cap: tuple[np.ndarray, int] | None
+    ) -> Ranked | None:
+        """A user's list under a category cap and nothing else (``cap``: each item's category
+        number, -1 for none, and the cap, from the rules' stage), found by one capped search
+        of the index (:func:`models.kernels.search_capped`). It is the list the stage lays out
+        from four candidates per place: the same ids and reasons (all the model's), the same
+        scores up to float32 rounding (an item may be scored in the first block by one search
+        and as a row of the tail by the other), without the candidates or a deeper fetch.
+
+        None where that search does not apply (no factor index, an approximate one, a list
+        that is not a user's) or cannot fill the list from its first block; the stage then
+        lays the list out."""
+        index = self._index
+        if cap is None or index is None or self._ann is not None or not index.prunes:
+            return None
+        if request.kind is not ListKind.USER or (
+            request.user == MISSING and not len(request.recent)
+        ):
+            return None
+        codes, n_codes = self._codes_by_position(cap[0])
+        query = Query(
+            self._vector(request.user, request.recent),
+            request.k,
+            index.positions(blocked),
+            self._filter_positions(request.item_filter),
+            cap=cap[1],
+            codes=codes,
+            n_codes=n_codes,
+        )
+        hits = index.search([query])[0]
+        if len(hits.ids) < request.k:
+            return None
+        source = Source.PERSONALIZED if request.user != MISSING else Source.FOLD_IN
+        return Ranked(hits.ids, hits.scores, source)
+
+    def _codes_by_position(self, codes: np.ndarray) -> tuple[np.ndarray, int]:
+        """Item category numbers (``codes``, by item) in the recommendation index's order, and
+        how many numbers there are; kept for the next list with the same ``codes`` object."""
+        kept = self._position_codes
+        if kept is None or kept[0] is not codes:
+            assert self._index is not None
+            by_position = np.ascontiguousarray(codes[self._index.order], dtype=np.int64)
+            by_position.setflags(write=False)
+            kept = self._position_codes = (codes, by_position, int(codes.max(initial=-1)) + 1)
+        return kept[1], kept[2]
 
     def _candidates(
         self,
@@ -869,7 +939,9 @@ class RankingPipeline:
             query = Query(vector, n, self._index.positions(blocked), self._filter_positions(flt))
             if beyond is not None and not isinstance(flt, np.ndarray):
                 query.more = beyond[1]
-                query.more_disallowed = self._filter_positions((request.item_filter, beyond[0]))
+                both = (request.item_filter, beyond[0])
+                query.more_disallowed = self._filter_positions(both)
+                query.more_allowed = self._few_allowed(both)
             # One compiled call that keeps the GIL: no batching, which would only add hand-offs
             # between threads for a search this short.
             hits = self._index.search([query])[0]

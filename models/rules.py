@@ -842,6 +842,19 @@ class ComposedStage(_RuleStage):
     def beyond(self, request: ListRequest) -> tuple[ItemFilter, int] | None:
         return _promotion_beyond(request)
 
+    def search_cap(self, request: ListRequest) -> tuple[np.ndarray, int] | None:
+        """For a list whose only rule is a category cap, the items' category numbers and the
+        cap: the pipeline then finds the list with one capped search of its index
+        (:meth:`RankingPipeline._capped_list`), the same list this stage lays out by score
+        under the cap, without the candidates or a deeper fetch. None for other rules."""
+        rules = request.rules
+        if rules is None or rules.promotion is not None or rules.boosts:
+            return None
+        diversity = rules.diversity
+        if diversity is None or diversity.mmr > 0 or diversity.max_per_category <= 0:
+            return None
+        return self.rules.category_codes(), diversity.max_per_category
+
     def __call__(
         self, ids: np.ndarray, scores: np.ndarray, request: ListRequest
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -874,7 +887,7 @@ class ComposedStage(_RuleStage):
             assert found is not None  # RuleStages.plan composes MMR only with unit vectors
             table, where = found
         factors = plan.boost_factors if plan.boost_factors is not None else _NO_FACTORS
-        state = _compose(
+        args = (
             ids,
             scores,
             more_ids,
@@ -890,13 +903,15 @@ class ComposedStage(_RuleStage):
             where,
             k,
         )
-        if state[13] < k:  # the candidates ran out: fetch beyond them, as the stage does
-            layout = _Layout.resume(context, plan, request, rules, state)
-            layout.fill(state[10], state[13], started=True)
-            return _finish(
-                layout.ids, layout.scores, layout.why, state[2], layout.placed, layout.n_placed
-            )
-        return _finish(state[0], state[1], state[6], state[2], state[11], state[12])
+        done, out_ids, out_scores, reasons = _compose_list(*args)
+        if done:
+            return out_ids, out_scores, reasons
+        state = _compose(*args)  # the candidates ran out: fetch beyond them, as the stage does
+        layout = _Layout.resume(context, plan, request, rules, state)
+        layout.fill(state[10], state[13], started=True)
+        return _finish(
+            layout.ids, layout.scores, layout.why, state[2], layout.placed, layout.n_placed
+        )
 
 
 class _Layout:
@@ -1412,6 +1427,51 @@ def _score_order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
             j -= 1
         order[j] = row
     return order
+
+
+@njit(cache=True)
+def _compose_list(
+    ids: np.ndarray,
+    scores: np.ndarray,
+    more_ids: np.ndarray,
+    more_scores: np.ndarray,
+    factors: np.ndarray,
+    codes: np.ndarray,
+    promoted: np.ndarray,
+    promote: int,
+    places: np.ndarray,
+    cap: int,
+    mmr: float,
+    table: np.ndarray,
+    where: np.ndarray,
+    k: int,
+) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_compose` then :func:`_finish`, returning only the list (ids, scores, reasons)
+    after whether the candidates sufficed (False: empty arrays; the caller then resumes the
+    layout from :func:`_compose`'s state). Most lists end here, and a list is three arrays to
+    hand back to the interpreter where the state is twelve."""
+    state = _compose(
+        ids,
+        scores,
+        more_ids,
+        more_scores,
+        factors,
+        codes,
+        promoted,
+        promote,
+        places,
+        cap,
+        mmr,
+        table,
+        where,
+        k,
+    )
+    if state[13] < k:
+        return False, ids[:0], scores[:0], np.zeros(0, np.uint8)
+    out_ids, out_scores, reasons = _finish(
+        state[0], state[1], state[6], state[2], state[11], state[12]
+    )
+    return True, out_ids, out_scores, reasons
 
 
 @njit(cache=True)

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import NO_FILTER, PROJECTED, search_beyond, search_one
+from .kernels import (
+    NO_FILTER,
+    NO_POSITIONS,
+    PROJECTED,
+    greedy_capped,
+    search_beyond,
+    search_capped,
+    search_one,
+)
 from .topk import NEG_INF, top_k_row
 
 FIRST_BLOCK = 1024
@@ -65,6 +73,16 @@ class Query:
     disallowed: np.ndarray | None = None
     more: int = 0
     more_disallowed: np.ndarray | None = None
+    more_allowed: np.ndarray | None = None
+    """The positions ``more_disallowed`` allows, sorted, where its maker keeps them: the search
+    for the items beyond then visits only those (for a filter that lets few items through)."""
+    cap: int = 0
+    """With ``cap > 0``, the answer is the best items taken by score while no category has
+    ``cap`` of them (:func:`models.kernels.search_capped`), ``codes`` giving each position's
+    category number (below ``n_codes``; -1 for none, never capped). Fewer than ``k`` come back
+    when the first block cannot fill the list under the cap (``more`` is not combined)."""
+    codes: np.ndarray | None = None
+    n_codes: int = 0
 
 
 @dataclass
@@ -185,6 +203,12 @@ class NormOrderedIndex:
             self._factors.nbytes + self.order.nbytes * 2 + self._neg_bound.nbytes + extra + levels
         )
 
+    @property
+    def prunes(self) -> bool:
+        """Whether a search skips items (the catalog is longer than the first block), as
+        opposed to scoring every item for every query."""
+        return self._first < self.n_items
+
     def first_for(self, k: int) -> int:
         """The first block of a query for ``k`` items: :data:`FIRST_BLOCK` (as built) up to
         :data:`FIRST_BLOCK_K` items, in proportion beyond. The k-th best score of a fixed block
@@ -235,6 +259,22 @@ class NormOrderedIndex:
         for q in queries:
             vector = np.ascontiguousarray(q.vector, dtype=np.float32)
             disallowed = NO_FILTER if q.disallowed is None else q.disallowed
+            if q.cap > 0:
+                assert q.codes is not None, "a capped query needs its category codes"
+                ids, scores, scanned = search_capped(
+                    *index,
+                    vector,
+                    q.k,
+                    self.first_for(q.k),
+                    q.blocked,
+                    disallowed,
+                    BOUND_SLACK,
+                    q.codes,
+                    q.cap,
+                    q.n_codes,
+                )
+                hits.append(Hits(ids, scores, scanned))
+                continue
             if q.more <= 0:
                 ids, scores, scanned = search_one(
                     *index, vector, q.k, self.first_for(q.k), q.blocked, disallowed, BOUND_SLACK
@@ -252,6 +292,8 @@ class NormOrderedIndex:
                 BOUND_SLACK,
                 q.more,
                 more_disallowed,
+                NO_POSITIONS if q.more_allowed is None else q.more_allowed,
+                q.more_allowed is not None,
             )
             hits.append(Hits(ids, scores, scanned, (more_ids, more_scores)))
         return hits
@@ -286,6 +328,13 @@ class NormOrderedIndex:
             row[q.blocked] = NEG_INF
             if q.disallowed is not None:
                 np.copyto(row, NEG_INF, where=q.disallowed)
+            if q.cap > 0:
+                assert q.codes is not None, "a capped query needs its category codes"
+                ids, scores = self._rank_row(row, self.n_items)
+                counts = np.zeros(max(q.n_codes, 1), dtype=np.int64)
+                taken = greedy_capped(self.position[ids], q.codes, q.cap, q.k, counts)
+                hits.append(Hits(ids[taken], scores[taken], self.n_items))
+                continue
             ids, scores = self._rank_row(row, q.k)
             beyond = None
             if q.more > 0:  # the same row, with the answer blocked too and the second filter

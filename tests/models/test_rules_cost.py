@@ -54,6 +54,13 @@ def test_the_items_beyond_an_answer_are_those_a_second_search_finds(first_block:
         assert hits.beyond[0].tobytes() == second.ids.tobytes()
         assert hits.beyond[1].tobytes() == second.scores.tobytes()
         assert len(second.ids) == 3 and not np.isin(second.ids, hits.ids).any()
+        # The same search with the second filter as the list of what it allows.
+        query.more_allowed = np.flatnonzero(~more_disallowed)
+        (listed,) = index.search([query])
+        assert listed.ids.tobytes() == hits.ids.tobytes()
+        assert listed.beyond is not None
+        assert listed.beyond[0].tobytes() == second.ids.tobytes()
+        assert listed.beyond[1].tobytes() == second.scores.tobytes()
 
 
 def test_a_promotion_found_in_the_candidates_search_gives_the_same_list(
@@ -246,3 +253,51 @@ def test_the_composed_stage_gives_the_lists_of_the_stages_run_one_by_one(
     for (ids, scores, why), (ids2, scores2, why2) in zip(fused, one_by_one, strict=True):
         assert ids == ids2 and scores == scores2
         assert (why or [0] * len(ids)) == (why2 or [0] * len(ids2))
+
+
+def test_a_cap_alone_is_one_capped_search_giving_the_list_the_stage_lays_out(
+    pipeline_for: Pipelines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.rules import ComposedStage
+
+    pipeline = pipeline_for("als")
+    # A first block of 16 makes the small test catalog one whose searches skip items, as a
+    # served catalog's do (the capped search applies only there).
+    index = NormOrderedIndex(pipeline.model.item_factors, first_block=16)  # type: ignore[attr-defined]
+    assert index.prunes
+    monkeypatch.setattr(pipeline, "_index", index)
+    queries: list[Query] = []
+    search = index.search
+    monkeypatch.setattr(index, "search", lambda qs: queries.extend(qs) or search(qs))
+    sport = ItemFilter.of(categories=["sport", "music"])
+
+    def lists() -> list[tuple[list[int], np.ndarray, Any, Any]]:
+        out = []
+        for cap in (1, 2, 3):
+            rules = Rules(diversity=Diversity(cap))
+            for flt in (NO_FILTER, sport):
+                for user in range(25):
+                    for k in (3, 5, 10):
+                        request = ListRequest(ListKind.USER, k, user=user, rules=rules)
+                        request.item_filter = flt
+                        got = pipeline.rank(request)
+                        out.append((got.ids.tolist(), got.scores, got.reasons, got.source))
+        return out
+
+    capped = lists()
+    answered = [q for q in queries if q.cap > 0]
+    assert answered  # the capped search ran ...
+    # ... and some lists it could not fill (3 categories: cap 1 cannot make 5) went the long way.
+    assert any(q.more == 0 and q.cap == 0 and q.k > 10 for q in queries)
+    monkeypatch.setattr(ComposedStage, "search_cap", lambda self, request: None)
+    queries.clear()
+    laid_out = lists()
+    assert not any(q.cap for q in queries)
+    for (ids, scores, why, source), (ids2, scores2, why2, source2) in zip(
+        capped, laid_out, strict=True
+    ):
+        assert ids == ids2 and source == source2
+        np.testing.assert_allclose(scores, scores2, rtol=1e-6)  # float32 rounding, at most
+        assert (why is None or not why.any()) and (why2 is None or not why2.any())
+        categories = np.asarray(pipeline.catalog.category)[ids]
+        assert max(np.unique(categories, return_counts=True)[1], default=0) <= 3

@@ -289,3 +289,66 @@ def test_the_first_block_grows_with_the_list_and_the_answer_stays_exact() -> Non
         (hits,) = index.search([Query(u, k, np.empty(0, np.int64))])
         want_ids, want_scores = brute(factors, u, k, np.empty(0, np.int64))
         assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+
+
+def capped_brute(
+    factors: np.ndarray,
+    vector: np.ndarray,
+    k: int,
+    blocked: np.ndarray,
+    categories: np.ndarray,
+    cap: int,
+    disallowed_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The plain ranking taken in order while no category (-1: none) has ``cap`` items."""
+    ids, scores = brute(factors, vector, len(factors), blocked, disallowed_ids)
+    counts: dict[int, int] = {}
+    keep = []
+    for row, item in enumerate(ids):
+        category = int(categories[item])
+        if category >= 0 and counts.get(category, 0) >= cap:
+            continue
+        counts[category] = counts.get(category, 0) + 1
+        keep.append(row)
+        if len(keep) == k:
+            break
+    return ids[keep], scores[keep]
+
+
+@pytest.mark.parametrize("first_block", [64, 256, 100_000])  # pruned, and every item scored
+def test_a_capped_search_gives_the_plain_ranking_taken_under_the_cap(first_block: int) -> None:
+    rng = np.random.default_rng(first_block)
+    n, f = 5_000, 16
+    factors = skewed_factors(rng, n, f)
+    # Few categories, one of them large, and some items without one (never capped).
+    categories = rng.choice([-1, 0, 1, 2, 3, 4], size=n, p=[0.1, 0.5, 0.1, 0.1, 0.1, 0.1])
+    index = NormOrderedIndex(factors, first_block=first_block)
+    codes = categories[index.order]
+    filtered = rng.random(n) < 0.2
+    short = 0
+    for trial in range(60):
+        vector = rng.standard_normal(f).astype(np.float32)
+        k, cap = (5, 10, 20)[trial % 3], (1, 2, 3)[trial % 4 % 3]
+        blocked = np.unique(rng.integers(0, n, trial * 3))
+        disallowed = filtered[index.order] if trial % 2 else None
+        query = Query(vector, k, index.positions(blocked), disallowed, cap=cap)
+        query.codes, query.n_codes = codes, 5
+        (hits,) = index.search([query])
+        want_ids, want_scores = capped_brute(
+            factors,
+            vector,
+            k,
+            blocked,
+            categories,
+            cap,
+            np.flatnonzero(filtered) if trial % 2 else None,
+        )
+        if len(hits.ids) < k:  # the first block could not fill the list: the caller's to do
+            short += 1
+            assert first_block < n and len(hits.ids) == 0
+            continue
+        assert_same_ranking(hits.ids, hits.scores, want_ids, want_scores)
+        chosen = categories[hits.ids]
+        assert all((chosen == c).sum() <= cap for c in range(5))
+    # A block of 64 holds too few categories for many of these lists; 256 fills nearly all.
+    assert short < (40 if first_block == 64 else 5)
