@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -1280,6 +1281,22 @@ def _sqlite_in(n: int) -> str:
     return f"SELECT event_id, id FROM events WHERE event_id IN ({', '.join('?' * n)})"
 
 
+def _json_ids(ids: Sequence[str]) -> str:
+    """``json.dumps(list(ids))``, the same text, about twice as fast for a list of strings:
+    the recorder writes one per answer, beside the requests."""
+    try:
+        return "[" + ", ".join(map(_json_string, ids)) + "]"
+    except TypeError:  # not all strings: the general encoder
+        return json.dumps(list(ids))
+
+
+def _json_codes(codes: Sequence[int]) -> str:
+    """``json.dumps(list(codes))`` for the reason codes of an answer (small integers)."""
+    if all(type(code) is int for code in codes):
+        return "[" + ", ".join(map(str, codes)) + "]"
+    return json.dumps(list(codes))
+
+
 def _sqlite_time(when: datetime) -> str:
     """``when`` (UTC) as the events table holds it on SQLite: what ``UTCDateTime`` binds
     (naive UTC in SQLAlchemy's SQLite ``DATETIME`` format, ``2025-03-01 12:00:00.000000``)."""
@@ -1382,12 +1399,12 @@ def _record_sqlite(conn: Connection, rows: list[Answer]) -> int:
                     rec_id,
                     method,
                     user_id,
-                    json.dumps(list(items)),
+                    _json_ids(items),
                     source,
                     name,
                     version,
                     _sqlite_time(served),
-                    None if why is None else json.dumps(list(why)),
+                    None if why is None else _json_codes(why),
                     seed,
                     day,
                     row[11],
@@ -1415,12 +1432,12 @@ def _record_postgresql(conn: Connection, rows: list[Answer]) -> int:
         [row[0] for row in rows],
         [row[1] for row in rows],
         [row[2] for row in rows],
-        [json.dumps(list(row[3])) for row in rows],
+        [_json_ids(row[3]) for row in rows],
         [row[4] for row in rows],
         [row[5] for row in rows],
         [row[6] for row in rows],
         [datetime.fromtimestamp(row[7], UTC) for row in rows],
-        [None if row[8] is None else json.dumps(list(row[8])) for row in rows],
+        [None if row[8] is None else _json_codes(row[8]) for row in rows],
         [row[9] for row in rows],
         [row[10] for row in rows],
         [row[11] for row in rows],

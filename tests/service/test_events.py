@@ -544,3 +544,21 @@ def test_three_processes_with_overlapping_batches_store_each_id_once(
     with EventStore.open(uri) as store:
         assert store.count() == len(accepted)
         assert ids_of(store, "u1") == set(accepted)
+
+
+def test_the_recorders_json_is_the_text_json_dumps_writes() -> None:
+    """The answers' item ids and reason codes are written by a faster encoder than
+    ``json.dumps``: the same text, hostile ids included, and the general encoder for anything
+    that is not a list of strings (or of integers)."""
+    import json
+
+    from service.events import _json_codes, _json_ids
+
+    ids = ["i1", 'say "hi"', "back\\slash", "tab\tnew\nline", "ü", "\u2603", "😀", "\x00\x1f", ""]
+    for sample in (ids, ids[:1], [], tuple(ids)):
+        assert _json_ids(sample) == json.dumps(list(sample))
+        assert json.loads(_json_ids(sample)) == list(sample)
+    assert _json_ids(["a", 3]) == json.dumps(["a", 3])  # not all strings: json.dumps
+    for codes in ([0, 0, 1, 2], [], [255], (1, 2)):
+        assert _json_codes(codes) == json.dumps(list(codes))
+    assert _json_codes([True, 0]) == json.dumps([True, 0])  # a bool is not a code: json.dumps
