@@ -150,6 +150,9 @@ def search_one(
     blocked: np.ndarray,
     disallowed: np.ndarray,
     slack: float,
+    codes: np.ndarray = NO_POSITIONS,
+    cap: int = 0,
+    n_codes: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Best ``k`` items for ``vector``: (item ids, float32 scores, positions examined).
 
@@ -163,6 +166,15 @@ def search_one(
     ``blocked`` holds sorted positions never to return; ``disallowed`` is a mask over positions
     (empty: no filter). Ties are broken by item id, lowest first; items scoring ``-inf`` (blocked,
     filtered) are never returned, so fewer than ``k`` ids may come back.
+
+    With ``cap > 0``, the answer is the best ``k`` items taken in order of score while no
+    category (``codes``: each position's category number below ``n_codes``, -1 for none, never
+    capped) has ``cap`` of them, as a list laid out by score under the cap is. Exact by the same
+    bounds: the first block's capped list gives a ``k``-th score ``t``, and the capped list over
+    the catalog takes, place by place, items at least as good (taking the best allowed item each
+    time is optimal under a cap per category, a matroid), so no item below ``t`` enters it. No
+    ids come back when the first block cannot fill the list under the cap (few categories, a
+    narrow filter): the caller then lays the list out the long way.
     """
     square = _square(vector)
     if not np.isfinite(square) or k <= 0:
@@ -187,6 +199,9 @@ def search_one(
         blocked,
         disallowed,
         slack,
+        codes,
+        cap,
+        n_codes,
     )
     return ids, scores, scanned
 
@@ -336,7 +351,7 @@ def _search(
     """The search of :func:`search_one` from the first block's scores ``head`` (overwritten):
     (ids, scores, positions) and the positions examined. ``k > 0`` and ``square`` (the
     vector's squared length) finite. With ``cap > 0`` the answer is the capped one of
-    :func:`search_capped` (``codes``: each position's category number below ``n_codes``, -1
+    :func:`search_one` under a cap (``codes``: each position's category number below ``n_codes``, -1
     for none), or nothing when the first block cannot fill ``k`` places under the cap."""
     n, f = factors.shape
     neg_inf = -np.inf
@@ -516,69 +531,6 @@ def _ranked_capped(
     counts = np.zeros(max(n_codes, 1), np.int64)
     taken = greedy_capped(positions, codes, cap, k, counts)
     return ids[taken], scores[taken], positions[taken]
-
-
-@njit(cache=True)
-def search_capped(
-    factors: np.ndarray,
-    order: np.ndarray,
-    neg_bound: np.ndarray,
-    directions: np.ndarray,
-    projected_t: np.ndarray,
-    residual: np.ndarray,
-    levels: np.ndarray,
-    level_scale: np.ndarray,
-    level_norm: np.ndarray,
-    level_error: np.ndarray,
-    vector: np.ndarray,
-    k: int,
-    first: int,
-    blocked: np.ndarray,
-    disallowed: np.ndarray,
-    slack: float,
-    codes: np.ndarray,
-    cap: int,
-    n_codes: int,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """:func:`search_one` under a category cap: the best ``k`` items taken in order of score
-    (ties by item id) while no category (``codes``: each position's category number below
-    ``n_codes``, -1 for none, never capped) has ``cap`` of them, as a list laid out by score
-    under the cap is.
-
-    Exact by the same bounds: the first block's capped list gives a ``k``-th score ``t``, and
-    the capped list over the catalog takes, place by place, items at least as good (taking
-    the best allowed item each time is optimal under a cap per category, a matroid), so no
-    item below ``t`` enters it. Fewer than ``k`` ids come back when the first block cannot
-    fill the list under the cap (few categories, a narrow filter): the caller then lays the
-    list out the long way."""
-    square = _square(vector)
-    if not np.isfinite(square) or k <= 0:
-        return np.empty(0, np.int64), np.empty(0, np.float32), 0
-    head = np.dot(factors[:first], vector)
-    (ids, scores, _), scanned = _search(
-        head,
-        factors,
-        order,
-        neg_bound,
-        directions,
-        projected_t,
-        residual,
-        levels,
-        level_scale,
-        level_norm,
-        level_error,
-        vector,
-        square,
-        k,
-        first,
-        blocked,
-        disallowed,
-        slack,
-        codes,
-        cap,
-        n_codes,
-    )
-    return ids, scores, scanned
 
 
 @njit(cache=True)
@@ -840,7 +792,7 @@ def warm_up() -> None:
     codes = np.array([0, 1, -1, 0, 1, 2, 2, -1], np.int64)
     codes.setflags(write=False)  # as the pipeline keeps them
     for disallowed in (NO_FILTER, frozen):
-        search_capped(*index, factors[0].copy(), 2, 2, blocked, disallowed, 1e-4, codes, 1, 3)
+        search_one(*index, factors[0].copy(), 2, 2, blocked, disallowed, 1e-4, codes, 1, 3)
     ids, scores = np.array([2, 1], np.int64), np.array([0.5, 0.5], np.float32)
     claim_reasons(np.zeros(2, np.uint8), ids, ids, np.ones(2, np.uint8))
     by_score(ids, scores, 2)

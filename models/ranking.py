@@ -634,9 +634,9 @@ class RankingPipeline:
     ) -> Ranked | None:
         """A user's list under a category cap and nothing else (``cap``: each item's category
         number, -1 for none, and the cap, from the rules' stage), found by one capped search
-        of the index (:func:`models.kernels.search_capped`). It is the list the stage lays out
-        from four candidates per place: the same ids and reasons (all the model's), the same
-        scores up to float32 rounding (an item may be scored in the first block by one search
+        of the index (:func:`models.kernels.search_one` with a cap). It is the list the stage
+        lays out from four candidates per place: the same ids and reasons (all the model's), the
+        same scores up to float32 rounding (an item may be scored in the first block by one search
         and as a row of the tail by the other), without the candidates or a deeper fetch.
 
         None where that search does not apply (no factor index, an approximate one, a list

@@ -29,7 +29,6 @@ from .kernels import (
     PROJECTED,
     greedy_capped,
     search_beyond,
-    search_capped,
     search_one,
 )
 from .topk import NEG_INF, top_k_row
@@ -78,7 +77,7 @@ class Query:
     for the items beyond then visits only those (for a filter that lets few items through)."""
     cap: int = 0
     """With ``cap > 0``, the answer is the best items taken by score while no category has
-    ``cap`` of them (:func:`models.kernels.search_capped`), ``codes`` giving each position's
+    ``cap`` of them (:func:`models.kernels.search_one` with a cap), ``codes`` giving each position's
     category number (below ``n_codes``; -1 for none, never capped). Fewer than ``k`` come back
     when the first block cannot fill the list under the cap (``more`` is not combined)."""
     codes: np.ndarray | None = None
@@ -261,7 +260,7 @@ class NormOrderedIndex:
             disallowed = NO_FILTER if q.disallowed is None else q.disallowed
             if q.cap > 0:
                 assert q.codes is not None, "a capped query needs its category codes"
-                ids, scores, scanned = search_capped(
+                ids, scores, scanned = search_one(
                     *index,
                     vector,
                     q.k,
