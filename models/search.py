@@ -258,8 +258,11 @@ class NormOrderedIndex:
         for q in queries:
             vector = np.ascontiguousarray(q.vector, dtype=np.float32)
             disallowed = NO_FILTER if q.disallowed is None else q.disallowed
-            if q.cap > 0:
-                assert q.codes is not None, "a capped query needs its category codes"
+            if q.more <= 0 or q.cap > 0:
+                capped: tuple[np.ndarray, int, int] | tuple[()] = ()
+                if q.cap > 0:
+                    assert q.codes is not None, "a capped query needs its category codes"
+                    capped = (q.codes, q.cap, q.n_codes)
                 ids, scores, scanned = search_one(
                     *index,
                     vector,
@@ -268,15 +271,7 @@ class NormOrderedIndex:
                     q.blocked,
                     disallowed,
                     BOUND_SLACK,
-                    q.codes,
-                    q.cap,
-                    q.n_codes,
-                )
-                hits.append(Hits(ids, scores, scanned))
-                continue
-            if q.more <= 0:
-                ids, scores, scanned = search_one(
-                    *index, vector, q.k, self.first_for(q.k), q.blocked, disallowed, BOUND_SLACK
+                    *capped,
                 )
                 hits.append(Hits(ids, scores, scanned))
                 continue
