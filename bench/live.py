@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import threading
@@ -101,6 +102,25 @@ def serving(
     settings: dict[str, str],
 ) -> Iterator[int]:
     """``affinity serve`` of ``artifact`` over the event store ``uri``; yields the port."""
+    with served(artifact, uri, label, logs, workers=workers, cpus=cpus, settings=settings) as (
+        port,
+        _,
+    ):
+        yield port
+
+
+@contextmanager
+def served(
+    artifact: Path,
+    uri: str,
+    label: str,
+    logs: Path,
+    *,
+    workers: int,
+    cpus: str,
+    settings: dict[str, str],
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """:func:`serving`, yielding the port and the server's process (to read its CPU time)."""
     port = common.free_port()
     command = [str(common.BIN / "affinity"), "serve", "--model", str(artifact)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
@@ -110,8 +130,8 @@ def serving(
     logs.mkdir(parents=True, exist_ok=True)
     with common.running(
         command, common.grpc_ready(port), env=env, log_path=logs / f"serve-{label}.log"
-    ):
-        yield port
+    ) as process:
+        yield port, process
 
 
 @contextmanager
