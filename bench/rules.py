@@ -17,6 +17,8 @@ over gRPC, so the rules are known to run.
 An in-process breakdown times ``pipeline.recommend`` (as the server builds the pipeline) per call
 for a known user without rules, with each rule alone and with the mix: every case for one user,
 then the next, three times over; per user the fastest of the three, averaged over the users.
+That is the rules' own work with the user's data warm in the cache: a loaded worker pays two to
+three times it (``bench.worker_cpu`` measures what a worker spends per request).
 
 ``--compare-with DIR`` (another checkout, e.g. the commit before a change: ``git worktree add
 DIR HEAD``) runs that checkout's servers beside these (the same variants, in the same alternating
