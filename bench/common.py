@@ -231,6 +231,18 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its descendants so far, every thread (``/proc``)."""
+    total = 0
+    for proc in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def memory_of(pid: int) -> dict[str, float]:
     """Resident memory of one process in MiB: RSS, its anonymous and file-backed parts, PSS."""
     values: dict[str, float] = {}

@@ -106,18 +106,6 @@ def _client(
     queue.put((*totals, cpu[1] - cpu[0]))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its descendants so far (``/proc``)."""
-    total = 0
-    for proc in common.process_tree(pid):
-        try:
-            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def measure(uri: str, label: str, args: argparse.Namespace, artifact: Path) -> dict[str, Any]:
     """Serve ``uri`` with one worker and load it; the row of the table."""
     port = common.free_port()
@@ -151,9 +139,9 @@ def measure(uri: str, label: str, args: argparse.Namespace, artifact: Path) -> d
         start_at.value = time.time() + 0.2
         go.set()
         time.sleep(max(0.0, start_at.value + WARMUP_SECONDS - time.time()))
-        server_cpu = cpu_seconds(server.pid)
+        server_cpu = common.cpu_seconds(server.pid)
         time.sleep(max(0.0, start_at.value + WARMUP_SECONDS + args.seconds - time.time()))
-        server_cpu = cpu_seconds(server.pid) - server_cpu
+        server_cpu = common.cpu_seconds(server.pid) - server_cpu
         results = [queue.get(timeout=args.seconds + 120) for _ in procs]
         for proc in procs:
             proc.join()

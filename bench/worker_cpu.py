@@ -163,19 +163,6 @@ def quiet_servicer(artifact: Path, settings: dict[str, str], bodies: list[bytes]
     return (time.perf_counter() - start) / (3 * len(requests)) * 1e6
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of ``pid`` and its descendants, every thread (``/proc``)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for member in common.process_tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
 def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
     from threadpoolctl import threadpool_limits
 
@@ -263,9 +250,9 @@ def measure(args: argparse.Namespace, command: str) -> dict[str, Any]:
         for round_ in range(args.rounds):
             for name in args.variants:
                 pid = servers[name][1]
-                start = cpu_seconds(pid)
+                start = common.cpu_seconds(pid)
                 result = load(name, args.duration / args.rounds)
-                spent[name] += cpu_seconds(pid) - start
+                spent[name] += common.cpu_seconds(pid) - start
                 answered[name] += result.ok
             log(f"round {round_ + 1}/{args.rounds} done")
     per_request = {n: spent[n] / max(1, answered[n]) * 1e6 for n in args.variants}
