@@ -155,6 +155,9 @@ class Diversity:
         return self.max_per_category > 0 or self.mmr > 0
 
 
+NO_DIVERSITY = Diversity()
+"""No cap and no MMR: the diversity of a list whose rules have none (built once, not per list)."""
+
 MIN_BOOST, MAX_BOOST = 1e-6, 1e6
 """The range of a boost's factor."""
 
@@ -880,7 +883,7 @@ class ComposedStage(_RuleStage):
             places = _slot_places(k, promote)
             assert plan.promoted is not None
             promoted = plan.promoted
-        diversity = rules.diversity if rules.diversity is not None else Diversity()
+        diversity = rules.diversity if rules.diversity is not None else NO_DIVERSITY
         table, where = _NO_SIMS, _NO_IDS
         if diversity.mmr > 0:
             found = pipeline.similarity_table()
@@ -938,7 +941,7 @@ class _Layout:
         self.request = request
         self.rules = rules
         self.k = request.k
-        diversity = rules.diversity if rules.diversity is not None else Diversity()
+        diversity = rules.diversity if rules.diversity is not None else NO_DIVERSITY
         self.cap = diversity.max_per_category
         self.mmr = diversity.mmr
         self.ids = np.asarray(ids, dtype=np.int64)
@@ -977,7 +980,7 @@ class _Layout:
         layout.context, layout.plan, layout.request, layout.rules = context, plan, request, rules
         layout.pipeline = context.pipeline
         layout.k = request.k
-        diversity = rules.diversity if rules.diversity is not None else Diversity()
+        diversity = rules.diversity if rules.diversity is not None else NO_DIVERSITY
         layout.cap, layout.mmr = diversity.max_per_category, diversity.mmr
         layout.table = layout.pipeline.similarity_table() if layout.mmr > 0 else None
         layout.sims = _NO_SIMS
