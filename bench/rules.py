@@ -6,13 +6,15 @@ CPUs) and over its own SQLite event store, with the live view and response recor
 default. ``on`` sets a realistic rule mix as the server's defaults (the
 shipped defaults are all off): a category cap of 3, maximal marginal relevance 0.2, one boost
 (the largest category, x1.5) and a 10% promotion (the second largest category), through
-``AFFINITY_RULES_*``; ``off`` sets none. The request mix is ``--requests`` distinct known users
+``AFFINITY_RULES_*``; ``off`` switches every rule off explicitly and ``defaults`` sets
+nothing (the shipped defaults). The request mix is ``--requests`` distinct known users
 (k=10, shuffled), sent by :mod:`bench.loadgen` (closed loop) to each server in alternating
 slices (on, off, on, off, ...), so background load on a shared machine falls on both alike;
 rows are pooled over ``--rounds``. ``--variants`` adds servers with one rule each (``cap``,
-``mmr``, ``boost``, ``promotion``), to see which costs what. Before measuring, the share of the
-lists that differ between ``on`` and ``off`` and the reasons in the ``on`` lists are checked
-over gRPC, so the rules are known to run.
+``mmr``, ``boost``, ``promotion``), to see which costs what, and ``defaults``. Before
+measuring, the share of the lists that differ between ``on`` and ``off`` and the reasons in the
+``on`` lists are checked over gRPC, so the rules are known to run (and, with ``defaults``, the
+share that differ between ``defaults`` and ``off``).
 
 An in-process breakdown times ``pipeline.recommend`` (as the server builds the pipeline) per call
 for a known user without rules, with each rule alone and with the mix: every case for one user,
@@ -67,6 +69,18 @@ from bench.loadgen import LoadResult, alternate_rows, format_table
 CAP, MMR, BOOST, PROMOTION_SHARE = 3, 0.2, 1.5, 0.1
 """The rule mix of ``on``: what a product team might switch on first."""
 
+RULES_OFF = {
+    "AFFINITY_RULES_MAX_PER_CATEGORY": "0",
+    "AFFINITY_RULES_MMR": "0",
+    "AFFINITY_RULES_BOOSTS": "",
+    "AFFINITY_RULES_PROMOTION": "",
+    "AFFINITY_RULES_EXPLORE_SHARE": "0",
+    "AFFINITY_RULES_ROTATION_RATE": "0",
+}
+"""``off``: every rule switched off explicitly, whatever the shipped defaults are; ``defaults``
+sets nothing (the defaults as shipped), so ``defaults`` / ``off`` is the issue's "default rules
+on, against off" and shows what any default switched on would cost."""
+
 
 def catalog_categories(artifact: Path) -> list[str]:
     """The artifact's categories, largest first (none: the tiny synthetic catalog)."""
@@ -96,7 +110,8 @@ def variants(artifact: Path) -> dict[str, tuple[str, dict[str, str]]]:
             f"on: cap {CAP} + mmr {MMR} + boost + {PROMOTION_SHARE:.0%} promotion",
             {**cap, **mmr, **boosts, **promote},
         ),
-        "off": ("off: no rules", {}),
+        "off": ("off: no rules", dict(RULES_OFF)),
+        "defaults": ("defaults: the shipped rule defaults", {}),
         "cap": (f"cap {CAP} only", cap),
         "mmr": (f"mmr {MMR} only", mmr),
         "boost": (f"boost x{BOOST} only", boosts),
@@ -331,6 +346,10 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
         if ("on", None) in ports and ("off", None) in ports:
             report["check"] = check_lists(ports["on", None], ports["off", None], mix[:200])
             log(f"lists on / off: {report['check']}")
+        if ("defaults", None) in ports and ("off", None) in ports:
+            shipped = check_lists(ports["defaults", None], ports["off", None], mix[:200])
+            report["check_defaults"] = shipped
+            log(f"lists defaults / off: {shipped}")
         targets = {labels[server]: target.format(ports[server]) for server in servers}
         results += alternate_rows(
             targets,
@@ -367,6 +386,12 @@ def cost(args: argparse.Namespace, command: str) -> dict[str, Any]:
     print(format_table(results))
     print("| ratio | req/s |\n|---|---:|")
     print("".join(f"| {k} | {v:.3f} |\n" for k, v in report["ratios"].items()))
+    if "check_defaults" in report:
+        print(
+            f"Lists that differ defaults / off: "
+            f"{report['check_defaults']['lists_differ']:.0%} of "
+            f"{report['check_defaults']['users']} (0% while every shipped default is off).\n"
+        )
     if "check" in report:
         check = report["check"]
         print(
@@ -414,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         type=lambda s: s.split(","),
         default=["on", "off"],
-        help="servers measured side by side, from on, off, cap, mmr, boost, promotion",
+        help="servers measured side by side, from on, off, defaults, cap, mmr, boost, promotion",
     )
     parser.add_argument(
         "--skip-inprocess", action="store_true", help="skip the in-process breakdown"
