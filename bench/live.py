@@ -91,21 +91,10 @@ def user_ids(artifact: Path) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------ servers and stores
 @contextmanager
-def serving(
-    artifact: Path,
-    uri: str,
-    label: str,
-    logs: Path,
-    *,
-    workers: int,
-    cpus: str,
-    settings: dict[str, str],
-) -> Iterator[int]:
-    """``affinity serve`` of ``artifact`` over the event store ``uri``; yields the port."""
-    with served(artifact, uri, label, logs, workers=workers, cpus=cpus, settings=settings) as (
-        port,
-        _,
-    ):
+def serving(*args: Any, **options: Any) -> Iterator[int]:
+    """``affinity serve`` of ``artifact`` over the event store ``uri``; yields the port (the
+    arguments of :func:`served`)."""
+    with served(*args, **options) as (port, _):
         yield port
 
 
@@ -120,7 +109,9 @@ def served(
     cpus: str,
     settings: dict[str, str],
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """:func:`serving`, yielding the port and the server's process (to read its CPU time)."""
+    """``affinity serve`` of ``artifact`` over the event store ``uri``, with ``workers`` workers
+    pinned to ``cpus`` and ``settings`` in its environment; yields the port and the server's
+    process (to read its CPU time)."""
     port = common.free_port()
     command = [str(common.BIN / "affinity"), "serve", "--model", str(artifact)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
