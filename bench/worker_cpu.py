@@ -12,7 +12,8 @@ worker spends per request rather than by throughput alone:
   ``python:N`` (a Python loop of ``N`` additions: interpreter work, no data), ``scan:N`` (a
   compiled loop over ``N`` rows of a 20,000 x 64 float32 matrix from a random start: ``N x 256``
   bytes of data, as a search's first block reads) and ``spin:N`` (the same loop over the same 64
-  rows every time: the same arithmetic on 16 KiB). The probe is loaded into the worker by a
+  rows every time: the same arithmetic on 16 KiB); ``scan-nogil:N`` and ``spin-nogil:N`` release
+  the GIL while they run. The probe is loaded into the worker by a
   ``sitecustomize`` module in a temporary directory put first on its ``PYTHONPATH`` (the product
   carries no hook); its quiet cost is timed in this process.
 
@@ -85,10 +86,14 @@ def probe_work(spec: str) -> Callable[[], None]:
                 total += i
 
         return python
-    from numba import njit
-
     free = kind.endswith("-nogil")
     kind = kind.removesuffix("-nogil")
+    if kind not in ("scan", "spin"):
+        raise ValueError(f"unknown probe {spec!r}: python:N, scan:N or spin:N (-nogil allowed)")
+    if kind == "scan" and not 0 < n <= ROWS:
+        raise ValueError(f"scan:N takes 1 to {ROWS} rows, got {n}")
+    from numba import njit
+
     matrix = np.random.default_rng(0).random((ROWS, DIMS), dtype=np.float32)
 
     @njit(cache=False, nogil=free)
@@ -103,12 +108,8 @@ def probe_work(spec: str) -> Callable[[], None]:
     rows_sum(matrix, 0, 1, 1)  # compile before the first request
     rng = np.random.default_rng(1)
     if kind == "scan":
-        if not 0 < n <= ROWS:
-            raise ValueError(f"scan:N takes 1 to {ROWS} rows, got {n}")
         return lambda: rows_sum(matrix, int(rng.integers(0, ROWS - n + 1)), n, n)
-    if kind == "spin":
-        return lambda: rows_sum(matrix, 0, n, min(n, 64))
-    raise ValueError(f"unknown probe {spec!r}: python:N, scan:N or spin:N")
+    return lambda: rows_sum(matrix, 0, n, min(n, 64))
 
 
 def quiet_probe(spec: str, calls: int = 3000) -> float:
@@ -307,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         type=lambda s: s.split(","),
         default=["off", "boost", "promotion", "python:1500", "scan:1000", "spin:1000"],
-        help="off (required), rule variants of bench.rules, probes python:N, scan:N, spin:N",
+        help="off (required), rule variants of bench.rules, probes python:N, scan:N, spin:N "
+        "(scan-nogil:N, spin-nogil:N release the GIL)",
     )
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1)
     parser.add_argument("--concurrency", type=int, default=8)
